@@ -1,0 +1,334 @@
+"""The dataset object: metadata + split file -> ``datasets.DatasetDict``, transforms, target statistics.
+
+Two lines in a notebook::
+
+    from expreg.data import load_expression_dataset
+    ds = load_expression_dataset("data/example_metadata.csv", "splits/example.csv")
+
+Rows carry ``image`` (decoded lazily by ``datasets.Image``), ``labels`` (float32, length K, in
+expression units), ``group_id``, ``path`` and the CSV's extra columns. Nothing is downloaded
+and no cache is written: the Arrow table is built in memory from the validated CSV.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from expreg.metadata import Metadata, MetadataError, read_metadata
+from expreg.seeding import derive_seed
+from expreg.splits import SPLIT_NAMES, assign_splits, read_split_file
+
+INFO_KEY = "expreg"
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset object
+# ---------------------------------------------------------------------------------------------
+
+
+def load_expression_dataset(
+    metadata_csv: str | os.PathLike,
+    split_csv: str | os.PathLike | None = None,
+    *,
+    gene_names_file: str | os.PathLike | None = None,
+    num_genes: int | None = None,
+    fold: int | None = None,
+    seed: int = 42,
+    val_frac: float = 0.2,
+    check_images: str = "exists",
+):
+    """Load a metadata CSV (and a split file) as a ``datasets.DatasetDict``.
+
+    Args:
+        metadata_csv: The metadata CSV (see ``data/metadata_schema.md``).
+        split_csv: A split file (``split`` column) or fold file (``fold`` column) made by
+            ``expreg.splits``. When None, a group-aware train/validation split is made in memory
+            from ``seed`` and ``val_frac``.
+        gene_names_file: Gene names for ``y0..``; a ``genes.txt`` beside the CSV is used when None.
+        num_genes: Expected K, checked against the CSV.
+        fold: With a fold file: the fold held out as ``test``. The other folds' groups are split
+            into ``train`` and ``validation`` (``val_frac``, ``seed``), so that model selection
+            never looks at the test fold.
+        seed: Seed of any split made here.
+        val_frac: Validation fraction of any split made here.
+        check_images: ``"exists"``, ``"decode"`` or ``"none"`` (see ``expreg.metadata``).
+
+    Returns:
+        ``DatasetDict`` with ``train``, ``validation`` and, where present, ``test``.
+    """
+    metadata = read_metadata(metadata_csv, gene_names_file, num_genes, check_images)
+    assignment = split_assignment(metadata, split_csv, fold=fold, seed=seed, val_frac=val_frac)
+    return build_dataset_dict(metadata, assignment, split_csv=split_csv, fold=fold)
+
+
+def split_assignment(
+    metadata: Metadata,
+    split_csv: str | os.PathLike | None,
+    *,
+    fold: int | None = None,
+    seed: int = 42,
+    val_frac: float = 0.2,
+) -> np.ndarray:
+    """The split name (``train``/``validation``/``test``) of every metadata row, in row order."""
+    if split_csv is None:
+        from expreg.splits import make_split_table
+
+        table, _ = make_split_table(metadata, val_frac=val_frac, seed=seed)
+        return table.set_index("path").loc[metadata.frame["path"], "split"].to_numpy()
+    table = read_split_file(split_csv, metadata)
+    if "split" in table.columns:
+        if fold is not None:
+            raise MetadataError(f"{split_csv}: fold={fold} given but this is a split file, not a fold file")
+        return table["split"].to_numpy()
+    folds = table["fold"].to_numpy()
+    if fold is None or fold not in set(folds.tolist()):
+        raise MetadataError(f"{split_csv}: a fold file; choose the held-out fold (one of {sorted(set(folds.tolist()))})")
+    return _split_training_folds(table, folds == fold, seed, val_frac)
+
+
+def _split_training_folds(table, is_test: np.ndarray, seed: int, val_frac: float) -> np.ndarray:
+    train_part = table.loc[~is_test]
+    counts = train_part["group_id"].value_counts()
+    groups = np.array(sorted(counts.index), dtype=object)
+    mapping = assign_splits(groups, counts.loc[groups].to_numpy(), {"train": 1 - val_frac, "validation": val_frac}, seed)
+    out = np.where(is_test, "test", table["group_id"].map(mapping).fillna("test").to_numpy())
+    return out.astype(object)
+
+
+def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=None, fold=None):
+    """Build the ``DatasetDict`` from a validated table and per-row split names."""
+    import datasets
+
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "labels": datasets.List(datasets.Value("float32"), length=metadata.num_genes),
+            "group_id": datasets.Value("string"),
+            "path": datasets.Value("string"),
+            **{c: datasets.Value("string") for c in metadata.extra_columns},
+        }
+    )
+    description = json.dumps(
+        {
+            INFO_KEY: {
+                "gene_names": metadata.gene_names,
+                "target_columns": metadata.target_columns,
+                "metadata_csv": str(metadata.csv_path),
+                "split_csv": None if split_csv is None else str(Path(split_csv).resolve()),
+                "fold": fold,
+            }
+        }
+    )
+    image_paths = np.asarray(metadata.image_paths(), dtype=object)
+    targets = metadata.targets()
+    parts = {}
+    for name in SPLIT_NAMES:
+        rows = np.flatnonzero(assignment == name)
+        if len(rows) == 0:
+            continue
+        frame = metadata.frame.iloc[rows]
+        columns = {
+            "image": image_paths[rows].tolist(),
+            "labels": targets[rows],
+            "group_id": frame["group_id"].tolist(),
+            "path": frame["path"].tolist(),
+            **{c: frame[c].astype(str).tolist() for c in metadata.extra_columns},
+        }
+        info = datasets.DatasetInfo(description=description, features=features)
+        parts[name] = datasets.Dataset.from_dict(columns, features=features, info=info, split=name)
+    if "train" not in parts:
+        raise MetadataError(f"{split_csv or metadata.csv_path}: no rows assigned to train")
+    return datasets.DatasetDict(parts)
+
+
+def dataset_gene_names(dataset) -> list[str]:
+    """Gene names recorded in a dataset (or ``DatasetDict``) made by ``load_expression_dataset``."""
+    ds = next(iter(dataset.values())) if hasattr(dataset, "values") else dataset
+    return json.loads(ds.info.description)[INFO_KEY]["gene_names"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Target normalisation (train split only)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TargetStats:
+    """Per-gene mean and standard deviation of the training targets (z-score normalisation).
+
+    Genes with zero standard deviation in training get std 1 so that they pass through unscaled.
+    """
+
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def from_labels(cls, labels) -> TargetStats:
+        labels = np.asarray(labels, dtype=np.float64)
+        std = labels.std(axis=0)
+        return cls(mean=labels.mean(axis=0), std=np.where(std > 0, std, 1.0))
+
+    @classmethod
+    def identity(cls, num_genes: int) -> TargetStats:
+        return cls(mean=np.zeros(num_genes), std=np.ones(num_genes))
+
+    def normalize(self, y):
+        return (y - self.mean.astype(np.float32)) / self.std.astype(np.float32)
+
+    def denormalize(self, z):
+        return z * self.std.astype(np.float32) + self.mean.astype(np.float32)
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TargetStats:
+        return cls(mean=np.asarray(d["mean"], dtype=np.float64), std=np.asarray(d["std"], dtype=np.float64))
+
+
+def compute_target_stats(train_dataset, normalize: bool = True) -> TargetStats:
+    """Target statistics from the **training** split only (identity when ``normalize`` is False)."""
+    labels = np.asarray(train_dataset.with_format("numpy")["labels"])
+    if not normalize:
+        return TargetStats.identity(labels.shape[1])
+    return TargetStats.from_labels(labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image transforms
+# ---------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std a timm backbone expects, from timm's pretrained config (no download).
+
+    Falls back to ImageNet constants for names timm does not know locally (e.g. ``hf-hub:``).
+    """
+    import timm
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(backbone.split(":", 1)[-1] if backbone.startswith("timm/") else backbone)
+    except Exception:  # noqa: BLE001 - unknown names, hub names
+        cfg = None
+    if cfg is None or not getattr(cfg, "mean", None):
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(cfg.mean), tuple(cfg.std)
+
+
+def to_rgb(image):
+    """Convert any PIL image (grayscale, RGBA, palette, 16-bit) to 8-bit RGB.
+
+    RGBA/LA are composited on white (slide background); 16-bit grayscale is scaled to 8 bits.
+    """
+    from PIL import Image
+
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class ImageTransform:
+    """PIL image -> normalised float tensor ``(3, image_size, image_size)``.
+
+    Training adds a random dihedral transform (one of the 8 flips/90-degree rotations: tissue
+    has no canonical orientation) and optional brightness/contrast/saturation jitter. All
+    randomness comes from a generator seeded by (seed, epoch, path), so an image gets the same
+    augmentation in a given epoch whatever process, worker or batch position it lands in; that
+    is what makes stop-and-resume exact.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        train: bool = False,
+        dihedral: bool = True,
+        color_jitter: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.train = train
+        self.dihedral = dihedral
+        self.color_jitter = color_jitter
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, image, key: str):
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        image = to_rgb(image)
+        if image.size != (self.image_size, self.image_size):
+            image = image.resize((self.image_size, self.image_size), resample=2)  # bilinear
+        x = F.pil_to_tensor(image)
+        if self.train:
+            x = self._augment(x, np.random.default_rng(derive_seed(self.seed, self.epoch, key)))
+        x = x.to(torch.float32).div_(255.0)
+        return F.normalize(x, self.mean, self.std)
+
+    def _augment(self, x, rng: np.random.Generator):
+        import torch
+        from torchvision.transforms.v2 import functional as F
+
+        if self.dihedral:
+            k = int(rng.integers(8))
+            x = torch.rot90(x, k % 4, dims=(1, 2))
+            if k >= 4:
+                x = torch.flip(x, dims=(2,))
+        if self.color_jitter > 0:
+            lo, hi = 1 - self.color_jitter, 1 + self.color_jitter
+            b, c, s = rng.uniform(lo, hi, size=3)
+            x = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(x, b), c), s)
+        return x
+
+
+class ExpressionTransform:
+    """``with_transform`` function: a batch of rows -> ``pixel_values`` and normalised ``labels``."""
+
+    def __init__(self, image_transform: ImageTransform, target_stats: TargetStats | None = None) -> None:
+        self.image_transform = image_transform
+        self.target_stats = target_stats
+
+    def set_epoch(self, epoch: int) -> None:
+        self.image_transform.set_epoch(epoch)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+
+        pixel_values = [self.image_transform(img, key) for img, key in zip(batch["image"], batch["path"])]
+        labels = np.asarray(batch["labels"], dtype=np.float32)
+        if self.target_stats is not None:
+            labels = self.target_stats.normalize(labels)
+        return {"pixel_values": pixel_values, "labels": torch.from_numpy(np.ascontiguousarray(labels, np.float32))}
+
+
+def collate_fn(examples: list[dict]) -> dict:
+    """Stack transformed rows into ``{"pixel_values": (B, 3, H, W), "labels": (B, K)}``."""
+    import torch
+
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "labels": torch.stack([e["labels"] for e in examples]),
+    }

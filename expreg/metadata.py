@@ -1,0 +1,259 @@
+"""Read and validate an expreg metadata CSV (``path``, ``group_id``, ``y0..y{K-1}``).
+
+This module is the data contract. It never writes anything and imports neither torch nor
+datasets, so the command-line tools that only need the table (splits) start fast.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REQUIRED_COLUMNS = ("path", "group_id")
+TARGET_PATTERN = re.compile(r"^y(\d+)$")
+CHECK_IMAGES_MODES = ("none", "exists", "decode")
+MAX_LISTED_ROWS = 5
+
+
+class MetadataError(ValueError):
+    """A metadata, gene-list or split file breaks the data contract.
+
+    The message names the file, the CSV line numbers (the header is line 1) and the column.
+    """
+
+
+@dataclass
+class Metadata:
+    """A validated metadata table.
+
+    Attributes:
+        csv_path: Absolute path of the CSV the table was read from.
+        frame: The table, one row per sample, in file order. ``path`` and ``group_id`` are
+            strings, the target columns float64, extra columns kept as read (strings).
+        target_columns: ``["y0", ..., "y{K-1}"]``.
+        gene_names: One name per target column (from a gene list, else the column names).
+    """
+
+    csv_path: Path
+    frame: pd.DataFrame
+    target_columns: list[str]
+    gene_names: list[str]
+
+    @property
+    def num_genes(self) -> int:
+        return len(self.target_columns)
+
+    @property
+    def extra_columns(self) -> list[str]:
+        known = set(REQUIRED_COLUMNS) | set(self.target_columns)
+        return [c for c in self.frame.columns if c not in known]
+
+    def targets(self) -> np.ndarray:
+        """Targets as a float32 array of shape ``(num_samples, num_genes)``."""
+        return self.frame[self.target_columns].to_numpy(dtype=np.float32)
+
+    def image_paths(self) -> list[str]:
+        """Absolute image paths (relative ones resolved against the CSV's folder)."""
+        return [resolve_image_path(self.csv_path, p) for p in self.frame["path"]]
+
+
+def resolve_image_path(csv_path: str | os.PathLike, path: str) -> str:
+    """Resolve an image path from the CSV: relative paths are relative to the CSV's folder."""
+    if os.path.isabs(path):
+        return path
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(csv_path)), path))
+
+
+def describe_rows(line_numbers: list[int] | np.ndarray) -> str:
+    """``"line 3, 7, 9 (and 12 more; 15 rows in all)"`` for error messages."""
+    lines = [int(x) for x in line_numbers]
+    shown = ", ".join(str(x) for x in lines[:MAX_LISTED_ROWS])
+    word = "line" if len(lines) == 1 else "lines"
+    if len(lines) <= MAX_LISTED_ROWS:
+        return f"{word} {shown}"
+    return f"{word} {shown} (and {len(lines) - MAX_LISTED_ROWS} more; {len(lines)} rows in all)"
+
+
+def _fail(csv_path: Path, column: str, line_numbers, problem: str) -> MetadataError:
+    return MetadataError(f"{csv_path}: column '{column}', {describe_rows(line_numbers)}: {problem}")
+
+
+def _read_table(csv_path: Path) -> pd.DataFrame:
+    if not csv_path.is_file():
+        raise MetadataError(f"{csv_path}: metadata CSV not found")
+    if csv_path.stat().st_size == 0:
+        raise MetadataError(f"{csv_path}: the file is empty (expected a header with path, group_id, y0..)")
+    try:
+        # Everything as text first: numbers are checked column by column below, so that a bad
+        # cell is reported with its line instead of silently becoming NaN or an object column.
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise MetadataError(
+            f"{csv_path}: not valid UTF-8 (byte {err.start}); save the CSV as UTF-8 and try again"
+        ) from err
+    except pd.errors.ParserError as err:
+        raise MetadataError(f"{csv_path}: could not parse as CSV: {err}") from err
+    frame.columns = [str(c).strip() for c in frame.columns]
+    if len(frame.columns) == 1 and ";" in frame.columns[0]:
+        raise MetadataError(
+            f"{csv_path}: the header has one column containing ';': the file looks semicolon-separated; "
+            "expreg reads comma-separated CSV"
+        )
+    if frame.empty:
+        raise MetadataError(f"{csv_path}: the CSV has a header but no data rows")
+    return frame
+
+
+def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -> list[str]:
+    indices = sorted(int(m.group(1)) for c in columns if (m := TARGET_PATTERN.match(c)))
+    if not indices:
+        raise MetadataError(f"{csv_path}: no target columns: expected y0, y1, ..., y{{K-1}} in the header")
+    expected = list(range(len(indices)))
+    if indices != expected:
+        missing = sorted(set(range(max(indices) + 1)) - set(indices))
+        raise MetadataError(
+            f"{csv_path}: inconsistent target columns: found {len(indices)} y-columns up to y{max(indices)}, "
+            f"but {', '.join(f'y{i}' for i in missing[:10])} missing; targets must be y0..y{{K-1}} without gaps"
+        )
+    if num_genes is not None and len(indices) != num_genes:
+        raise MetadataError(
+            f"{csv_path}: wrong number of targets: the CSV has K={len(indices)} (y0..y{len(indices) - 1}) "
+            f"but {num_genes} were expected"
+        )
+    return [f"y{i}" for i in expected]
+
+
+def _check_targets(csv_path: Path, frame: pd.DataFrame, target_columns: list[str]) -> None:
+    for col in target_columns:
+        text = frame[col].str.strip()
+        values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
+        bad_text = np.isnan(values) & ~text.str.lower().isin(["nan", "-nan", "+nan"]).to_numpy()
+        if bad_text.any():
+            rows = np.flatnonzero(bad_text)
+            examples = ", ".join(repr(v) for v in text.iloc[rows[:3]])
+            raise _fail(csv_path, col, rows + 2, f"not a number (values {examples})")
+        nonfinite = ~np.isfinite(values)
+        if nonfinite.any():
+            rows = np.flatnonzero(nonfinite)
+            raise _fail(csv_path, col, rows + 2, "NaN or infinite target; targets must be finite numbers")
+        frame[col] = values
+
+
+def _check_paths_and_groups(csv_path: Path, frame: pd.DataFrame) -> None:
+    for col in REQUIRED_COLUMNS:
+        frame[col] = frame[col].str.strip()
+        empty = (frame[col] == "").to_numpy()
+        if empty.any():
+            raise _fail(csv_path, col, np.flatnonzero(empty) + 2, f"empty {col}")
+    dup = frame["path"].duplicated(keep=False).to_numpy()
+    if dup.any():
+        rows = np.flatnonzero(dup)
+        raise _fail(
+            csv_path, "path", rows + 2, f"duplicate path (e.g. {frame['path'].iloc[rows[0]]!r}); each image once"
+        )
+
+
+def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists") -> None:
+    """Check that the images exist (``"exists"``) or also decode (``"decode"``)."""
+    if mode not in CHECK_IMAGES_MODES:
+        raise ValueError(f"check_images must be one of {CHECK_IMAGES_MODES}, got {mode!r}")
+    if mode == "none":
+        return
+    paths = [resolve_image_path(csv_path, p) for p in frame["path"]]
+    missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+    if missing:
+        raise _fail(csv_path, "path", np.asarray(missing) + 2, f"image file not found (e.g. {paths[missing[0]]})")
+    if mode == "decode":
+        bad, reasons = [], []
+        for i, p in enumerate(_progress(paths, "checking images")):
+            reason = image_decode_error(p)
+            if reason:
+                bad.append(i)
+                reasons.append(reason)
+        if bad:
+            raise _fail(csv_path, "path", np.asarray(bad) + 2, f"unreadable image ({reasons[0]})")
+
+
+def image_decode_error(path: str) -> str | None:
+    """Return why ``path`` cannot be decoded as an image, or None when it decodes fully."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"{path}: {type(err).__name__}: {err}"
+    return None
+
+
+def _progress(items, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return items
+    return tqdm(items, desc=desc, unit="img", disable=len(items) < 200)
+
+
+def read_gene_names(path: str | os.PathLike, num_genes: int) -> list[str]:
+    """Read one gene name per line (blank lines ignored) and check there are ``num_genes``."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"{path}: gene names file not found")
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    if len(names) != num_genes:
+        raise MetadataError(
+            f"{path}: {len(names)} gene names for K={num_genes} target columns; one name per line, in y-column order"
+        )
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in seen:
+            raise MetadataError(f"{path}: gene name {name!r} appears twice (entries {seen[name] + 1} and {i + 1})")
+        seen[name] = i
+    return names
+
+
+def read_metadata(
+    metadata_csv: str | os.PathLike,
+    gene_names_file: str | os.PathLike | None = None,
+    num_genes: int | None = None,
+    check_images: str = "exists",
+) -> Metadata:
+    """Read and validate a metadata CSV.
+
+    Args:
+        metadata_csv: The CSV (comma-separated, UTF-8, an optional BOM is accepted).
+        gene_names_file: One gene name per line for ``y0..``; when None, a ``genes.txt`` beside
+            the CSV is used if present, else the names are ``y0, y1, ...``.
+        num_genes: Expected K; a CSV with another number of target columns is an error.
+        check_images: ``"exists"`` (default, cheap), ``"decode"`` (open every image) or ``"none"``.
+
+    Returns:
+        The validated table.
+
+    Raises:
+        MetadataError: On any contract violation, naming file, lines and column.
+    """
+    csv_path = Path(metadata_csv).resolve()
+    frame = _read_table(csv_path)
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    if missing:
+        raise MetadataError(
+            f"{csv_path}: missing required column(s) {', '.join(missing)}; the header has: "
+            f"{', '.join(list(frame.columns)[:12])}{' ...' if len(frame.columns) > 12 else ''}"
+        )
+    target_columns = _target_columns(csv_path, list(frame.columns), num_genes)
+    _check_paths_and_groups(csv_path, frame)
+    _check_targets(csv_path, frame, target_columns)
+    check_image_files(csv_path, frame, check_images)
+    if gene_names_file is None and (csv_path.parent / "genes.txt").is_file():
+        gene_names_file = csv_path.parent / "genes.txt"
+    if gene_names_file is not None:
+        gene_names = read_gene_names(gene_names_file, len(target_columns))
+    else:
+        gene_names = list(target_columns)
+    return Metadata(csv_path=csv_path, frame=frame, target_columns=target_columns, gene_names=gene_names)

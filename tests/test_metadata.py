@@ -1,0 +1,150 @@
+"""The data contract: every validation error names file, lines and column, and writes nothing."""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+import pytest
+
+from expreg.metadata import MetadataError, read_metadata
+from expreg.splits import main as splits_main
+
+
+def _rewrite(csv, edit):
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    frame = edit(frame)
+    frame.to_csv(csv, index=False)
+    return csv
+
+
+def _error(csv, **kwargs) -> str:
+    with pytest.raises(MetadataError) as info:
+        read_metadata(csv, **kwargs)
+    message = str(info.value)
+    assert str(csv.resolve()) in message or csv.name in message
+    return message
+
+
+def test_valid_csv_reads_with_gene_names_and_extra_columns(dataset_csv):
+    md = read_metadata(dataset_csv)
+    assert md.num_genes == 50
+    assert md.gene_names[:2] == ["GENE00", "GENE01"]  # from genes.txt beside the CSV
+    assert md.extra_columns == ["sample_id"]
+    assert md.targets().dtype.name == "float32" and md.targets().shape == (len(md.frame), 50)
+    assert all(p.startswith(str(dataset_csv.parent)) for p in md.image_paths())
+
+
+def test_without_gene_file_names_are_column_names(dataset_csv):
+    (dataset_csv.parent / "genes.txt").unlink()
+    assert read_metadata(dataset_csv).gene_names[:3] == ["y0", "y1", "y2"]
+
+
+def test_missing_required_column(dataset_csv):
+    _rewrite(dataset_csv, lambda f: f.drop(columns=["group_id"]))
+    assert "missing required column(s) group_id" in _error(dataset_csv)
+
+
+def test_no_target_columns(dataset_csv):
+    _rewrite(dataset_csv, lambda f: f[["path", "group_id"]])
+    assert "no target columns" in _error(dataset_csv)
+
+
+def test_gap_in_target_columns(dataset_csv):
+    _rewrite(dataset_csv, lambda f: f.drop(columns=["y7"]))
+    assert "y7 missing" in _error(dataset_csv)
+
+
+def test_wrong_k(dataset_csv):
+    assert "K=50" in _error(dataset_csv, num_genes=20)
+
+
+def _set(frame, rows, col, value):
+    frame.loc[rows, col] = value
+    return frame
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("abc", "not a number"), ("", "not a number"), ("nan", "NaN or infinite"), ("inf", "NaN or infinite")],
+)
+def test_bad_target_values_name_lines_and_column(dataset_csv, value, expected):
+    _rewrite(dataset_csv, lambda f: _set(f, [2, 5], "y3", value))
+    message = _error(dataset_csv)
+    assert "column 'y3'" in message and "lines 4, 7" in message and expected in message
+
+
+def test_many_bad_rows_are_counted(dataset_csv):
+    _rewrite(dataset_csv, lambda f: _set(f, list(range(12)), "y0", "x"))
+    assert "(and 7 more; 12 rows in all)" in _error(dataset_csv)
+
+
+def test_empty_group_id(dataset_csv):
+    _rewrite(dataset_csv, lambda f: _set(f, [3], "group_id", " "))
+    message = _error(dataset_csv)
+    assert "column 'group_id', line 5: empty group_id" in message
+
+
+def test_duplicate_path(dataset_csv):
+    _rewrite(dataset_csv, lambda f: _set(f, [1], "path", f.loc[0, "path"]))
+    message = _error(dataset_csv)
+    assert "column 'path', lines 2, 3: duplicate path" in message
+
+
+def test_missing_image(dataset_csv):
+    frame = pd.read_csv(dataset_csv)
+    (dataset_csv.parent / frame.loc[4, "path"]).unlink()
+    message = _error(dataset_csv)
+    assert "column 'path', line 6: image file not found" in message
+    read_metadata(dataset_csv, check_images="none")  # explicitly switched off
+
+
+def test_unreadable_image_only_with_decode_check(dataset_csv):
+    frame = pd.read_csv(dataset_csv)
+    (dataset_csv.parent / frame.loc[0, "path"]).write_bytes(b"not an image")
+    read_metadata(dataset_csv)  # the cheap check only looks for the file
+    assert "column 'path', line 2: unreadable image" in _error(dataset_csv, check_images="decode")
+
+
+def test_empty_file_and_header_only(dataset_csv):
+    header = dataset_csv.read_text().splitlines()[0]
+    dataset_csv.write_text("")
+    assert "the file is empty" in _error(dataset_csv)
+    dataset_csv.write_text(header + "\n")
+    assert "no data rows" in _error(dataset_csv)
+
+
+def test_semicolon_separated(dataset_csv):
+    dataset_csv.write_text(dataset_csv.read_text().replace(",", ";"))
+    assert "semicolon-separated" in _error(dataset_csv)
+
+
+def test_not_utf8(dataset_csv):
+    dataset_csv.write_bytes(dataset_csv.read_bytes().replace(b"P00_s1", b"P00_\xe9", 1))
+    assert "not valid UTF-8" in _error(dataset_csv)
+
+
+def test_bom_and_windows_line_endings_are_accepted(dataset_csv):
+    text = dataset_csv.read_text()
+    dataset_csv.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    md = read_metadata(dataset_csv)
+    assert list(md.frame.columns[:2]) == ["path", "group_id"] and md.num_genes == 50
+
+
+def test_gene_names_file_count_and_duplicates(dataset_csv):
+    genes = dataset_csv.parent / "genes.txt"
+    genes.write_text("A\nB\n")
+    with pytest.raises(MetadataError, match=re.escape(f"{genes}: 2 gene names for K=50")):
+        read_metadata(dataset_csv)
+    genes.write_text("\n".join(["G"] * 50))
+    with pytest.raises(MetadataError, match="'G' appears twice"):
+        read_metadata(dataset_csv)
+
+
+def test_cli_exits_nonzero_and_writes_nothing(dataset_csv, tmp_path, capsys):
+    _rewrite(dataset_csv, lambda f: _set(f, [0], "y1", "oops"))
+    out = tmp_path / "split.csv"
+    code = splits_main(["--metadata_csv", str(dataset_csv), "--out_csv", str(out)])
+    assert code != 0 and not out.exists()
+    err = capsys.readouterr().err
+    assert "column 'y1', line 2" in err and str(dataset_csv.name) in err
