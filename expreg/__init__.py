@@ -1,2 +1,3 @@
 """expreg: gene expression regression from histology patches."""
+
 __version__ = "0.1.0"

@@ -87,7 +87,9 @@ def split_assignment(
         return table["split"].to_numpy()
     folds = table["fold"].to_numpy()
     if fold is None or fold not in set(folds.tolist()):
-        raise MetadataError(f"{split_csv}: a fold file; choose the held-out fold (one of {sorted(set(folds.tolist()))})")
+        raise MetadataError(
+            f"{split_csv}: a fold file; choose the held-out fold (one of {sorted(set(folds.tolist()))})"
+        )
     return _split_training_folds(table, folds == fold, seed, val_frac)
 
 
@@ -95,7 +97,9 @@ def _split_training_folds(table, is_test: np.ndarray, seed: int, val_frac: float
     train_part = table.loc[~is_test]
     counts = train_part["group_id"].value_counts()
     groups = np.array(sorted(counts.index), dtype=object)
-    mapping = assign_splits(groups, counts.loc[groups].to_numpy(), {"train": 1 - val_frac, "validation": val_frac}, seed)
+    mapping = assign_splits(
+        groups, counts.loc[groups].to_numpy(), {"train": 1 - val_frac, "validation": val_frac}, seed
+    )
     out = np.where(is_test, "test", table["group_id"].map(mapping).fillna("test").to_numpy())
     return out.astype(object)
 

@@ -54,12 +54,12 @@ def _group_sizes(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_enough_groups(n_groups: int, needed: int, what: str) -> None:
     if n_groups < needed:
-        raise MetadataError(f"too few groups for {what}: {n_groups} group(s) in the metadata, at least {needed} needed")
+        raise MetadataError(
+            f"too few groups for {what}: {n_groups} group(s) in the metadata, at least {needed} needed"
+        )
 
 
-def assign_splits(
-    groups: np.ndarray, sizes: np.ndarray, fractions: dict[str, float], seed: int
-) -> dict[str, str]:
+def assign_splits(groups: np.ndarray, sizes: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, str]:
     """Assign whole groups to splits so that sample fractions come closest to ``fractions``.
 
     Random group orders (from ``seed``) are each cut into consecutive blocks at the cumulative
@@ -272,7 +272,7 @@ def _check_split_rows(path: Path, table: pd.DataFrame, metadata: Metadata) -> No
             f"{metadata.csv_path}: column 'path', {describe_rows(rows + 2)}: row not assigned by the split file "
             f"{path} (e.g. {metadata.frame['path'].iloc[rows[0]]!r})"
         )
-    wrong_group = (table["group_id"].to_numpy() != known.loc[table["path"]].to_numpy())
+    wrong_group = table["group_id"].to_numpy() != known.loc[table["path"]].to_numpy()
     if wrong_group.any():
         rows = np.flatnonzero(wrong_group)
         r = rows[0]

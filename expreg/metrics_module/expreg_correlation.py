@@ -9,6 +9,7 @@ It delegates to ``expreg.metrics.compute_metrics`` so that both give the same nu
 
 import datasets
 import evaluate
+
 import expreg.metrics
 
 _DESCRIPTION = """

@@ -1,0 +1,142 @@
+"""The dataset object, transforms, train-only target statistics and seeding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from expreg.data import (
+    ExpressionTransform,
+    ImageTransform,
+    TargetStats,
+    collate_fn,
+    compute_target_stats,
+    dataset_gene_names,
+    load_expression_dataset,
+    to_rgb,
+)
+from expreg.metadata import MetadataError
+from expreg.seeding import derive_seed, epoch_generator
+from expreg.splits import main as splits_main
+
+
+@pytest.fixture
+def split_csv(dataset_csv, tmp_path):
+    out = tmp_path / "split.csv"
+    assert splits_main(["--metadata_csv", str(dataset_csv), "--out_csv", str(out), "--test_frac", "0.2"]) == 0
+    return out
+
+
+def test_dataset_dict_rows(dataset_csv, split_csv):
+    ds = load_expression_dataset(dataset_csv, split_csv)
+    assert set(ds) == {"train", "validation", "test"}
+    split = pd.read_csv(split_csv)
+    for name, part in ds.items():
+        assert sorted(part["path"]) == sorted(split.loc[split["split"] == name, "path"])
+    row = ds["train"][0]
+    assert isinstance(row["image"], Image.Image) and row["image"].size == (16, 16)
+    assert len(row["labels"]) == 50 and ds["train"].features["labels"].feature.dtype == "float32"
+    assert row["sample_id"].endswith("_s1")  # extra columns kept
+    assert dataset_gene_names(ds)[:2] == ["GENE00", "GENE01"]
+    meta = pd.read_csv(dataset_csv).set_index("path")
+    np.testing.assert_allclose(row["labels"], meta.loc[row["path"], [f"y{i}" for i in range(50)]], rtol=1e-6)
+
+
+def test_without_split_file_a_group_split_is_made(dataset_csv):
+    ds = load_expression_dataset(dataset_csv, seed=1)
+    assert set(ds) == {"train", "validation"}
+    assert not set(ds["train"]["group_id"]) & set(ds["validation"]["group_id"])
+
+
+def test_fold_file_holds_out_one_fold_and_validates_on_training_groups(dataset_csv, tmp_path):
+    folds = tmp_path / "folds.csv"
+    assert splits_main(["--metadata_csv", str(dataset_csv), "--out_csv", str(folds), "--n_folds", "5"]) == 0
+    ds = load_expression_dataset(dataset_csv, folds, fold=2)
+    held_out = set(pd.read_csv(folds).query("fold == 2")["group_id"])
+    assert set(ds["test"]["group_id"]) == held_out
+    assert not held_out & (set(ds["train"]["group_id"]) | set(ds["validation"]["group_id"]))
+    with pytest.raises(MetadataError, match="choose the held-out fold"):
+        load_expression_dataset(dataset_csv, folds)
+
+
+def test_target_stats_use_training_split_only(dataset_csv, split_csv):
+    before = compute_target_stats(load_expression_dataset(dataset_csv, split_csv)["train"])
+    frame = pd.read_csv(dataset_csv, dtype=str, keep_default_na=False)
+    val_paths = pd.read_csv(split_csv).query("split != 'train'")["path"]
+    frame.loc[frame["path"].isin(val_paths), "y0"] = "1000.0"
+    frame.to_csv(dataset_csv, index=False)
+    ds = load_expression_dataset(dataset_csv, split_csv)
+    after = compute_target_stats(ds["train"])
+    np.testing.assert_array_equal(before.mean, after.mean)
+    np.testing.assert_array_equal(before.std, after.std)
+    assert max(ds["validation"]["labels"], key=lambda r: r[0])[0] == 1000.0  # the change did land
+
+
+def test_target_stats_round_trip_and_constant_genes():
+    labels = np.array([[1.0, 5.0], [3.0, 5.0]])
+    stats = TargetStats.from_labels(labels)
+    np.testing.assert_allclose(stats.std, [1.0, 1.0])  # constant gene gets std 1
+    z = stats.normalize(labels.astype(np.float32))
+    np.testing.assert_allclose(z[:, 0], [-1.0, 1.0])
+    np.testing.assert_allclose(stats.denormalize(z), labels, rtol=1e-6)
+    again = TargetStats.from_dict(stats.to_dict())
+    np.testing.assert_array_equal(again.mean, stats.mean)
+
+
+def test_transform_outputs_normalised_batches(dataset_csv, split_csv):
+    ds = load_expression_dataset(dataset_csv, split_csv)
+    stats = compute_target_stats(ds["train"])
+    train = ds["train"].with_transform(ExpressionTransform(ImageTransform(24, train=True, seed=0), stats))
+    batch = collate_fn([train[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 3, 24, 24) and batch["pixel_values"].dtype == torch.float32
+    assert batch["labels"].shape == (4, 50)
+    all_labels = np.asarray(ds["train"]["labels"])
+    np.testing.assert_allclose(batch["labels"].numpy(), stats.normalize(all_labels[:4]), rtol=1e-5, atol=1e-6)
+
+
+def test_augmentation_depends_only_on_seed_epoch_and_path():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, size=(20, 20, 3), dtype=np.uint8))
+    t = ImageTransform(20, train=True, seed=5, mean=(0, 0, 0), std=(1, 1, 1))
+    same = [t(image, "a.png") for _ in range(2)]
+    torch.testing.assert_close(same[0], same[1], rtol=0, atol=0)
+    draws = set()
+    for epoch in range(12):
+        t.set_epoch(epoch)
+        draws.add(t(image, "a.png").numpy().tobytes())
+    assert len(draws) > 2  # dihedral transform varies across epochs
+    evaluation = ImageTransform(20, train=False, mean=(0, 0, 0), std=(1, 1, 1))
+    torch.testing.assert_close(
+        evaluation(image, "a.png") * 255, torch.from_numpy(np.array(image)).permute(2, 0, 1).float()
+    )
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
+def test_any_image_mode_becomes_rgb(mode):
+    base = Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8))
+    image = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (8, 8)
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    assert derive_seed(1, 2, "x") == derive_seed(1, 2, "x")
+    assert len({derive_seed(1, e, "x") for e in range(50)}) == 50
+    a = torch.randperm(100, generator=epoch_generator(0, 3))
+    b = torch.randperm(100, generator=epoch_generator(0, 3))
+    assert torch.equal(a, b) and not torch.equal(a, torch.randperm(100, generator=epoch_generator(0, 4)))
+
+
+def test_loading_attempts_no_network(dataset_csv, split_csv, monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    ds = load_expression_dataset(dataset_csv, split_csv)
+    assert len(ds["train"]) > 0 and ds["train"][0]["image"] is not None
