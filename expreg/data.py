@@ -336,3 +336,93 @@ def collate_fn(examples: list[dict]) -> dict:
         "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
         "labels": torch.stack([e["labels"] for e in examples]),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# DataLoaders
+# ---------------------------------------------------------------------------------------------
+
+
+class EpochSampler:
+    """Shuffled order that depends only on (seed, epoch): the same in every process and after a resume.
+
+    Under several processes, accelerate shards the batches of this one global order, so each
+    sample is seen once per epoch across processes.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        import torch
+
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+        # Handed to the DataLoader: worker seeds are drawn from it instead of from the global RNG,
+        # whose stream (dropout, ...) must not depend on when a DataLoader iterator was created.
+        self.generator = torch.Generator()
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        from expreg.seeding import derive_seed
+
+        self.epoch = epoch
+        self.generator.manual_seed(derive_seed(self.seed, epoch, "workers"))
+
+    def __iter__(self):
+        import torch
+
+        from expreg.seeding import epoch_generator
+
+        return iter(torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def build_dataloaders(
+    datasets_dict,
+    *,
+    image_size: int,
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    num_workers: int = 0,
+    seed: int = 0,
+    target_stats: TargetStats | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    dihedral: bool = True,
+    color_jitter: float = 0.0,
+) -> dict:
+    """DataLoaders for every split: shuffled, augmented ``train``; ordered, plain evaluation splits.
+
+    Returns:
+        ``{"train": DataLoader, "validation": ..., "test": ...}`` (the splits present), plus
+        ``"train_sampler"`` and ``"train_transform"``, which need ``set_epoch`` at each epoch.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from expreg.seeding import seed_worker
+
+    loaders: dict = {}
+    common = {"num_workers": num_workers, "collate_fn": collate_fn, "worker_init_fn": seed_worker}
+    for name, part in datasets_dict.items():
+        train = name == "train"
+        image_transform = ImageTransform(
+            image_size, mean, std, train=train, dihedral=dihedral, color_jitter=color_jitter, seed=seed
+        )
+        transform = ExpressionTransform(image_transform, target_stats)
+        dataset = part.with_transform(transform)
+        if train:
+            sampler = EpochSampler(len(dataset), seed)
+            # A last batch of one sample breaks BatchNorm in training: drop it (one sample per epoch).
+            drop_last = len(dataset) % batch_size == 1
+            loaders["train"] = DataLoader(
+                dataset, batch_size=batch_size, sampler=sampler, generator=sampler.generator, drop_last=drop_last, **common
+            )
+            loaders["train_sampler"], loaders["train_transform"] = sampler, transform
+        else:
+            generator = torch.Generator().manual_seed(seed)
+            loaders[name] = DataLoader(
+                dataset, batch_size=eval_batch_size or batch_size, shuffle=False, generator=generator, **common
+            )
+    return loaders

@@ -1,0 +1,246 @@
+"""Typed run configuration: YAML recipe + ``section.key=value`` overrides -> ``RunConfig``.
+
+Precedence: dataclass defaults < recipe < command-line overrides. Unknown sections or keys are an
+error naming the key; values are converted to the field's type and checked (YAML reads ``3e-4``
+as a string: it is converted to a float here). No torch import: this module is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+HEADS = ("linear", "mlp")
+DEMO_DATA = "demo"
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid (unknown key, wrong type or value)."""
+
+
+@dataclass
+class DataConfig:
+    metadata_csv: str = DEMO_DATA
+    split_csv: str | None = None
+    fold: int | None = None
+    val_frac: float = 0.2
+    gene_names_file: str | None = None
+    num_genes: int | None = None
+    image_size: int = 224
+    batch_size: int = 32
+    eval_batch_size: int | None = None
+    num_workers: int = 2
+    check_images: str = "exists"
+    normalize_targets: bool = True
+    augment_dihedral: bool = True
+    color_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("data.check_images", self.check_images, ("none", "exists", "decode"))
+        _check_positive("data.image_size", self.image_size)
+        _check_positive("data.batch_size", self.batch_size)
+        if self.eval_batch_size is not None:
+            _check_positive("data.eval_batch_size", self.eval_batch_size)
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 < self.val_frac < 1:
+            raise ConfigError(f"data.val_frac must be in (0, 1), got {self.val_frac}")
+        if not 0 <= self.color_jitter < 1:
+            raise ConfigError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    head: str = "linear"
+    head_hidden_dim: int = 256
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice("model.head", self.head, HEADS)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 3.0e-4
+    weight_decay: float = 0.05
+    warmup_ratio: float = 0.05
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    checkpointing_steps: int | None = None
+    early_stopping_patience: int | None = None
+    max_steps_per_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check_positive("train.epochs", self.epochs)
+        _check_positive("train.grad_accum_steps", self.grad_accum_steps)
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        for name in ("checkpointing_steps", "early_stopping_patience", "max_steps_per_epoch"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_positive(f"train.{name}", value)
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "results"
+    run_name: str | None = None
+    report_to: str = "none"
+
+
+@dataclass
+class RunConfig:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _check_positive(name: str, value) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _convert(name: str, value, annotation):
+    """Convert ``value`` to the type ``annotation`` (``int``, ``float``, ``bool``, ``str`` or ``X | None``)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
+            return None
+        return _convert(name, value, args[0])
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.strip().lower() in ("true", "yes", "1")
+            raise ValueError
+        if annotation is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if annotation is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if annotation is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        raise ConfigError(f"{name}: unsupported type {annotation}")
+    raise ConfigError(f"{name}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}")
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "logging": LoggingConfig}
+
+
+def _flatten(raw: dict, source: str) -> dict[str, object]:
+    """``{"data": {"batch_size": 8}, "seed": 1}`` -> ``{"data.batch_size": 8, "seed": 1}``."""
+    flat: dict[str, object] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: section '{key}' must be a mapping, got {value!r}")
+            for sub, v in value.items():
+                flat[f"{key}.{sub}"] = v
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def _known_keys() -> dict[str, object]:
+    hints = typing.get_type_hints(RunConfig)
+    keys: dict[str, object] = {"seed": hints["seed"]}
+    for section, cls in _SECTIONS.items():
+        for name, annotation in typing.get_type_hints(cls).items():
+            keys[f"{section}.{name}"] = annotation
+    return keys
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, object]:
+    """``["train.lr=1e-3", "seed=3"]`` -> ``{"train.lr": "1e-3", "seed": "3"}`` (YAML-parsed values)."""
+    out: dict[str, object] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def build_config(values: dict[str, object], source: str = "recipe") -> RunConfig:
+    """Build a ``RunConfig`` from flat dotted keys, rejecting unknown keys and converting types."""
+    known = _known_keys()
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        suggestions = {k: [c for c in known if c.split(".")[-1] == k.split(".")[-1]] for k in unknown}
+        hints = "; ".join(f"'{k}'" + (f" (did you mean {', '.join(s)}?)" if s else "") for k, s in suggestions.items())
+        raise ConfigError(f"{source}: unknown key(s) {hints}. Known keys: see recipes/base.yaml")
+    sections: dict[str, dict] = {name: {} for name in _SECTIONS}
+    top: dict[str, object] = {}
+    for key, value in values.items():
+        converted = _convert(key, value, known[key])
+        if "." in key:
+            section, name = key.split(".", 1)
+            sections[section][name] = converted
+        else:
+            top[key] = converted
+    built = {name: cls(**sections[name]) for name, cls in _SECTIONS.items()}
+    return RunConfig(**top, **built)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < recipe file < ``section.key=value`` overrides."""
+    values: dict[str, object] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"recipe not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+        values.update(_flatten(raw, source))
+    config = build_config(values, source=source)
+    if overrides:
+        values.update(parse_overrides(overrides))
+        config = build_config(values, source="command-line overrides")
+    return config
+
+
+def config_from_dict(raw: dict, source: str) -> RunConfig:
+    """Rebuild a ``RunConfig`` from ``RunConfig.to_dict()`` output (e.g. a run's resolved config)."""
+    return build_config(_flatten(raw, source), source=source)

@@ -1,0 +1,158 @@
+"""The run directory: layout, names, atomic writes. Callers decide *when* (and check the main process).
+
+::
+
+    results/<run_name>/
+        config_resolved.yaml    everything needed to rerun (split file included)
+        split.csv               the split used, when the run made it
+        metrics.json            status, best epoch and metrics, per-epoch history (written atomically)
+        log.txt
+        target_stats.json       training-split mean/std per gene
+        checkpoints/last/       accelerator.save_state + trainer_state.json (resume from here)
+        checkpoints/best/       save_pretrained of the best model by validation mean Spearman
+        predictions_val.csv     path, group_id, one column per gene (expression units, best model)
+        per_gene_metrics.csv    gene, spearman, pearson, mse (best model)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CONFIG_FILE = "config_resolved.yaml"
+METRICS_FILE = "metrics.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+class RunDirError(RuntimeError):
+    """A run directory cannot be created or used (exists, finished, not a checkpoint)."""
+
+
+def default_run_name(backbone: str, batch: int, accum: int, world: int, lr: float, seed: int) -> str:
+    """``<backbone>__bs<batch>x<accum>x<world>__lr<lr>__seed<seed>__<timestamp>``."""
+    safe_backbone = backbone.replace("/", "-").replace(":", "-")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{safe_backbone}__bs{batch}x{accum}x{world}__lr{lr:g}__seed{seed}__{stamp}"
+
+
+def create_run_dir(output_dir: str | os.PathLike, run_name: str, explicit_name: bool) -> Path:
+    """Create a new, empty run directory; never reuse an existing one.
+
+    A default (timestamped) name that is taken gets a ``-2``, ``-3``... suffix; an explicit
+    ``logging.run_name`` that is taken is an error (resume it with ``--resume`` instead).
+    """
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    candidate, n = root / run_name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            if explicit_name:
+                status = read_status(candidate)
+                raise RunDirError(
+                    f"run directory {candidate} already exists ({status}); choose another logging.run_name, "
+                    f"or continue it with --resume {candidate / 'checkpoints' / 'last'}"
+                ) from None
+            n += 1
+            candidate = root / f"{run_name}-{n}"
+
+
+def read_status(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / METRICS_FILE).read_text()).get("status", "unknown")
+    except (OSError, ValueError):
+        return "no metrics.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder and ``os.replace``: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _clean(value):
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, default=_json_default) + "\n")
+
+
+def write_predictions(path: Path, paths: list[str], groups: list[str], gene_names: list[str], values) -> None:
+    """``path, group_id, <gene>...`` in expression units."""
+    lines = [",".join(_csv_cell(c) for c in ["path", "group_id", *gene_names])]
+    for p, g, row in zip(paths, groups, np.asarray(values)):
+        lines.append(",".join([_csv_cell(p), _csv_cell(g), *(f"{v:.6g}" for v in row)]))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def write_per_gene_metrics(path: Path, rows: list[dict]) -> None:
+    """``gene, spearman, pearson, mse`` (empty cells for undefined correlations)."""
+    lines = ["gene,spearman,pearson,mse"]
+    for r in rows:
+        cells = [_csv_cell(r["gene"])] + ["" if r[k] is None else f"{r[k]:.6f}" for k in ("spearman", "pearson", "mse")]
+        lines.append(",".join(cells))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _csv_cell(value) -> str:
+    text = str(value)
+    if any(ch in text for ch in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
+
+
+def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a completely written ``tmp_dir`` to ``final_dir`` (replacing it) with renames only.
+
+    The old folder is renamed aside first and removed last, so at any moment either the old or
+    the new folder is complete under a known name.
+    """
+    old = final_dir.with_name(final_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if final_dir.exists():
+        os.replace(final_dir, old)
+    os.replace(tmp_dir, final_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def read_csv_column(path: Path, column: str) -> list[str]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [row[column] for row in csv.DictReader(fh)]

@@ -1,0 +1,497 @@
+"""The training loop: the only module that touches the ``Accelerator``.
+
+Reads top to bottom: ``run`` sets up the run directory, data, model and optimizer, prepares them
+with accelerate, then alternates ``train_one_epoch`` and ``evaluate``, saving ``checkpoints/last``
+(exact resume) and ``checkpoints/best`` (``save_pretrained``) as it goes.
+
+Exact resume: the shuffling order, augmentation and worker seeds are functions of
+(seed, epoch, sample) (see ``expreg.data``), checkpoints are taken only at optimizer-step
+boundaries with the number of batches done, and a resumed epoch skips those batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from expreg import io
+from expreg.config import DEMO_DATA, ConfigError, RunConfig, config_from_dict
+from expreg.data import (
+    TargetStats,
+    backbone_normalization,
+    build_dataloaders,
+    build_dataset_dict,
+    compute_target_stats,
+    split_assignment,
+)
+from expreg.metadata import read_metadata
+from expreg.metrics import compute_metrics
+from expreg.model import ExpRegModel, build_model
+from expreg.seeding import seed_everything
+from expreg.splits import make_split_table, write_table
+
+logger = logging.getLogger("expreg")
+DRY_RUN_STEPS = 3
+
+
+@dataclass
+class TrainerState:
+    """Loop position and bookkeeping, saved with every checkpoint (``trainer_state.json``)."""
+
+    epoch: int = 0
+    batches_done: int = 0  # batches of ``epoch`` already trained (per process)
+    global_step: int = 0  # optimizer steps
+    epoch_loss_sum: float = 0.0  # loss x samples over all processes, up to the last checkpoint
+    epoch_loss_count: int = 0
+    best_spearman: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class RunData:
+    loaders: dict
+    datasets: object
+    gene_names: list[str]
+    target_stats: TargetStats
+    image_mean: tuple
+    image_std: tuple
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None, dry_run: bool = False) -> dict:
+    """Train and evaluate one run; returns the final ``metrics.json`` content."""
+    seed_everything(cfg.seed)
+    run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
+    _setup_logging(run_dir, accelerator)
+    data = _setup_data(cfg, accelerator, run_dir)
+    model = _setup_model(cfg, data)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    model, optimizer, train_dl, val_dl = accelerator.prepare(
+        model, optimizer, data.loaders["train"], data.loaders["validation"]
+    )
+    steps_per_epoch = _steps_per_epoch(len(train_dl), cfg, dry_run)
+    total_steps = steps_per_epoch * (1 if dry_run else cfg.train.epochs)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+    state = _resume(accelerator, resume_from) if resume_from else TrainerState()
+    _log_start(cfg, accelerator, run_dir, data, len(train_dl), total_steps, state)
+    if cfg.logging.report_to != "none":
+        accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))
+
+    epochs = 1 if dry_run else cfg.train.epochs
+    for epoch in range(state.epoch, epochs):
+        state.epoch = epoch
+        train_loss = train_one_epoch(
+            model, train_dl, optimizer, scheduler, accelerator, data, cfg, state, run_dir, dry_run
+        )
+        _sync_buffers(model, accelerator)
+        val_loss, predictions = evaluate(model, val_dl, accelerator, max_batches=2 if dry_run else None)
+        stop = _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions)
+        state.epoch, state.batches_done = epoch + 1, 0
+        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+        save_checkpoint(accelerator, run_dir, state)
+        if stop:
+            logger.info(f"early stopping: no improvement in {state.bad_epochs} epochs")
+            break
+    return _finish(accelerator, cfg, run_dir, state, dry_run)
+
+
+def _steps_per_epoch(num_batches: int, cfg: RunConfig, dry_run: bool) -> int:
+    if dry_run:
+        num_batches = min(num_batches, DRY_RUN_STEPS * cfg.train.grad_accum_steps)
+    elif cfg.train.max_steps_per_epoch:
+        num_batches = min(num_batches, cfg.train.max_steps_per_epoch * cfg.train.grad_accum_steps)
+    return math.ceil(num_batches / cfg.train.grad_accum_steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Setup
+# --------------------------------------------------------------------------------------------
+
+
+def _setup_run_dir(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None, dry_run: bool) -> Path:
+    """Create the run directory on the main process and share its path with the others."""
+    if resume_from:
+        return Path(resume_from).resolve().parent.parent
+    name = None
+    if accelerator.is_main_process:
+        explicit = cfg.logging.run_name is not None
+        name = cfg.logging.run_name or io.default_run_name(
+            cfg.model.backbone,
+            cfg.data.batch_size,
+            cfg.train.grad_accum_steps,
+            accelerator.num_processes,
+            cfg.train.lr,
+            cfg.seed,
+        )
+        if dry_run and not explicit:
+            name += "__dry_run"
+        name = str(io.create_run_dir(cfg.logging.output_dir, name, explicit))
+    return Path(broadcast_object_list([name])[0])
+
+
+def _setup_logging(run_dir: Path, accelerator: Accelerator) -> None:
+    logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
+    logger.handlers.clear()
+    logger.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(formatter)
+    logger.addHandler(console)
+    if accelerator.is_main_process:
+        file_handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
+
+
+def _setup_data(cfg: RunConfig, accelerator: Accelerator, run_dir: Path) -> RunData:
+    """Validate the metadata, fix the split (made here when not given), build datasets and loaders."""
+    d = cfg.data
+    with accelerator.main_process_first():
+        if d.metadata_csv == DEMO_DATA:
+            from expreg.demo import ensure_demo_dataset
+
+            d.metadata_csv = str(ensure_demo_dataset())
+        metadata = read_metadata(d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images)
+    if d.split_csv is None:
+        split_path = run_dir / "split.csv"
+        if accelerator.is_main_process and not split_path.exists():
+            table, summary = make_split_table(metadata, val_frac=d.val_frac, seed=cfg.seed)
+            write_table(table, split_path)
+            logger.info(f"made a group-aware split from seed {cfg.seed} -> {split_path}\n{summary.format()}")
+        accelerator.wait_for_everyone()
+        d.split_csv = str(split_path)
+    d.metadata_csv = str(metadata.csv_path)
+    d.split_csv = str(Path(d.split_csv).resolve())
+    assignment = split_assignment(metadata, d.split_csv, fold=d.fold, seed=cfg.seed, val_frac=d.val_frac)
+    datasets = build_dataset_dict(metadata, assignment, split_csv=d.split_csv, fold=d.fold)
+    if "validation" not in datasets:
+        raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
+    stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)
+    mean, std = backbone_normalization(cfg.model.backbone)
+    loaders = build_dataloaders(
+        datasets,
+        image_size=d.image_size,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        num_workers=d.num_workers,
+        seed=cfg.seed,
+        target_stats=stats,
+        mean=mean,
+        std=std,
+        dihedral=d.augment_dihedral,
+        color_jitter=d.color_jitter,
+    )
+    if accelerator.is_main_process:
+        io.atomic_write_text(run_dir / io.CONFIG_FILE, cfg.to_yaml())
+        io.write_json(run_dir / "target_stats.json", {"gene_names": metadata.gene_names, **stats.to_dict()})
+    return RunData(loaders, datasets, metadata.gene_names, stats, mean, std)
+
+
+def _setup_model(cfg: RunConfig, data: RunData) -> ExpRegModel:
+    m = cfg.model
+    return build_model(
+        m.backbone,
+        len(data.gene_names),
+        pretrained=m.pretrained,
+        pretrained_path=m.pretrained_path,
+        head=m.head,
+        head_hidden_dim=m.head_hidden_dim,
+        dropout=m.dropout,
+        gene_names=data.gene_names,
+        target_mean=data.target_stats.mean.tolist(),
+        target_std=data.target_stats.std.tolist(),
+        image_size=cfg.data.image_size,
+        image_mean=list(data.image_mean),
+        image_std=list(data.image_std),
+    )
+
+
+def _log_start(cfg, accelerator, run_dir, data, batches_per_epoch, total_steps, state) -> None:
+    world = accelerator.num_processes
+    effective = cfg.data.batch_size * cfg.train.grad_accum_steps * world
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in data.datasets.items())
+    logger.info(f"run directory: {run_dir}")
+    logger.info(
+        f"num_processes={world} distributed_type={accelerator.distributed_type.value} "
+        f"device={accelerator.device} mixed_precision={accelerator.mixed_precision} "
+        f"torch_threads={torch.get_num_threads()}"
+    )
+    logger.info(
+        f"effective batch size {effective} = {cfg.data.batch_size} (micro) x {cfg.train.grad_accum_steps} "
+        f"(accumulation) x {world} (processes); {batches_per_epoch} batches per process per epoch, "
+        f"{total_steps} optimizer steps in all"
+    )
+    logger.info(f"data: {sizes} samples, {len(data.gene_names)} genes; split {cfg.data.split_csv}")
+    if state.global_step:
+        logger.info(f"resumed at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
+
+
+# --------------------------------------------------------------------------------------------
+# Train and evaluate
+# --------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cfg, state, run_dir, dry_run) -> float:
+    """One pass over the training data (resuming mid-epoch where ``state`` says); returns the mean loss."""
+    model.train()
+    data.loaders["train_sampler"].set_epoch(state.epoch)
+    data.loaders["train_transform"].set_epoch(state.epoch)
+    limit = _steps_per_epoch(len(train_dl), cfg, dry_run) * cfg.train.grad_accum_steps
+    loader = accelerator.skip_first_batches(train_dl, state.batches_done) if state.batches_done else train_dl
+    local_sum, local_count = torch.zeros((), device=accelerator.device), 0
+    progress = tqdm(
+        total=min(limit, len(train_dl)),
+        initial=state.batches_done,
+        desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
+        disable=not accelerator.is_local_main_process,
+        leave=False,
+    )
+    for batch in loader:
+        if state.batches_done >= limit:
+            break
+        with accelerator.accumulate(model):
+            outputs = model(**batch)
+            accelerator.backward(outputs.loss)
+            if accelerator.sync_gradients and cfg.train.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+        local_sum += outputs.loss.detach().float() * len(batch["labels"])
+        local_count += len(batch["labels"])
+        state.batches_done += 1
+        progress.update(1)
+        if accelerator.sync_gradients:
+            scheduler.step()
+            state.global_step += 1
+            every = cfg.train.checkpointing_steps
+            if every and state.global_step % every == 0 and state.batches_done < limit:
+                _fold_loss(accelerator, state, local_sum, local_count)
+                local_sum, local_count = torch.zeros((), device=accelerator.device), 0
+                save_checkpoint(accelerator, run_dir, state)
+    progress.close()
+    _fold_loss(accelerator, state, local_sum, local_count)
+    return state.epoch_loss_sum / max(state.epoch_loss_count, 1)
+
+
+def _fold_loss(accelerator: Accelerator, state: TrainerState, local_sum: torch.Tensor, local_count: int) -> None:
+    """Add this process's running loss to the all-process totals kept in ``state``."""
+    totals = accelerator.reduce(torch.stack([local_sum, torch.tensor(float(local_count), device=local_sum.device)]))
+    state.epoch_loss_sum += float(totals[0])
+    state.epoch_loss_count += int(totals[1])
+
+
+@torch.no_grad()
+def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | None = None):
+    """Predictions on the whole (sharded) evaluation set, gathered in dataset order.
+
+    Returns:
+        ``(loss, predictions)``: MSE on normalised targets over all samples, and normalised
+        predictions of shape ``(num_samples, num_genes)``; computed once on the gathered arrays,
+        so any number of processes gives the same numbers.
+    """
+    model.eval()
+    predictions, labels = [], []
+    for i, batch in enumerate(
+        tqdm(dataloader, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False)
+    ):
+        if max_batches is not None and i >= max_batches:
+            break
+        outputs = model(pixel_values=batch["pixel_values"])
+        preds, labs = accelerator.gather_for_metrics((outputs.predictions.float(), batch["labels"]))
+        predictions.append(preds.cpu().numpy())
+        labels.append(labs.cpu().numpy())
+    model.train()
+    predictions, labels = np.concatenate(predictions), np.concatenate(labels)
+    return float(((predictions.astype(np.float64) - labels) ** 2).mean()), predictions
+
+
+def _sync_buffers(model, accelerator: Accelerator) -> None:
+    """Give every process rank 0's BatchNorm statistics, so evaluation and the saved model agree."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+
+    for buffer in accelerator.unwrap_model(model).buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
+# --------------------------------------------------------------------------------------------
+# End of epoch, checkpoints, resume
+# --------------------------------------------------------------------------------------------
+
+
+def _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions) -> bool:
+    """Metrics, history, best model and predictions; returns True to stop early."""
+    val = data.datasets["validation"]
+    targets = np.asarray(val["labels"], dtype=np.float64)[: len(predictions)]
+    expression = data.target_stats.denormalize(predictions.astype(np.float64))
+    metrics = compute_metrics(expression, targets, data.gene_names)
+    entry = {
+        "epoch": state.epoch + 1,
+        "step": state.global_step,
+        "train_loss": train_loss,
+        "val_loss": val_loss,
+        "val_spearman_mean": metrics.spearman_mean,
+        "val_pearson_mean": metrics.pearson_mean,
+    }
+    state.history.append(entry)
+    logger.info(
+        f"epoch {entry['epoch']}/{cfg.train.epochs} step {entry['step']}: train_loss {train_loss:.4f} "
+        f"val_loss {val_loss:.4f} val mean Spearman {metrics.spearman_mean:.4f} "
+        f"val mean Pearson {metrics.pearson_mean:.4f}"
+    )
+    if cfg.logging.report_to != "none":
+        accelerator.log({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=state.global_step)
+    improved = not math.isnan(metrics.spearman_mean) and (
+        state.best_spearman is None or metrics.spearman_mean > state.best_spearman
+    )
+    if improved:
+        state.best_spearman, state.best_epoch, state.bad_epochs = metrics.spearman_mean, state.epoch + 1, 0
+        if accelerator.is_main_process:
+            _save_best(accelerator, model, run_dir, val, expression, metrics)
+    else:
+        state.bad_epochs += 1
+    if accelerator.is_main_process:
+        io.write_json(run_dir / io.METRICS_FILE, _metrics_json(cfg, accelerator, run_dir, state, "running"))
+    patience = cfg.train.early_stopping_patience
+    return bool(patience and state.bad_epochs >= patience)
+
+
+def _save_best(accelerator, model, run_dir: Path, val, expression: np.ndarray, metrics) -> None:
+    n = len(expression)
+    tmp = run_dir / "checkpoints" / ".best.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+    io.replace_dir(tmp, run_dir / "checkpoints" / "best")
+    io.write_predictions(
+        run_dir / "predictions_val.csv", val["path"][:n], val["group_id"][:n], metrics.gene_names, expression
+    )
+    io.write_per_gene_metrics(run_dir / "per_gene_metrics.csv", metrics.per_gene_rows())
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState) -> None:
+    """``accelerator.save_state`` into a temporary folder, then an atomic swap to ``checkpoints/last``."""
+    tmp = run_dir / "checkpoints" / ".last.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        io.write_json(tmp / io.TRAINER_STATE_FILE, asdict(state))
+        io.replace_dir(tmp, run_dir / "checkpoints" / "last")
+    accelerator.wait_for_everyone()
+
+
+def _resume(accelerator: Accelerator, checkpoint: str) -> TrainerState:
+    import json
+
+    path = Path(checkpoint)
+    accelerator.load_state(str(path))
+    state = TrainerState(**json.loads((path / io.TRAINER_STATE_FILE).read_text()))
+    return state
+
+
+def check_resume_dir(checkpoint: str | os.PathLike) -> Path:
+    """Validate ``--resume`` and return its run directory."""
+    path = Path(checkpoint).resolve()
+    if not (path / io.TRAINER_STATE_FILE).is_file():
+        raise io.RunDirError(
+            f"--resume {checkpoint}: not an expreg checkpoint (no {io.TRAINER_STATE_FILE}); "
+            "expected results/<run>/checkpoints/last"
+        )
+    run_dir = path.parent.parent
+    if not (run_dir / io.CONFIG_FILE).is_file():
+        raise io.RunDirError(f"--resume {checkpoint}: {run_dir / io.CONFIG_FILE} is missing")
+    if io.read_status(run_dir) == "finished":
+        raise io.RunDirError(f"--resume {checkpoint}: the run {run_dir} has finished; start a new run instead")
+    return run_dir
+
+
+def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None) -> RunConfig:
+    """The run's own resolved config; a recipe given with ``--resume`` must agree with it."""
+    run_dir = check_resume_dir(checkpoint)
+    saved = config_from_dict(yaml.safe_load((run_dir / io.CONFIG_FILE).read_text()), str(run_dir / io.CONFIG_FILE))
+    if requested is not None:
+        ignore = {"data.metadata_csv", "data.split_csv", "logging.run_name", "logging.output_dir"}
+        diffs = [
+            f"{key}: run has {a!r}, recipe has {b!r}"
+            for key, a, b in _diff(saved.to_dict(), requested.to_dict())
+            if key not in ignore
+        ]
+        if diffs:
+            raise ConfigError(f"--resume: the recipe differs from the run's {io.CONFIG_FILE}: " + "; ".join(diffs))
+    return saved
+
+
+def _diff(a: dict, b: dict, prefix: str = ""):
+    for key in a:
+        if isinstance(a[key], dict):
+            yield from _diff(a[key], b.get(key, {}), f"{prefix}{key}.")
+        elif a[key] != b.get(key):
+            yield f"{prefix}{key}", a[key], b.get(key)
+
+
+# --------------------------------------------------------------------------------------------
+# Finish
+# --------------------------------------------------------------------------------------------
+
+
+def _metrics_json(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, state: TrainerState, status: str) -> dict:
+    best = next((h for h in state.history if h["epoch"] == state.best_epoch), None)
+    return {
+        "status": status,
+        "run_name": run_dir.name,
+        "num_processes": accelerator.num_processes,
+        "effective_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
+        "epochs_done": len(state.history),
+        "best_epoch": state.best_epoch,
+        "best_val_spearman_mean": best["val_spearman_mean"] if best else None,
+        "best_val_pearson_mean": best["val_pearson_mean"] if best else None,
+        "history": state.history,
+    }
+
+
+def _finish(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, state: TrainerState, dry_run: bool) -> dict:
+    result = _metrics_json(cfg, accelerator, run_dir, state, "finished")
+    result["dry_run"] = dry_run
+    if accelerator.is_main_process:
+        io.write_json(run_dir / io.METRICS_FILE, result)
+        logger.info(
+            f"best epoch {result['best_epoch']}: val mean Spearman {result['best_val_spearman_mean']:.4f}, "
+            f"mean Pearson {result['best_val_pearson_mean']:.4f}"
+        )
+        logger.info(f"run finished: {run_dir}")
+    if cfg.logging.report_to != "none":
+        accelerator.end_training()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _flat_config(cfg: RunConfig) -> dict:
+    flat = {"seed": cfg.seed}
+    for section, values in cfg.to_dict().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": ("" if v is None else v) for k, v in values.items()})
+    return flat

@@ -1,0 +1,73 @@
+"""Train an expreg model from a recipe.
+
+    accelerate launch run_regression.py recipes/demo.yaml [--dry_run] [section.key=value ...]
+    accelerate launch run_regression.py --resume results/<run>/checkpoints/last
+    python run_regression.py recipes/tiny.yaml          # the same, in one process
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", nargs="?", help="recipe YAML (e.g. recipes/demo.yaml)")
+    parser.add_argument("--config", dest="config", help="recipe YAML (alternative to the positional argument)")
+    parser.add_argument("--resume", help="continue a run from its checkpoints/last folder")
+    parser.add_argument("--dry_run", action="store_true", help="a few steps end to end, into a __dry_run folder")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
+    args, unknown = parser.parse_known_args(argv)
+    args.overrides += [u for u in unknown if "=" in u and not u.startswith("-")]
+    bad = [u for u in unknown if u not in args.overrides]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if args.recipe and "=" in args.recipe:  # only overrides were given
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
+    if args.recipe and args.config:
+        parser.error("give the recipe once: positionally or with --config")
+    args.recipe = args.recipe or args.config
+    if not args.recipe and not args.resume:
+        parser.error("a recipe is required (or --resume DIR)")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from expreg.config import ConfigError, load_recipe
+    from expreg.io import RunDirError
+    from expreg.metadata import MetadataError
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides) if args.recipe else None
+        if args.resume:
+            from expreg.train import resume_config
+
+            cfg = resume_config(args.resume, cfg)
+    except (ConfigError, RunDirError) as err:
+        print(f"run_regression: error: {err}", file=sys.stderr)
+        return 2
+
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from expreg.train import run
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.logging.output_dir, logging_dir=cfg.logging.output_dir),
+    )
+    try:
+        run(cfg, accelerator, resume_from=args.resume, dry_run=args.dry_run)
+    except (ConfigError, RunDirError, MetadataError) as err:
+        print(f"run_regression: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
