@@ -41,11 +41,13 @@ def main(argv=None) -> int:
     from expreg.metadata import MetadataError
 
     try:
-        cfg = load_recipe(args.recipe, args.overrides) if args.recipe else None
         if args.resume:
             from expreg.train import resume_config
 
-            cfg = resume_config(args.resume, cfg)
+            requested = load_recipe(args.recipe, args.overrides) if args.recipe else None
+            cfg = resume_config(args.resume, requested, args.overrides)
+        else:
+            cfg = load_recipe(args.recipe, args.overrides)
     except (ConfigError, RunDirError) as err:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 2

@@ -78,18 +78,20 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     grad_accum_steps: int = 1
     max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None
     checkpointing_steps: int | None = None
     early_stopping_patience: int | None = None
     max_steps_per_epoch: int | None = None
+    stop_after_steps: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if self.mixed_precision is not None:
+            _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.grad_accum_steps", self.grad_accum_steps)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
-        for name in ("checkpointing_steps", "early_stopping_patience", "max_steps_per_epoch"):
+        for name in ("checkpointing_steps", "early_stopping_patience", "max_steps_per_epoch", "stop_after_steps"):
             value = getattr(self, name)
             if value is not None:
                 _check_positive(f"train.{name}", value)

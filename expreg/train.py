@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from expreg import io
-from expreg.config import DEMO_DATA, ConfigError, RunConfig, config_from_dict
+from expreg.config import DEMO_DATA, ConfigError, RunConfig, config_from_dict, parse_overrides
 from expreg.data import (
     TargetStats,
     backbone_normalization,
@@ -45,6 +45,12 @@ from expreg.splits import make_split_table, write_table
 
 logger = logging.getLogger("expreg")
 DRY_RUN_STEPS = 3
+# Keys that may change when a run is resumed; any other difference is an error.
+RESUMABLE_OVERRIDES = {"train.stop_after_steps", "logging.report_to"}
+
+
+class StopRequested(Exception):
+    """Training was stopped resumably (``train.stop_after_steps``); a checkpoint was saved."""
 
 
 @dataclass
@@ -54,8 +60,10 @@ class TrainerState:
     epoch: int = 0
     batches_done: int = 0  # batches of ``epoch`` already trained (per process)
     global_step: int = 0  # optimizer steps
-    epoch_loss_sum: float = 0.0  # loss x samples over all processes, up to the last checkpoint
-    epoch_loss_count: int = 0
+    # Per process: running sum of loss x samples in this epoch and the samples counted. Kept per
+    # process so that a resumed epoch adds up the same numbers in the same order.
+    loss_sums: list[float] = field(default_factory=list)
+    loss_counts: list[int] = field(default_factory=list)
     best_spearman: float | None = None
     best_epoch: int | None = None
     bad_epochs: int = 0
@@ -80,6 +88,7 @@ class RunData:
 def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None, dry_run: bool = False) -> dict:
     """Train and evaluate one run; returns the final ``metrics.json`` content."""
     seed_everything(cfg.seed)
+    cfg.train.mixed_precision = accelerator.mixed_precision  # record what `accelerate launch` decided
     run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
     _setup_logging(run_dir, accelerator)
     data = _setup_data(cfg, accelerator, run_dir)
@@ -100,18 +109,24 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     epochs = 1 if dry_run else cfg.train.epochs
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
-        train_loss = train_one_epoch(
-            model, train_dl, optimizer, scheduler, accelerator, data, cfg, state, run_dir, dry_run
-        )
+        try:
+            train_loss = train_one_epoch(
+                model, train_dl, optimizer, scheduler, accelerator, data, cfg, state, run_dir, dry_run
+            )
+        except StopRequested:
+            return _stopped(accelerator, cfg, run_dir, state)
         _sync_buffers(model, accelerator)
         val_loss, predictions = evaluate(model, val_dl, accelerator, max_batches=2 if dry_run else None)
         stop = _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions)
         state.epoch, state.batches_done = epoch + 1, 0
-        state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
+        state.loss_sums, state.loss_counts = [], []
         save_checkpoint(accelerator, run_dir, state)
         if stop:
             logger.info(f"early stopping: no improvement in {state.bad_epochs} epochs")
             break
+        if cfg.train.stop_after_steps is not None and state.global_step >= cfg.train.stop_after_steps:
+            if state.epoch < epochs:
+                return _stopped(accelerator, cfg, run_dir, state)
     return _finish(accelerator, cfg, run_dir, state, dry_run)
 
 
@@ -242,6 +257,11 @@ def _log_start(cfg, accelerator, run_dir, data, batches_per_epoch, total_steps, 
         f"{total_steps} optimizer steps in all"
     )
     logger.info(f"data: {sizes} samples, {len(data.gene_names)} genes; split {cfg.data.split_csv}")
+    if accelerator.device.type == "cpu" and accelerator.mixed_precision in ("bf16", "fp16"):
+        logger.warning(
+            f"mixed_precision={accelerator.mixed_precision} on a CPU: autocast in reduced precision was measured "
+            "7-25x SLOWER than fp32 on CPUs without native bf16 (AVX2 only); use mixed_precision=no here"
+        )
     if state.global_step:
         logger.info(f"resumed at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
 
@@ -254,11 +274,16 @@ def _log_start(cfg, accelerator, run_dir, data, batches_per_epoch, total_steps, 
 def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cfg, state, run_dir, dry_run) -> float:
     """One pass over the training data (resuming mid-epoch where ``state`` says); returns the mean loss."""
     model.train()
-    data.loaders["train_sampler"].set_epoch(state.epoch)
     data.loaders["train_transform"].set_epoch(state.epoch)
     limit = _steps_per_epoch(len(train_dl), cfg, dry_run) * cfg.train.grad_accum_steps
     loader = accelerator.skip_first_batches(train_dl, state.batches_done) if state.batches_done else train_dl
-    local_sum, local_count = torch.zeros((), device=accelerator.device), 0
+    # accelerate's loaders re-set the sampler's epoch from their own iteration counter when they
+    # start; a resumed run's counter is wrong (accelerate #2016), so set the epoch explicitly.
+    loader.set_epoch(state.epoch)
+    rank = accelerator.process_index
+    local = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss x samples, samples)
+    if state.loss_sums:
+        local += torch.tensor([state.loss_sums[rank], state.loss_counts[rank]], dtype=torch.float64, device=local.device)
     progress = tqdm(
         total=min(limit, len(train_dl)),
         initial=state.batches_done,
@@ -276,28 +301,31 @@ def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cf
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-        local_sum += outputs.loss.detach().float() * len(batch["labels"])
-        local_count += len(batch["labels"])
+        local[0] += outputs.loss.detach().double() * len(batch["labels"])
+        local[1] += len(batch["labels"])
         state.batches_done += 1
         progress.update(1)
         if accelerator.sync_gradients:
             scheduler.step()
             state.global_step += 1
-            every = cfg.train.checkpointing_steps
-            if every and state.global_step % every == 0 and state.batches_done < limit:
-                _fold_loss(accelerator, state, local_sum, local_count)
-                local_sum, local_count = torch.zeros((), device=accelerator.device), 0
+            every, stop = cfg.train.checkpointing_steps, cfg.train.stop_after_steps
+            stopping = stop is not None and state.global_step >= stop and state.batches_done < limit
+            if stopping or (every and state.global_step % every == 0 and state.batches_done < limit):
+                _record_loss(accelerator, state, local)
                 save_checkpoint(accelerator, run_dir, state)
+            if stopping:
+                progress.close()
+                raise StopRequested
     progress.close()
-    _fold_loss(accelerator, state, local_sum, local_count)
-    return state.epoch_loss_sum / max(state.epoch_loss_count, 1)
+    _record_loss(accelerator, state, local)
+    return sum(state.loss_sums) / max(sum(state.loss_counts), 1)
 
 
-def _fold_loss(accelerator: Accelerator, state: TrainerState, local_sum: torch.Tensor, local_count: int) -> None:
-    """Add this process's running loss to the all-process totals kept in ``state``."""
-    totals = accelerator.reduce(torch.stack([local_sum, torch.tensor(float(local_count), device=local_sum.device)]))
-    state.epoch_loss_sum += float(totals[0])
-    state.epoch_loss_count += int(totals[1])
+def _record_loss(accelerator: Accelerator, state: TrainerState, local: torch.Tensor) -> None:
+    """Store every process's running loss sum and count in ``state`` (gathered, in rank order)."""
+    gathered = accelerator.gather(local[None]).cpu().tolist()
+    state.loss_sums = [row[0] for row in gathered]
+    state.loss_counts = [int(row[1]) for row in gathered]
 
 
 @torch.no_grad()
@@ -429,12 +457,20 @@ def check_resume_dir(checkpoint: str | os.PathLike) -> Path:
     return run_dir
 
 
-def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None) -> RunConfig:
-    """The run's own resolved config; a recipe given with ``--resume`` must agree with it."""
+def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None, overrides: list[str]) -> RunConfig:
+    """The run's own resolved config, plus the overrides allowed on resume.
+
+    A recipe given with ``--resume`` must agree with the run's config (data and split paths
+    aside, which the run resolved itself); overrides may change only ``RESUMABLE_OVERRIDES``.
+    """
     run_dir = check_resume_dir(checkpoint)
-    saved = config_from_dict(yaml.safe_load((run_dir / io.CONFIG_FILE).read_text()), str(run_dir / io.CONFIG_FILE))
+    raw = yaml.safe_load((run_dir / io.CONFIG_FILE).read_text())
+    saved = config_from_dict(raw, str(run_dir / io.CONFIG_FILE))
+    allowed = {k: v for k, v in parse_overrides(overrides).items() if k in RESUMABLE_OVERRIDES}
     if requested is not None:
-        ignore = {"data.metadata_csv", "data.split_csv", "logging.run_name", "logging.output_dir"}
+        if requested.train.mixed_precision is None:  # left to the launcher: take the run's
+            requested.train.mixed_precision = saved.train.mixed_precision
+        ignore = {"data.metadata_csv", "data.split_csv", "logging.run_name", "logging.output_dir"} | RESUMABLE_OVERRIDES
         diffs = [
             f"{key}: run has {a!r}, recipe has {b!r}"
             for key, a, b in _diff(saved.to_dict(), requested.to_dict())
@@ -442,7 +478,17 @@ def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None) ->
         ]
         if diffs:
             raise ConfigError(f"--resume: the recipe differs from the run's {io.CONFIG_FILE}: " + "; ".join(diffs))
-    return saved
+    else:
+        others = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0] not in RESUMABLE_OVERRIDES]
+        if others:
+            raise ConfigError(
+                f"--resume: {', '.join(others)} cannot change when resuming (allowed: {', '.join(sorted(RESUMABLE_OVERRIDES))})"
+            )
+    values = {"train.stop_after_steps": None, **allowed}
+    for key, value in values.items():
+        section, name = key.split(".")
+        raw[section][name] = value
+    return config_from_dict(raw, "resumed config")
 
 
 def _diff(a: dict, b: dict, prefix: str = ""):
@@ -473,15 +519,28 @@ def _metrics_json(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, state
     }
 
 
+def _stopped(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, state: TrainerState) -> dict:
+    result = _metrics_json(cfg, accelerator, run_dir, state, "stopped")
+    if accelerator.is_main_process:
+        io.write_json(run_dir / io.METRICS_FILE, result)
+        logger.info(
+            f"stopped after {state.global_step} optimizer steps (train.stop_after_steps); continue with: "
+            f"accelerate launch run_regression.py --resume {run_dir / 'checkpoints' / 'last'}"
+        )
+    accelerator.wait_for_everyone()
+    return result
+
+
 def _finish(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, state: TrainerState, dry_run: bool) -> dict:
     result = _metrics_json(cfg, accelerator, run_dir, state, "finished")
     result["dry_run"] = dry_run
     if accelerator.is_main_process:
         io.write_json(run_dir / io.METRICS_FILE, result)
-        logger.info(
-            f"best epoch {result['best_epoch']}: val mean Spearman {result['best_val_spearman_mean']:.4f}, "
-            f"mean Pearson {result['best_val_pearson_mean']:.4f}"
-        )
+        if result["best_epoch"] is not None:
+            logger.info(
+                f"best epoch {result['best_epoch']}: val mean Spearman {result['best_val_spearman_mean']:.4f}, "
+                f"mean Pearson {result['best_val_pearson_mean']:.4f}"
+            )
         logger.info(f"run finished: {run_dir}")
     if cfg.logging.report_to != "none":
         accelerator.end_training()
