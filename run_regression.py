@@ -1,8 +1,8 @@
 """Train an expreg model from a recipe.
 
-    accelerate launch run_regression.py recipes/demo.yaml [--dry_run] [section.key=value ...]
-    accelerate launch run_regression.py --resume results/<run>/checkpoints/last
-    python run_regression.py recipes/tiny.yaml          # the same, in one process
+accelerate launch run_regression.py recipes/demo.yaml [--dry_run] [section.key=value ...]
+accelerate launch run_regression.py --resume results/<run>/checkpoints/last
+python run_regression.py recipes/tiny.yaml          # the same, in one process
 """
 
 from __future__ import annotations

@@ -417,7 +417,12 @@ def build_dataloaders(
             # A last batch of one sample breaks BatchNorm in training: drop it (one sample per epoch).
             drop_last = len(dataset) % batch_size == 1
             loaders["train"] = DataLoader(
-                dataset, batch_size=batch_size, sampler=sampler, generator=sampler.generator, drop_last=drop_last, **common
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                generator=sampler.generator,
+                drop_last=drop_last,
+                **common,
             )
             loaders["train_sampler"], loaders["train_transform"] = sampler, transform
         else:

@@ -125,7 +125,9 @@ def write_per_gene_metrics(path: Path, rows: list[dict]) -> None:
     """``gene, spearman, pearson, mse`` (empty cells for undefined correlations)."""
     lines = ["gene,spearman,pearson,mse"]
     for r in rows:
-        cells = [_csv_cell(r["gene"])] + ["" if r[k] is None else f"{r[k]:.6f}" for k in ("spearman", "pearson", "mse")]
+        cells = [_csv_cell(r["gene"])] + [
+            "" if r[k] is None else f"{r[k]:.6f}" for k in ("spearman", "pearson", "mse")
+        ]
         lines.append(",".join(cells))
     atomic_write_text(path, "\n".join(lines) + "\n")
 

@@ -283,7 +283,9 @@ def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cf
     rank = accelerator.process_index
     local = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss x samples, samples)
     if state.loss_sums:
-        local += torch.tensor([state.loss_sums[rank], state.loss_counts[rank]], dtype=torch.float64, device=local.device)
+        local += torch.tensor(
+            [state.loss_sums[rank], state.loss_counts[rank]], dtype=torch.float64, device=local.device
+        )
     progress = tqdm(
         total=min(limit, len(train_dl)),
         initial=state.batches_done,
@@ -470,7 +472,12 @@ def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None, ov
     if requested is not None:
         if requested.train.mixed_precision is None:  # left to the launcher: take the run's
             requested.train.mixed_precision = saved.train.mixed_precision
-        ignore = {"data.metadata_csv", "data.split_csv", "logging.run_name", "logging.output_dir"} | RESUMABLE_OVERRIDES
+        ignore = {
+            "data.metadata_csv",
+            "data.split_csv",
+            "logging.run_name",
+            "logging.output_dir",
+        } | RESUMABLE_OVERRIDES
         diffs = [
             f"{key}: run has {a!r}, recipe has {b!r}"
             for key, a, b in _diff(saved.to_dict(), requested.to_dict())

@@ -1,0 +1,54 @@
+"""Evaluate a saved model on a run's validation split with N processes (test helper).
+
+accelerate launch ... tests/helpers/evaluate_checkpoint.py RUN_DIR OUT_JSON EVAL_BATCH_SIZE
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from accelerate import Accelerator
+
+from expreg.config import config_from_dict
+from expreg.data import TargetStats, build_dataloaders, load_expression_dataset
+from expreg.metrics import compute_metrics
+from expreg.model import ExpRegModel
+from expreg.train import evaluate
+
+
+def main() -> None:
+    run_dir, out_json, batch_size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config_resolved.yaml").read_text()), "run config")
+    accelerator = Accelerator()
+    model = ExpRegModel.from_pretrained(run_dir / "checkpoints" / "best")
+    datasets = load_expression_dataset(cfg.data.metadata_csv, cfg.data.split_csv)
+    stats = TargetStats.from_dict({"mean": model.config.target_mean, "std": model.config.target_std})
+    loaders = build_dataloaders(
+        datasets,
+        image_size=cfg.data.image_size,
+        batch_size=batch_size,
+        target_stats=stats,
+        mean=model.config.image_mean,
+        std=model.config.image_std,
+    )
+    model, val_dl = accelerator.prepare(model, loaders["validation"])
+    _, predictions = evaluate(model, val_dl, accelerator)
+    targets = np.asarray(datasets["validation"]["labels"], dtype=np.float64)
+    metrics = compute_metrics(stats.denormalize(predictions.astype(np.float64)), targets)
+    if accelerator.is_main_process:
+        out_json.write_text(
+            json.dumps(
+                {
+                    "num_processes": accelerator.num_processes,
+                    "rows": len(predictions),
+                    **metrics.summary,
+                    "predictions": predictions.tolist(),
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

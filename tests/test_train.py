@@ -1,0 +1,254 @@
+"""End-to-end training with real processes: run directory, determinism, exact resume, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+TWO_PROCESSES = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
+
+
+def _env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", ACCELERATE_USE_CPU="1")
+    env["OMP_NUM_THREADS"] = "1"  # the same thread count in every run: needed for bit-identical results
+    return env
+
+
+def train(out: Path, name: str, *overrides: str, launcher=(sys.executable,), expect_ok=True):
+    cmd = [*launcher, str(REPO / "run_regression.py"), str(REPO / "recipes" / "tiny.yaml")]
+    cmd += [f"logging.output_dir={out}", f"logging.run_name={name}", *overrides] if name else [*overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def resume(checkpoint: Path, *extra: str, launcher=(sys.executable,), expect_ok=True):
+    cmd = [*launcher, str(REPO / "run_regression.py"), "--resume", str(checkpoint), *extra]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    if expect_ok:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Identical metrics.json values and bit-identical final weights."""
+    ma, mb = metrics(a), metrics(b)
+    for key in ("best_epoch", "best_val_spearman_mean", "best_val_pearson_mean", "history", "epochs_done"):
+        assert ma[key] == mb[key], key
+    wa = load_file(a / "checkpoints" / "last" / "model.safetensors")
+    wb = load_file(b / "checkpoints" / "last" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory) -> Path:
+    from expreg.demo import make_synthetic_dataset
+
+    # 5 groups of ~12: a validation split whose size is not a multiple of batch x processes
+    return make_synthetic_dataset(tmp_path_factory.mktemp("train_data"), 5, 12, 16, 50, seed=3)
+
+
+# Augmentation, colour jitter, dropout and 2 DataLoader workers are on: everything that could
+# break determinism or exact resume.
+COMMON = (
+    "data.num_workers=2",
+    "data.color_jitter=0.2",
+    "model.dropout=0.2",
+    "train.epochs=3",
+    "train.checkpointing_steps=2",
+)
+
+
+@pytest.fixture(scope="module")
+def reference_run(data_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    train(out, "reference", f"data.metadata_csv={data_csv}", *COMMON)
+    return out / "reference"
+
+
+def test_run_directory_contents(reference_run, data_csv):
+    run = reference_run
+    for name in (
+        "config_resolved.yaml",
+        "metrics.json",
+        "log.txt",
+        "split.csv",
+        "predictions_val.csv",
+        "per_gene_metrics.csv",
+        "target_stats.json",
+    ):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert (run / "checkpoints" / "last" / "trainer_state.json").is_file()
+    m = metrics(run)
+    assert m["status"] == "finished" and m["num_processes"] == 1 and m["effective_batch_size"] == 8
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
+    assert set(m["history"][0]) == {"epoch", "step", "train_loss", "val_loss", "val_spearman_mean", "val_pearson_mean"}
+    best = m["history"][m["best_epoch"] - 1]
+    assert (
+        m["best_val_spearman_mean"] == best["val_spearman_mean"] == max(h["val_spearman_mean"] for h in m["history"])
+    )
+    genes = (data_csv.parent / "genes.txt").read_text().split()
+    predictions = pd.read_csv(run / "predictions_val.csv")
+    assert list(predictions.columns) == ["path", "group_id", *genes]
+    split = pd.read_csv(run / "split.csv")
+    assert sorted(predictions["path"]) == sorted(split.loc[split["split"] == "validation", "path"])
+    per_gene = pd.read_csv(run / "per_gene_metrics.csv")
+    assert list(per_gene.columns) == ["gene", "spearman", "pearson", "mse"] and list(per_gene["gene"]) == genes
+    assert per_gene["spearman"].mean() == pytest.approx(m["best_val_spearman_mean"], abs=1e-5)
+    log = (run / "log.txt").read_text()
+    assert "num_processes=1" in log and "effective batch size 8" in log
+    import yaml
+
+    resolved = yaml.safe_load((run / "config_resolved.yaml").read_text())
+    assert resolved["data"]["split_csv"] == str(run / "split.csv") and resolved["train"]["mixed_precision"] == "no"
+
+
+def test_predictions_file_matches_the_best_model(reference_run):
+    from expreg.data import ImageTransform, load_expression_dataset
+    from expreg.model import ExpRegModel
+
+    model = ExpRegModel.from_pretrained(reference_run / "checkpoints" / "best").eval()
+    predictions = pd.read_csv(reference_run / "predictions_val.csv").set_index("path")
+    import yaml
+
+    cfg = yaml.safe_load((reference_run / "config_resolved.yaml").read_text())
+    ds = load_expression_dataset(cfg["data"]["metadata_csv"], cfg["data"]["split_csv"])["validation"]
+    transform = ImageTransform(cfg["data"]["image_size"], model.config.image_mean, model.config.image_std)
+    x = torch.stack([transform(row["image"], row["path"]) for row in ds])
+    expected = model.predict_expression(x).numpy()
+    values = predictions.loc[ds["path"]].drop(columns=["group_id"]).to_numpy()
+    np.testing.assert_allclose(values, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_run(reference_run, data_csv):
+    out = reference_run.parent
+    train(out, "again", f"data.metadata_csv={data_csv}", *COMMON)
+    assert_same_run(reference_run, out / "again")
+
+
+@pytest.mark.parametrize("stop_step", [3, 8], ids=["mid-epoch-1", "mid-epoch-2"])
+def test_stop_and_resume_equals_uninterrupted(reference_run, data_csv, stop_step):
+    out = reference_run.parent
+    name = f"stopped{stop_step}"
+    train(out, name, f"data.metadata_csv={data_csv}", *COMMON, f"train.stop_after_steps={stop_step}")
+    state = json.loads((out / name / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["global_step"] == stop_step and state["batches_done"] > 0  # really mid-epoch
+    assert metrics(out / name)["status"] == "stopped"
+    result = resume(out / name / "checkpoints" / "last")
+    assert f"resumed at epoch {state['epoch']}" in result.stdout
+    assert_same_run(reference_run, out / name)
+
+
+def test_finished_run_is_never_overwritten_or_resumed(reference_run, data_csv):
+    out = reference_run.parent
+    before = (reference_run / "metrics.json").read_bytes()
+    result = train(out, "reference", f"data.metadata_csv={data_csv}", expect_ok=False)
+    assert result.returncode != 0 and "already exists" in result.stderr
+    result = resume(reference_run / "checkpoints" / "last", expect_ok=False)
+    assert result.returncode != 0 and "has finished" in result.stderr
+    assert (reference_run / "metrics.json").read_bytes() == before
+
+
+def test_resume_rejects_other_recipes_and_non_checkpoints(data_csv, tmp_path):
+    train(tmp_path, "run", f"data.metadata_csv={data_csv}", "train.stop_after_steps=1")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last"
+    result = resume(checkpoint, "train.lr=0.5", expect_ok=False)
+    assert result.returncode != 0 and "train.lr cannot change when resuming" in result.stderr
+    cmd = [
+        sys.executable,
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "tiny.yaml"),
+        "--resume",
+        str(checkpoint),
+        "model.backbone=test_vit",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=120)
+    assert result.returncode != 0 and "model.backbone: run has 'test_resnet'" in result.stderr
+    result = resume(tmp_path, expect_ok=False)
+    assert result.returncode != 0 and "not an expreg checkpoint" in result.stderr
+
+
+def test_default_run_names_are_distinct(data_csv, tmp_path):
+    for _ in range(2):
+        train(
+            tmp_path,
+            None,
+            f"data.metadata_csv={data_csv}",
+            f"logging.output_dir={tmp_path}",
+            "train.epochs=1",
+            "train.max_steps_per_epoch=1",
+        )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 2 and all(n.startswith("test_resnet__bs8x1x1__lr0.001__seed0__") for n in names)
+
+
+def test_dry_run_is_fast_and_complete(data_csv, tmp_path):
+    start = time.perf_counter()
+    train(tmp_path, None, f"data.metadata_csv={data_csv}", f"logging.output_dir={tmp_path}", "--dry_run")
+    elapsed = time.perf_counter() - start
+    (run,) = tmp_path.iterdir()
+    assert run.name.endswith("__dry_run")
+    m = metrics(run)
+    assert m["dry_run"] and m["status"] == "finished" and m["history"][0]["step"] == 3
+    assert (run / "checkpoints" / "best" / "model.safetensors").is_file() and (run / "predictions_val.csv").is_file()
+    assert elapsed < 60, elapsed
+
+
+def test_bad_metadata_fails_before_any_run_directory(data_csv, tmp_path):
+    frame = pd.read_csv(data_csv, dtype=str, keep_default_na=False)
+    frame.loc[2, "y4"] = "n/a"
+    bad = data_csv.parent / "bad.csv"
+    frame.to_csv(bad, index=False)
+    result = train(tmp_path, "bad", f"data.metadata_csv={bad}", expect_ok=False)
+    assert result.returncode == 2 and "column 'y4', line 4: not a number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_resume_and_evaluate_like_one(data_csv, tmp_path):
+    two = (*TWO_PROCESSES,)
+    train(tmp_path, "ddp", f"data.metadata_csv={data_csv}", *COMMON, launcher=two)
+    run = tmp_path / "ddp"
+    m = metrics(run)
+    assert m["num_processes"] == 2 and m["effective_batch_size"] == 16
+    assert "num_processes=2 distributed_type=MULTI_CPU" in (run / "log.txt").read_text()
+    # stop + resume under 2 processes gives the same run
+    train(tmp_path, "ddp_stopped", f"data.metadata_csv={data_csv}", *COMMON, "train.stop_after_steps=3", launcher=two)
+    resume(tmp_path / "ddp_stopped" / "checkpoints" / "last", launcher=two)
+    assert_same_run(run, tmp_path / "ddp_stopped")
+    # evaluation: 1 and 2 processes on the same weights, batch 5 (N not a multiple of 5 x 2)
+    outputs = {}
+    for n, launcher in ((1, (sys.executable,)), (2, two)):
+        out_json = tmp_path / f"eval{n}.json"
+        cmd = [*launcher, str(REPO / "tests" / "helpers" / "evaluate_checkpoint.py"), str(run), str(out_json), "5"]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[n] = json.loads(out_json.read_text())
+    n_val = len(pd.read_csv(run / "predictions_val.csv"))
+    assert n_val % 10 != 0
+    assert outputs[1]["num_processes"] == 1 and outputs[2]["num_processes"] == 2
+    assert outputs[1]["rows"] == outputs[2]["rows"] == n_val
+    np.testing.assert_allclose(outputs[1]["predictions"], outputs[2]["predictions"], rtol=1e-5, atol=1e-6)
+    assert outputs[1]["spearman_mean"] == pytest.approx(outputs[2]["spearman_mean"], abs=1e-9)
+    assert outputs[1]["pearson_mean"] == pytest.approx(outputs[2]["pearson_mean"], abs=1e-6)
+    # the training run's own (2-process) evaluation of its best model agrees with both
+    assert m["best_val_spearman_mean"] == pytest.approx(outputs[1]["spearman_mean"], abs=1e-6)
