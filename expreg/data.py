@@ -211,22 +211,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std a timm backbone expects, from timm's pretrained config (no download).
-
-    Falls back to ImageNet constants for names timm does not know locally (e.g. ``hf-hub:``).
-    """
-    import timm
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(backbone.split(":", 1)[-1] if backbone.startswith("timm/") else backbone)
-    except Exception:  # noqa: BLE001 - unknown names, hub names
-        cfg = None
-    if cfg is None or not getattr(cfg, "mean", None):
-        return IMAGENET_MEAN, IMAGENET_STD
-    return tuple(cfg.mean), tuple(cfg.std)
-
-
 def to_rgb(image):
     """Convert any PIL image (grayscale, RGBA, palette, 16-bit) to 8-bit RGB.
 

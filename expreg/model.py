@@ -195,7 +195,13 @@ def build_model(
 ) -> ExpRegModel:
     """A new model for training; loads pretrained backbone weights when asked."""
     config = ExpRegConfig(backbone=backbone, num_genes=num_genes, **config_kwargs)
-    return ExpRegModel(config, backbone=create_backbone(config, pretrained, pretrained_path))
+    backbone_module = create_backbone(config, pretrained, pretrained_path)
+    if "image_mean" not in config_kwargs:  # the backbone's own normalisation, from timm's data config
+        import timm
+
+        data_config = timm.data.resolve_model_data_config(backbone_module)
+        config.image_mean, config.image_std = list(data_config["mean"]), list(data_config["std"])
+    return ExpRegModel(config, backbone=backbone_module)
 
 
 AutoConfig.register("expreg", ExpRegConfig)

@@ -31,7 +31,6 @@ from expreg import io
 from expreg.config import DEMO_DATA, ConfigError, RunConfig, config_from_dict, parse_overrides
 from expreg.data import (
     TargetStats,
-    backbone_normalization,
     build_dataloaders,
     build_dataset_dict,
     compute_target_stats,
@@ -72,12 +71,10 @@ class TrainerState:
 
 @dataclass
 class RunData:
-    loaders: dict
     datasets: object
     gene_names: list[str]
     target_stats: TargetStats
-    image_mean: tuple
-    image_std: tuple
+    loaders: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,6 +90,7 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     _setup_logging(run_dir, accelerator)
     data = _setup_data(cfg, accelerator, run_dir)
     model = _setup_model(cfg, data)
+    data.loaders = _setup_loaders(cfg, data, model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(
         model, optimizer, data.loaders["train"], data.loaders["validation"]
@@ -202,24 +200,28 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator, run_dir: Path) -> RunD
     if "validation" not in datasets:
         raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
     stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)
-    mean, std = backbone_normalization(cfg.model.backbone)
-    loaders = build_dataloaders(
-        datasets,
+    if accelerator.is_main_process:
+        io.atomic_write_text(run_dir / io.CONFIG_FILE, cfg.to_yaml())
+        io.write_json(run_dir / "target_stats.json", {"gene_names": metadata.gene_names, **stats.to_dict()})
+    return RunData(datasets, metadata.gene_names, stats)
+
+
+def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel) -> dict:
+    """DataLoaders with the backbone's own pixel normalisation (stored in the model's config)."""
+    d = cfg.data
+    return build_dataloaders(
+        data.datasets,
         image_size=d.image_size,
         batch_size=d.batch_size,
         eval_batch_size=d.eval_batch_size,
         num_workers=d.num_workers,
         seed=cfg.seed,
-        target_stats=stats,
-        mean=mean,
-        std=std,
+        target_stats=data.target_stats,
+        mean=model.config.image_mean,
+        std=model.config.image_std,
         dihedral=d.augment_dihedral,
         color_jitter=d.color_jitter,
     )
-    if accelerator.is_main_process:
-        io.atomic_write_text(run_dir / io.CONFIG_FILE, cfg.to_yaml())
-        io.write_json(run_dir / "target_stats.json", {"gene_names": metadata.gene_names, **stats.to_dict()})
-    return RunData(loaders, datasets, metadata.gene_names, stats, mean, std)
 
 
 def _setup_model(cfg: RunConfig, data: RunData) -> ExpRegModel:
@@ -236,8 +238,6 @@ def _setup_model(cfg: RunConfig, data: RunData) -> ExpRegModel:
         target_mean=data.target_stats.mean.tolist(),
         target_std=data.target_stats.std.tolist(),
         image_size=cfg.data.image_size,
-        image_mean=list(data.image_mean),
-        image_std=list(data.image_std),
     )
 
 

@@ -252,3 +252,31 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_csv, tmp_path):
     assert outputs[1]["pearson_mean"] == pytest.approx(outputs[2]["pearson_mean"], abs=1e-6)
     # the training run's own (2-process) evaluation of its best model agrees with both
     assert m["best_val_spearman_mean"] == pytest.approx(outputs[1]["spearman_mean"], abs=1e-6)
+
+
+def test_early_stopping_on_the_primary_metric(data_csv, tmp_path):
+    # test_vit has no BatchNorm running statistics and lr=1e-12 leaves float32 weights unchanged,
+    # so validation mean Spearman cannot improve after epoch 1.
+    train(
+        tmp_path,
+        "es",
+        f"data.metadata_csv={data_csv}",
+        "model.backbone=test_vit",
+        "train.lr=1e-12",
+        "train.epochs=6",
+        "train.early_stopping_patience=2",
+    )
+    m = metrics(tmp_path / "es")
+    assert m["epochs_done"] == 3 and m["best_epoch"] == 1 and m["status"] == "finished"
+    assert "early stopping" in (tmp_path / "es" / "log.txt").read_text()
+
+
+def test_gradient_accumulation_counts_optimizer_steps(data_csv, tmp_path):
+    train(tmp_path, "accum", f"data.metadata_csv={data_csv}", "train.grad_accum_steps=3", "train.epochs=1")
+    run = tmp_path / "accum"
+    n = len(pd.read_csv(run / "split.csv").query("split == 'train'"))
+    batches = n // 8 if n % 8 == 1 else -(-n // 8)  # a last batch of 1 sample is dropped (BatchNorm)
+    m = metrics(run)
+    assert m["effective_batch_size"] == 24
+    assert m["history"][0]["step"] == -(-batches // 3)  # the last partial accumulation still steps
+    assert "effective batch size 24 = 8 (micro) x 3 (accumulation) x 1 (processes)" in (run / "log.txt").read_text()
