@@ -286,12 +286,8 @@ def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cf
         local += torch.tensor(
             [state.loss_sums[rank], state.loss_counts[rank]], dtype=torch.float64, device=local.device
         )
-    progress = tqdm(
-        total=min(limit, len(train_dl)),
-        initial=state.batches_done,
-        desc=f"epoch {state.epoch + 1}/{cfg.train.epochs}",
-        disable=not accelerator.is_local_main_process,
-        leave=False,
+    progress = _progress_bar(
+        accelerator, total=min(limit, len(train_dl)), initial=state.batches_done, desc=f"epoch {state.epoch + 1}"
     )
     for batch in loader:
         if state.batches_done >= limit:
@@ -323,6 +319,14 @@ def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cf
     return sum(state.loss_sums) / max(sum(state.loss_counts), 1)
 
 
+def _progress_bar(accelerator: Accelerator, **kwargs) -> tqdm:
+    """A progress bar on the local main process; in log files (no terminal) at most one line per 30 s."""
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        disable=not accelerator.is_local_main_process, leave=False, mininterval=0.1 if interactive else 30, **kwargs
+    )
+
+
 def _record_loss(accelerator: Accelerator, state: TrainerState, local: torch.Tensor) -> None:
     """Store every process's running loss sum and count in ``state`` (gathered, in rank order)."""
     gathered = accelerator.gather(local[None]).cpu().tolist()
@@ -341,9 +345,7 @@ def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | Non
     """
     model.eval()
     predictions, labels = [], []
-    for i, batch in enumerate(
-        tqdm(dataloader, desc="evaluate", disable=not accelerator.is_local_main_process, leave=False)
-    ):
+    for i, batch in enumerate(_progress_bar(accelerator, iterable=dataloader, desc="evaluate")):
         if max_batches is not None and i >= max_batches:
             break
         outputs = model(pixel_values=batch["pixel_values"])
