@@ -17,6 +17,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", dest="config", help="recipe YAML (alternative to the positional argument)")
     parser.add_argument("--resume", help="continue a run from its checkpoints/last folder")
     parser.add_argument("--dry_run", action="store_true", help="a few steps end to end, into a __dry_run folder")
+    parser.add_argument(
+        "--push_to_hub", action="store_true", help="push the best model to train.hub_model_id at the end"
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
     args, unknown = parser.parse_known_args(argv)
     args.overrides += [u for u in unknown if "=" in u and not u.startswith("-")]
@@ -29,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.recipe and args.config:
         parser.error("give the recipe once: positionally or with --config")
     args.recipe = args.recipe or args.config
+    if args.push_to_hub:
+        args.overrides.append("train.push_to_hub=true")
     if not args.recipe and not args.resume:
         parser.error("a recipe is required (or --resume DIR)")
     return args
@@ -37,8 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from expreg.config import ConfigError, load_recipe
+    from expreg.hub import HubError
     from expreg.io import RunDirError
     from expreg.metadata import MetadataError
+    from expreg.model import ModelError
 
     try:
         if args.resume:
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from expreg.train import run
+    from expreg.train import run, unconnected_launch_error
 
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -63,11 +70,18 @@ def main(argv=None) -> int:
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
         project_config=ProjectConfiguration(project_dir=cfg.logging.output_dir, logging_dir=cfg.logging.output_dir),
     )
+    problem = unconnected_launch_error(accelerator)
+    if problem:
+        print(f"run_regression: error: {problem}", file=sys.stderr)
+        return 2
     try:
         run(cfg, accelerator, resume_from=args.resume, dry_run=args.dry_run)
-    except (ConfigError, RunDirError, MetadataError) as err:
+    except (ConfigError, RunDirError, MetadataError, ModelError) as err:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 2
+    except HubError as err:
+        print(f"run_regression: error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -53,6 +53,10 @@ class DataConfig:
             raise ConfigError(f"data.val_frac must be in (0, 1), got {self.val_frac}")
         if not 0 <= self.color_jitter < 1:
             raise ConfigError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
+        if self.fold is not None and self.split_csv is None:
+            raise ConfigError(
+                "data.fold needs data.split_csv: a fold file made with python -m expreg.splits --n_folds K"
+            )
 
 
 @dataclass
@@ -83,6 +87,8 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     max_steps_per_epoch: int | None = None
     stop_after_steps: int | None = None
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.mixed_precision is not None:
@@ -91,6 +97,8 @@ class TrainConfig:
         _check_positive("train.grad_accum_steps", self.grad_accum_steps)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ConfigError("train.push_to_hub needs train.hub_model_id (e.g. my-org/expreg-model)")
         for name in ("checkpointing_steps", "early_stopping_patience", "max_steps_per_epoch", "stop_after_steps"):
             value = getattr(self, name)
             if value is not None:
@@ -129,13 +137,27 @@ def _check_positive(name: str, value) -> None:
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 
+_NULLS = ("none", "null", "~", "")
+_FALSE_MEANS = {"train.mixed_precision": "no", "logging.report_to": "none"}
+
+
 def _convert(name: str, value, annotation):
-    """Convert ``value`` to the type ``annotation`` (``int``, ``float``, ``bool``, ``str`` or ``X | None``)."""
+    """Convert ``value`` to the type ``annotation`` (``int``, ``float``, ``bool``, ``str`` or ``X | None``).
+
+    Command-line values arrive as raw text, recipe values as YAML read them.
+    """
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~", "")):
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NULLS):
             return None
         return _convert(name, value, args[0])
+    nulls = ("null", "~", "") if annotation is str else _NULLS  # "none" is a real value of report_to
+    if value is None or (isinstance(value, str) and value.strip().lower() in nulls):
+        raise ConfigError(f"{name} cannot be null or empty")
+    if annotation is str and isinstance(value, bool):
+        if value is False and name in _FALSE_MEANS:
+            return _FALSE_MEANS[name]  # YAML 1.1 reads an unquoted `no` / `off` as False
+        raise ConfigError(f"{name}: YAML read {value!r} as a boolean; write the text in quotes")
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -189,13 +211,17 @@ def _known_keys() -> dict[str, object]:
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, object]:
-    """``["train.lr=1e-3", "seed=3"]`` -> ``{"train.lr": "1e-3", "seed": "3"}`` (YAML-parsed values)."""
+    """``["train.lr=1e-3", "seed=3"]`` -> ``{"train.lr": "1e-3", "seed": "3"}``.
+
+    Values stay raw text: each is converted to its key's type later, so a run name such as
+    ``0123`` or a file name stays what was typed.
+    """
     out: dict[str, object] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        out[key.strip()] = value.strip()
     return out
 
 

@@ -214,12 +214,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def to_rgb(image):
     """Convert any PIL image (grayscale, RGBA, palette, 16-bit) to 8-bit RGB.
 
-    RGBA/LA are composited on white (slide background); 16-bit grayscale is scaled to 8 bits.
+    RGBA/LA are composited on white (slide background); 16-bit grayscale is scaled from the full
+    16-bit range (so 12-bit data come out dark: convert those yourself); float images in [0, 1]
+    are scaled by 255.
     """
     from PIL import Image
 
     if image.mode == "RGB":
         return image
+    if image.mode == "F":  # float images: [0, 1] is scaled to 8 bits, anything else clipped to [0, 255]
+        arr = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
+        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0

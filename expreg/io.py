@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -83,11 +82,18 @@ def atomic_write_text(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _json_default(value):
@@ -113,12 +119,18 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(_clean(data), indent=2, default=_json_default) + "\n")
 
 
+def write_table_csv(path: Path, header: list[str], rows) -> None:
+    """A CSV with ``header`` and ``rows`` (floats as 6 significant digits), written atomically."""
+    lines = [",".join(_csv_cell(c) for c in header)]
+    for row in rows:
+        lines.append(",".join(f"{v:.6g}" if isinstance(v, (float, np.floating)) else _csv_cell(v) for v in row))
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
 def write_predictions(path: Path, paths: list[str], groups: list[str], gene_names: list[str], values) -> None:
     """``path, group_id, <gene>...`` in expression units."""
-    lines = [",".join(_csv_cell(c) for c in ["path", "group_id", *gene_names])]
-    for p, g, row in zip(paths, groups, np.asarray(values)):
-        lines.append(",".join([_csv_cell(p), _csv_cell(g), *(f"{v:.6g}" for v in row)]))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    rows = ([p, g, *row] for p, g, row in zip(paths, groups, np.asarray(values, dtype=np.float64)))
+    write_table_csv(path, ["path", "group_id", *gene_names], rows)
 
 
 def write_per_gene_metrics(path: Path, rows: list[dict]) -> None:
@@ -153,8 +165,3 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
     if old.exists():
         shutil.rmtree(old)
-
-
-def read_csv_column(path: Path, column: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return [row[column] for row in csv.DictReader(fh)]

@@ -6,6 +6,7 @@ datasets, so the command-line tools that only need the table (splits) start fast
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import numpy as np
 import pandas as pd
 
 REQUIRED_COLUMNS = ("path", "group_id")
+# Names the dataset object uses for its own columns: an extra CSV column may not take them.
+RESERVED_COLUMNS = ("image", "labels", "pixel_values")
 TARGET_PATTERN = re.compile(r"^y(\d+)$")
 CHECK_IMAGES_MODES = ("none", "exists", "decode")
 MAX_LISTED_ROWS = 5
@@ -98,6 +101,11 @@ def _read_table(csv_path: Path) -> pd.DataFrame:
         ) from err
     except pd.errors.ParserError as err:
         raise MetadataError(f"{csv_path}: could not parse as CSV: {err}") from err
+    with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+        header = [c.strip() for c in next(csv.reader(fh), [])]
+    duplicates = sorted({c for c in header if header.count(c) > 1})
+    if duplicates:
+        raise MetadataError(f"{csv_path}: duplicate column name(s) in the header: {', '.join(duplicates)}")
     frame.columns = [str(c).strip() for c in frame.columns]
     if len(frame.columns) == 1 and ";" in frame.columns[0]:
         raise MetadataError(
@@ -110,6 +118,11 @@ def _read_table(csv_path: Path) -> pd.DataFrame:
 
 
 def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -> list[str]:
+    odd = [c for c in columns if (m := TARGET_PATTERN.match(c)) and c != f"y{int(m.group(1))}"]
+    if odd:
+        raise MetadataError(
+            f"{csv_path}: target column(s) {', '.join(odd)}: write target columns as y0, y1, ... without leading zeros"
+        )
     indices = sorted(int(m.group(1)) for c in columns if (m := TARGET_PATTERN.match(c)))
     if not indices:
         raise MetadataError(f"{csv_path}: no target columns: expected y0, y1, ..., y{{K-1}} in the header")
@@ -144,8 +157,8 @@ def _check_targets(csv_path: Path, frame: pd.DataFrame, target_columns: list[str
         frame[col] = values
 
 
-def _check_paths_and_groups(csv_path: Path, frame: pd.DataFrame) -> None:
-    for col in REQUIRED_COLUMNS:
+def _check_paths_and_groups(csv_path: Path, frame: pd.DataFrame, required=REQUIRED_COLUMNS) -> None:
+    for col in required:
         frame[col] = frame[col].str.strip()
         empty = (frame[col] == "").to_numpy()
         if empty.any():
@@ -222,6 +235,7 @@ def read_metadata(
     gene_names_file: str | os.PathLike | None = None,
     num_genes: int | None = None,
     check_images: str = "exists",
+    for_prediction: bool = False,
 ) -> Metadata:
     """Read and validate a metadata CSV.
 
@@ -231,6 +245,8 @@ def read_metadata(
             the CSV is used if present, else the names are ``y0, y1, ...``.
         num_genes: Expected K; a CSV with another number of target columns is an error.
         check_images: ``"exists"`` (default, cheap), ``"decode"`` (open every image) or ``"none"``.
+        for_prediction: Only ``path`` is required; ``group_id`` and targets are optional (when
+            targets are present they are checked as usual). Used by ``expreg.predict``.
 
     Returns:
         The validated table.
@@ -240,19 +256,30 @@ def read_metadata(
     """
     csv_path = Path(metadata_csv).resolve()
     frame = _read_table(csv_path)
-    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    required = ("path",) if for_prediction else REQUIRED_COLUMNS
+    reserved = [c for c in frame.columns if c in RESERVED_COLUMNS]
+    if reserved:
+        raise MetadataError(
+            f"{csv_path}: column(s) {', '.join(reserved)}: reserved names in expreg's dataset rows; rename them"
+        )
+    missing = [c for c in required if c not in frame.columns]
     if missing:
         raise MetadataError(
             f"{csv_path}: missing required column(s) {', '.join(missing)}; the header has: "
             f"{', '.join(list(frame.columns)[:12])}{' ...' if len(frame.columns) > 12 else ''}"
         )
-    target_columns = _target_columns(csv_path, list(frame.columns), num_genes)
-    _check_paths_and_groups(csv_path, frame)
+    if for_prediction and not any(TARGET_PATTERN.match(c) for c in frame.columns):
+        target_columns = []
+    else:
+        target_columns = _target_columns(csv_path, list(frame.columns), num_genes)
+    if "group_id" not in frame.columns:
+        frame["group_id"] = ""
+    _check_paths_and_groups(csv_path, frame, required)
     _check_targets(csv_path, frame, target_columns)
     check_image_files(csv_path, frame, check_images)
     if gene_names_file is None and (csv_path.parent / "genes.txt").is_file():
         gene_names_file = csv_path.parent / "genes.txt"
-    if gene_names_file is not None:
+    if gene_names_file is not None and target_columns:
         gene_names = read_gene_names(gene_names_file, len(target_columns))
     else:
         gene_names = list(target_columns)

@@ -161,6 +161,19 @@ class RegressionMetrics:
             f"MSE {s['mse']:.4f} | {s['num_samples']} samples x {s['num_genes']} genes{note}"
         )
 
+    def format_genes(self, n: int = 5) -> str:
+        """The ``n`` best and worst genes by Spearman, as a small table."""
+        rows = sorted((r for r in self.per_gene_rows() if r["spearman"] is not None), key=lambda r: -r["spearman"])
+        shown = rows if len(rows) <= 2 * n else rows[:n] + [None] + rows[-n:]
+        lines = [f"{'gene':<16}{'spearman':>10}{'pearson':>10}{'mse':>10}"]
+        for r in shown:
+            if r is None:
+                lines.append(f"{'...':<16}")
+                continue
+            pearson = "" if r["pearson"] is None else f"{r['pearson']:.4f}"
+            lines.append(f"{r['gene']:<16}{r['spearman']:>10.4f}{pearson:>10}{r['mse']:>10.4f}")
+        return "\n".join(lines)
+
 
 def compute_metrics(predictions, targets, gene_names: list[str] | None = None) -> RegressionMetrics:
     """Per-gene Spearman, Pearson and MSE of predictions against targets.

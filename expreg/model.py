@@ -86,11 +86,28 @@ class ExpRegOutput(ModelOutput):
     predictions: torch.FloatTensor | None = None
 
 
+class ModelError(RuntimeError):
+    """A backbone or its weights cannot be created or loaded (unknown name, offline, bad file)."""
+
+
+def _create_timm_model(name: str, image_size: int, **kwargs) -> nn.Module:
+    """``timm.create_model``, built for ``image_size`` where the architecture has a fixed input size (ViTs)."""
+    import timm
+
+    try:
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as err:  # most CNNs take any input size and have no img_size argument
+        if "img_size" not in str(err):
+            raise
+    return timm.create_model(name, **kwargs)
+
+
 def create_backbone(config: ExpRegConfig, pretrained: bool = False, pretrained_path: str | None = None) -> nn.Module:
-    """A headless timm backbone (``num_classes=0``: pooled features).
+    """A headless timm backbone (``num_classes=0``: pooled features) for ``config.image_size`` inputs.
 
     Raises:
-        RuntimeError: Pretrained weights could not be obtained (e.g. offline), with what to do.
+        ModelError: Unknown backbone, or pretrained weights that cannot be obtained (e.g.
+            offline), with what to do.
     """
     import timm
 
@@ -99,10 +116,10 @@ def create_backbone(config: ExpRegConfig, pretrained: bool = False, pretrained_p
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
         pretrained = True
     try:
-        return timm.create_model(config.backbone, pretrained=pretrained, **kwargs)
+        return _create_timm_model(config.backbone, config.image_size, pretrained=pretrained, **kwargs)
     except RuntimeError as err:
         if "Unknown model" in str(err):
-            raise RuntimeError(
+            raise ModelError(
                 f"unknown timm backbone {config.backbone!r} (timm {timm.__version__}); "
                 "see timm.list_models() for names"
             ) from err
@@ -115,10 +132,10 @@ def create_backbone(config: ExpRegConfig, pretrained: bool = False, pretrained_p
         raise _weights_error(config.backbone, pretrained_path, err) from err
 
 
-def _weights_error(backbone: str, path: str | None, err: Exception) -> RuntimeError:
+def _weights_error(backbone: str, path: str | None, err: Exception) -> ModelError:
     if path is not None:
-        return RuntimeError(f"could not load local weights {path} for backbone {backbone!r}: {err}")
-    return RuntimeError(
+        return ModelError(f"could not load local weights {path} for backbone {backbone!r}: {err}")
+    return ModelError(
         f"could not fetch pretrained weights for {backbone!r} ({type(err).__name__}: {err}). Without network "
         "access, set model.pretrained_path=/path/to/weights (a timm checkpoint file) or model.pretrained=false."
     )

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from expreg.io import atomic_write_text
 from expreg.metadata import Metadata, MetadataError, describe_rows, read_metadata
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -189,16 +189,7 @@ def write_table(table: pd.DataFrame, out_csv: str | os.PathLike, overwrite: bool
     out = Path(out_csv)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out_csv or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            table.to_csv(fh, index=False, lineterminator="\n")
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(out, table.to_csv(index=False, lineterminator="\n"))
     return out
 
 

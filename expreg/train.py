@@ -45,7 +45,7 @@ from expreg.splits import make_split_table, write_table
 logger = logging.getLogger("expreg")
 DRY_RUN_STEPS = 3
 # Keys that may change when a run is resumed; any other difference is an error.
-RESUMABLE_OVERRIDES = {"train.stop_after_steps", "logging.report_to"}
+RESUMABLE_OVERRIDES = {"train.stop_after_steps", "logging.report_to", "train.push_to_hub", "train.hub_model_id"}
 
 
 class StopRequested(Exception):
@@ -63,8 +63,9 @@ class TrainerState:
     # process so that a resumed epoch adds up the same numbers in the same order.
     loss_sums: list[float] = field(default_factory=list)
     loss_counts: list[int] = field(default_factory=list)
-    best_spearman: float | None = None
+    best_spearman: float | None = None  # None while no epoch had a defined mean Spearman
     best_epoch: int | None = None
+    num_processes: int = 1  # a resumed run must use the same number (per-process positions and sums)
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -74,6 +75,8 @@ class RunData:
     datasets: object
     gene_names: list[str]
     target_stats: TargetStats
+    split_table: object = None  # the split made by this run (written as split.csv), if any
+    split_summary: str | None = None
     loaders: dict = field(default_factory=dict)
 
 
@@ -86,11 +89,14 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     """Train and evaluate one run; returns the final ``metrics.json`` content."""
     seed_everything(cfg.seed)
     cfg.train.mixed_precision = accelerator.mixed_precision  # record what `accelerate launch` decided
-    run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
-    _setup_logging(run_dir, accelerator)
-    data = _setup_data(cfg, accelerator, run_dir)
+    _setup_logging(accelerator)
+    # Everything that can fail on bad input (data, split, model, weights) runs before the run
+    # directory exists: a failed start leaves nothing behind.
+    data = _setup_data(cfg, accelerator)
     model = _setup_model(cfg, data)
     data.loaders = _setup_loaders(cfg, data, model)
+    run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
+    _write_run_files(cfg, accelerator, run_dir, data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(
         model, optimizer, data.loaders["train"], data.loaders["validation"]
@@ -99,10 +105,12 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     total_steps = steps_per_epoch * (1 if dry_run else cfg.train.epochs)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
     accelerator.register_for_checkpointing(scheduler)
-    state = _resume(accelerator, resume_from) if resume_from else TrainerState()
+    state = _resume(accelerator, resume_from) if resume_from else TrainerState(num_processes=accelerator.num_processes)
     _log_start(cfg, accelerator, run_dir, data, len(train_dl), total_steps, state)
     if cfg.logging.report_to != "none":
-        accelerator.init_trackers(run_dir.name, config=_flat_config(cfg))
+        # trackers that write files (tensorboard) write them into <run_dir>/<report_to>/
+        accelerator.project_configuration.logging_dir = str(run_dir)
+        accelerator.init_trackers(cfg.logging.report_to, config=_flat_config(cfg))
 
     epochs = 1 if dry_run else cfg.train.epochs
     for epoch in range(state.epoch, epochs):
@@ -125,7 +133,18 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
         if cfg.train.stop_after_steps is not None and state.global_step >= cfg.train.stop_after_steps:
             if state.epoch < epochs:
                 return _stopped(accelerator, cfg, run_dir, state)
-    return _finish(accelerator, cfg, run_dir, state, dry_run)
+    return _finish(accelerator, cfg, run_dir, data, state, dry_run)
+
+
+def unconnected_launch_error(accelerator: Accelerator) -> str | None:
+    """Why a multi-process launch did not form one job (each process would work alone), or None."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        return (
+            f"{launched} processes were launched but they are not connected: each would work on its own. "
+            "Without GPUs, set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)."
+        )
+    return None
 
 
 def _steps_per_epoch(num_batches: int, cfg: RunConfig, dry_run: bool) -> int:
@@ -162,22 +181,37 @@ def _setup_run_dir(cfg: RunConfig, accelerator: Accelerator, resume_from: str | 
     return Path(broadcast_object_list([name])[0])
 
 
-def _setup_logging(run_dir: Path, accelerator: Accelerator) -> None:
+_LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+
+def _setup_logging(accelerator: Accelerator) -> None:
+    """Console logging (main process: info, others: warnings); ``log.txt`` is added with the run directory."""
     logger.setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
     logger.handlers.clear()
     logger.propagate = False
-    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(formatter)
+    console.setFormatter(_LOG_FORMAT)
     logger.addHandler(console)
-    if accelerator.is_main_process:
-        file_handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
-        file_handler.setFormatter(formatter)
-        logger.addHandler(file_handler)
 
 
-def _setup_data(cfg: RunConfig, accelerator: Accelerator, run_dir: Path) -> RunData:
-    """Validate the metadata, fix the split (made here when not given), build datasets and loaders."""
+def _write_run_files(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: RunData) -> None:
+    """``log.txt``, the split made by the run, ``config_resolved.yaml`` and ``target_stats.json``."""
+    if data.split_table is not None:
+        cfg.data.split_csv = str(run_dir / "split.csv")
+    if not accelerator.is_main_process:
+        return
+    file_handler = logging.FileHandler(run_dir / "log.txt", encoding="utf-8")
+    file_handler.setFormatter(_LOG_FORMAT)
+    logger.addHandler(file_handler)
+    if data.split_table is not None:
+        write_table(data.split_table, cfg.data.split_csv)
+        logger.info(f"made a group-aware split from seed {cfg.seed} -> {cfg.data.split_csv}\n{data.split_summary}")
+    io.atomic_write_text(run_dir / io.CONFIG_FILE, cfg.to_yaml())
+    io.write_json(run_dir / "target_stats.json", {"gene_names": data.gene_names, **data.target_stats.to_dict()})
+
+
+def _setup_data(cfg: RunConfig, accelerator: Accelerator) -> RunData:
+    """Validate the metadata, fix the split (made in memory when not given), build the datasets."""
     d = cfg.data
     with accelerator.main_process_first():
         if d.metadata_csv == DEMO_DATA:
@@ -185,25 +219,19 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator, run_dir: Path) -> RunD
 
             d.metadata_csv = str(ensure_demo_dataset())
         metadata = read_metadata(d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images)
-    if d.split_csv is None:
-        split_path = run_dir / "split.csv"
-        if accelerator.is_main_process and not split_path.exists():
-            table, summary = make_split_table(metadata, val_frac=d.val_frac, seed=cfg.seed)
-            write_table(table, split_path)
-            logger.info(f"made a group-aware split from seed {cfg.seed} -> {split_path}\n{summary.format()}")
-        accelerator.wait_for_everyone()
-        d.split_csv = str(split_path)
     d.metadata_csv = str(metadata.csv_path)
-    d.split_csv = str(Path(d.split_csv).resolve())
-    assignment = split_assignment(metadata, d.split_csv, fold=d.fold, seed=cfg.seed, val_frac=d.val_frac)
+    table = summary = None
+    if d.split_csv is None:  # the same on every process: a function of the CSV content and the seed
+        table, summary = make_split_table(metadata, val_frac=d.val_frac, seed=cfg.seed)
+        assignment = table.set_index("path").loc[metadata.frame["path"], "split"].to_numpy()
+    else:
+        d.split_csv = str(Path(d.split_csv).resolve())
+        assignment = split_assignment(metadata, d.split_csv, fold=d.fold, seed=cfg.seed, val_frac=d.val_frac)
     datasets = build_dataset_dict(metadata, assignment, split_csv=d.split_csv, fold=d.fold)
     if "validation" not in datasets:
         raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
     stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)
-    if accelerator.is_main_process:
-        io.atomic_write_text(run_dir / io.CONFIG_FILE, cfg.to_yaml())
-        io.write_json(run_dir / "target_stats.json", {"gene_names": metadata.gene_names, **stats.to_dict()})
-    return RunData(datasets, metadata.gene_names, stats)
+    return RunData(datasets, metadata.gene_names, stats, split_table=table, split_summary=summary and summary.format())
 
 
 def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel) -> dict:
@@ -262,6 +290,8 @@ def _log_start(cfg, accelerator, run_dir, data, batches_per_epoch, total_steps, 
             f"mixed_precision={accelerator.mixed_precision} on a CPU: autocast in reduced precision was measured "
             "7-25x SLOWER than fp32 on CPUs without native bf16 (AVX2 only); use mixed_precision=no here"
         )
+    if cfg.train.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        logger.warning(f"HF_HUB_OFFLINE is set: pushing to {cfg.train.hub_model_id!r} at the end will fail")
     if state.global_step:
         logger.info(f"resumed at epoch {state.epoch}, batch {state.batches_done}, step {state.global_step}")
 
@@ -394,13 +424,15 @@ def _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_lo
     )
     if cfg.logging.report_to != "none":
         accelerator.log({k: v for k, v in entry.items() if k not in ("epoch", "step")}, step=state.global_step)
-    improved = not math.isnan(metrics.spearman_mean) and (
-        state.best_spearman is None or metrics.spearman_mean > state.best_spearman
-    )
-    if improved:
-        state.best_spearman, state.best_epoch, state.bad_epochs = metrics.spearman_mean, state.epoch + 1, 0
+    if math.isnan(metrics.spearman_mean):
+        logger.warning("validation mean Spearman is undefined (constant predictions or truth for every gene)")
+    if _improved(metrics.spearman_mean, state):
+        defined = not math.isnan(metrics.spearman_mean)
+        state.best_spearman = metrics.spearman_mean if defined else None
+        state.best_epoch, state.bad_epochs = state.epoch + 1, 0
         if accelerator.is_main_process:
-            _save_best(accelerator, model, run_dir, val, expression, metrics)
+            card = _model_card(cfg, accelerator, run_dir, data, entry, metrics)
+            _save_best(accelerator, model, run_dir, val, expression, metrics, card)
     else:
         state.bad_epochs += 1
     if accelerator.is_main_process:
@@ -409,17 +441,52 @@ def _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_lo
     return bool(patience and state.bad_epochs >= patience)
 
 
-def _save_best(accelerator, model, run_dir: Path, val, expression: np.ndarray, metrics) -> None:
+def _improved(spearman: float, state: TrainerState) -> bool:
+    """Better than the best so far; the first epoch always counts, so a best model always exists."""
+    if state.best_epoch is None:
+        return True
+    if math.isnan(spearman):
+        return False
+    return state.best_spearman is None or spearman > state.best_spearman
+
+
+def _save_best(accelerator, model, run_dir: Path, val, expression: np.ndarray, metrics, card: str) -> None:
     n = len(expression)
     tmp = run_dir / "checkpoints" / ".best.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+    io.atomic_write_text(tmp / "README.md", card)
     io.replace_dir(tmp, run_dir / "checkpoints" / "best")
     io.write_predictions(
         run_dir / "predictions_val.csv", val["path"][:n], val["group_id"][:n], metrics.gene_names, expression
     )
     io.write_per_gene_metrics(run_dir / "per_gene_metrics.csv", metrics.per_gene_rows())
+
+
+def _model_card(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: RunData, entry: dict, metrics) -> str:
+    from expreg.model_card import render_model_card
+
+    best = {
+        "run_name": run_dir.name,
+        "best_epoch": entry["epoch"],
+        "best_val_spearman_mean": metrics.spearman_mean,
+        "best_val_pearson_mean": metrics.pearson_mean,
+        "val_loss": entry["val_loss"],
+        "num_processes": accelerator.num_processes,
+        "effective_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
+    }
+    splits = {
+        name: {"samples": len(part), "groups": len(set(part["group_id"]))} for name, part in data.datasets.items()
+    }
+    summary = {
+        "metadata_csv": Path(cfg.data.metadata_csv).name,
+        "split_file": Path(cfg.data.split_csv).name,
+        "split_made_by_run": Path(cfg.data.split_csv).parent == run_dir,
+        "num_genes": len(data.gene_names),
+        "splits": splits,
+    }
+    return render_model_card(cfg.to_dict(), best, metrics.per_gene_rows(), summary)
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState) -> None:
@@ -440,8 +507,13 @@ def _resume(accelerator: Accelerator, checkpoint: str) -> TrainerState:
     import json
 
     path = Path(checkpoint)
-    accelerator.load_state(str(path))
     state = TrainerState(**json.loads((path / io.TRAINER_STATE_FILE).read_text()))
+    if state.num_processes != accelerator.num_processes:
+        raise io.RunDirError(
+            f"--resume {checkpoint}: the run was trained with {state.num_processes} process(es), this launch has "
+            f"{accelerator.num_processes}; resume with the same number (an exact resume depends on it)"
+        )
+    accelerator.load_state(str(path))
     return state
 
 
@@ -540,21 +612,48 @@ def _stopped(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, state: Tra
     return result
 
 
-def _finish(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, state: TrainerState, dry_run: bool) -> dict:
+def _finish(
+    accelerator: Accelerator, cfg: RunConfig, run_dir: Path, data: RunData, state: TrainerState, dry_run: bool
+):
+    """Plots, optional push to the Hub, then ``metrics.json`` with status ``finished`` (written last)."""
     result = _metrics_json(cfg, accelerator, run_dir, state, "finished")
     result["dry_run"] = dry_run
+    push_error = None
     if accelerator.is_main_process:
-        io.write_json(run_dir / io.METRICS_FILE, result)
         if result["best_epoch"] is not None:
+            from expreg.plots import write_run_plots
+
+            targets = np.asarray(data.datasets["validation"]["labels"], dtype=np.float64)
+            write_run_plots(run_dir, targets, metrics=result)
             logger.info(
                 f"best epoch {result['best_epoch']}: val mean Spearman {result['best_val_spearman_mean']:.4f}, "
                 f"mean Pearson {result['best_val_pearson_mean']:.4f}"
             )
+        if cfg.train.push_to_hub:
+            push_error = _push(run_dir, cfg.train.hub_model_id, result)
+        io.write_json(run_dir / io.METRICS_FILE, result)
         logger.info(f"run finished: {run_dir}")
     if cfg.logging.report_to != "none":
         accelerator.end_training()
-    accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()  # every process gets here before the main one reports a failed push
+    if push_error is not None:
+        raise push_error
     return result
+
+
+def _push(run_dir: Path, repo_id: str, result: dict):
+    """Push the best model; record the outcome in ``result`` and return the error, if any."""
+    from expreg.hub import HubError, push_best_model
+
+    try:
+        url = push_best_model(run_dir, repo_id)
+    except HubError as err:
+        logger.error(str(err))
+        result["push_to_hub"] = {"repo_id": repo_id, "ok": False, "error": str(err)}
+        return err
+    logger.info(f"pushed the best model to {url}")
+    result["push_to_hub"] = {"repo_id": repo_id, "ok": True, "url": url}
+    return None
 
 
 def _flat_config(cfg: RunConfig) -> dict:

@@ -1,0 +1,166 @@
+"""The model card (``README.md``) written beside every saved best model and pushed with it."""
+
+from __future__ import annotations
+
+import math
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _gene_table(per_gene: list[dict], n: int = 5) -> str:
+    ranked = sorted((r for r in per_gene if r["spearman"] is not None), key=lambda r: -r["spearman"])
+    undefined = [r["gene"] for r in per_gene if r["spearman"] is None]
+    lines = ["| rank | gene | Spearman | Pearson | MSE |", "|---|---|---|---|---|"]
+    shown = list(enumerate(ranked, 1))
+    if len(shown) > 2 * n:
+        shown = shown[:n] + [None] + shown[-n:]
+    for item in shown:
+        if item is None:
+            lines.append("| … | | | | |")
+            continue
+        rank, r = item
+        lines.append(f"| {rank} | {r['gene']} | {_fmt(r['spearman'])} | {_fmt(r['pearson'])} | {_fmt(r['mse'])} |")
+    if undefined:
+        lines.append("")
+        lines.append(
+            f"{len(undefined)} gene(s) had a constant truth or prediction on the validation set, so no defined "
+            f"correlation, and are excluded from the means: {', '.join(undefined)}."
+        )
+    return "\n".join(lines)
+
+
+def _split_protocol(cfg: dict, data: dict) -> str:
+    d = cfg["data"]
+    groups = ", ".join(
+        f"{name}: {v['samples']} samples from {v['groups']} group(s)" for name, v in data["splits"].items()
+    )
+    if d.get("fold") is not None:
+        how = (
+            f"Group k-fold file `{data['split_file']}`, fold {d['fold']} held out as test; validation groups "
+            f"drawn from the other folds (val_frac {d['val_frac']}, seed {cfg['seed']})"
+        )
+    elif data.get("split_made_by_run"):
+        how = (
+            f"Split made by the run from seed {cfg['seed']} (validation fraction {d['val_frac']}) and saved "
+            f"with it as `{data['split_file']}`"
+        )
+    else:
+        how = f"Split file `{data['split_file']}`"
+    return (
+        f"Patient-level (group-aware) split on `group_id`: no group appears in two splits. {how}. {groups}. "
+        f"Target normalisation (per-gene z-score) statistics come from the training split only."
+    )
+
+
+def render_model_card(cfg: dict, best: dict, per_gene: list[dict], data: dict) -> str:
+    """Markdown model card.
+
+    Args:
+        cfg: The resolved run configuration (``RunConfig.to_dict()``).
+        best: ``best_epoch``, ``best_val_spearman_mean``, ``best_val_pearson_mean``, ``val_loss``,
+            ``num_processes``, ``effective_batch_size``, ``run_name``.
+        per_gene: Rows ``gene, spearman, pearson, mse`` of the best model on validation.
+        data: ``metadata_csv`` (name), ``split_file`` (name), ``num_genes`` and ``splits``
+            (split name -> ``samples``, ``groups``).
+    """
+    m, t, d = cfg["model"], cfg["train"], cfg["data"]
+    pretrained = (
+        f"pretrained weights ({m['pretrained_path'] or 'timm/hub'})"
+        if (m["pretrained"] or m["pretrained_path"])
+        else "random initialisation"
+    )
+    front = "\n".join(
+        [
+            "---",
+            "library_name: transformers",
+            "tags:",
+            "- expreg",
+            "- histology",
+            "- spatial-transcriptomics",
+            "- gene-expression-regression",
+            "- timm",
+            "---",
+        ]
+    )
+    return f"""{front}
+
+# {best["run_name"]}
+
+An **expreg** model: it predicts the expression of {data["num_genes"]} genes from a histology
+image patch ({d["image_size"]}×{d["image_size"]} px, RGB). It is a timm `{m["backbone"]}` backbone
+({pretrained}) with a {m["head"]} regression head, saved as a HuggingFace `transformers` model.
+Its `config.json` holds the gene names and the training-split mean/std used to map predictions
+back to expression units.
+
+## Results (validation, best epoch {best["best_epoch"]})
+
+| metric | value |
+|---|---|
+| mean Spearman over genes (primary) | {_fmt(best["best_val_spearman_mean"])} |
+| mean Pearson over genes | {_fmt(best["best_val_pearson_mean"])} |
+| MSE on normalised targets | {_fmt(best.get("val_loss"))} |
+
+Correlations are computed per gene over the validation samples, then averaged over genes. The
+best epoch was chosen on this same validation set, so these figures are slightly optimistic;
+report a held-out test split or cross-validation for publication.
+
+Best and worst genes by Spearman:
+
+{_gene_table(per_gene)}
+
+## Data
+
+Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).
+
+{_split_protocol(cfg, data)}
+
+## Training
+
+| setting | value |
+|---|---|
+| backbone | `{m["backbone"]}`, {pretrained} |
+| head | {m["head"]}, dropout {m["dropout"]} |
+| image size | {d["image_size"]} |
+| augmentation | {"dihedral flips/rotations" if d["augment_dihedral"] else "none"}{f", colour jitter {d['color_jitter']}" if d["color_jitter"] else ""} |
+| optimizer | AdamW, lr {t["lr"]}, weight decay {t["weight_decay"]}, cosine schedule, warmup {t["warmup_ratio"]} |
+| batch | {d["batch_size"]} per process × {t["grad_accum_steps"]} accumulation × {best["num_processes"]} process(es) = {best["effective_batch_size"]} |
+| epochs | {t["epochs"]} configured{f", early stopping patience {t['early_stopping_patience']}" if t["early_stopping_patience"] else ""} |
+| mixed precision | {t["mixed_precision"]} |
+| seed | {cfg["seed"]} |
+
+## How to use
+
+```python
+import expreg.model  # registers the "expreg" model type with AutoModel
+from transformers import AutoModel
+
+model = AutoModel.from_pretrained("path/or/hub-id")
+# pixel_values: (batch, 3, {d["image_size"]}, {d["image_size"]}), normalised with
+# model.config.image_mean / image_std
+expression = model.predict_expression(pixel_values)   # (batch, {data["num_genes"]}), expression units
+genes = model.config.gene_names
+```
+
+Or from the command line, for a CSV with a `path` column or a folder of images:
+
+```bash
+python -m expreg.predict --model path/or/hub-id --metadata_csv patches.csv --out_csv predictions.csv
+```
+
+## Intended use and limits
+
+- Research on the relation between tissue morphology and gene expression; **not for clinical
+  or diagnostic use**.
+- Trained on {data["splits"].get("train", {}).get("groups", "?")} group(s) (e.g. patients) of one
+  dataset. Expect lower accuracy on other tissues, scanners, stains, resolutions or
+  spot/patch sizes; check on your own held-out patients first.
+- The targets are whatever the training CSV held (e.g. log1p-normalised counts); predictions are
+  in those units. Gene lists chosen on the whole dataset leak a little information into
+  evaluation.
+- Mean correlations hide per-gene differences: see the table above and the run's
+  `per_gene_metrics.csv`.
+"""

@@ -1,0 +1,179 @@
+"""Apply a trained model to new images: a metadata CSV or a folder of images -> expression CSV.
+
+    python -m expreg.predict --model results/<run>/checkpoints/best --metadata_csv new.csv --out_csv pred.csv
+    python -m expreg.predict --model org/expreg-model --image_dir patches/ --out_csv pred.csv
+    accelerate launch -m expreg.predict ...      # several processes / GPUs; rows are never duplicated
+
+The output has ``path`` then one column per gene (named by gene), in expression units (the
+model's stored training-split normalisation undone). When the CSV also has targets
+(``y0..``), the metrics (mean Spearman, mean Pearson, per gene) are printed and written beside
+the output as ``<out>.metrics.json`` and ``<out>.per_gene.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from expreg.metadata import MetadataError, read_metadata, resolve_image_path
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+class PredictError(RuntimeError):
+    """The model or the inputs of a prediction cannot be used."""
+
+
+def resolve_model_dir(model: str) -> str:
+    """Accept a ``save_pretrained`` folder, a run directory (uses its best checkpoint) or a hub id."""
+    path = Path(model)
+    if (path / "checkpoints" / "best" / "config.json").is_file():
+        return str(path / "checkpoints" / "best")
+    if path.exists() and not (path / "config.json").is_file():
+        raise PredictError(f"{model}: not a saved model (no config.json); pass a run's checkpoints/best folder")
+    return model
+
+
+def load_model(model: str):
+    """``ExpRegModel.from_pretrained`` with a clear error for unreachable hub ids (e.g. offline)."""
+    from expreg.model import ExpRegModel
+
+    source = resolve_model_dir(model)
+    try:
+        return ExpRegModel.from_pretrained(source).eval()
+    except (OSError, ValueError) as err:
+        raise PredictError(
+            f"could not load model {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}. A local folder "
+            "needs config.json and model.safetensors; a hub id needs network access (or the HF cache)."
+        ) from err
+
+
+def list_images(image_dir: str | os.PathLike) -> list[str]:
+    """Image files under ``image_dir`` (recursive), sorted, as paths joined onto ``image_dir``."""
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise PredictError(f"--image_dir {image_dir}: not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise PredictError(f"--image_dir {image_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    return [str(p) for p in files]
+
+
+class ImageFiles:
+    """A map-style dataset of image files -> ``pixel_values`` (the model's evaluation transform)."""
+
+    def __init__(self, files: list[str], transform) -> None:
+        self.files = files
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with Image.open(self.files[index]) as image:
+            return self.transform(image, self.files[index])
+
+
+def predict_files(model, files: list[str], accelerator, batch_size: int = 64, num_workers: int = 2) -> np.ndarray:
+    """Predictions in expression units, shape ``(len(files), num_genes)``, in the order of ``files``.
+
+    Every process predicts its shard; ``gather_for_metrics`` reassembles exactly ``len(files)`` rows.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from expreg.data import ImageTransform
+
+    config = model.config
+    transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
+    loader = DataLoader(ImageFiles(files, transform), batch_size=batch_size, num_workers=num_workers)
+    model, loader = accelerator.prepare(model, loader)
+    outputs = []
+    with torch.inference_mode():
+        for pixel_values in tqdm(loader, desc="predict", unit="batch", disable=not accelerator.is_local_main_process):
+            predictions = model(pixel_values=pixel_values).predictions.float()
+            outputs.append(accelerator.gather_for_metrics(predictions).cpu().numpy())
+    normalised = np.concatenate(outputs) if outputs else np.zeros((0, config.num_genes))
+    return normalised.astype(np.float64) * np.asarray(config.target_std) + np.asarray(config.target_mean)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="expreg-predict", description="Predict gene expression for images with a trained expreg model."
+    )
+    parser.add_argument("--model", required=True, help="checkpoints/best folder, run directory or hub model id")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--metadata_csv", help="CSV with a path column (group_id and y0.. optional)")
+    source.add_argument("--image_dir", help="folder of images (searched recursively)")
+    parser.add_argument("--out_csv", required=True, help="predictions to write: path, then one column per gene")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out_csv if it exists")
+    return parser.parse_args(argv)
+
+
+def _inputs(args, num_genes: int):
+    """(paths as written in the output, files to open, targets or None)."""
+    if args.image_dir:
+        files = list_images(args.image_dir)
+        return files, files, None
+    metadata = read_metadata(args.metadata_csv, num_genes=None, for_prediction=True)
+    if metadata.target_columns and metadata.num_genes != num_genes:
+        raise PredictError(
+            f"{metadata.csv_path}: the CSV has K={metadata.num_genes} targets but the model predicts {num_genes} genes"
+        )
+    files = [resolve_image_path(metadata.csv_path, p) for p in metadata.frame["path"]]
+    targets = metadata.targets().astype(np.float64) if metadata.target_columns else None
+    return list(metadata.frame["path"]), files, targets
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out_csv)
+    try:
+        if out.exists() and not args.overwrite:
+            raise PredictError(f"{out} exists; choose another --out_csv or pass --overwrite")
+        model = load_model(args.model)
+        paths, files, targets = _inputs(args, model.config.num_genes)
+    except (PredictError, MetadataError) as err:
+        print(f"expreg-predict: error: {err}", file=sys.stderr)
+        return 2
+
+    from accelerate import Accelerator
+
+    from expreg import io
+    from expreg.metrics import compute_metrics
+    from expreg.train import unconnected_launch_error
+
+    accelerator = Accelerator()
+    problem = unconnected_launch_error(accelerator)
+    if problem:
+        print(f"expreg-predict: error: {problem}", file=sys.stderr)
+        return 2
+    expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers)
+    if not accelerator.is_main_process:
+        return 0
+    genes = list(model.config.gene_names)
+    io.write_table_csv(out, ["path", *genes], [[p, *row] for p, row in zip(paths, expression)])
+    print(f"wrote {len(paths)} predictions x {len(genes)} genes to {out} ({accelerator.num_processes} process(es))")
+    if targets is not None:
+        metrics = compute_metrics(expression, targets, genes)
+        io.write_json(
+            out.with_suffix(".metrics.json"),
+            {**metrics.summary, "model": args.model, "inputs": str(args.metadata_csv)},
+        )
+        io.write_per_gene_metrics(out.with_suffix(".per_gene.csv"), metrics.per_gene_rows())
+        print(metrics.format())
+        print(metrics.format_genes())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
