@@ -70,3 +70,17 @@ def test_base_recipe_documents_every_key():
     assert flat == set(known_keys())
     cfg = load_recipe(Path(__file__).parent.parent / "recipes" / "base.yaml")
     assert cfg == load_recipe(None)  # the template shows the defaults
+
+
+def test_yaml_booleans_and_raw_text_overrides(tmp_path):
+    cfg = load_recipe(_write(tmp_path, "train:\n  mixed_precision: no\nlogging:\n  report_to: none\n"))
+    assert cfg.train.mixed_precision == "no" and cfg.logging.report_to == "none"  # unquoted `no` is YAML False
+    cfg = load_recipe(None, ["logging.run_name=0123", "data.metadata_csv=data/1:30.csv", "train.mixed_precision=no"])
+    assert cfg.logging.run_name == "0123" and cfg.data.metadata_csv == "data/1:30.csv"
+    assert cfg.train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="data.metadata_csv cannot be null"):
+        load_recipe(None, ["data.metadata_csv=null"])
+    with pytest.raises(ConfigError, match="model.backbone: YAML read True as a boolean"):
+        load_recipe(_write(tmp_path, "model:\n  backbone: yes\n"))
+    with pytest.raises(ConfigError, match="data.fold needs data.split_csv"):
+        load_recipe(None, ["data.fold=1"])

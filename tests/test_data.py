@@ -114,12 +114,19 @@ def test_augmentation_depends_only_on_seed_epoch_and_path():
     )
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK"])
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "F"])
 def test_any_image_mode_becomes_rgb(mode):
     base = Image.fromarray(np.full((8, 8, 3), 128, dtype=np.uint8))
-    image = base.convert("L").convert("I;16") if mode == "I;16" else base.convert(mode)
+    if mode == "I;16":
+        image = Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16))  # 128/255 of the 16-bit range
+    elif mode == "F":
+        image = Image.fromarray(np.full((8, 8), 128 / 255, dtype=np.float32))
+    else:
+        image = base.convert(mode)
     rgb = to_rgb(image)
     assert rgb.mode == "RGB" and rgb.size == (8, 8)
+    if mode in ("L", "I;16", "F"):  # (P quantises to a palette)
+        assert abs(int(np.asarray(rgb)[0, 0, 0]) - 128) <= 1
 
 
 def test_derived_seeds_are_stable_and_distinct():
@@ -140,3 +147,17 @@ def test_loading_attempts_no_network(dataset_csv, split_csv, monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     ds = load_expression_dataset(dataset_csv, split_csv)
     assert len(ds["train"]) > 0 and ds["train"][0]["image"] is not None
+
+
+def test_result_files_are_readable_by_others(tmp_path):
+    import os
+    import stat
+
+    from expreg.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644

@@ -148,3 +148,22 @@ def test_cli_exits_nonzero_and_writes_nothing(dataset_csv, tmp_path, capsys):
     assert code != 0 and not out.exists()
     err = capsys.readouterr().err
     assert "column 'y1', line 2" in err and str(dataset_csv.name) in err
+
+
+def test_reserved_and_odd_column_names(dataset_csv):
+    _rewrite(dataset_csv, lambda f: f.rename(columns={"sample_id": "image"}))
+    assert "column(s) image: reserved names" in _error(dataset_csv)
+    _rewrite(dataset_csv, lambda f: f.rename(columns={"image": "sample_id", "y1": "y01"}))
+    assert "y01: write target columns as y0, y1, ... without leading zeros" in _error(dataset_csv)
+    text = dataset_csv.read_text().splitlines()
+    text[0] = text[0].replace("y01", "y0")
+    dataset_csv.write_text("\n".join(text) + "\n")
+    assert "duplicate column name(s) in the header: y0" in _error(dataset_csv)
+
+
+def test_prediction_tables_need_only_paths(dataset_csv):
+    _rewrite(dataset_csv, lambda f: f[["path"]])
+    md = read_metadata(dataset_csv, for_prediction=True)
+    assert md.target_columns == [] and len(md.frame) > 0
+    with pytest.raises(MetadataError, match="missing required column"):
+        read_metadata(dataset_csv)

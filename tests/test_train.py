@@ -221,6 +221,72 @@ def test_bad_metadata_fails_before_any_run_directory(data_csv, tmp_path):
     result = train(tmp_path, "bad", f"data.metadata_csv={bad}", expect_ok=False)
     assert result.returncode == 2 and "column 'y4', line 4: not a number" in result.stderr
     assert "Traceback" not in result.stderr
+    result = train(tmp_path, "unknown", f"data.metadata_csv={data_csv}", "model.backbone=no_such_net", expect_ok=False)
+    assert result.returncode == 2 and "unknown timm backbone 'no_such_net'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, run names still free
+
+
+def test_resume_needs_the_same_number_of_processes(data_csv, tmp_path):
+    train(tmp_path, "run", f"data.metadata_csv={data_csv}", "train.stop_after_steps=2")
+    state_file = tmp_path / "run" / "checkpoints" / "last" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["num_processes"] == 1
+    state_file.write_text(json.dumps({**state, "num_processes": 2}))
+    result = resume(tmp_path / "run" / "checkpoints" / "last", expect_ok=False)
+    assert result.returncode == 2 and "trained with 2 process(es), this launch has 1" in result.stderr
+
+
+def test_gradient_accumulation_matches_one_large_batch(data_csv, tmp_path):
+    # test_vit has no BatchNorm, so 2 micro-batches of 4 accumulated == 1 batch of 8
+    common = (
+        f"data.metadata_csv={data_csv}",
+        "model.backbone=test_vit",
+        "train.epochs=1",
+        "train.max_steps_per_epoch=3",
+    )
+    train(tmp_path, "big", *common, "data.batch_size=8")
+    train(tmp_path, "accumulated", *common, "data.batch_size=4", "train.grad_accum_steps=2")
+    big = load_file(tmp_path / "big" / "checkpoints" / "last" / "model.safetensors")
+    accumulated = load_file(tmp_path / "accumulated" / "checkpoints" / "last" / "model.safetensors")
+    for key in big:
+        torch.testing.assert_close(accumulated[key], big[key], rtol=1e-4, atol=1e-5)
+    assert (
+        metrics(tmp_path / "accumulated")["effective_batch_size"] == metrics(tmp_path / "big")["effective_batch_size"]
+    )
+
+
+def test_an_undefined_metric_still_gives_a_best_model():
+    from expreg.train import TrainerState, _improved
+
+    state = TrainerState()
+    assert _improved(float("nan"), state)  # first epoch always saved
+    state.best_epoch, state.best_spearman = 1, None
+    assert _improved(0.1, state) and not _improved(float("nan"), state)
+    state.best_spearman = 0.2
+    assert not _improved(0.1, state) and _improved(0.3, state)
+
+
+@pytest.mark.slow
+def test_demo_recipe_learns_the_planted_signal(tmp_path):
+    """The README's main command: clearly positive mean Spearman on held-out demo patients."""
+    env = dict(_env(), EXPREG_CACHE=str(tmp_path / "cache"))
+    env.pop("ACCELERATE_USE_CPU")
+    cmd = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        "1",
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "demo.yaml"),
+        f"logging.output_dir={tmp_path / 'results'}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run finished: " in result.stdout
+    (run,) = (tmp_path / "results").iterdir()
+    m = metrics(run)
+    assert m["status"] == "finished" and m["best_val_spearman_mean"] > 0.5, m
 
 
 @pytest.mark.slow
