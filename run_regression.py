@@ -16,7 +16,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("recipe", nargs="?", help="recipe YAML (e.g. recipes/demo.yaml)")
     parser.add_argument("--config", dest="config", help="recipe YAML (alternative to the positional argument)")
     parser.add_argument("--resume", help="continue a run from its checkpoints/last folder")
-    parser.add_argument("--dry_run", action="store_true", help="3 training steps, a short evaluation and all artifacts, in under a minute (default run names end in __dry_run)")
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="3 training steps, a short evaluation and all artifacts, in under a minute (default run names end in __dry_run)",
+    )
     parser.add_argument(
         "--push_to_hub", action="store_true", help="push the best model to train.hub_model_id at the end"
     )
