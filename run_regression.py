@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from expreg.train import run, unconnected_launch_error
+    from expreg.data import UnreadableImageError
+    from expreg.train import Interrupted, TrainingError, run, unconnected_launch_error
 
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
@@ -86,7 +87,34 @@ def main(argv=None) -> int:
     except HubError as err:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 3
+    except Interrupted as err:
+        print(
+            f"run_regression: interrupted by {err}; a checkpoint was saved. Continue with: "
+            f"accelerate launch run_regression.py --resume {resume_hint(cfg, args)}",
+            file=sys.stderr,
+        )
+        return 128 + err.signum
+    except (TrainingError, UnreadableImageError) as err:
+        print(f"run_regression: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # disk full, read-only output, ...: metrics.json says the run did not finish
+        print(f"run_regression: error: cannot write the run's files: {err}", file=sys.stderr)
+        return 1
     return 0
+
+
+def resume_hint(cfg, args) -> str:
+    """Where the interrupted run's checkpoint is (the main process names it in the log)."""
+    from pathlib import Path
+
+    if args.resume:
+        return args.resume
+    from expreg.train import last_run_dir
+
+    run_dir = last_run_dir()
+    return (
+        str(Path(run_dir) / "checkpoints" / "last") if run_dir else f"{cfg.logging.output_dir}/<run>/checkpoints/last"
+    )
 
 
 if __name__ == "__main__":

@@ -40,9 +40,11 @@ class DataConfig:
     normalize_targets: bool = True
     augment_dihedral: bool = True
     color_jitter: float = 0.0
+    bad_image_policy: str = "fail"
 
     def __post_init__(self) -> None:
         _check_choice("data.check_images", self.check_images, ("none", "exists", "decode"))
+        _check_choice("data.bad_image_policy", self.bad_image_policy, ("fail", "skip"))
         _check_positive("data.image_size", self.image_size)
         _check_positive("data.batch_size", self.batch_size)
         if self.eval_batch_size is not None:
@@ -89,6 +91,7 @@ class TrainConfig:
     stop_after_steps: int | None = None
     push_to_hub: bool = False
     hub_model_id: str | None = None
+    nonfinite_loss_policy: str = "fail"
 
     def __post_init__(self) -> None:
         if self.mixed_precision is not None:
@@ -97,6 +100,7 @@ class TrainConfig:
         _check_positive("train.grad_accum_steps", self.grad_accum_steps)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        _check_choice("train.nonfinite_loss_policy", self.nonfinite_loss_policy, ("fail", "skip"))
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("train.push_to_hub needs train.hub_model_id (e.g. my-org/expreg-model)")
         for name in ("checkpointing_steps", "early_stopping_patience", "max_steps_per_epoch", "stop_after_steps"):

@@ -298,12 +298,47 @@ class ImageTransform:
         return x
 
 
-class ExpressionTransform:
-    """``with_transform`` function: a batch of rows -> ``pixel_values`` and normalised ``labels``."""
+class UnreadableImageError(RuntimeError):
+    """An image that passed validation cannot be read any more (deleted, truncated, corrupted)."""
 
-    def __init__(self, image_transform: ImageTransform, target_stats: TargetStats | None = None) -> None:
+
+def load_image(item) -> tuple[object | None, str | None]:
+    """Open and fully decode an image given as a path or a ``datasets.Image(decode=False)`` dict.
+
+    Returns:
+        ``(image, None)``, or ``(None, reason)`` when it cannot be read.
+    """
+    import io as _io
+
+    from PIL import Image
+
+    path = item["path"] if isinstance(item, dict) else item
+    source = _io.BytesIO(item["bytes"]) if isinstance(item, dict) and item.get("bytes") else path
+    try:
+        with Image.open(source) as image:
+            image.load()
+            return image.copy(), None
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
+        return None, f"{type(err).__name__}: {err}"
+
+
+class ExpressionTransform:
+    """``with_transform`` function: a batch of rows -> ``pixel_values`` and normalised ``labels``.
+
+    Images are decoded here (the dataset's image column is cast to ``decode=False``), so that an
+    image that became unreadable after validation is handled by ``bad_image_policy``: ``"fail"``
+    raises ``UnreadableImageError`` naming the file; ``"skip"`` drops the sample (counted in the
+    batch's ``skipped``).
+    """
+
+    def __init__(
+        self, image_transform: ImageTransform, target_stats: TargetStats | None = None, bad_image_policy: str = "fail"
+    ) -> None:
+        if bad_image_policy not in ("fail", "skip"):
+            raise ValueError(f"bad_image_policy must be fail or skip, got {bad_image_policy!r}")
         self.image_transform = image_transform
         self.target_stats = target_stats
+        self.bad_image_policy = bad_image_policy
 
     def set_epoch(self, epoch: int) -> None:
         self.image_transform.set_epoch(epoch)
@@ -311,20 +346,41 @@ class ExpressionTransform:
     def __call__(self, batch: dict) -> dict:
         import torch
 
-        pixel_values = [self.image_transform(img, key) for img, key in zip(batch["image"], batch["path"])]
+        pixel_values = []
+        for item, key in zip(batch["image"], batch["path"]):
+            image, reason = (item, None) if not isinstance(item, (dict, str)) else load_image(item)
+            if image is None and self.bad_image_policy == "fail":
+                path = item["path"] if isinstance(item, dict) else item
+                raise UnreadableImageError(
+                    f"{path} (row path {key!r}) cannot be read any more: {reason}. It was readable when the data "
+                    "were checked, so it changed since; fix the file, or set data.bad_image_policy=skip"
+                )
+            pixel_values.append(None if image is None else self.image_transform(image, key))
         labels = np.asarray(batch["labels"], dtype=np.float32)
         if self.target_stats is not None:
             labels = self.target_stats.normalize(labels)
-        return {"pixel_values": pixel_values, "labels": torch.from_numpy(np.ascontiguousarray(labels, np.float32))}
+        labels = torch.from_numpy(np.ascontiguousarray(labels, np.float32))
+        return {"pixel_values": pixel_values, "labels": labels, "path": list(batch["path"])}
 
 
 def collate_fn(examples: list[dict]) -> dict:
-    """Stack transformed rows into ``{"pixel_values": (B, 3, H, W), "labels": (B, K)}``."""
+    """Stack transformed rows into ``{"pixel_values": (B, 3, H, W), "labels": (B, K)}``.
+
+    Also ``path`` (the rows' paths, for error messages) and ``skipped`` (samples dropped as
+    unreadable under ``bad_image_policy=skip``).
+    """
     import torch
 
+    kept = [e for e in examples if e["pixel_values"] is not None]
+    if not kept:
+        raise UnreadableImageError(
+            "every image of a batch was unreadable: " + ", ".join(e["path"] for e in examples[:5])
+        )
     return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-        "labels": torch.stack([e["labels"] for e in examples]),
+        "pixel_values": torch.stack([e["pixel_values"] for e in kept]),
+        "labels": torch.stack([e["labels"] for e in kept]),
+        "path": [e["path"] for e in kept],
+        "skipped": len(examples) - len(kept),
     }
 
 
@@ -381,6 +437,7 @@ def build_dataloaders(
     std=IMAGENET_STD,
     dihedral: bool = True,
     color_jitter: float = 0.0,
+    bad_image_policy: str = "fail",
 ) -> dict:
     """DataLoaders for every split: shuffled, augmented ``train``; ordered, plain evaluation splits.
 
@@ -388,6 +445,7 @@ def build_dataloaders(
         ``{"train": DataLoader, "validation": ..., "test": ...}`` (the splits present), plus
         ``"train_sampler"`` and ``"train_transform"``, which need ``set_epoch`` at each epoch.
     """
+    import datasets
     import torch
     from torch.utils.data import DataLoader
 
@@ -400,8 +458,9 @@ def build_dataloaders(
         image_transform = ImageTransform(
             image_size, mean, std, train=train, dihedral=dihedral, color_jitter=color_jitter, seed=seed
         )
-        transform = ExpressionTransform(image_transform, target_stats)
-        dataset = part.with_transform(transform)
+        # Evaluation always fails on an unreadable image: skipping would misalign predictions and paths.
+        transform = ExpressionTransform(image_transform, target_stats, bad_image_policy if train else "fail")
+        dataset = part.cast_column("image", datasets.Image(decode=False)).with_transform(transform)
         if train:
             sampler = EpochSampler(len(dataset), seed)
             # A last batch of one sample breaks BatchNorm in training: drop it (one sample per epoch).

@@ -49,11 +49,14 @@ def create_run_dir(output_dir: str | os.PathLike, run_name: str, explicit_name: 
     ``logging.run_name`` that is taken is an error (resume it with ``--resume`` instead).
     """
     root = Path(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
     candidate, n = root / run_name, 1
     while True:
         try:
+            root.mkdir(parents=True, exist_ok=True)
             candidate.mkdir()
+            probe = candidate / ".write_test"
+            probe.write_text("")  # fail now, not after hours of training, if the folder is not writable
+            probe.unlink()
             return candidate
         except FileExistsError:
             if explicit_name:
@@ -64,6 +67,8 @@ def create_run_dir(output_dir: str | os.PathLike, run_name: str, explicit_name: 
                 ) from None
             n += 1
             candidate = root / f"{run_name}-{n}"
+        except OSError as err:  # read-only filesystem, permissions, disk full, a file in the way
+            raise RunDirError(f"cannot create the run directory {candidate}: {err.strerror or err}") from err
 
 
 def read_status(run_dir: Path) -> str:

@@ -74,10 +74,12 @@ class ImageFiles:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        from PIL import Image
+        from expreg.data import UnreadableImageError, load_image
 
-        with Image.open(self.files[index]) as image:
-            return self.transform(image, self.files[index])
+        image, reason = load_image(self.files[index])
+        if image is None:
+            raise UnreadableImageError(f"{self.files[index]}: cannot read the image ({reason})")
+        return self.transform(image, self.files[index])
 
 
 def predict_files(model, files: list[str], accelerator, batch_size: int = 64, num_workers: int = 2) -> np.ndarray:

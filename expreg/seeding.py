@@ -46,8 +46,14 @@ def seed_worker(worker_id: int) -> None:
 
     torch seeds each worker from the loader's generator, so this is deterministic too.
     """
+    import signal
+
     import torch
 
+    # Ctrl-C / SIGTERM are handled by the training process, which saves a checkpoint first;
+    # workers ignore them and are shut down by their parent.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

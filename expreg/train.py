@@ -15,7 +15,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from expreg.data import (
     compute_target_stats,
     split_assignment,
 )
+from expreg.hub import HubError
 from expreg.metadata import read_metadata
 from expreg.metrics import compute_metrics
 from expreg.model import ExpRegModel, build_model
@@ -52,6 +55,59 @@ class StopRequested(Exception):
     """Training was stopped resumably (``train.stop_after_steps``); a checkpoint was saved."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a resumable checkpoint was saved."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+_SIGNAL: dict = {"received": None}
+_LAST_RUN_DIR: dict = {"path": None}
+
+
+def last_run_dir() -> str | None:
+    """The run directory of the latest ``run`` in this process (for messages after it ended)."""
+    return _LAST_RUN_DIR["path"]
+
+
+def _install_signal_handlers():
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the next optimizer step and stops."""
+    previous = {}
+
+    def handler(signum, frame):
+        if _SIGNAL["received"] is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        _SIGNAL["received"] = signum
+        logger.warning(f"{signal.Signals(signum).name} received: saving a checkpoint at the next optimizer step")
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, handler)
+    _SIGNAL["received"] = None
+    return previous
+
+
+def fault_point(name: str, count: int) -> None:
+    """Fault-injection hook for the crash tests; inert unless ``EXPREG_FAULT_PAUSE`` is set.
+
+    With ``EXPREG_FAULT_PAUSE=name:count`` (``step:5``: after optimizer step 5; ``save:4``: while
+    saving the checkpoint of step 4, after the temporary folder is written), print a marker and
+    pause (up to 10 minutes, or until SIGINT/SIGTERM), so that a test can signal or kill the
+    process at a known point.
+    """
+    spec = os.environ.get("EXPREG_FAULT_PAUSE")
+    if spec and spec == f"{name}:{count}":
+        print(f"EXPREG_FAULT_POINT {name}:{count}", flush=True)
+        deadline = time.monotonic() + 600
+        while _SIGNAL["received"] is None and time.monotonic() < deadline:  # a SIGTERM ends the pause
+            time.sleep(0.05)
+
+
 @dataclass
 class TrainerState:
     """Loop position and bookkeeping, saved with every checkpoint (``trainer_state.json``)."""
@@ -66,6 +122,9 @@ class TrainerState:
     best_spearman: float | None = None  # None while no epoch had a defined mean Spearman
     best_epoch: int | None = None
     num_processes: int = 1  # a resumed run must use the same number (per-process positions and sums)
+    skipped_images: int = 0  # unreadable training images skipped (bad_image_policy=skip), all processes
+    skipped_batches: int = 0  # batches with a non-finite loss skipped (nonfinite_loss_policy=skip)
+    scheduler: dict = field(default_factory=dict)  # the LR scheduler's state (JSON: no pickle to load)
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -96,6 +155,7 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     model = _setup_model(cfg, data)
     data.loaders = _setup_loaders(cfg, data, model)
     run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
+    _LAST_RUN_DIR["path"] = str(run_dir)
     _write_run_files(cfg, accelerator, run_dir, data)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(
@@ -104,14 +164,34 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     steps_per_epoch = _steps_per_epoch(len(train_dl), cfg, dry_run)
     total_steps = steps_per_epoch * (1 if dry_run else cfg.train.epochs)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
-    accelerator.register_for_checkpointing(scheduler)
-    state = _resume(accelerator, resume_from) if resume_from else TrainerState(num_processes=accelerator.num_processes)
+    state = TrainerState(num_processes=accelerator.num_processes)
+    if resume_from:
+        state = _resume(accelerator, resume_from, scheduler, len(data.gene_names))
     _log_start(cfg, accelerator, run_dir, data, len(train_dl), total_steps, state)
     if cfg.logging.report_to != "none":
         # trackers that write files (tensorboard) write them into <run_dir>/<report_to>/
         accelerator.project_configuration.logging_dir = str(run_dir)
         accelerator.init_trackers(cfg.logging.report_to, config=_flat_config(cfg))
+    previous_handlers = _install_signal_handlers()
+    try:
+        return _train_epochs(
+            cfg, accelerator, model, optimizer, scheduler, train_dl, val_dl, data, state, run_dir, dry_run
+        )
+    except Interrupted:
+        _write_status(accelerator, cfg, run_dir, state, "interrupted")
+        raise
+    except HubError:  # raised after the run was recorded as finished
+        raise
+    except (KeyboardInterrupt, Exception) as err:
+        _write_status(accelerator, cfg, run_dir, state, "failed", f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
 
+
+def _train_epochs(cfg, accelerator, model, optimizer, scheduler, train_dl, val_dl, data, state, run_dir, dry_run):
+    """The epochs: train, evaluate, keep the best, checkpoint; then finish."""
     epochs = 1 if dry_run else cfg.train.epochs
     for epoch in range(state.epoch, epochs):
         state.epoch = epoch
@@ -126,7 +206,9 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
         stop = _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions)
         state.epoch, state.batches_done = epoch + 1, 0
         state.loss_sums, state.loss_counts = [], []
-        save_checkpoint(accelerator, run_dir, state)
+        save_checkpoint(accelerator, run_dir, state, scheduler)
+        if _SIGNAL["received"] is not None and state.epoch < epochs:
+            raise Interrupted(_SIGNAL["received"])
         if stop:
             logger.info(f"early stopping: no improvement in {state.bad_epochs} epochs")
             break
@@ -134,6 +216,19 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
             if state.epoch < epochs:
                 return _stopped(accelerator, cfg, run_dir, state)
     return _finish(accelerator, cfg, run_dir, data, state, dry_run)
+
+
+def _write_status(accelerator, cfg, run_dir: Path, state: TrainerState, status: str, error: str | None = None) -> None:
+    """Record why a run ended early in ``metrics.json`` (never presented as finished)."""
+    if not accelerator.is_main_process:
+        return
+    result = _metrics_json(cfg, accelerator, run_dir, state, status)
+    if error:
+        result["error"] = error
+    try:
+        io.write_json(run_dir / io.METRICS_FILE, result)
+    except OSError as err:  # e.g. the disk is full: the original error matters more
+        logger.error(f"could not write {run_dir / io.METRICS_FILE}: {err}")
 
 
 def unconnected_launch_error(accelerator: Accelerator) -> str | None:
@@ -249,6 +344,7 @@ def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel) -> dict:
         std=model.config.image_std,
         dihedral=d.augment_dihedral,
         color_jitter=d.color_jitter,
+        bad_image_policy=d.bad_image_policy,
     )
 
 
@@ -316,37 +412,88 @@ def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cf
         local += torch.tensor(
             [state.loss_sums[rank], state.loss_counts[rank]], dtype=torch.float64, device=local.device
         )
+    skipped_images = 0
     progress = _progress_bar(
         accelerator, total=min(limit, len(train_dl)), initial=state.batches_done, desc=f"epoch {state.epoch + 1}"
     )
     for batch in loader:
         if state.batches_done >= limit:
             break
+        paths = batch.pop("path")
+        skipped_images += batch.pop("skipped")
         with accelerator.accumulate(model):
-            outputs = model(**batch)
-            accelerator.backward(outputs.loss)
-            if accelerator.sync_gradients and cfg.train.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-        local[0] += outputs.loss.detach().double() * len(batch["labels"])
-        local[1] += len(batch["labels"])
+            outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
+            if os.environ.get("EXPREG_FAULT_NAN_AT_STEP") == str(state.global_step + 1):  # crash tests only
+                outputs.loss = outputs.loss * float("nan")
+            nonfinite, signalled = _flags(accelerator, outputs.loss)
+            if nonfinite:
+                _nonfinite_loss(cfg, state, outputs.loss, paths)  # raises unless the policy is skip
+                optimizer.zero_grad()
+            else:
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and cfg.train.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                local[0] += outputs.loss.detach().double() * len(batch["labels"])
+                local[1] += len(batch["labels"])
         state.batches_done += 1
         progress.update(1)
         if accelerator.sync_gradients:
             scheduler.step()
             state.global_step += 1
+            fault_point("step", state.global_step)
             every, stop = cfg.train.checkpointing_steps, cfg.train.stop_after_steps
             stopping = stop is not None and state.global_step >= stop and state.batches_done < limit
-            if stopping or (every and state.global_step % every == 0 and state.batches_done < limit):
+            if signalled or stopping or (every and state.global_step % every == 0 and state.batches_done < limit):
                 _record_loss(accelerator, state, local)
-                save_checkpoint(accelerator, run_dir, state)
+                save_checkpoint(accelerator, run_dir, state, scheduler)
+            if signalled:
+                progress.close()
+                raise Interrupted(_SIGNAL["received"] or signal.SIGTERM)
             if stopping:
                 progress.close()
                 raise StopRequested
     progress.close()
     _record_loss(accelerator, state, local)
+    _log_skipped(accelerator, state, skipped_images)
     return sum(state.loss_sums) / max(sum(state.loss_counts), 1)
+
+
+def _log_skipped(accelerator: Accelerator, state: TrainerState, skipped_images: int) -> None:
+    total = int(accelerator.reduce(torch.tensor(float(skipped_images), device=accelerator.device), reduction="sum"))
+    if total:
+        state.skipped_images += total
+        logger.warning(
+            f"epoch {state.epoch + 1}: skipped {total} unreadable training image(s) (data.bad_image_policy=skip); "
+            f"{state.skipped_images} in all"
+        )
+
+
+def _flags(accelerator: Accelerator, loss: torch.Tensor) -> tuple[bool, bool]:
+    """(non-finite loss on any process, stop signal on any process): every process decides alike."""
+    flags = torch.tensor(
+        [float(not torch.isfinite(loss.detach()).item()), float(_SIGNAL["received"] is not None)],
+        device=loss.device,
+    )
+    if accelerator.num_processes > 1:
+        flags = accelerator.reduce(flags, reduction="sum")
+    return bool(flags[0] > 0), bool(flags[1] > 0)
+
+
+def _nonfinite_loss(cfg: RunConfig, state: TrainerState, loss: torch.Tensor, paths: list[str]) -> None:
+    where = f"epoch {state.epoch + 1}, batch {state.batches_done + 1}, after optimizer step {state.global_step}"
+    if cfg.train.nonfinite_loss_policy == "skip":
+        state.skipped_batches += 1
+        logger.warning(f"non-finite loss at {where}: batch skipped ({state.skipped_batches} so far)")
+        return
+    shown = ", ".join(paths[:8]) + (f" (+{len(paths) - 8} more)" if len(paths) > 8 else "")
+    value = float(loss.detach().float())
+    raise TrainingError(
+        f"non-finite loss ({value}) at {where}; images of this process's batch: {shown or 'on another process'}. "
+        "Training stopped; checkpoints/last holds the last good state. Lower train.lr, check these images "
+        "and targets, or set train.nonfinite_loss_policy=skip for isolated bad batches"
+    )
 
 
 def _progress_bar(accelerator: Accelerator, **kwargs) -> tqdm:
@@ -489,8 +636,12 @@ def _model_card(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: R
     return render_model_card(cfg.to_dict(), best, metrics.per_gene_rows(), summary)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState) -> None:
-    """``accelerator.save_state`` into a temporary folder, then an atomic swap to ``checkpoints/last``."""
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, scheduler) -> None:
+    """``accelerator.save_state`` into a temporary folder, then an atomic swap to ``checkpoints/last``.
+
+    A process killed at any moment leaves ``checkpoints/last`` (or, for the instant of the swap,
+    ``checkpoints/last.old``) complete; ``trainer_state.json`` is written last inside the folder.
+    """
     tmp = run_dir / "checkpoints" / ".last.tmp"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -498,28 +649,48 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state.scheduler = scheduler.state_dict()
         io.write_json(tmp / io.TRAINER_STATE_FILE, asdict(state))
+        fault_point("save", state.global_step)
         io.replace_dir(tmp, run_dir / "checkpoints" / "last")
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator: Accelerator, checkpoint: str) -> TrainerState:
+def _resume(accelerator: Accelerator, checkpoint: str, scheduler, num_genes: int) -> TrainerState:
     import json
 
-    path = Path(checkpoint)
+    path = resolve_checkpoint(checkpoint)
     state = TrainerState(**json.loads((path / io.TRAINER_STATE_FILE).read_text()))
     if state.num_processes != accelerator.num_processes:
         raise io.RunDirError(
             f"--resume {checkpoint}: the run was trained with {state.num_processes} process(es), this launch has "
             f"{accelerator.num_processes}; resume with the same number (an exact resume depends on it)"
         )
+    saved_genes = json.loads((path.parent.parent / "target_stats.json").read_text())["gene_names"]
+    if len(saved_genes) != num_genes:
+        raise io.RunDirError(
+            f"--resume {checkpoint}: the run predicts {len(saved_genes)} genes but the metadata now has "
+            f"{num_genes} targets; the data changed since the run started"
+        )
     accelerator.load_state(str(path))
+    scheduler.load_state_dict(state.scheduler)
     return state
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
+    """``checkpoints/last``, or ``checkpoints/last.old`` when a kill hit the instant of the swap."""
+    path = Path(checkpoint).resolve()
+    if not (path / io.TRAINER_STATE_FILE).is_file():
+        old = path.with_name(path.name + ".old")
+        if (old / io.TRAINER_STATE_FILE).is_file():
+            logger.warning(f"{path} is incomplete; resuming from {old}")
+            return old
+    return path
 
 
 def check_resume_dir(checkpoint: str | os.PathLike) -> Path:
     """Validate ``--resume`` and return its run directory."""
-    path = Path(checkpoint).resolve()
+    path = resolve_checkpoint(checkpoint)
     if not (path / io.TRAINER_STATE_FILE).is_file():
         raise io.RunDirError(
             f"--resume {checkpoint}: not an expreg checkpoint (no {io.TRAINER_STATE_FILE}); "

@@ -1,0 +1,270 @@
+"""Faults with real processes and real signals: kills, interrupts, bad images, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from expreg.metadata import MetadataError, read_metadata
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import REPO, TWO_PROCESSES, _env, assert_same_run, metrics, resume, train  # noqa: E402
+
+# Workers, augmentation and dropout on; a checkpoint every 2 optimizer steps.
+COMMON = (
+    "data.num_workers=2",
+    "data.color_jitter=0.2",
+    "model.dropout=0.2",
+    "train.epochs=2",
+    "train.checkpointing_steps=2",
+)
+
+
+@pytest.fixture(scope="module")
+def data_csv(tmp_path_factory) -> Path:
+    from expreg.demo import make_synthetic_dataset
+
+    return make_synthetic_dataset(tmp_path_factory.mktemp("fault_data"), 5, 12, 16, 50, seed=5)
+
+
+@pytest.fixture(scope="module")
+def reference(data_csv, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fault_runs")
+    train(out, "reference", f"data.metadata_csv={data_csv}", *COMMON)
+    return out / "reference"
+
+
+def start(out: Path, name: str, *overrides: str, pause: str | None = None, launcher=(sys.executable,)):
+    """Start a training process that pauses at ``pause`` (see ``expreg.train.fault_point``)."""
+    env = _env()
+    if pause:
+        env["EXPREG_FAULT_PAUSE"] = pause
+    cmd = [
+        *launcher,
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"logging.output_dir={out}",
+        f"logging.run_name={name}",
+        *overrides,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, start_new_session=True
+    )
+
+
+def wait_for_marker(process: subprocess.Popen, marker: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if marker in line:
+            return
+        if not line and process.poll() is not None:
+            raise AssertionError(f"process ended before {marker!r}: {process.stderr.read()[-2000:]}")
+    raise AssertionError(f"no {marker!r} within {timeout} s")
+
+
+@pytest.mark.parametrize(
+    "point", ["step:3", "save:4", "save:6"], ids=["during-a-step", "during-save", "during-epoch-end-save"]
+)
+def test_sigkill_then_resume_equals_uninterrupted(reference, data_csv, point):
+    out = reference.parent
+    name = f"killed_{point.replace(':', '_')}"
+    process = start(out, name, f"data.metadata_csv={data_csv}", *COMMON, pause=point)
+    wait_for_marker(process, f"EXPREG_FAULT_POINT {point}")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    last = out / name / "checkpoints" / "last"
+    state = json.loads((last / "trainer_state.json").read_text())  # the previous checkpoint is intact
+    assert state["global_step"] < int(point.split(":")[1]) or point.startswith("step")
+    result = resume(last)
+    assert "resumed at epoch" in result.stdout
+    assert_same_run(reference, out / name)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_exits_nonzero(reference, data_csv, signum):
+    out = reference.parent
+    name = f"signalled_{signum.name}"
+    process = start(out, name, f"data.metadata_csv={data_csv}", *COMMON, pause="step:3")
+    wait_for_marker(process, "EXPREG_FAULT_POINT step:3")
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum
+    assert f"interrupted by {signum.name}" in stderr and "--resume" in stderr and str(out / name) in stderr
+    assert metrics(out / name)["status"] == "interrupted"
+    assert json.loads((out / name / "checkpoints" / "last" / "trainer_state.json").read_text())["global_step"] == 4
+    resume(out / name / "checkpoints" / "last")
+    assert_same_run(reference, out / name)
+
+
+def test_resume_falls_back_to_the_previous_checkpoint_of_an_interrupted_swap(reference, data_csv, tmp_path):
+    train(tmp_path, "swap", f"data.metadata_csv={data_csv}", *COMMON, "train.stop_after_steps=3")
+    checkpoints = tmp_path / "swap" / "checkpoints"
+    os.replace(checkpoints / "last", checkpoints / "last.old")  # the instant between the two renames
+    result = resume(checkpoints / "last")
+    assert "incomplete; resuming from" in result.stdout
+    assert_same_run(reference, tmp_path / "swap")
+
+
+def test_nonfinite_loss_stops_with_step_and_paths_and_keeps_the_checkpoint(data_csv, tmp_path):
+    env = dict(_env(), EXPREG_FAULT_NAN_AT_STEP="5")
+    cmd = [
+        sys.executable,
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"data.metadata_csv={data_csv}",
+        f"logging.output_dir={tmp_path}",
+        "logging.run_name=nan",
+        "train.checkpointing_steps=2",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode == 1
+    assert "non-finite loss (nan) at epoch 1, batch 5, after optimizer step 4" in result.stderr
+    assert "images/P0" in result.stderr  # the batch's image paths
+    m = metrics(tmp_path / "nan")
+    assert m["status"] == "failed" and "non-finite loss" in m["error"]
+    state = json.loads((tmp_path / "nan" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4  # the last good state
+    result = subprocess.run(
+        [*cmd[:-2], "logging.run_name=nan_skip", "train.nonfinite_loss_policy=skip"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "batch skipped (1 so far)" in result.stdout
+    assert metrics(tmp_path / "nan_skip")["status"] == "finished"
+
+
+def _corrupt_one_training_image(data_csv: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the data with a split file; one training image truncated (it still exists)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_csv.parent, data)
+    from expreg.splits import main as splits_main
+
+    split = tmp_path / "split.csv"
+    assert splits_main(["--metadata_csv", str(data / "metadata.csv"), "--out_csv", str(split), "--seed", "0"]) == 0
+    victim = pd.read_csv(split).query("split == 'train'")["path"].iloc[3]
+    (data / victim).write_bytes((data / victim).read_bytes()[:40])
+    return data / "metadata.csv", split
+
+
+def test_image_broken_after_validation_fails_or_is_skipped(data_csv, tmp_path):
+    csv, split = _corrupt_one_training_image(data_csv, tmp_path)
+    common = (f"data.metadata_csv={csv}", f"data.split_csv={split}", "train.epochs=1")
+    result = train(tmp_path, "fail", *common, expect_ok=False)
+    assert result.returncode == 1 and "cannot be read any more" in result.stderr
+    assert "data.bad_image_policy=skip" in result.stderr
+    assert metrics(tmp_path / "fail")["status"] == "failed"
+    result = train(tmp_path, "skip", *common, "data.bad_image_policy=skip")
+    assert "skipped 1 unreadable training image(s)" in result.stdout
+    assert metrics(tmp_path / "skip")["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_failure_in_one_process_stops_all_without_deadlock(data_csv, tmp_path):
+    csv, split = _corrupt_one_training_image(data_csv, tmp_path)
+    cmd = [
+        *TWO_PROCESSES,
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"data.metadata_csv={csv}",
+        f"data.split_csv={split}",
+        f"logging.output_dir={tmp_path}",
+        "logging.run_name=ddp_fail",
+        "train.epochs=1",
+    ]
+    start_time = time.monotonic()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=240)
+    assert result.returncode != 0 and time.monotonic() - start_time < 240
+    assert "cannot be read any more" in result.stdout + result.stderr
+    metrics_file = tmp_path / "ddp_fail" / "metrics.json"
+    assert not metrics_file.exists() or metrics(tmp_path / "ddp_fail")["status"] != "finished"
+
+
+def test_unwritable_output_directory_is_a_clear_error(data_csv, tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the results folder should be")
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "run_regression.py"),
+            str(REPO / "recipes" / "tiny.yaml"),
+            f"data.metadata_csv={data_csv}",
+            f"logging.output_dir={blocker / 'results'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "cannot create the run directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"", "unreadable image"), (b"this is not an image", "unreadable image"), ("truncate", "unreadable image")],
+    ids=["zero-byte", "not-an-image", "truncated"],
+)
+def test_decode_check_catches_broken_files(dataset_csv, content, expected):
+    frame = pd.read_csv(dataset_csv)
+    target = dataset_csv.parent / frame.loc[2, "path"]
+    target.write_bytes(target.read_bytes()[:60] if content == "truncate" else content)
+    read_metadata(dataset_csv)  # exists: the cheap check passes
+    with pytest.raises(MetadataError, match=f"column 'path', line 4: {expected}"):
+        read_metadata(dataset_csv, check_images="decode")
+
+
+@pytest.mark.parametrize("size", [(3, 5), (2400, 1800)], ids=["tiny", "large"])
+def test_any_image_size_is_resized(size):
+    from expreg.data import ImageTransform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8))
+    assert ImageTransform(32)(image, "x.png").shape == (3, 32, 32)
+
+
+def test_checkpoints_load_without_executing_code(reference):
+    import torch
+    from accelerate.utils.other import load as accelerate_load
+
+    last = reference / "checkpoints" / "last"
+    assert sorted(p.name for p in last.iterdir()) == [
+        "model.safetensors",
+        "optimizer.bin",
+        "random_states_0.pkl",
+        "trainer_state.json",
+    ]  # no pickled scheduler: its state is JSON in trainer_state.json
+    torch.load(last / "optimizer.bin", weights_only=True)
+    accelerate_load(last / "random_states_0.pkl")  # weights_only=True with numpy's array types allowed
+    json.loads((last / "trainer_state.json").read_text())["scheduler"]["last_epoch"]
+
+
+def test_csv_paths_cannot_make_expreg_write_elsewhere(data_csv, tmp_path):
+    import shutil
+
+    data = tmp_path / "data" / "nested"
+    shutil.copytree(data_csv.parent, data)
+    frame = pd.read_csv(data / "metadata.csv", dtype=str, keep_default_na=False)
+    frame["path"] = ["../nested/" + p for p in frame["path"]]  # paths that climb out of the CSV's folder
+    frame.to_csv(data / "metadata.csv", index=False)
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
+    train(tmp_path / "results", "escape", f"data.metadata_csv={data / 'metadata.csv'}", "train.epochs=1")
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
+    assert before == after  # nothing written or touched beside the data
+    assert {p.name for p in tmp_path.iterdir()} == {"data", "results"}
