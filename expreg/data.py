@@ -389,16 +389,45 @@ def collate_fn(examples: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-class EpochSampler:
-    """Shuffled order that depends only on (seed, epoch): the same in every process and after a resume.
+def _round_sizes(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` sizes that differ by at most one (larger first)."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
 
-    Under several processes, accelerate shards the batches of this one global order, so each
-    sample is seen once per epoch across processes.
+
+def epoch_batch_sizes(num_samples: int, batch_size: int, num_processes: int) -> list[int]:
+    """Sizes of an epoch's batches, in order, for ``num_processes`` processes taking turns.
+
+    Full batches first; the remainder is spread over one last round of ``num_processes`` batches
+    (so every process gets the same number of batches and every sample is used exactly once).
+    A remainder too small to give each process two samples (BatchNorm needs two) is folded into
+    the last full round instead.
+    """
+    if num_samples < num_processes:
+        raise ValueError(f"{num_samples} training samples cannot be shared by {num_processes} processes")
+    full_rounds, tail = divmod(num_samples, batch_size * num_processes)
+    sizes = [batch_size] * (full_rounds * num_processes)
+    if tail == 0:
+        return sizes
+    if tail >= 2 * num_processes or full_rounds == 0:
+        return sizes + _round_sizes(tail, num_processes)
+    last_round = _round_sizes(batch_size * num_processes + tail, num_processes)
+    return sizes[:-num_processes] + last_round
+
+
+class EpochBatchSampler:
+    """Shuffled batches that depend only on (seed, epoch): the same in every process and after a resume.
+
+    accelerate deals batch ``i`` to process ``i % num_processes``. The number of batches is a
+    multiple of ``num_processes`` and no sample is repeated, so each sample is seen exactly
+    once per epoch across processes (see ``epoch_batch_sizes``). There is deliberately no
+    ``batch_size`` attribute: accelerate then takes the batches as they are, without padding.
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int, num_processes: int = 1) -> None:
         import torch
 
+        self.sizes = epoch_batch_sizes(num_samples, batch_size, num_processes)
         self.num_samples = num_samples
         self.seed = seed
         self.epoch = 0
@@ -418,10 +447,14 @@ class EpochSampler:
 
         from expreg.seeding import epoch_generator
 
-        return iter(torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist())
+        order = torch.randperm(self.num_samples, generator=epoch_generator(self.seed, self.epoch)).tolist()
+        start = 0
+        for size in self.sizes:
+            yield order[start : start + size]
+            start += size
 
     def __len__(self) -> int:
-        return self.num_samples
+        return len(self.sizes)
 
 
 def build_dataloaders(
@@ -438,8 +471,13 @@ def build_dataloaders(
     dihedral: bool = True,
     color_jitter: float = 0.0,
     bad_image_policy: str = "fail",
+    num_processes: int = 1,
 ) -> dict:
     """DataLoaders for every split: shuffled, augmented ``train``; ordered, plain evaluation splits.
+
+    ``num_processes`` is the number of training processes that will share the train loader
+    (after ``accelerator.prepare``): its batches are laid out so that each sample is used
+    exactly once per epoch across them.
 
     Returns:
         ``{"train": DataLoader, "validation": ..., "test": ...}`` (the splits present), plus
@@ -462,17 +500,8 @@ def build_dataloaders(
         transform = ExpressionTransform(image_transform, target_stats, bad_image_policy if train else "fail")
         dataset = part.cast_column("image", datasets.Image(decode=False)).with_transform(transform)
         if train:
-            sampler = EpochSampler(len(dataset), seed)
-            # A last batch of one sample breaks BatchNorm in training: drop it (one sample per epoch).
-            drop_last = len(dataset) % batch_size == 1
-            loaders["train"] = DataLoader(
-                dataset,
-                batch_size=batch_size,
-                sampler=sampler,
-                generator=sampler.generator,
-                drop_last=drop_last,
-                **common,
-            )
+            sampler = EpochBatchSampler(len(dataset), batch_size, seed, num_processes)
+            loaders["train"] = DataLoader(dataset, batch_sampler=sampler, generator=sampler.generator, **common)
             loaders["train_sampler"], loaders["train_transform"] = sampler, transform
         else:
             generator = torch.Generator().manual_seed(seed)

@@ -153,7 +153,7 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     # directory exists: a failed start leaves nothing behind.
     data = _setup_data(cfg, accelerator)
     model = _setup_model(cfg, data)
-    data.loaders = _setup_loaders(cfg, data, model)
+    data.loaders = _setup_loaders(cfg, data, model, accelerator.num_processes)
     run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
     _LAST_RUN_DIR["path"] = str(run_dir)
     _write_run_files(cfg, accelerator, run_dir, data)
@@ -329,7 +329,7 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator) -> RunData:
     return RunData(datasets, metadata.gene_names, stats, split_table=table, split_summary=summary and summary.format())
 
 
-def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel) -> dict:
+def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel, num_processes: int) -> dict:
     """DataLoaders with the backbone's own pixel normalisation (stored in the model's config)."""
     d = cfg.data
     return build_dataloaders(
@@ -345,6 +345,7 @@ def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel) -> dict:
         dihedral=d.augment_dihedral,
         color_jitter=d.color_jitter,
         bad_image_policy=d.bad_image_policy,
+        num_processes=num_processes,
     )
 
 
@@ -400,7 +401,8 @@ def _log_start(cfg, accelerator, run_dir, data, batches_per_epoch, total_steps, 
 def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cfg, state, run_dir, dry_run) -> float:
     """One pass over the training data (resuming mid-epoch where ``state`` says); returns the mean loss."""
     model.train()
-    data.loaders["train_transform"].set_epoch(state.epoch)
+    data.loaders["train_sampler"].set_epoch(state.epoch)  # the shuffling order of this epoch
+    data.loaders["train_transform"].set_epoch(state.epoch)  # the augmentation draws of this epoch
     limit = _steps_per_epoch(len(train_dl), cfg, dry_run) * cfg.train.grad_accum_steps
     loader = accelerator.skip_first_batches(train_dl, state.batches_done) if state.batches_done else train_dl
     # accelerate's loaders re-set the sampler's epoch from their own iteration counter when they

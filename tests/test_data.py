@@ -161,3 +161,31 @@ def test_result_files_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 3])
+@pytest.mark.parametrize("num_samples", [2 * 3, 17, 33, 48, 49, 50, 97])
+def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_processes):
+    """The batches accelerate deals to each process: every sample exactly once, equal batch counts."""
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    from expreg.data import EpochBatchSampler
+
+    sampler = EpochBatchSampler(num_samples, 8, seed=0, num_processes=num_processes)
+    sampler.set_epoch(3)
+    loader = DataLoader(list(range(num_samples)), batch_sampler=sampler)
+    per_process = [
+        [
+            batch.tolist()
+            for batch in prepare_data_loader(
+                loader, num_processes=num_processes, process_index=rank, put_on_device=False
+            )
+        ]
+        for rank in range(num_processes)
+    ]
+    seen = sorted(i for batches in per_process for batch in batches for i in batch)
+    assert seen == list(range(num_samples))
+    assert len({len(batches) for batches in per_process}) == 1  # no process waits for another
+    sizes = [len(b) for batches in per_process for b in batches]
+    assert max(sizes) <= 8 + 2 and (min(sizes) >= 2 or num_samples < 2 * num_processes * 2)
