@@ -6,8 +6,8 @@ quality:  ## lint and format check, as CI
 style:  ## apply lint fixes and formatting
 	ruff check . --fix && ruff format .
 
-test:  ## the whole suite, as CI
-	HF_HUB_OFFLINE=1 pytest
+test:  ## both test tiers, as CI
+	HF_HUB_OFFLINE=1 pytest && HF_HUB_OFFLINE=1 pytest -m slow
 
-test-fast:  ## without the slow multi-process tests
-	HF_HUB_OFFLINE=1 pytest -m "not slow"
+test-fast:  ## the default tier only
+	HF_HUB_OFFLINE=1 pytest

@@ -11,6 +11,7 @@ boundaries with the number of batches done, and a resumed epoch skips those batc
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -604,8 +605,9 @@ def _save_best(accelerator, model, run_dir: Path, val, expression: np.ndarray, m
     tmp = run_dir / "checkpoints" / ".best.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-    io.atomic_write_text(tmp / "README.md", card)
+    with _writing(tmp):
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        io.atomic_write_text(tmp / "README.md", card)
     io.replace_dir(tmp, run_dir / "checkpoints" / "best")
     io.write_predictions(
         run_dir / "predictions_val.csv", val["path"][:n], val["group_id"][:n], metrics.gene_names, expression
@@ -638,6 +640,21 @@ def _model_card(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: R
     return render_model_card(cfg.to_dict(), best, metrics.per_gene_rows(), summary)
 
 
+@contextlib.contextmanager
+def _writing(what: Path):
+    """Report any failure while writing ``what`` as an ``OSError`` naming it.
+
+    safetensors and torch.save raise their own types on a full disk (SafetensorError,
+    RuntimeError); callers and users should see one kind of write error.
+    """
+    try:
+        yield
+    except OSError as err:
+        raise OSError(err.errno, f"writing {what}: {err.strerror or err}") from err
+    except Exception as err:  # noqa: BLE001 - see docstring
+        raise OSError(f"writing {what}: {type(err).__name__}: {err}") from err
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, scheduler) -> None:
     """``accelerator.save_state`` into a temporary folder, then an atomic swap to ``checkpoints/last``.
 
@@ -648,11 +665,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
+    with _writing(tmp):
+        accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state.scheduler = scheduler.state_dict()
-        io.write_json(tmp / io.TRAINER_STATE_FILE, asdict(state))
+        with _writing(tmp):
+            io.write_json(tmp / io.TRAINER_STATE_FILE, asdict(state))
         fault_point("save", state.global_step)
         io.replace_dir(tmp, run_dir / "checkpoints" / "last")
     accelerator.wait_for_everyone()

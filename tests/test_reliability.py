@@ -268,3 +268,35 @@ def test_csv_paths_cannot_make_expreg_write_elsewhere(data_csv, tmp_path):
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "data").rglob("*")}
     assert before == after  # nothing written or touched beside the data
     assert {p.name for p in tmp_path.iterdir()} == {"data", "results"}
+
+
+def _limit_file_size():
+    """preexec_fn: every file this process writes is capped at 64 KiB, as if the disk were full."""
+    import resource
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get an OSError (EFBIG) instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_disk_full_is_a_clear_error_and_never_a_finished_run(data_csv, tmp_path):
+    cmd = [
+        sys.executable,
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"data.metadata_csv={data_csv}",
+        f"logging.output_dir={tmp_path}",
+        "logging.run_name=full",
+        "train.epochs=1",
+        "train.checkpointing_steps=1",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300, preexec_fn=_limit_file_size
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "cannot write the run's files" in result.stderr and "File too large" in result.stderr
+    m = metrics(tmp_path / "full")  # small files still fit: the run says why it stopped
+    assert m["status"] == "failed" and "File too large" in m["error"]
+    assert (
+        not (tmp_path / "full" / "checkpoints" / "last").exists()
+        or (tmp_path / "full" / "checkpoints" / "last" / "trainer_state.json").is_file()
+    )  # a checkpoint folder is complete or absent, never half-written

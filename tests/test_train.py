@@ -296,7 +296,14 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_csv, tmp_path):
     run = tmp_path / "ddp"
     m = metrics(run)
     assert m["num_processes"] == 2 and m["effective_batch_size"] == 16
-    assert "num_processes=2 distributed_type=MULTI_CPU" in (run / "log.txt").read_text()
+    log = (run / "log.txt").read_text()
+    assert "num_processes=2 distributed_type=MULTI_CPU" in log
+    assert log.count("run finished") == 1  # only the main process writes files
+    one = tmp_path / "one"
+    train(tmp_path, "one", f"data.metadata_csv={data_csv}", "train.epochs=1")
+    files = {p.relative_to(run).as_posix() for p in run.rglob("*")}
+    files_one = {p.relative_to(one).as_posix() for p in one.rglob("*")}
+    assert files - files_one == {"checkpoints/last/random_states_1.pkl"}  # each process's RNG state, nothing else
     # stop + resume under 2 processes gives the same run
     train(tmp_path, "ddp_stopped", f"data.metadata_csv={data_csv}", *COMMON, "train.stop_after_steps=3", launcher=two)
     resume(tmp_path / "ddp_stopped" / "checkpoints" / "last", launcher=two)
