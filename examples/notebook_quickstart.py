@@ -27,7 +27,10 @@ cfg = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
 print("run:", run_dir)
 
 # %% The dataset object: train / validation (/ test) with decoded images and labels
-ds = load_expression_dataset(cfg["data"]["metadata_csv"], cfg["data"]["split_csv"])
+d = cfg["data"]
+ds = load_expression_dataset(
+    d["metadata_csv"], d["split_csv"], fold=d["fold"], seed=cfg["seed"], val_frac=d["val_frac"]
+)
 print(ds)
 example = ds["validation"][0]
 print(example["path"], example["group_id"], example["image"].size, len(example["labels"]), "targets")

@@ -50,7 +50,14 @@ def _flatten(cfg: dict) -> dict:
 
 
 def read_run(run_dir: Path) -> RunRow:
-    """One row for a run folder; ``problem`` says why it is not a usable finished run."""
+    """One row for a run folder; ``problem`` says why it is not a usable finished run. Never raises."""
+    try:
+        return _read_run(run_dir)
+    except Exception as err:  # noqa: BLE001 - a broken folder is listed, it never breaks the table
+        return RunRow(name=run_dir.name, problem=f"unexpected content ({type(err).__name__}: {err})")
+
+
+def _read_run(run_dir: Path) -> RunRow:
     row = RunRow(name=run_dir.name)
     try:
         metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -60,11 +67,18 @@ def read_run(run_dir: Path) -> RunRow:
     except (OSError, ValueError) as err:
         row.problem = f"unreadable metrics.json ({type(err).__name__})"
         return row
+    if not isinstance(metrics, dict):
+        row.problem = "metrics.json is not a JSON object"
+        return row
     try:
-        cfg = _flatten(yaml.safe_load((run_dir / "config_resolved.yaml").read_text()) or {})
+        raw = yaml.safe_load((run_dir / "config_resolved.yaml").read_text())
     except (OSError, yaml.YAMLError) as err:
         row.problem = f"unreadable config_resolved.yaml ({type(err).__name__})"
         return row
+    if not isinstance(raw, dict):
+        row.problem = "config_resolved.yaml is not a mapping"
+        return row
+    cfg = _flatten(raw)
     row.backbone = str(cfg.get("model.backbone", ""))
     row.effective_batch = metrics.get("effective_batch_size")
     row.lr, row.seed, row.fold = cfg.get("train.lr"), cfg.get("seed"), cfg.get("data.fold")
@@ -76,7 +90,7 @@ def read_run(run_dir: Path) -> RunRow:
     status = metrics.get("status")
     if status != "finished":
         row.problem = f"status {status!r}" + (" (resume it with --resume .../checkpoints/last)" if status else "")
-    elif row.spearman is None:
+    elif not isinstance(row.spearman, (int, float)):
         row.problem = "finished without a defined validation mean Spearman"
     return row
 
@@ -87,10 +101,13 @@ def collect(results_dir: Path) -> list[RunRow]:
     return [read_run(p) for p in sorted(results_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
 
-def _num(value, digits=4) -> str:
+def _num(value, digits: int | str = 4) -> str:
+    """A table cell: floats with ``digits`` decimals (or a format spec such as ``"g"``), n/a for missing."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:{digits}}" if isinstance(digits, str) else f"{value:.{digits}f}"
 
 
 def _mean_std(values: list[float]) -> str:
@@ -108,7 +125,8 @@ def render(rows: list[RunRow], results_dir: Path) -> str:
     ]
     for r in good:
         lines.append(
-            f"| {r.name} | {r.backbone} | {_num(r.effective_batch)} | {r.lr:g} | {_num(r.seed)} | {_num(r.epochs_done)} "
+            f"| {r.name} | {r.backbone} | {_num(r.effective_batch)} | {_num(r.lr, 'g')} | {_num(r.seed)} "
+            f"| {_num(r.epochs_done)} "
             f"| {_num(r.best_epoch)} | {_num(r.spearman)} | {_num(r.pearson)} |"
         )
     if not good:

@@ -352,8 +352,8 @@ class ExpressionTransform:
             if image is None and self.bad_image_policy == "fail":
                 path = item["path"] if isinstance(item, dict) else item
                 raise UnreadableImageError(
-                    f"{path} (row path {key!r}) cannot be read any more: {reason}. It was readable when the data "
-                    "were checked, so it changed since; fix the file, or set data.bad_image_policy=skip"
+                    f"{path} (row path {key!r}) cannot be read: {reason}. Fix or remove the file (data.check_images="
+                    "decode finds all such files before training), or set data.bad_image_policy=skip"
                 )
             pixel_values.append(None if image is None else self.image_transform(image, key))
         labels = np.asarray(batch["labels"], dtype=np.float32)

@@ -160,13 +160,13 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a completely written ``tmp_dir`` to ``final_dir`` (replacing it) with renames only.
 
     The old folder is renamed aside first and removed last, so at any moment either the old or
-    the new folder is complete under a known name.
+    the new folder is complete under a known name (``final_dir`` or ``<final_dir>.old``).
     """
     old = final_dir.with_name(final_dir.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
     if final_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final_dir, old)
-    os.replace(tmp_dir, final_dir)
+    os.replace(tmp_dir, final_dir)  # when final_dir was missing, .old (if any) is still the fallback until here
     if old.exists():
         shutil.rmtree(old)

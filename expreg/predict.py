@@ -121,15 +121,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _inputs(args, num_genes: int):
+def _inputs(args, genes: list[str]):
     """(paths as written in the output, files to open, targets or None)."""
     if args.image_dir:
         files = list_images(args.image_dir)
         return files, files, None
     metadata = read_metadata(args.metadata_csv, num_genes=None, for_prediction=True)
-    if metadata.target_columns and metadata.num_genes != num_genes:
+    if metadata.target_columns and metadata.num_genes != len(genes):
         raise PredictError(
-            f"{metadata.csv_path}: the CSV has K={metadata.num_genes} targets but the model predicts {num_genes} genes"
+            f"{metadata.csv_path}: the CSV has K={metadata.num_genes} targets but the model predicts {len(genes)} genes"
+        )
+    if metadata.target_columns and metadata.gene_names != metadata.target_columns and metadata.gene_names != genes:
+        differ = [f"y{i}: {a} vs {b}" for i, (a, b) in enumerate(zip(metadata.gene_names, genes)) if a != b]
+        raise PredictError(
+            f"{metadata.csv_path}: the targets' gene names differ from the model's ({'; '.join(differ[:3])}"
+            f"{' ...' if len(differ) > 3 else ''}); metrics would compare different genes"
         )
     files = [resolve_image_path(metadata.csv_path, p) for p in metadata.frame["path"]]
     targets = metadata.targets().astype(np.float64) if metadata.target_columns else None
@@ -143,7 +149,7 @@ def main(argv=None) -> int:
         if out.exists() and not args.overwrite:
             raise PredictError(f"{out} exists; choose another --out_csv or pass --overwrite")
         model = load_model(args.model)
-        paths, files, targets = _inputs(args, model.config.num_genes)
+        paths, files, targets = _inputs(args, list(model.config.gene_names))
     except (PredictError, MetadataError) as err:
         print(f"expreg-predict: error: {err}", file=sys.stderr)
         return 2
@@ -159,7 +165,14 @@ def main(argv=None) -> int:
     if problem:
         print(f"expreg-predict: error: {problem}", file=sys.stderr)
         return 2
-    expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers)
+    from expreg.data import UnreadableImageError
+
+    try:
+        expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers)
+    except UnreadableImageError as err:
+        message = [line for line in str(err).strip().splitlines() if line.strip()][-1]
+        print(f"expreg-predict: error: {message.split('UnreadableImageError: ')[-1]}", file=sys.stderr)
+        return 2
     if not accelerator.is_main_process:
         return 0
     genes = list(model.config.gene_names)

@@ -93,6 +93,16 @@ def _install_signal_handlers():
     return previous
 
 
+def _fault_nan(step: int, rank: int) -> bool:
+    """Crash tests: ``EXPREG_FAULT_NAN_AT_STEP=5`` (every process) or ``5@1`` (process 1 only) makes
+    the loss of optimizer step 5 NaN. Inert unless set."""
+    spec = os.environ.get("EXPREG_FAULT_NAN_AT_STEP")
+    if not spec:
+        return False
+    at, _, on_rank = spec.partition("@")
+    return int(at) == step and (not on_rank or int(on_rank) == rank)
+
+
 def fault_point(name: str, count: int) -> None:
     """Fault-injection hook for the crash tests; inert unless ``EXPREG_FAULT_PAUSE`` is set.
 
@@ -195,6 +205,8 @@ def _train_epochs(cfg, accelerator, model, optimizer, scheduler, train_dl, val_d
     """The epochs: train, evaluate, keep the best, checkpoint; then finish."""
     epochs = 1 if dry_run else cfg.train.epochs
     for epoch in range(state.epoch, epochs):
+        if _early_stopped(cfg, state):  # decided before an interruption or kill: honour it on resume
+            break
         state.epoch = epoch
         try:
             train_loss = train_one_epoch(
@@ -204,19 +216,33 @@ def _train_epochs(cfg, accelerator, model, optimizer, scheduler, train_dl, val_d
             return _stopped(accelerator, cfg, run_dir, state)
         _sync_buffers(model, accelerator)
         val_loss, predictions = evaluate(model, val_dl, accelerator, max_batches=2 if dry_run else None)
-        stop = _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions)
+        _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions)
         state.epoch, state.batches_done = epoch + 1, 0
         state.loss_sums, state.loss_counts = [], []
         save_checkpoint(accelerator, run_dir, state, scheduler)
-        if _SIGNAL["received"] is not None and state.epoch < epochs:
-            raise Interrupted(_SIGNAL["received"])
-        if stop:
-            logger.info(f"early stopping: no improvement in {state.bad_epochs} epochs")
-            break
+        if _early_stopped(cfg, state) or state.epoch >= epochs:
+            continue  # the loop ends: finish even if a signal came in meanwhile
+        if _any_process(accelerator, _SIGNAL["received"] is not None):
+            raise Interrupted(_SIGNAL["received"] or signal.SIGTERM)
         if cfg.train.stop_after_steps is not None and state.global_step >= cfg.train.stop_after_steps:
-            if state.epoch < epochs:
-                return _stopped(accelerator, cfg, run_dir, state)
+            return _stopped(accelerator, cfg, run_dir, state)
     return _finish(accelerator, cfg, run_dir, data, state, dry_run)
+
+
+def _early_stopped(cfg: RunConfig, state: TrainerState) -> bool:
+    patience = cfg.train.early_stopping_patience
+    if patience and state.bad_epochs >= patience:
+        logger.info(f"early stopping: no improvement in {state.bad_epochs} epochs")
+        return True
+    return False
+
+
+def _any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any (a collective: all processes must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=accelerator.device)
+    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
 
 
 def _write_status(accelerator, cfg, run_dir: Path, state: TrainerState, status: str, error: str | None = None) -> None:
@@ -426,11 +452,11 @@ def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cf
         skipped_images += batch.pop("skipped")
         with accelerator.accumulate(model):
             outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-            if os.environ.get("EXPREG_FAULT_NAN_AT_STEP") == str(state.global_step + 1):  # crash tests only
+            if _fault_nan(state.global_step + 1, accelerator.process_index):  # crash tests only
                 outputs.loss = outputs.loss * float("nan")
             nonfinite, signalled = _flags(accelerator, outputs.loss)
             if nonfinite:
-                _nonfinite_loss(cfg, state, outputs.loss, paths)  # raises unless the policy is skip
+                _nonfinite_loss(accelerator, cfg, state, outputs.loss, paths)  # raises unless the policy is skip
                 optimizer.zero_grad()
             else:
                 accelerator.backward(outputs.loss)
@@ -484,18 +510,30 @@ def _flags(accelerator: Accelerator, loss: torch.Tensor) -> tuple[bool, bool]:
     return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
-def _nonfinite_loss(cfg: RunConfig, state: TrainerState, loss: torch.Tensor, paths: list[str]) -> None:
+def _nonfinite_loss(accelerator: Accelerator, cfg: RunConfig, state: TrainerState, loss, paths: list[str]) -> None:
+    """A non-finite loss on some process (every process calls this): skip the batch, or stop naming it."""
     where = f"epoch {state.epoch + 1}, batch {state.batches_done + 1}, after optimizer step {state.global_step}"
     if cfg.train.nonfinite_loss_policy == "skip":
         state.skipped_batches += 1
         logger.warning(f"non-finite loss at {where}: batch skipped ({state.skipped_batches} so far)")
         return
-    shown = ", ".join(paths[:8]) + (f" (+{len(paths) - 8} more)" if len(paths) > 8 else "")
-    value = float(loss.detach().float())
+    mine = (accelerator.process_index, float(loss.detach().float()), list(paths))
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        reports = gather_object([mine])
+    else:
+        reports = [mine]
+    bad = [(rank, value, batch) for rank, value, batch in reports if not math.isfinite(value)]
+    details = "; ".join(
+        f"process {rank}: loss {value}, images "
+        + ", ".join(batch[:8])
+        + (f" (+{len(batch) - 8} more)" if len(batch) > 8 else "")
+        for rank, value, batch in bad
+    )
     raise TrainingError(
-        f"non-finite loss ({value}) at {where}; images of this process's batch: {shown or 'on another process'}. "
-        "Training stopped; checkpoints/last holds the last good state. Lower train.lr, check these images "
-        "and targets, or set train.nonfinite_loss_policy=skip for isolated bad batches"
+        f"non-finite loss at {where} ({details}). Training stopped; checkpoints/last holds the last good state. "
+        "Lower train.lr, check these images and targets, or set train.nonfinite_loss_policy=skip for isolated bad batches"
     )
 
 
@@ -552,8 +590,8 @@ def _sync_buffers(model, accelerator: Accelerator) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions) -> bool:
-    """Metrics, history, best model and predictions; returns True to stop early."""
+def _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions) -> None:
+    """Metrics, history, best model, predictions and the early-stopping count."""
     val = data.datasets["validation"]
     targets = np.asarray(val["labels"], dtype=np.float64)[: len(predictions)]
     expression = data.target_stats.denormalize(predictions.astype(np.float64))
@@ -587,8 +625,6 @@ def _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_lo
         state.bad_epochs += 1
     if accelerator.is_main_process:
         io.write_json(run_dir / io.METRICS_FILE, _metrics_json(cfg, accelerator, run_dir, state, "running"))
-    patience = cfg.train.early_stopping_patience
-    return bool(patience and state.bad_epochs >= patience)
 
 
 def _improved(spearman: float, state: TrainerState) -> bool:

@@ -211,6 +211,13 @@ def test_aggregate_sorts_runs_lists_broken_ones_and_summarises_folds(run, tmp_pa
     (results / "stopped" / "metrics.json").write_text(json.dumps(m))
     (results / "garbled").mkdir()
     (results / "garbled" / "metrics.json").write_text("{not json")
+    shutil.copytree(results / "c", results / "null_json")
+    (results / "null_json" / "metrics.json").write_text("null")
+    shutil.copytree(results / "c", results / "text_config")
+    (results / "text_config" / "config_resolved.yaml").write_text("just text")
+    shutil.copytree(results / "c", results / "no_lr")
+    cfg = (results / "no_lr" / "config_resolved.yaml").read_text()
+    (results / "no_lr" / "config_resolved.yaml").write_text(cfg.replace("  lr: 0.001\n", ""))
     out_md = tmp_path / "summary.md"
     assert aggregate_main(["--results_dir", str(results), "--out_md", str(out_md)]) == 0
     table = out_md.read_text()
@@ -220,11 +227,14 @@ def test_aggregate_sorts_runs_lists_broken_ones_and_summarises_folds(run, tmp_pa
         for line in table.split("## ")[0].splitlines()
         if line.startswith("| ") and "---" not in line
     ]
-    assert main_rows[1:] == ["b", "c", "a"]  # sorted by best mean Spearman
+    assert main_rows[1:4] == ["b", "c", "a"] or main_rows[1:] == ["b", "c", "no_lr", "a"]
     assert "| b | test_resnet | 8 | 0.001 | 0 | 3 |" in table
     assert "Cross-validation (mean ± std over folds)" in table and "| 0, 1 | 0.3500 ± 0.2121 |" in table
     assert "| empty | no metrics.json" in table and "| garbled | unreadable metrics.json" in table
     assert "| stopped | status 'stopped'" in table
+    assert "| null_json | metrics.json is not a JSON object |" in table
+    assert "| text_config | config_resolved.yaml is not a mapping |" in table
+    assert "| no_lr | test_resnet | 8 | n/a |" in table  # a missing setting is n/a, not a crash
 
 
 def test_notebook_example_runs(run):
@@ -239,3 +249,34 @@ def test_notebook_example_runs(run):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ExpRegModel test_resnet 50 genes" in result.stdout
     assert "predictions: (" in result.stdout and "mean Spearman" in result.stdout
+
+
+def test_predict_refuses_other_genes_and_reports_unreadable_images(run, data_csv, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_csv.parent, data)
+    (data / "genes.txt").write_text("\n".join(f"OTHER{i}" for i in range(50)) + "\n")
+    out = tmp_path / "p.csv"
+    assert (
+        predict_main(["--model", str(run), "--metadata_csv", str(data / "metadata.csv"), "--out_csv", str(out)]) == 2
+    )
+    assert "gene names differ from the model's (y0: OTHER0 vs GENE00" in capsys.readouterr().err
+    (data / "genes.txt").unlink()
+    first = pd.read_csv(data / "metadata.csv")["path"].iloc[0]
+    (data / first).write_bytes(b"broken")
+    code = predict_main(
+        [
+            "--model",
+            str(run),
+            "--metadata_csv",
+            str(data / "metadata.csv"),
+            "--out_csv",
+            str(out),
+            "--num_workers",
+            "2",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and first in err and "cannot read the image" in err and "Traceback" not in err
+    assert not out.exists()
