@@ -97,6 +97,17 @@ def _split_training_folds(table, is_test: np.ndarray, seed: int, val_frac: float
     train_part = table.loc[~is_test]
     counts = train_part["group_id"].value_counts()
     groups = np.array(sorted(counts.index), dtype=object)
+    if len(groups) < 2:
+        # One training group (e.g. leave-one-patient-out with two patients): validation, used only
+        # to pick the best epoch, is a seeded random fraction of its samples. The test fold stays
+        # untouched; the validation score is optimistic (same patient), the test score is not.
+        rng = np.random.default_rng(seed)
+        order = np.argsort(train_part["path"].to_numpy(), kind="stable")  # independent of row order
+        n_val = max(1, int(round(val_frac * len(order))))
+        val_rows = train_part.index[order[rng.permutation(len(order))[:n_val]]]
+        out = np.where(is_test, "test", "train").astype(object)
+        out[table.index.get_indexer(val_rows)] = "validation"
+        return out
     mapping = assign_splits(
         groups, counts.loc[groups].to_numpy(), {"train": 1 - val_frac, "validation": val_frac}, seed
     )

@@ -1,0 +1,105 @@
+"""Cross-validation and baselines: same folds for every method, leakage-free, one summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from expreg.baselines import choose_alpha, extract_features, fit_ridge, mean_baseline, patch_features, ridge_baseline
+from expreg.cv import main as cv_main
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_patch_features_see_colour_and_texture():
+    rng = np.random.default_rng(0)
+    pink = Image.new("RGB", (64, 64), (236, 170, 200))
+    purple = Image.new("RGB", (64, 64), (120, 70, 160))
+    noisy = Image.fromarray(rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8))
+    f_pink, f_purple, f_noisy = (patch_features(i) for i in (pink, purple, noisy))
+    assert f_pink.shape == (62,) and np.isfinite(f_pink).all()
+    assert not np.allclose(f_pink, f_purple)  # colour
+    assert f_noisy[40] > f_pink[40] + 0.01  # Laplacian variance: texture
+
+
+def test_ridge_recovers_a_linear_signal_and_chooses_alpha_on_training_groups_only():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(120, 10))
+    y = x[:, :3] @ rng.normal(size=(3, 4)) + 0.1 * rng.normal(size=(120, 4))
+    groups = np.repeat(np.array([f"g{i}" for i in range(6)], dtype=object), 20)
+    w, b = fit_ridge(x, y, 1e-6)
+    np.testing.assert_allclose(x @ w + b, y, atol=0.5)
+    alpha = choose_alpha(x[:100], y[:100], groups[:100])
+    assert alpha <= 10.0  # little regularisation wins on clean linear data
+    predictions, info = ridge_baseline(x[:100], y[:100], groups[:100], x[100:])
+    assert info["alpha"] == alpha and predictions.shape == (20, 4)
+    assert np.corrcoef(predictions[:, 0], y[100:, 0])[0, 1] > 0.9
+    np.testing.assert_allclose(mean_baseline(y[:100], 3), np.repeat(y[:100].mean(0, keepdims=True), 3, axis=0))
+
+
+def test_unreadable_image_in_features_is_named(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ValueError, match="bad.png: cannot read the image"):
+        extract_features([str(bad)])
+
+
+def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset, tmp_path, capsys):
+    csv = make_dataset(num_groups=4, samples_per_group=10)
+    out = tmp_path / "cv"
+    code = cv_main(
+        [
+            str(REPO / "recipes" / "tiny.yaml"),
+            f"data.metadata_csv={csv}",
+            "train.epochs=1",
+            "--n_folds",
+            "2",
+            "--out_dir",
+            str(out),
+        ]
+    )
+    assert code == 0
+    folds = pd.read_csv(out / "folds.csv")
+    assert folds.groupby("group_id")["fold"].nunique().max() == 1 and set(folds["fold"]) == {0, 1}
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert set(summary["methods"]) == {"finetune", "ridge", "mean"}
+    for m in summary["methods"].values():
+        assert [f["fold"] for f in m["folds"]] == [0, 1]
+        for f in m["folds"]:  # the same held-out groups for every method
+            held_out = sorted(folds.loc[folds["fold"] == f["fold"], "group_id"].unique())
+            assert f["test_groups"] == held_out and f["num_test_samples"] == int((folds["fold"] == f["fold"]).sum())
+        assert len(m["per_gene_spearman_mean"]) == 50
+    assert summary["methods"]["mean"]["spearman_mean"] is None  # undefined, reported as such
+    assert summary["methods"]["mean"]["folds"][0]["num_genes_undefined_spearman"] == 50
+    ridge = summary["methods"]["ridge"]
+    assert ridge["spearman_mean"] > 0.3  # the planted colour/texture signal
+    for k in (0, 1):  # the fine-tuning run never saw its test fold, and selected its epoch on other groups
+        run = out / "runs" / f"finetune__fold{k}"
+        split = pd.read_csv(run / "predictions_val.csv")
+        assert not set(split["group_id"]) & set(folds.loc[folds["fold"] == k, "group_id"])
+    markdown = (out / "cv_summary.md").read_text()
+    assert "| ridge | 0 |" in markdown and "| finetune |" in markdown and "±" in markdown
+    assert "undefined" in markdown
+    assert cv_main([str(REPO / "recipes" / "tiny.yaml"), f"data.metadata_csv={csv}", "--out_dir", str(out)]) == 2
+    assert "never overwritten" in capsys.readouterr().err
+
+
+def test_single_training_group_validates_on_its_own_samples(make_dataset, tmp_path):
+    from expreg.data import load_expression_dataset
+    from expreg.splits import main as splits_main
+
+    csv = make_dataset(num_groups=2, samples_per_group=10)
+    folds = tmp_path / "folds.csv"
+    assert splits_main(["--metadata_csv", str(csv), "--out_csv", str(folds), "--n_folds", "2"]) == 0
+    ds = load_expression_dataset(csv, folds, fold=0)
+    test_group = set(ds["test"]["group_id"])
+    assert len(test_group) == 1
+    assert set(ds["train"]["group_id"]) == set(ds["validation"]["group_id"]) != test_group
+    assert not set(ds["train"]["path"]) & set(ds["validation"]["path"])
+    again = load_expression_dataset(csv, folds, fold=0)
+    assert sorted(again["validation"]["path"]) == sorted(ds["validation"]["path"])  # seeded
