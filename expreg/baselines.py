@@ -117,3 +117,44 @@ def ridge_baseline(x_train, y_train, groups_train, x_test, seed: int = 0) -> tup
 def mean_baseline(y_train: np.ndarray, num_test: int) -> np.ndarray:
     """The training mean for every test row (its correlations are undefined by construction)."""
     return np.repeat(y_train.mean(axis=0, keepdims=True), num_test, axis=0)
+
+
+def embed_images(
+    image_paths: list[str],
+    backbone: str,
+    image_size: int,
+    *,
+    pretrained: bool = False,
+    pretrained_path: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """Frozen backbone embeddings ``(num_images, num_features)`` (timm pooled features, eval mode)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from expreg.data import ImageTransform
+    from expreg.model import build_model
+    from expreg.predict import ImageFiles
+
+    model = build_model(backbone, 1, pretrained=pretrained, pretrained_path=pretrained_path, image_size=image_size)
+    model.eval()
+    transform = ImageTransform(image_size, model.config.image_mean, model.config.image_std, train=False)
+    loader = DataLoader(ImageFiles(image_paths, transform), batch_size=batch_size, num_workers=num_workers)
+    chunks = []
+    with torch.inference_mode():
+        for pixel_values in tqdm(loader, desc="embed", unit="batch", disable=len(image_paths) < 200):
+            chunks.append(model.backbone(pixel_values).float().numpy())
+    return np.concatenate(chunks).astype(np.float64)
+
+
+def linear_probe(emb_train, y_train, groups_train, emb_test, max_components: int = 256, seed: int = 0):
+    """HEST-style linear probe: standardise -> PCA (fitted on training rows) -> ridge (inner group CV)."""
+    train, test = _standardise(emb_train, emb_test)
+    n_components = int(min(max_components, train.shape[0] - 1, train.shape[1]))
+    mean = train.mean(axis=0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    basis = vt[:n_components].T
+    predictions, info = ridge_baseline((train - mean) @ basis, y_train, groups_train, (test - mean) @ basis, seed)
+    return predictions, {**info, "pca_components": n_components}

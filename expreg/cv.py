@@ -8,6 +8,9 @@ there are at most 10 groups) and each method:
 
 - ``finetune``: the recipe's training run with fold k held out as test (validation, for the
   best epoch, comes from the other folds' groups), then its best model predicts fold k;
+- ``linear_probe``: as in HEST-Benchmark, frozen embeddings of the recipe's backbone (its
+  pretrained or local weights when the recipe asks for them, else random init) -> standardise ->
+  PCA (256 or fewer components) -> ridge, all fitted on the training groups;
 - ``ridge``: ridge regression on 62 colour/texture features per patch, the ridge strength
   chosen by an inner group k-fold on the training groups;
 - ``mean``: the training mean (its correlations are undefined, reported as such).
@@ -33,7 +36,7 @@ from expreg.config import DEMO_DATA, ConfigError, load_recipe
 from expreg.metadata import MetadataError, read_metadata
 from expreg.splits import make_fold_table, write_table
 
-METHODS = ("finetune", "ridge", "mean")
+METHODS = ("finetune", "linear_probe", "ridge", "mean")
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -85,7 +88,7 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
     """Run every method on every fold; returns the summary (also written to ``out_dir``)."""
     from accelerate import Accelerator
 
-    from expreg.baselines import extract_features, mean_baseline, ridge_baseline
+    from expreg.baselines import embed_images, extract_features, linear_probe, mean_baseline, ridge_baseline
     from expreg.metrics import compute_metrics
 
     if cfg.data.metadata_csv == DEMO_DATA:
@@ -115,6 +118,19 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
         start = time.perf_counter()
         features = extract_features(list(files))
         feature_seconds = time.perf_counter() - start
+    embeddings = embed_seconds = None
+    if "linear_probe" in methods:
+        start = time.perf_counter()
+        m = cfg.model
+        embeddings = embed_images(
+            list(files),
+            m.backbone,
+            cfg.data.image_size,
+            pretrained=m.pretrained,
+            pretrained_path=m.pretrained_path,
+            num_workers=cfg.data.num_workers,
+        )
+        embed_seconds = time.perf_counter() - start
     accelerator = Accelerator() if "finetune" in methods else None
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for k in range(n_folds):
@@ -125,6 +141,11 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
             extra: dict = {}
             if method == "mean":
                 metrics = compute_metrics(mean_baseline(targets[train], int(test.sum())), targets[test], genes)
+            elif method == "linear_probe":
+                predictions, extra = linear_probe(
+                    embeddings[train], targets[train], groups[train], embeddings[test], seed=cfg.seed
+                )
+                metrics = compute_metrics(predictions, targets[test], genes)
             elif method == "ridge":
                 predictions, extra = ridge_baseline(
                     features[train], targets[train], groups[train], features[test], cfg.seed
@@ -134,7 +155,8 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
                 metrics, extra = run_finetune_fold(
                     cfg, folds_csv, k, out_dir / "runs", accelerator, list(files[test]), targets[test], genes
                 )
-            seconds = time.perf_counter() - start + (feature_seconds * test.mean() if method == "ridge" else 0.0)
+            shared = {"ridge": feature_seconds, "linear_probe": embed_seconds}.get(method) or 0.0
+            seconds = time.perf_counter() - start + shared * test.mean()  # this fold's share of the extraction
             results[method].append({"fold": k, "test_groups": test_groups, **_fold_result(metrics, seconds, extra)})
             print(f"fold {k} ({', '.join(test_groups)}) {method}: {metrics.format()} [{seconds:.0f} s]")
     summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)

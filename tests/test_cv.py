@@ -67,7 +67,8 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
     folds = pd.read_csv(out / "folds.csv")
     assert folds.groupby("group_id")["fold"].nunique().max() == 1 and set(folds["fold"]) == {0, 1}
     summary = json.loads((out / "cv_summary.json").read_text())
-    assert set(summary["methods"]) == {"finetune", "ridge", "mean"}
+    assert set(summary["methods"]) == {"finetune", "linear_probe", "ridge", "mean"}
+    assert summary["methods"]["linear_probe"]["folds"][0]["pca_components"] <= 256
     for m in summary["methods"].values():
         assert [f["fold"] for f in m["folds"]] == [0, 1]
         for f in m["folds"]:  # the same held-out groups for every method
@@ -103,3 +104,21 @@ def test_single_training_group_validates_on_its_own_samples(make_dataset, tmp_pa
     assert not set(ds["train"]["path"]) & set(ds["validation"]["path"])
     again = load_expression_dataset(csv, folds, fold=0)
     assert sorted(again["validation"]["path"]) == sorted(ds["validation"]["path"])  # seeded
+
+
+def test_linear_probe_fits_pca_and_ridge_on_training_rows(tmp_path):
+    from expreg.baselines import embed_images, linear_probe
+
+    rng = np.random.default_rng(2)
+    emb = rng.normal(size=(80, 300))
+    y = emb[:, :5] @ rng.normal(size=(5, 3))
+    groups = np.repeat(np.array(["a", "b", "c", "d"], dtype=object), 20)
+    predictions, info = linear_probe(emb[:60], y[:60], groups[:60], emb[60:])
+    assert info["pca_components"] == 59  # fewer samples than 256: n_train - 1
+    assert predictions.shape == (20, 3)
+    paths = []
+    for i in range(3):
+        Image.new("RGB", (20, 20), (40 * i, 100, 150)).save(tmp_path / f"{i}.png")
+        paths.append(str(tmp_path / f"{i}.png"))
+    features = embed_images(paths, "test_resnet", 32)
+    assert features.shape[0] == 3 and features.shape[1] > 8 and np.isfinite(features).all()
