@@ -82,10 +82,32 @@ class ImageFiles:
         return self.transform(image, self.files[index])
 
 
-def predict_files(model, files: list[str], accelerator, batch_size: int = 64, num_workers: int = 2) -> np.ndarray:
+def dihedral_views(pixel_values):
+    """The 8 flips/90-degree rotations of a batch ``(B, C, H, W)`` (identity first)."""
+    import torch
+
+    views = []
+    for k in range(4):
+        rotated = torch.rot90(pixel_values, k, dims=(2, 3))
+        views += [rotated, torch.flip(rotated, dims=(3,))]
+    return views
+
+
+def forward_tta(model, pixel_values, tta: bool):
+    """Normalised predictions, averaged over the 8 dihedral views when ``tta`` (test-time augmentation)."""
+    if not tta:
+        return model(pixel_values=pixel_values).predictions.float()
+    views = dihedral_views(pixel_values)
+    return sum(model(pixel_values=v).predictions.float() for v in views) / len(views)
+
+
+def predict_files(
+    model, files: list[str], accelerator, batch_size: int = 64, num_workers: int = 2, tta: bool = False
+) -> np.ndarray:
     """Predictions in expression units, shape ``(len(files), num_genes)``, in the order of ``files``.
 
     Every process predicts its shard; ``gather_for_metrics`` reassembles exactly ``len(files)`` rows.
+    With ``tta``, each prediction is the mean over the 8 dihedral views of the image (8x the compute).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -100,7 +122,7 @@ def predict_files(model, files: list[str], accelerator, batch_size: int = 64, nu
     outputs = []
     with torch.inference_mode():
         for pixel_values in tqdm(loader, desc="predict", unit="batch", disable=not accelerator.is_local_main_process):
-            predictions = model(pixel_values=pixel_values).predictions.float()
+            predictions = forward_tta(model, pixel_values, tta)
             outputs.append(accelerator.gather_for_metrics(predictions).cpu().numpy())
     normalised = np.concatenate(outputs) if outputs else np.zeros((0, config.num_genes))
     return normalised.astype(np.float64) * np.asarray(config.target_std) + np.asarray(config.target_mean)
@@ -118,6 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true", help="replace --out_csv if it exists")
+    parser.add_argument("--tta", action="store_true", help="average over the 8 dihedral views (8x slower)")
     return parser.parse_args(argv)
 
 
@@ -168,7 +191,7 @@ def main(argv=None) -> int:
     from expreg.data import UnreadableImageError
 
     try:
-        expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers)
+        expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers, tta=args.tta)
     except UnreadableImageError as err:
         message = [line for line in str(err).strip().splitlines() if line.strip()][-1]
         print(f"expreg-predict: error: {message.split('UnreadableImageError: ')[-1]}", file=sys.stderr)

@@ -85,7 +85,8 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
         assert not set(split["group_id"]) & set(folds.loc[folds["fold"] == k, "group_id"])
     markdown = (out / "cv_summary.md").read_text()
     assert "| ridge | 0 |" in markdown and "| finetune |" in markdown and "±" in markdown
-    assert "undefined" in markdown
+    assert "undefined" in markdown and "Test-time augmentation" in markdown
+    assert summary["methods"]["finetune"]["folds"][0]["tta_spearman_mean"] is not None
     assert cv_main([str(REPO / "recipes" / "tiny.yaml"), f"data.metadata_csv={csv}", "--out_dir", str(out)]) == 2
     assert "never overwritten" in capsys.readouterr().err
 
@@ -122,3 +123,23 @@ def test_linear_probe_fits_pca_and_ridge_on_training_rows(tmp_path):
         paths.append(str(tmp_path / f"{i}.png"))
     features = embed_images(paths, "test_resnet", 32)
     assert features.shape[0] == 3 and features.shape[1] > 8 and np.isfinite(features).all()
+
+
+def test_tta_averages_the_eight_dihedral_views():
+    import torch
+
+    from expreg.model import ExpRegOutput
+    from expreg.predict import dihedral_views, forward_tta
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    views = dihedral_views(x)
+    assert len(views) == 8 and torch.equal(views[0], x)
+    assert len({v.numpy().tobytes() for v in views}) == 8  # all distinct
+
+    class Corner(torch.nn.Module):  # "predicts" the top-left pixel of each channel
+        def forward(self, pixel_values):
+            return ExpRegOutput(predictions=pixel_values[:, :, 0, 0])
+
+    expected = torch.stack([v[:, :, 0, 0] for v in views]).mean(0)
+    torch.testing.assert_close(forward_tta(Corner(), x, True), expected)
+    torch.testing.assert_close(forward_tta(Corner(), x, False), x[:, :, 0, 0])
