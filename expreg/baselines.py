@@ -9,15 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from expreg.data import load_image, to_rgb
+from expreg.data import HED_FROM_RGB_OD, load_image, to_rgb
 
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 FEATURE_SIZE = 128  # patches are resized to this before feature extraction
-
-# Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB) for colour deconvolution.
-_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-_HED = _HED / np.linalg.norm(_HED, axis=1, keepdims=True)
-_RGB_TO_HED = np.linalg.inv(_HED)
 
 
 def patch_features(image) -> np.ndarray:
@@ -33,7 +28,7 @@ def patch_features(image) -> np.ndarray:
         image = image.resize((FEATURE_SIZE, FEATURE_SIZE), resample=2)
     rgb = np.asarray(image, dtype=np.float64) / 255.0
     od = -np.log(np.clip(rgb, 1e-3, 1.0))
-    hed = od.reshape(-1, 3) @ _RGB_TO_HED
+    hed = od.reshape(-1, 3) @ HED_FROM_RGB_OD
     feats: list[float] = []
     for channel in list(rgb.reshape(-1, 3).T) + list(hed.T):
         feats += [channel.mean(), channel.std(), *np.percentile(channel, [10, 50, 90])]

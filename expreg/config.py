@@ -40,6 +40,7 @@ class DataConfig:
     normalize_targets: bool = True
     augment_dihedral: bool = True
     color_jitter: float = 0.0
+    hed_jitter: float = 0.0
     bad_image_policy: str = "fail"
 
     def __post_init__(self) -> None:
@@ -55,6 +56,8 @@ class DataConfig:
             raise ConfigError(f"data.val_frac must be in (0, 1), got {self.val_frac}")
         if not 0 <= self.color_jitter < 1:
             raise ConfigError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
+        if not 0 <= self.hed_jitter < 1:
+            raise ConfigError(f"data.hed_jitter must be in [0, 1), got {self.hed_jitter}")
         if self.fold is not None and self.split_csv is None:
             raise ConfigError(
                 "data.fold needs data.split_csv: a fold file made with python -m expreg.splits --n_folds K"

@@ -218,6 +218,24 @@ def compute_target_stats(train_dataset, normalize: bool = True) -> TargetStats:
 # Image transforms
 # ---------------------------------------------------------------------------------------------
 
+# Ruifrok & Johnston stain vectors (haematoxylin, eosin, DAB) for colour deconvolution, rows unit-norm.
+HED_FROM_RGB_OD = np.linalg.inv(
+    np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+    / np.linalg.norm([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], axis=1, keepdims=True)
+)
+RGB_OD_FROM_HED = np.linalg.inv(HED_FROM_RGB_OD)
+
+
+def hed_jitter(rgb_uint8: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """Stain augmentation in HED space (Tellez et al. 2018): each stain's concentration is scaled by
+    ``U(1 - s, 1 + s)`` and shifted by ``U(-s, s)``; returns uint8 RGB of the same shape."""
+    od = -np.log(np.clip(rgb_uint8.astype(np.float64) / 255.0, 1e-6, 1.0))
+    hed = od.reshape(-1, 3) @ HED_FROM_RGB_OD
+    hed = hed * rng.uniform(1 - strength, 1 + strength, size=3) + rng.uniform(-strength, strength, size=3)
+    rgb = np.exp(-(hed @ RGB_OD_FROM_HED)).reshape(rgb_uint8.shape)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -267,6 +285,7 @@ class ImageTransform:
         dihedral: bool = True,
         color_jitter: float = 0.0,
         seed: int = 0,
+        hed_jitter: float = 0.0,
     ) -> None:
         self.image_size = image_size
         self.mean = tuple(mean)
@@ -274,6 +293,7 @@ class ImageTransform:
         self.train = train
         self.dihedral = dihedral
         self.color_jitter = color_jitter
+        self.hed_jitter = hed_jitter
         self.seed = seed
         self.epoch = 0
 
@@ -289,7 +309,10 @@ class ImageTransform:
             image = image.resize((self.image_size, self.image_size), resample=2)  # bilinear
         x = F.pil_to_tensor(image)
         if self.train:
-            x = self._augment(x, np.random.default_rng(derive_seed(self.seed, self.epoch, key)))
+            rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
+            if self.hed_jitter > 0:
+                x = torch.from_numpy(hed_jitter(x.permute(1, 2, 0).numpy(), self.hed_jitter, rng)).permute(2, 0, 1)
+            x = self._augment(x, rng)
         x = x.to(torch.float32).div_(255.0)
         return F.normalize(x, self.mean, self.std)
 
@@ -483,6 +506,7 @@ def build_dataloaders(
     color_jitter: float = 0.0,
     bad_image_policy: str = "fail",
     num_processes: int = 1,
+    hed_jitter: float = 0.0,
 ) -> dict:
     """DataLoaders for every split: shuffled, augmented ``train``; ordered, plain evaluation splits.
 
@@ -505,7 +529,14 @@ def build_dataloaders(
     for name, part in datasets_dict.items():
         train = name == "train"
         image_transform = ImageTransform(
-            image_size, mean, std, train=train, dihedral=dihedral, color_jitter=color_jitter, seed=seed
+            image_size,
+            mean,
+            std,
+            train=train,
+            dihedral=dihedral,
+            color_jitter=color_jitter,
+            seed=seed,
+            hed_jitter=hed_jitter,
         )
         # Evaluation always fails on an unreadable image: skipping would misalign predictions and paths.
         transform = ExpressionTransform(image_transform, target_stats, bad_image_policy if train else "fail")

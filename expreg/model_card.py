@@ -125,7 +125,7 @@ Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).
 | backbone | `{m["backbone"]}`, {pretrained} |
 | head | {m["head"]}, dropout {m["dropout"]} |
 | image size | {d["image_size"]} |
-| augmentation | {"dihedral flips/rotations" if d["augment_dihedral"] else "none"}{f", colour jitter {d['color_jitter']}" if d["color_jitter"] else ""} |
+| augmentation | {"dihedral flips/rotations" if d["augment_dihedral"] else "none"}{f", colour jitter {d['color_jitter']}" if d["color_jitter"] else ""}{f", HED stain jitter {d['hed_jitter']}" if d.get("hed_jitter") else ""} |
 | optimizer | AdamW, lr {t["lr"]}, weight decay {t["weight_decay"]}, cosine schedule, warmup {t["warmup_ratio"]} |
 | batch | {d["batch_size"]} per process × {t["grad_accum_steps"]} accumulation × {best["num_processes"]} process(es) = {best["effective_batch_size"]} |
 | epochs | {t["epochs"]} configured{f", early stopping patience {t['early_stopping_patience']}" if t["early_stopping_patience"] else ""} |

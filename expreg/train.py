@@ -373,6 +373,7 @@ def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel, num_proces
         color_jitter=d.color_jitter,
         bad_image_policy=d.bad_image_policy,
         num_processes=num_processes,
+        hed_jitter=d.hed_jitter,
     )
 
 

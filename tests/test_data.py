@@ -189,3 +189,22 @@ def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_p
     assert len({len(batches) for batches in per_process}) == 1  # no process waits for another
     sizes = [len(b) for batches in per_process for b in batches]
     assert max(sizes) <= 8 + 2 and (min(sizes) >= 2 or num_samples < 2 * num_processes * 2)
+
+
+def test_hed_jitter_changes_stain_not_geometry_and_is_seeded():
+    from expreg.data import hed_jitter
+
+    rng = np.random.default_rng(0)
+    patch = np.full((16, 16, 3), (200, 120, 170), dtype=np.uint8)
+    patch[4:8, 4:8] = (80, 40, 120)  # a "nucleus"
+    unchanged = hed_jitter(patch, 0.0, np.random.default_rng(1))
+    assert np.abs(unchanged.astype(int) - patch).max() <= 1  # the round trip through HED is exact
+    a = hed_jitter(patch, 0.1, np.random.default_rng(7))
+    b = hed_jitter(patch, 0.1, np.random.default_rng(7))
+    assert np.array_equal(a, b) and not np.array_equal(a, patch)
+    assert a[5, 5].astype(int).sum() < a[0, 0].astype(int).sum()  # the nucleus stays darker
+    t = ImageTransform(16, train=True, seed=3, hed_jitter=0.1, dihedral=False, mean=(0, 0, 0), std=(1, 1, 1))
+    image = Image.fromarray(patch)
+    torch.testing.assert_close(t(image, "p.png"), t(image, "p.png"), rtol=0, atol=0)
+    assert not torch.equal(t(image, "p.png"), t(image, "q.png"))  # per-sample draws
+    assert rng is not None
