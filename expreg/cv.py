@@ -184,7 +184,15 @@ def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, fol
             "per_gene_spearman_mean": per_gene,
             "folds": folds,
         }
-    return {"recipe": recipe, "folds_csv": folds_csv, "seed": seed, "methods": methods}
+    from expreg.io import file_sha256
+
+    return {
+        "recipe": recipe,
+        "folds_csv": folds_csv,
+        "folds_csv_sha256": file_sha256(folds_csv),
+        "seed": seed,
+        "methods": methods,
+    }
 
 
 def _fmt(value) -> str:

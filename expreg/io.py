@@ -95,6 +95,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def file_sha256(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a file (e.g. the split file a run used), or None when there is none."""
+    import hashlib
+
+    if path is None or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -819,6 +819,9 @@ def _metrics_json(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, state
     return {
         "status": status,
         "run_name": run_dir.name,
+        "split_csv": cfg.data.split_csv,
+        "split_csv_sha256": io.file_sha256(cfg.data.split_csv),
+        "fold": cfg.data.fold,
         "num_processes": accelerator.num_processes,
         "effective_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
         "epochs_done": len(state.history),

@@ -100,6 +100,10 @@ def test_run_directory_contents(reference_run, data_csv):
     assert (run / "checkpoints" / "last" / "trainer_state.json").is_file()
     m = metrics(run)
     assert m["status"] == "finished" and m["num_processes"] == 1 and m["effective_batch_size"] == 8
+    import hashlib
+
+    assert m["split_csv"] == str(run / "split.csv")
+    assert m["split_csv_sha256"] == hashlib.sha256((run / "split.csv").read_bytes()).hexdigest()
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
     assert set(m["history"][0]) == {"epoch", "step", "train_loss", "val_loss", "val_spearman_mean", "val_pearson_mean"}
     best = m["history"][m["best_epoch"] - 1]
