@@ -117,17 +117,9 @@ def test_resume_falls_back_to_the_previous_checkpoint_of_an_interrupted_swap(ref
 
 
 def test_nonfinite_loss_stops_with_step_and_paths_and_keeps_the_checkpoint(data_csv, tmp_path):
-    env = dict(_env(), EXPREG_FAULT_NAN_AT_STEP="5")
-    cmd = [
-        sys.executable,
-        str(REPO / "run_regression.py"),
-        str(REPO / "recipes" / "tiny.yaml"),
-        f"data.metadata_csv={data_csv}",
-        f"logging.output_dir={tmp_path}",
-        "logging.run_name=nan",
-        "train.checkpointing_steps=2",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    nan_at_5 = {"EXPREG_FAULT_NAN_AT_STEP": "5"}
+    common = (f"data.metadata_csv={data_csv}", "train.checkpointing_steps=2")
+    result = train(tmp_path, "nan", *common, env=nan_at_5, expect_ok=False)
     assert result.returncode == 1
     assert "non-finite loss at epoch 1, batch 5, after optimizer step 4 (process 0: loss nan, images images/P0" in (
         result.stderr
@@ -136,14 +128,7 @@ def test_nonfinite_loss_stops_with_step_and_paths_and_keeps_the_checkpoint(data_
     assert m["status"] == "failed" and "non-finite loss" in m["error"]
     state = json.loads((tmp_path / "nan" / "checkpoints" / "last" / "trainer_state.json").read_text())
     assert state["global_step"] == 4  # the last good state
-    result = subprocess.run(
-        [*cmd[:-2], "logging.run_name=nan_skip", "train.nonfinite_loss_policy=skip"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
+    result = train(tmp_path, "nan_skip", *common, "train.nonfinite_loss_policy=skip", env=nan_at_5)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "batch skipped (1 so far)" in result.stdout
     assert metrics(tmp_path / "nan_skip")["status"] == "finished"
@@ -280,19 +265,8 @@ def _limit_file_size():
 
 
 def test_disk_full_is_a_clear_error_and_never_a_finished_run(data_csv, tmp_path):
-    cmd = [
-        sys.executable,
-        str(REPO / "run_regression.py"),
-        str(REPO / "recipes" / "tiny.yaml"),
-        f"data.metadata_csv={data_csv}",
-        f"logging.output_dir={tmp_path}",
-        "logging.run_name=full",
-        "train.epochs=1",
-        "train.checkpointing_steps=1",
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300, preexec_fn=_limit_file_size
-    )
+    overrides = (f"data.metadata_csv={data_csv}", "train.epochs=1", "train.checkpointing_steps=1")
+    result = train(tmp_path, "full", *overrides, expect_ok=False, preexec_fn=_limit_file_size)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "run_regression: error: writing" in result.stderr and "File too large" in result.stderr
     assert "Traceback" not in result.stderr

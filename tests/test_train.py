@@ -25,10 +25,12 @@ def _env() -> dict:
     return env
 
 
-def train(out: Path, name: str, *overrides: str, launcher=(sys.executable,), expect_ok=True):
+def train(out: Path, name: str, *overrides: str, launcher=(sys.executable,), expect_ok=True, env=None, **run_kwargs):
+    """``run_regression.py recipes/tiny.yaml`` in a subprocess; ``env`` adds variables, ``run_kwargs`` go to subprocess."""
     cmd = [*launcher, str(REPO / "run_regression.py"), str(REPO / "recipes" / "tiny.yaml")]
     cmd += [f"logging.output_dir={out}", f"logging.run_name={name}", *overrides] if name else [*overrides]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    env = {**_env(), **(env or {})}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300, **run_kwargs)
     if expect_ok:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
