@@ -125,31 +125,63 @@ def embed_images(
     num_workers: int = 0,
 ) -> np.ndarray:
     """Frozen backbone embeddings ``(num_images, num_features)`` (timm pooled features, eval mode)."""
+    from expreg.model import build_model
+
+    model = build_model(backbone, 1, pretrained=pretrained, pretrained_path=pretrained_path, image_size=image_size)
+    return embed_with(model, image_paths, batch_size=batch_size, num_workers=num_workers)
+
+
+def embed_with(model, image_paths: list[str], batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
+    """Embeddings of ``model.backbone`` for images, with the model's evaluation transform."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from expreg.data import ImageTransform
-    from expreg.model import build_model
     from expreg.predict import ImageFiles
 
-    model = build_model(backbone, 1, pretrained=pretrained, pretrained_path=pretrained_path, image_size=image_size)
-    model.eval()
-    transform = ImageTransform(image_size, model.config.image_mean, model.config.image_std, train=False)
+    config = model.config
+    transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
     loader = DataLoader(ImageFiles(image_paths, transform), batch_size=batch_size, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
     chunks = []
     with torch.inference_mode():
         for pixel_values in tqdm(loader, desc="embed", unit="batch", disable=len(image_paths) < 200):
             chunks.append(model.backbone(pixel_values).float().numpy())
+    model.train(was_training)
     return np.concatenate(chunks).astype(np.float64)
 
 
-def linear_probe(emb_train, y_train, groups_train, emb_test, max_components: int = 256, seed: int = 0):
-    """HEST-style linear probe: standardise -> PCA (fitted on training rows) -> ridge (inner group CV)."""
-    train, test = _standardise(emb_train, emb_test)
-    n_components = int(min(max_components, train.shape[0] - 1, train.shape[1]))
-    mean = train.mean(axis=0)
-    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 256, seed: int = 0):
+    """HEST-style linear probe fitted on training rows, folded into one affine map.
+
+    standardise -> PCA (``min(max_components, n_train - 1, dim)`` components) -> standardise ->
+    ridge (strength by inner group CV): all linear, so predictions are ``emb @ weights + bias``.
+
+    Returns:
+        ``(weights (dim, K), bias (K,), info)``.
+    """
+    mu1 = emb_train.mean(axis=0)
+    sd1 = emb_train.std(axis=0)
+    sd1 = np.where(sd1 > 0, sd1, 1.0)
+    z = (emb_train - mu1) / sd1
+    n_components = int(min(max_components, z.shape[0] - 1, z.shape[1]))
+    centre = z.mean(axis=0)
+    _, _, vt = np.linalg.svd(z - centre, full_matrices=False)
     basis = vt[:n_components].T
-    predictions, info = ridge_baseline((train - mean) @ basis, y_train, groups_train, (test - mean) @ basis, seed)
-    return predictions, {**info, "pca_components": n_components}
+    projected = (z - centre) @ basis
+    alpha = choose_alpha(projected, y_train, groups_train, seed=seed)
+    mu2 = projected.mean(axis=0)
+    sd2 = projected.std(axis=0)
+    sd2 = np.where(sd2 > 0, sd2, 1.0)
+    w, b = fit_ridge((projected - mu2) / sd2, y_train, alpha)
+    weights = ((basis / sd1[:, None]) / sd2[None, :]) @ w
+    bias = ((((-mu1 / sd1) - centre) @ basis - mu2) / sd2) @ w + b
+    return weights, bias, {"alpha": alpha, "pca_components": n_components}
+
+
+def linear_probe(emb_train, y_train, groups_train, emb_test, max_components: int = 256, seed: int = 0):
+    """Predictions of the linear probe (see ``linear_probe_affine``) for ``emb_test``, and its info."""
+    weights, bias, info = linear_probe_affine(emb_train, y_train, groups_train, max_components, seed)
+    return emb_test @ weights + bias, info

@@ -81,6 +81,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    mode: str = "finetune"
     epochs: int = 10
     lr: float = 3.0e-4
     weight_decay: float = 0.05
@@ -104,6 +105,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         _check_choice("train.nonfinite_loss_policy", self.nonfinite_loss_policy, ("fail", "skip"))
+        _check_choice("train.mode", self.mode, ("finetune", "linear_probe"))
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("train.push_to_hub needs train.hub_model_id (e.g. my-org/expreg-model)")
         for name in ("checkpointing_steps", "early_stopping_patience", "max_steps_per_epoch", "stop_after_steps"):
@@ -126,6 +128,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.mode == "linear_probe" and self.model.head != "linear":
+            raise ConfigError("train.mode=linear_probe fits a linear head: set model.head=linear")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -56,6 +56,18 @@ def _split_protocol(cfg: dict, data: dict) -> str:
     )
 
 
+def _training_method(t: dict) -> str:
+    if t.get("mode") == "linear_probe":
+        return (
+            "linear probe: frozen backbone embeddings -> standardise -> PCA -> ridge (strength by inner "
+            "group k-fold on the training groups), stored as the linear head"
+        )
+    return (
+        f"fine-tuning with AdamW, lr {t['lr']}, weight decay {t['weight_decay']}, cosine schedule, "
+        f"warmup {t['warmup_ratio']}"
+    )
+
+
 def render_model_card(cfg: dict, best: dict, per_gene: list[dict], data: dict) -> str:
     """Markdown model card.
 
@@ -126,7 +138,7 @@ Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).
 | head | {m["head"]}, dropout {m["dropout"]} |
 | image size | {d["image_size"]} |
 | augmentation | {"dihedral flips/rotations" if d["augment_dihedral"] else "none"}{f", colour jitter {d['color_jitter']}" if d["color_jitter"] else ""}{f", HED stain jitter {d['hed_jitter']}" if d.get("hed_jitter") else ""} |
-| optimizer | AdamW, lr {t["lr"]}, weight decay {t["weight_decay"]}, cosine schedule, warmup {t["warmup_ratio"]} |
+| training | {_training_method(t)} |
 | batch | {d["batch_size"]} per process × {t["grad_accum_steps"]} accumulation × {best["num_processes"]} process(es) = {best["effective_batch_size"]} |
 | epochs | {t["epochs"]} configured{f", early stopping patience {t['early_stopping_patience']}" if t["early_stopping_patience"] else ""} |
 | mixed precision | {t["mixed_precision"]} |

@@ -162,12 +162,16 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     _setup_logging(accelerator)
     # Everything that can fail on bad input (data, split, model, weights) runs before the run
     # directory exists: a failed start leaves nothing behind.
+    if cfg.train.mode == "linear_probe" and (accelerator.num_processes > 1 or resume_from):
+        raise ConfigError("train.mode=linear_probe runs in one process and has nothing to resume (it takes minutes)")
     data = _setup_data(cfg, accelerator)
     model = _setup_model(cfg, data)
     data.loaders = _setup_loaders(cfg, data, model, accelerator.num_processes)
     run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
     _LAST_RUN_DIR["path"] = str(run_dir)
     _write_run_files(cfg, accelerator, run_dir, data)
+    if cfg.train.mode == "linear_probe":
+        return _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(
         model, optimizer, data.loaders["train"], data.loaders["validation"]
@@ -199,6 +203,40 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     finally:
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+
+
+def _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run) -> dict:
+    """``train.mode=linear_probe``: fit the probe on frozen embeddings and store it as the model's head."""
+    import datasets as hf_datasets
+
+    from expreg.baselines import embed_with, linear_probe_affine
+
+    state = TrainerState(num_processes=accelerator.num_processes)
+    _log_start(cfg, accelerator, run_dir, data, 0, 0, state)
+    try:
+        train = data.datasets["train"]
+        paths = [item["path"] for item in train.cast_column("image", hf_datasets.Image(decode=False))["image"]]
+        embeddings = embed_with(model, paths, cfg.data.eval_batch_size or cfg.data.batch_size, cfg.data.num_workers)
+        targets = data.target_stats.normalize(np.asarray(train["labels"], dtype=np.float64))
+        groups = np.asarray(train["group_id"], dtype=object)
+        weights, bias, info = linear_probe_affine(embeddings, targets, groups, seed=cfg.seed)
+        logger.info(f"linear probe: {info['pca_components']} PCA components, ridge alpha {info['alpha']:g}")
+        head = torch.nn.Linear(weights.shape[0], weights.shape[1])
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(weights.T))
+            head.bias.copy_(torch.from_numpy(bias))
+        model.head = head
+        train_loss = float(((embeddings @ weights + bias - targets) ** 2).mean())
+        model, val_dl = accelerator.prepare(model, data.loaders["validation"])
+        val_loss, predictions = evaluate(model, val_dl, accelerator, max_batches=2 if dry_run else None)
+        _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions)
+        state.epoch = 1
+        return _finish(accelerator, cfg, run_dir, data, state, dry_run)
+    except HubError:
+        raise
+    except Exception as err:
+        _write_status(accelerator, cfg, run_dir, state, "failed", f"{type(err).__name__}: {err}")
+        raise
 
 
 def _train_epochs(cfg, accelerator, model, optimizer, scheduler, train_dl, val_dl, data, state, run_dir, dry_run):
@@ -404,11 +442,14 @@ def _log_start(cfg, accelerator, run_dir, data, batches_per_epoch, total_steps, 
         f"device={accelerator.device} mixed_precision={accelerator.mixed_precision} "
         f"torch_threads={torch.get_num_threads()}"
     )
-    logger.info(
-        f"effective batch size {effective} = {cfg.data.batch_size} (micro) x {cfg.train.grad_accum_steps} "
-        f"(accumulation) x {world} (processes); {batches_per_epoch} batches per process per epoch, "
-        f"{total_steps} optimizer steps in all"
-    )
+    if cfg.train.mode == "linear_probe":
+        logger.info(f"mode linear_probe: frozen {cfg.model.backbone} embeddings -> standardise -> PCA -> ridge")
+    else:
+        logger.info(
+            f"effective batch size {effective} = {cfg.data.batch_size} (micro) x {cfg.train.grad_accum_steps} "
+            f"(accumulation) x {world} (processes); {batches_per_epoch} batches per process per epoch, "
+            f"{total_steps} optimizer steps in all"
+        )
     logger.info(f"data: {sizes} samples, {len(data.gene_names)} genes; split {cfg.data.split_csv}")
     if accelerator.device.type == "cpu" and accelerator.mixed_precision in ("bf16", "fp16"):
         logger.warning(

@@ -143,3 +143,56 @@ def test_tta_averages_the_eight_dihedral_views():
     expected = torch.stack([v[:, :, 0, 0] for v in views]).mean(0)
     torch.testing.assert_close(forward_tta(Corner(), x, True), expected)
     torch.testing.assert_close(forward_tta(Corner(), x, False), x[:, :, 0, 0])
+
+
+def test_linear_probe_affine_equals_the_step_by_step_pipeline():
+    from expreg.baselines import _standardise, choose_alpha, linear_probe_affine
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(50, 20)) * rng.uniform(0.5, 3, size=20) + 4
+    y = emb[:, :2] @ rng.normal(size=(2, 3))
+    groups = np.repeat(np.array(["a", "b", "c", "d", "e"], dtype=object), 10)
+    weights, bias, info = linear_probe_affine(emb[:40], y[:40], groups[:40], max_components=8)
+    z_train, z_test = _standardise(emb[:40], emb[40:])
+    centre = z_train.mean(0)
+    basis = np.linalg.svd(z_train - centre, full_matrices=False)[2][:8].T
+    p_train, p_test = (z_train - centre) @ basis, (z_test - centre) @ basis
+    assert info["alpha"] == choose_alpha(p_train, y[:40], groups[:40])
+    s_train, s_test = _standardise(p_train, p_test)
+    w, b = fit_ridge(s_train, y[:40], info["alpha"])
+    np.testing.assert_allclose(emb[40:] @ weights + bias, s_test @ w + b, rtol=1e-8, atol=1e-8)
+
+
+def test_linear_probe_mode_trains_a_usable_model(make_dataset, tmp_path):
+    import subprocess
+    import sys
+
+    from expreg.model import ExpRegModel
+
+    csv = make_dataset(num_groups=5, samples_per_group=10)
+    cmd = [
+        sys.executable,
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"data.metadata_csv={csv}",
+        f"logging.output_dir={tmp_path}",
+        "logging.run_name=probe",
+        "train.mode=linear_probe",
+    ]
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "probe"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["status"] == "finished" and m["epochs_done"] == 1 and m["history"][0]["step"] == 0
+    assert "linear probe:" in (run / "log.txt").read_text()
+    model = ExpRegModel.from_pretrained(run / "checkpoints" / "best")  # the probe is the saved head
+    assert isinstance(model.head, __import__("torch").nn.Linear)
+    assert "linear probe: frozen backbone embeddings" in (run / "checkpoints" / "best" / "README.md").read_text()
+    assert len(pd.read_csv(run / "predictions_val.csv")) > 0
