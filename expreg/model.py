@@ -13,6 +13,7 @@ keeps timm's own initialisation and ``_init_weights`` only rebuilds non-persiste
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,6 +112,8 @@ def create_backbone(config: ExpRegConfig, pretrained: bool = False, pretrained_p
     """
     import timm
 
+    if pretrained_path is not None and Path(pretrained_path).is_dir():
+        return _backbone_from_saved_model(config, Path(pretrained_path))
     kwargs: dict = {"num_classes": 0}
     if pretrained_path is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
@@ -130,6 +133,27 @@ def create_backbone(config: ExpRegConfig, pretrained: bool = False, pretrained_p
         if not pretrained:
             raise
         raise _weights_error(config.backbone, pretrained_path, err) from err
+
+
+def _backbone_from_saved_model(config: ExpRegConfig, folder: Path) -> nn.Module:
+    """The backbone weights of an expreg ``save_pretrained`` folder (e.g. another run's checkpoints/best)."""
+    from safetensors.torch import load_file
+
+    weights_file = folder / "model.safetensors"
+    if not weights_file.is_file():
+        raise ModelError(f"{folder}: not a save_pretrained folder (no model.safetensors)")
+    prefix = "backbone."
+    state = {k[len(prefix) :]: v for k, v in load_file(str(weights_file)).items() if k.startswith(prefix)}
+    if not state:
+        raise ModelError(f"{weights_file}: no backbone weights (keys starting with {prefix!r})")
+    backbone = _create_timm_model(config.backbone, config.image_size, pretrained=False, num_classes=0)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelError(
+            f"{weights_file}: its backbone does not match {config.backbone!r}: {str(err).splitlines()[0]}"
+        ) from err
+    return backbone
 
 
 def _weights_error(backbone: str, path: str | None, err: Exception) -> ModelError:

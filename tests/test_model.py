@@ -96,3 +96,18 @@ def test_local_weights_file_loads_offline(tmp_path):
         assert torch.equal(model.backbone.state_dict()[key], value), key
     with pytest.raises(RuntimeError, match="could not load local weights"):
         build_model("test_resnet", 5, pretrained_path=str(tmp_path / "missing.safetensors"))
+
+
+def test_backbone_weights_from_a_save_pretrained_folder(tmp_path):
+    source = _model()  # seeded: a "pretrained" expreg model saved by another run
+    source.save_pretrained(tmp_path / "saved")
+    torch.manual_seed(99)  # a different init, which the loaded weights must replace
+    model = build_model("test_resnet", 3, pretrained_path=str(tmp_path / "saved"))
+    for key, value in source.backbone.state_dict().items():
+        assert torch.equal(model.backbone.state_dict()[key], value), key
+    assert model.head.out_features == 3  # only the backbone is taken
+    with pytest.raises(RuntimeError, match="does not match 'test_vit'"):
+        build_model("test_vit", 3, pretrained_path=str(tmp_path / "saved"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="not a save_pretrained folder"):
+        build_model("test_resnet", 3, pretrained_path=str(tmp_path / "empty"))
