@@ -296,6 +296,31 @@ def _write_status(accelerator, cfg, run_dir: Path, state: TrainerState, status: 
         logger.error(f"could not write {run_dir / io.METRICS_FILE}: {err}")
 
 
+def cpu_bf16_flags(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has native bf16 instructions (AVX512-BF16 or AMX-BF16); None when unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set(cpuinfo.split())
+    if "flags" not in flags and "flags\t:" not in cpuinfo:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_precision_warning(mixed_precision: str, cpuinfo: str | None = None) -> str | None:
+    """Why reduced precision is a bad idea on this CPU, or None (measured: benchmarks/RESULTS.md)."""
+    if mixed_precision == "fp16":
+        return "mixed_precision=fp16 on a CPU: fp16 autocast has no fast CPU kernels; use bf16 or no"
+    if mixed_precision == "bf16" and cpu_bf16_flags(cpuinfo) is False:
+        return (
+            "mixed_precision=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 autocast was measured "
+            "7-25x SLOWER than fp32 on such CPUs; use mixed_precision=no here"
+        )
+    return None
+
+
 def unconnected_launch_error(accelerator: Accelerator) -> str | None:
     """Why a multi-process launch did not form one job (each process would work alone), or None."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -451,11 +476,10 @@ def _log_start(cfg, accelerator, run_dir, data, batches_per_epoch, total_steps, 
             f"{total_steps} optimizer steps in all"
         )
     logger.info(f"data: {sizes} samples, {len(data.gene_names)} genes; split {cfg.data.split_csv}")
-    if accelerator.device.type == "cpu" and accelerator.mixed_precision in ("bf16", "fp16"):
-        logger.warning(
-            f"mixed_precision={accelerator.mixed_precision} on a CPU: autocast in reduced precision was measured "
-            "7-25x SLOWER than fp32 on CPUs without native bf16 (AVX2 only); use mixed_precision=no here"
-        )
+    if accelerator.device.type == "cpu":
+        problem = cpu_precision_warning(accelerator.mixed_precision)
+        if problem:
+            logger.warning(problem)
     if cfg.train.push_to_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         logger.warning(f"HF_HUB_OFFLINE is set: pushing to {cfg.train.hub_model_id!r} at the end will fail")
     if state.global_step:

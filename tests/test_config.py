@@ -84,3 +84,15 @@ def test_yaml_booleans_and_raw_text_overrides(tmp_path):
         load_recipe(_write(tmp_path, "model:\n  backbone: yes\n"))
     with pytest.raises(ConfigError, match="data.fold needs data.split_csv"):
         load_recipe(None, ["data.fold=1"])
+
+
+def test_cpu_precision_warning_depends_on_native_bf16():
+    from expreg.train import cpu_bf16_flags, cpu_precision_warning
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    assert cpu_bf16_flags(avx2) is False and cpu_bf16_flags(amx) is True and cpu_bf16_flags("no info") is None
+    assert "SLOWER than fp32" in cpu_precision_warning("bf16", avx2)
+    assert cpu_precision_warning("bf16", amx) is None  # measured faster than fp32 on such CPUs
+    assert cpu_precision_warning("no", avx2) is None
+    assert "fp16" in cpu_precision_warning("fp16", amx)
