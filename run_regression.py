@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
-    from expreg.data import UnreadableImageError
+    from expreg.data import UnreadableImageError, error_message
     from expreg.train import Interrupted, TrainingError, run, unconnected_launch_error
 
     accelerator = Accelerator(
@@ -95,18 +95,12 @@ def main(argv=None) -> int:
         )
         return 128 + err.signum
     except (TrainingError, UnreadableImageError) as err:
-        print(f"run_regression: error: {last_line(err)}", file=sys.stderr)
+        print(f"run_regression: error: {error_message(err)}", file=sys.stderr)
         return 1
     except OSError as err:  # disk full, read-only output, ...: metrics.json says the run did not finish
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-def last_line(err: Exception) -> str:
-    """An error raised in a DataLoader worker carries the worker's traceback: keep its message only."""
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1].split(": ", 1)[-1] if len(lines) > 1 and "Traceback" in str(err) else str(err)
 
 
 def resume_hint(cfg, args) -> str:

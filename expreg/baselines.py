@@ -60,9 +60,14 @@ def extract_features(image_paths: list[str], progress: bool = True) -> np.ndarra
     return np.stack(rows)
 
 
+def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column mean and std (std 1 for constant columns, which then stay at 0 after standardising)."""
+    std = x.std(axis=0)
+    return x.mean(axis=0), np.where(std > 0, std, 1.0)
+
+
 def _standardise(train: np.ndarray, *others: np.ndarray):
-    mean, std = train.mean(axis=0), train.std(axis=0)
-    std = np.where(std > 0, std, 1.0)
+    mean, std = _moments(train)
     return [(x - mean) / std for x in (train, *others)]
 
 
@@ -162,9 +167,7 @@ def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 
     Returns:
         ``(weights (dim, K), bias (K,), info)``.
     """
-    mu1 = emb_train.mean(axis=0)
-    sd1 = emb_train.std(axis=0)
-    sd1 = np.where(sd1 > 0, sd1, 1.0)
+    mu1, sd1 = _moments(emb_train)
     z = (emb_train - mu1) / sd1
     n_components = int(min(max_components, z.shape[0] - 1, z.shape[1]))
     centre = z.mean(axis=0)
@@ -172,9 +175,7 @@ def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 
     basis = vt[:n_components].T
     projected = (z - centre) @ basis
     alpha = choose_alpha(projected, y_train, groups_train, seed=seed)
-    mu2 = projected.mean(axis=0)
-    sd2 = projected.std(axis=0)
-    sd2 = np.where(sd2 > 0, sd2, 1.0)
+    mu2, sd2 = _moments(projected)
     w, b = fit_ridge((projected - mu2) / sd2, y_train, alpha)
     weights = ((basis / sd1[:, None]) / sd2[None, :]) @ w
     bias = ((((-mu1 / sd1) - centre) @ basis - mu2) / sd2) @ w + b

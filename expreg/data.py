@@ -336,6 +336,15 @@ class UnreadableImageError(RuntimeError):
     """An image that passed validation cannot be read any more (deleted, truncated, corrupted)."""
 
 
+def error_message(err: Exception) -> str:
+    """The message of an error, without the traceback text a DataLoader worker wraps around it."""
+    text = str(err).strip()
+    if "Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(f"{type(err).__name__}: ", 1)[-1]
+
+
 def load_image(item) -> tuple[object | None, str | None]:
     """Open and fully decode an image given as a path or a ``datasets.Image(decode=False)`` dict.
 

@@ -188,13 +188,12 @@ def main(argv=None) -> int:
     if problem:
         print(f"expreg-predict: error: {problem}", file=sys.stderr)
         return 2
-    from expreg.data import UnreadableImageError
+    from expreg.data import UnreadableImageError, error_message
 
     try:
         expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers, tta=args.tta)
     except UnreadableImageError as err:
-        message = [line for line in str(err).strip().splitlines() if line.strip()][-1]
-        print(f"expreg-predict: error: {message.split('UnreadableImageError: ')[-1]}", file=sys.stderr)
+        print(f"expreg-predict: error: {error_message(err)}", file=sys.stderr)
         return 2
     if not accelerator.is_main_process:
         return 0

@@ -189,9 +189,20 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
         accelerator.init_trackers(cfg.logging.report_to, config=_flat_config(cfg))
     previous_handlers = _install_signal_handlers()
     try:
-        return _train_epochs(
-            cfg, accelerator, model, optimizer, scheduler, train_dl, val_dl, data, state, run_dir, dry_run
-        )
+        with _recording_status(accelerator, cfg, run_dir, state):
+            return _train_epochs(
+                cfg, accelerator, model, optimizer, scheduler, train_dl, val_dl, data, state, run_dir, dry_run
+            )
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def _recording_status(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, state: TrainerState):
+    """A run that ends early says so in ``metrics.json`` (``interrupted`` or ``failed``), then the error goes on."""
+    try:
+        yield
     except Interrupted:
         _write_status(accelerator, cfg, run_dir, state, "interrupted")
         raise
@@ -200,9 +211,6 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     except (KeyboardInterrupt, Exception) as err:
         _write_status(accelerator, cfg, run_dir, state, "failed", f"{type(err).__name__}: {err}")
         raise
-    finally:
-        for signum, handler in previous_handlers.items():
-            signal.signal(signum, handler)
 
 
 def _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run) -> dict:
@@ -213,7 +221,7 @@ def _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run) -> dict:
 
     state = TrainerState(num_processes=accelerator.num_processes)
     _log_start(cfg, accelerator, run_dir, data, 0, 0, state)
-    try:
+    with _recording_status(accelerator, cfg, run_dir, state):
         train = data.datasets["train"]
         paths = [item["path"] for item in train.cast_column("image", hf_datasets.Image(decode=False))["image"]]
         embeddings = embed_with(model, paths, cfg.data.eval_batch_size or cfg.data.batch_size, cfg.data.num_workers)
@@ -232,11 +240,6 @@ def _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run) -> dict:
         _end_epoch(accelerator, model, cfg, data, state, run_dir, train_loss, val_loss, predictions)
         state.epoch = 1
         return _finish(accelerator, cfg, run_dir, data, state, dry_run)
-    except HubError:
-        raise
-    except Exception as err:
-        _write_status(accelerator, cfg, run_dir, state, "failed", f"{type(err).__name__}: {err}")
-        raise
 
 
 def _train_epochs(cfg, accelerator, model, optimizer, scheduler, train_dl, val_dl, data, state, run_dir, dry_run):
