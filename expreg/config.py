@@ -42,6 +42,8 @@ class DataConfig:
     color_jitter: float = 0.0
     hed_jitter: float = 0.0
     bad_image_policy: str = "fail"
+    image_cache: bool = False
+    image_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_choice("data.check_images", self.check_images, ("none", "exists", "decode"))

@@ -224,15 +224,19 @@ HED_FROM_RGB_OD = np.linalg.inv(
     / np.linalg.norm([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], axis=1, keepdims=True)
 )
 RGB_OD_FROM_HED = np.linalg.inv(HED_FROM_RGB_OD)
+_OPTICAL_DENSITY = -np.log(np.clip(np.arange(256) / 255.0, 1e-6, 1.0))  # of each uint8 intensity
 
 
 def hed_jitter(rgb_uint8: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """Stain augmentation in HED space (Tellez et al. 2018): each stain's concentration is scaled by
     ``U(1 - s, 1 + s)`` and shifted by ``U(-s, s)``; returns uint8 RGB of the same shape."""
-    od = -np.log(np.clip(rgb_uint8.astype(np.float64) / 255.0, 1e-6, 1.0))
-    hed = od.reshape(-1, 3) @ HED_FROM_RGB_OD
-    hed = hed * rng.uniform(1 - strength, 1 + strength, size=3) + rng.uniform(-strength, strength, size=3)
-    rgb = np.exp(-(hed @ RGB_OD_FROM_HED)).reshape(rgb_uint8.shape)
+    scale = rng.uniform(1 - strength, 1 + strength, size=3)
+    shift = rng.uniform(-strength, strength, size=3)
+    # RGB optical density -> HED, scale and shift, -> RGB optical density: one affine map in OD space
+    matrix = (HED_FROM_RGB_OD * scale) @ RGB_OD_FROM_HED
+    offset = shift @ RGB_OD_FROM_HED
+    od = _OPTICAL_DENSITY[rgb_uint8.reshape(-1, 3)]  # a look-up: uint8 has only 256 values
+    rgb = np.exp(-(od @ matrix + offset)).reshape(rgb_uint8.shape)
     return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -264,6 +268,16 @@ def to_rgb(image):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def decode_resized(image, image_size: int):
+    """PIL image -> ``uint8`` RGB tensor ``(3, image_size, image_size)`` (bilinear resize when needed)."""
+    from torchvision.transforms.v2 import functional as F
+
+    image = to_rgb(image)
+    if image.size != (image_size, image_size):
+        image = image.resize((image_size, image_size), resample=2)  # bilinear
+    return F.pil_to_tensor(image)
 
 
 class ImageTransform:
@@ -301,17 +315,19 @@ class ImageTransform:
         self.epoch = epoch
 
     def __call__(self, image, key: str):
+        """``image``: a PIL image, or the ``uint8`` tensor ``decode_resized`` made of it (the image cache)."""
         import torch
         from torchvision.transforms.v2 import functional as F
 
-        image = to_rgb(image)
-        if image.size != (self.image_size, self.image_size):
-            image = image.resize((self.image_size, self.image_size), resample=2)  # bilinear
-        x = F.pil_to_tensor(image)
+        x = image if isinstance(image, torch.Tensor) else decode_resized(image, self.image_size)
         if self.train:
             rng = np.random.default_rng(derive_seed(self.seed, self.epoch, key))
             if self.hed_jitter > 0:
-                x = torch.from_numpy(hed_jitter(x.permute(1, 2, 0).numpy(), self.hed_jitter, rng)).permute(2, 0, 1)
+                x = (
+                    torch.from_numpy(hed_jitter(x.permute(1, 2, 0).numpy(), self.hed_jitter, rng))
+                    .permute(2, 0, 1)
+                    .contiguous()
+                )
             x = self._augment(x, rng)
         x = x.to(torch.float32).div_(255.0)
         return F.normalize(x, self.mean, self.std)
@@ -371,17 +387,30 @@ class ExpressionTransform:
     Images are decoded here (the dataset's image column is cast to ``decode=False``), so that an
     image that became unreadable after validation is handled by ``bad_image_policy``: ``"fail"``
     raises ``UnreadableImageError`` naming the file; ``"skip"`` drops the sample (counted in the
-    batch's ``skipped``).
+    batch's ``skipped``). With an ``image_cache`` (``expreg.image_cache.ImageCache``) the resized
+    pixels are read from the cache instead of decoding the file.
     """
 
     def __init__(
-        self, image_transform: ImageTransform, target_stats: TargetStats | None = None, bad_image_policy: str = "fail"
+        self,
+        image_transform: ImageTransform,
+        target_stats: TargetStats | None = None,
+        bad_image_policy: str = "fail",
+        image_cache=None,
     ) -> None:
         if bad_image_policy not in ("fail", "skip"):
             raise ValueError(f"bad_image_policy must be fail or skip, got {bad_image_policy!r}")
         self.image_transform = image_transform
         self.target_stats = target_stats
         self.bad_image_policy = bad_image_policy
+        self.image_cache = image_cache
+
+    def _load(self, item):
+        if not isinstance(item, (dict, str)):
+            return item, None  # already decoded
+        if self.image_cache is not None:
+            return self.image_cache.get(item["path"] if isinstance(item, dict) else item)
+        return load_image(item)
 
     def set_epoch(self, epoch: int) -> None:
         self.image_transform.set_epoch(epoch)
@@ -391,7 +420,7 @@ class ExpressionTransform:
 
         pixel_values = []
         for item, key in zip(batch["image"], batch["path"]):
-            image, reason = (item, None) if not isinstance(item, (dict, str)) else load_image(item)
+            image, reason = self._load(item)
             if image is None and self.bad_image_policy == "fail":
                 path = item["path"] if isinstance(item, dict) else item
                 raise UnreadableImageError(
@@ -516,12 +545,14 @@ def build_dataloaders(
     bad_image_policy: str = "fail",
     num_processes: int = 1,
     hed_jitter: float = 0.0,
+    image_cache=None,
 ) -> dict:
     """DataLoaders for every split: shuffled, augmented ``train``; ordered, plain evaluation splits.
 
     ``num_processes`` is the number of training processes that will share the train loader
     (after ``accelerator.prepare``): its batches are laid out so that each sample is used
-    exactly once per epoch across them.
+    exactly once per epoch across them. ``image_cache`` (``expreg.image_cache.ImageCache`` at
+    ``image_size``) replaces decoding the image files.
 
     Returns:
         ``{"train": DataLoader, "validation": ..., "test": ...}`` (the splits present), plus
@@ -548,7 +579,9 @@ def build_dataloaders(
             hed_jitter=hed_jitter,
         )
         # Evaluation always fails on an unreadable image: skipping would misalign predictions and paths.
-        transform = ExpressionTransform(image_transform, target_stats, bad_image_policy if train else "fail")
+        transform = ExpressionTransform(
+            image_transform, target_stats, bad_image_policy if train else "fail", image_cache=image_cache
+        )
         dataset = part.cast_column("image", datasets.Image(decode=False)).with_transform(transform)
         if train:
             sampler = EpochBatchSampler(len(dataset), batch_size, seed, num_processes)

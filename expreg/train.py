@@ -34,6 +34,7 @@ from expreg import io
 from expreg.config import DEMO_DATA, ConfigError, RunConfig, config_from_dict, parse_overrides
 from expreg.data import (
     TargetStats,
+    UnreadableImageError,
     build_dataloaders,
     build_dataset_dict,
     compute_target_stats,
@@ -166,7 +167,8 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
         raise ConfigError("train.mode=linear_probe runs in one process and has nothing to resume (it takes minutes)")
     data = _setup_data(cfg, accelerator)
     model = _setup_model(cfg, data)
-    data.loaders = _setup_loaders(cfg, data, model, accelerator.num_processes)
+    image_cache = _setup_image_cache(cfg, data, accelerator)
+    data.loaders = _setup_loaders(cfg, data, model, accelerator.num_processes, image_cache)
     run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
     _LAST_RUN_DIR["path"] = str(run_dir)
     _write_run_files(cfg, accelerator, run_dir, data)
@@ -422,7 +424,34 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator) -> RunData:
     return RunData(datasets, metadata.gene_names, stats, split_table=table, split_summary=summary and summary.format())
 
 
-def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel, num_processes: int) -> dict:
+def _setup_image_cache(cfg: RunConfig, data: RunData, accelerator: Accelerator):
+    """The decoded-image cache of every split's images (built by the main process), or None when off."""
+    d = cfg.data
+    if not d.image_cache:
+        return None
+    import datasets as hf_datasets
+
+    from expreg.image_cache import ensure_image_cache
+
+    paths = []
+    for part in data.datasets.values():
+        paths += [item["path"] for item in part.cast_column("image", hf_datasets.Image(decode=False))["image"]]
+    with accelerator.main_process_first():
+        cache = ensure_image_cache(
+            paths, d.image_size, d.image_cache_dir, num_workers=d.num_workers, progress=accelerator.is_main_process
+        )
+    problems = cache.unreadable()
+    if problems and d.bad_image_policy == "fail":
+        listed = "; ".join(f"{path}: {reason}" for path, reason in problems[:5])
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise UnreadableImageError(
+            f"{len(problems)} image(s) cannot be decoded: {listed}{more}. Fix or remove them, or set "
+            "data.bad_image_policy=skip to train without them"
+        )
+    return cache
+
+
+def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel, num_processes: int, image_cache=None) -> dict:
     """DataLoaders with the backbone's own pixel normalisation (stored in the model's config)."""
     d = cfg.data
     return build_dataloaders(
@@ -440,6 +469,7 @@ def _setup_loaders(cfg: RunConfig, data: RunData, model: ExpRegModel, num_proces
         bad_image_policy=d.bad_image_policy,
         num_processes=num_processes,
         hed_jitter=d.hed_jitter,
+        image_cache=image_cache,
     )
 
 

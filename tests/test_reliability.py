@@ -161,6 +161,19 @@ def test_image_broken_after_validation_fails_or_is_skipped(data_csv, tmp_path):
     assert metrics(tmp_path / "skip")["status"] == "finished"
 
 
+def test_image_cache_finds_unreadable_images_before_training(data_csv, tmp_path):
+    csv, split = _corrupt_one_training_image(data_csv, tmp_path)
+    common = (f"data.metadata_csv={csv}", f"data.split_csv={split}", "train.epochs=1", "data.image_cache=true")
+    common += (f"data.image_cache_dir={tmp_path / 'cache'}",)
+    result = train(tmp_path, "fail", *common, expect_ok=False)
+    assert result.returncode == 1 and "1 image(s) cannot be decoded: " in result.stderr
+    assert "data.bad_image_policy=skip" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "fail").exists()  # nothing started
+    result = train(tmp_path, "skip", *common, "data.bad_image_policy=skip")
+    assert "skipped 1 unreadable training image(s)" in result.stdout
+    assert metrics(tmp_path / "skip")["status"] == "finished"
+
+
 @pytest.mark.slow
 def test_a_failure_in_one_process_stops_all_without_deadlock(data_csv, tmp_path):
     csv, split = _corrupt_one_training_image(data_csv, tmp_path)

@@ -128,6 +128,17 @@ def test_run_directory_contents(reference_run, data_csv):
     assert resolved["data"]["split_csv"] == str(run / "split.csv") and resolved["train"]["mixed_precision"] == "no"
 
 
+def test_decoded_image_cache_gives_the_same_run(reference_run, data_csv, tmp_path):
+    cache = tmp_path / "cache"
+    cached = ("data.image_cache=true", f"data.image_cache_dir={cache}")
+    result = train(tmp_path, "cached", f"data.metadata_csv={data_csv}", *COMMON, *cached)
+    assert "building the decoded-image cache" in result.stderr + result.stdout
+    assert_same_run(reference_run, tmp_path / "cached")
+    assert len(list((cache / "images").iterdir())) == 1
+    result = train(tmp_path, "cached_again", f"data.metadata_csv={data_csv}", "train.epochs=1", *cached)
+    assert "building" not in result.stderr + result.stdout and len(list((cache / "images").iterdir())) == 1
+
+
 def test_predictions_file_matches_the_best_model(reference_run):
     from expreg.data import ImageTransform, load_expression_dataset
     from expreg.model import ExpRegModel

@@ -1,0 +1,68 @@
+"""Shared by the benchmark scripts: where the data are, alternated timing, the environment line."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HER2ST = REPO.parent / "shared" / "data" / "her2st_dev" / "metadata.csv"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def real_data(path: str | None) -> str:
+    """The metadata CSV to benchmark on: ``path``, else the her2st_dev data beside the checkout."""
+    chosen = Path(path) if path else HER2ST
+    if not chosen.is_file():
+        sys.exit(
+            f"{chosen}: no such metadata CSV. Pass --metadata_csv (any CSV in the expreg format; "
+            "`python -c 'from expreg.demo import ensure_demo_dataset as d; print(d())'` prints the demo data's)"
+        )
+    return str(chosen)
+
+
+def alternate(sides: dict, repeats: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Call each side (a function returning a throughput) in turn, ``repeats`` rounds; returns all values.
+
+    Alternating rounds spreads the drift of a shared machine over both sides alike.
+    """
+    if warmup:
+        for fn in sides.values():
+            fn()
+    values: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            values[name].append(fn())
+    return values
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def timed(fn) -> float:
+    """Seconds ``fn()`` takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def environment() -> str:
+    import torch
+
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} torch threads, {platform.processor() or platform.machine()}"
+    )
+
+
+def report(values: dict[str, list[float]], unit: str) -> None:
+    """One line per side: median and the spread of the repeats."""
+    for name, vals in values.items():
+        print(f"  {name:<52}{median(vals):8.1f} {unit}  (min {min(vals):.1f}, max {max(vals):.1f}, n={len(vals)})")

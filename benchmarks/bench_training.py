@@ -1,0 +1,157 @@
+"""Training-loop efficiency: expreg's end-to-end training throughput against the compute limit.
+
+    python benchmarks/bench_training.py [--repeats 3] [--metadata_csv CSV] [recipe overrides ...]
+
+expreg side: whole epochs of ``expreg.train.train_one_epoch``, the loop ``run_regression.py``
+runs: image files -> ``datasets`` -> ``ExpressionTransform`` in DataLoader workers -> Accelerate
+-> AdamW, with the recipe's backbone, image size, batch size, workers and augmentation
+(``recipes/her2st.yaml`` on the her2st_dev images by default). It is measured twice: decoding
+the image files every epoch (``data.image_cache=false``) and reading the decoded-image cache
+(``data.image_cache=true``, built before the timing starts).
+
+Baseline (the compute limit): a bare PyTorch loop over the same training images, decoded,
+resized and normalised into one in-memory tensor beforehand, with the same model, batch sizes,
+optimizer, gradient clipping and loss, and no augmentation.
+
+Sides alternate within one process (medians of ``--repeats`` epochs each, after one warm-up
+epoch); throughput is training images per second. The ratios are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, alternate, environment, median, real_data, report, timed  # noqa: E402
+
+
+def _bare_epoch(model, optimizer, pixels, labels, sizes: list[int], epoch: int, max_grad_norm) -> int:
+    import torch
+
+    model.train()
+    order = torch.randperm(len(pixels), generator=torch.Generator().manual_seed(epoch))
+    start = 0
+    for size in sizes:
+        index = order[start : start + size]
+        start += size
+        loss = model(pixel_values=pixels[index], labels=labels[index]).loss
+        loss.backward()
+        if max_grad_norm:  # the recipe's optimisation includes clipping: the same work on both sides
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return start
+
+
+def _predecode(dataset, image_size: int, mean, std):
+    """The training split as one normalised float tensor (what the bare loop reads)."""
+    import numpy as np
+    import torch
+
+    from expreg.data import ImageTransform, load_image
+
+    transform = ImageTransform(image_size, mean, std, train=False)
+    pixels = torch.stack([transform(load_image(p)[0], p) for p in dataset["image_path"]])
+    labels = torch.from_numpy(np.asarray(dataset["labels"], dtype=np.float32))
+    return pixels, labels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "her2st.yaml"))
+    parser.add_argument("--metadata_csv", default=None, help="default: ../shared/data/her2st_dev/metadata.csv")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.image_size=224")
+    args = parser.parse_args()
+
+    import torch
+    from accelerate import Accelerator
+
+    from expreg import train
+    from expreg.config import load_recipe
+    from expreg.seeding import seed_everything
+
+    overrides = [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides]
+    cfg = load_recipe(args.recipe, overrides)
+    seed_everything(cfg.seed)
+    accelerator = Accelerator(cpu=True)
+    data = train._setup_data(cfg, accelerator)
+    model = train._setup_model(cfg, data)
+    bare_model = copy.deepcopy(model)
+    train_set = data.datasets["train"].cast_column("image", __import__("datasets").Image(decode=False))
+    train_set = train_set.map(lambda row: {"image_path": row["image"]["path"]}, remove_columns=["image"])
+    pixels, labels = _predecode(train_set, cfg.data.image_size, model.config.image_mean, model.config.image_std)
+    labels = torch.from_numpy(data.target_stats.normalize(labels.numpy()))
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        loaders = {}
+        for cached in (False, True):
+            cfg.data.image_cache, cfg.data.image_cache_dir = cached, cache_dir
+            image_cache = train._setup_image_cache(cfg, data, accelerator)  # built here, before any timing
+            loaders[cached] = train._setup_loaders(cfg, data, model, 1, image_cache)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        bare_optimizer = torch.optim.AdamW(
+            bare_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        )
+        n_train = len(data.datasets["train"])
+        prepared = {cached: accelerator.prepare(loaders[cached]["train"]) for cached in loaders}
+        sizes = list(loaders[False]["train_sampler"].sizes)
+        counter = {"epoch": 0}
+
+        def expreg_epoch(cached: bool) -> float:
+            data.loaders = loaders[cached]
+            state = train.TrainerState(num_processes=1, epoch=counter["epoch"])
+            counter["epoch"] += 1
+            seconds = timed(
+                lambda: train.train_one_epoch(
+                    model,
+                    prepared[cached],
+                    optimizer,
+                    scheduler,
+                    accelerator,
+                    data,
+                    cfg,
+                    state,
+                    Path(cache_dir),
+                    False,
+                )
+            )
+            return n_train / seconds
+
+        def bare_epoch() -> float:
+            counter["epoch"] += 1
+            return n_train / timed(
+                lambda: _bare_epoch(
+                    bare_model, bare_optimizer, pixels, labels, sizes, counter["epoch"], cfg.train.max_grad_norm
+                )
+            )
+
+        values = alternate(
+            {
+                "bare loop, pre-decoded tensors (compute limit)": bare_epoch,
+                "expreg, decoding image files": lambda: expreg_epoch(False),
+                "expreg, decoded-image cache": lambda: expreg_epoch(True),
+            },
+            args.repeats,
+        )
+    d = cfg.data
+    print(environment())
+    print(
+        f"{cfg.model.backbone}, {d.image_size} px, batch {d.batch_size}, {d.num_workers} workers, "
+        f"{n_train} training images ({d.metadata_csv}), fp32; images/s, median of {args.repeats} epochs"
+    )
+    report(values, "img/s")
+    bare = median(values["bare loop, pre-decoded tensors (compute limit)"])
+    print()
+    print(f"expreg (decoding files) / bare loop = {median(values['expreg, decoding image files']) / bare:.2f}")
+    print(f"expreg (decoded-image cache) / bare loop = {median(values['expreg, decoded-image cache']) / bare:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Decoded-image cache: every image decoded and resized once, stored as uint8 in a memory-mapped Arrow file.
+
+Decoding JPEG/PNG patches and resizing them is the same work every epoch. With
+``data.image_cache=true`` expreg does it once, before training, and the DataLoader then reads
+the resized ``uint8`` pixels from an Arrow IPC file that is memory-mapped (the operating system
+shares the pages between processes and workers; nothing is loaded into Python memory).
+Augmentation still runs per epoch on top of the cached pixels, and the pixels are exactly
+those the uncached pipeline makes (``expreg.data.decode_resized``), so a run gives the same
+numbers with the cache as without.
+
+A cache is identified by the image size and every image's absolute path, size in bytes and
+modification time: change an image, add one or change ``data.image_size`` and a new cache is
+built (old ones stay until you delete them; each is one folder under
+``<data.image_cache_dir>/images/``, by default ``$EXPREG_CACHE`` or ``~/.cache/expreg``).
+Images that cannot be decoded are recorded in the cache with the reason, and handled by
+``data.bad_image_policy`` like uncached ones.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from expreg.demo import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1  # bump when the pixels a cache holds would change (resize method, layout)
+ROWS_PER_BATCH = 256
+CACHE_FILE = "images.arrow"
+INFO_FILE = "cache_info.json"
+
+
+class ImageCacheError(RuntimeError):
+    """The image cache cannot be built (e.g. not enough disk space)."""
+
+
+def fingerprint(paths: list[str], image_size: int) -> str:
+    """A digest of the image size and each image's path, size and modification time (sorted paths)."""
+    digest = hashlib.sha256(f"expreg-image-cache v{FORMAT_VERSION} {image_size}\n".encode())
+    for path in paths:
+        try:
+            st = os.stat(path)
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError as err:  # a missing file: recorded as such (decoding it fails later, by policy)
+            digest.update(f"{path}\0missing {err.errno}\n".encode())
+    return digest.hexdigest()
+
+
+class ImageCache:
+    """Read side: ``get(path) -> (uint8 tensor (3, S, S), None)`` or ``(None, reason)``.
+
+    Pickles as its folder name, so DataLoader workers re-open the memory map themselves.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        info = json.loads((self.folder / INFO_FILE).read_text())
+        self.image_size = int(info["image_size"])
+        self.num_images = int(info["num_images"])
+        self._table = None
+
+    def _open(self):
+        import pyarrow as pa
+
+        if self._table is None:
+            source = pa.memory_map(str(self.folder / CACHE_FILE), "r")
+            self._table = pa.ipc.open_file(source).read_all()  # zero-copy: the columns point into the map
+            self._paths = self._table.column("path")
+            self._pixels = self._table.column("pixels")
+            self._errors = self._table.column("error")
+        return self._table
+
+    def __getstate__(self) -> dict:
+        return {"folder": self.folder, "image_size": self.image_size, "num_images": self.num_images, "_table": None}
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every image that could not be decoded when the cache was built."""
+        import pyarrow.compute as pc
+
+        table = self._open().filter(pc.is_valid(self._errors))
+        return list(zip(table.column("path").to_pylist(), table.column("error").to_pylist()))
+
+    def index(self, path: str) -> int:
+        """Row of ``path`` (rows are sorted by path); KeyError when the cache does not hold it."""
+        self._open()
+        paths = _StringColumn(self._paths)
+        row = bisect.bisect_left(paths, path)
+        if row == len(paths) or paths[row] != path:
+            raise KeyError(f"{path} is not in the image cache {self.folder}")
+        return row
+
+    def get(self, path: str):
+        import torch
+
+        row = self.index(path)
+        error = self._errors[row].as_py()
+        if error is not None:
+            return None, error
+        chunk, offset = divmod(row, ROWS_PER_BATCH)
+        array = self._pixels.chunk(chunk)
+        nbytes = array.type.byte_width
+        buffer = array.buffers()[1]
+        start = (array.offset + offset) * nbytes
+        pixels = np.frombuffer(buffer, dtype=np.uint8, count=nbytes, offset=start).copy()  # out of the read-only map
+        return torch.from_numpy(pixels).view(3, self.image_size, self.image_size), None
+
+
+class _StringColumn:
+    """Random access to an Arrow string column as Python strings (for ``bisect``)."""
+
+    def __init__(self, column) -> None:
+        self.column = column
+
+    def __len__(self) -> int:
+        return len(self.column)
+
+    def __getitem__(self, i: int) -> str:
+        return self.column[i].as_py()
+
+
+class _DecodeFiles:
+    """Dataset over image files: ``(path, CHW uint8 bytes or None, error or None)``."""
+
+    def __init__(self, paths: list[str], image_size: int) -> None:
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from expreg.data import decode_resized, load_image
+
+        path = self.paths[i]
+        image, reason = load_image(path)
+        if image is None:
+            return path, None, reason
+        try:
+            return path, decode_resized(image, self.image_size).numpy().tobytes(), None
+        except Exception as err:  # noqa: BLE001 - e.g. an image mode PIL cannot convert
+            return path, None, f"{type(err).__name__}: {err}"
+
+
+def _as_list(rows: list) -> list:
+    return rows
+
+
+def _write(folder: Path, paths: list[str], image_size: int, num_workers: int, progress: bool) -> None:
+    import pyarrow as pa
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    nbytes = 3 * image_size * image_size
+    schema = pa.schema(
+        [("path", pa.string()), ("pixels", pa.binary(nbytes)), ("error", pa.string())],
+        metadata={"image_size": str(image_size), "layout": "CHW uint8 RGB"},
+    )
+    loader = DataLoader(
+        _DecodeFiles(paths, image_size),
+        batch_size=ROWS_PER_BATCH,
+        num_workers=num_workers,
+        collate_fn=_as_list,
+        generator=torch.Generator().manual_seed(0),  # not the global RNG: a run is the same with or without a build
+    )
+    blank = bytes(nbytes)
+    with pa.OSFile(str(folder / CACHE_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        bar = tqdm(
+            total=len(paths), desc=f"caching decoded images ({image_size} px)", unit="img", disable=not progress
+        )
+        for rows in loader:
+            writer.write_batch(
+                pa.record_batch(
+                    [
+                        pa.array([r[0] for r in rows], pa.string()),
+                        pa.array([r[1] if r[1] is not None else blank for r in rows], pa.binary(nbytes)),
+                        pa.array([r[2] for r in rows], pa.string()),
+                    ],
+                    schema=schema,
+                )
+            )
+            bar.update(len(rows))
+        bar.close()
+
+
+def ensure_image_cache(
+    paths: list[str],
+    image_size: int,
+    cache_root: str | os.PathLike | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> ImageCache:
+    """Open the cache of these images at this size, building it first when there is none.
+
+    Args:
+        paths: Absolute image paths (any order; duplicates are stored once).
+        image_size: The side the images are resized to.
+        cache_root: Folder holding the caches (``images/<size>px-<fingerprint>/``); default
+            ``$EXPREG_CACHE`` or ``~/.cache/expreg``.
+        num_workers: Decoding processes while building.
+        progress: Show a progress bar while building.
+
+    Raises:
+        ImageCacheError: Not enough free disk space for the cache.
+    """
+    paths = sorted(set(paths))
+    root = Path(cache_root) if cache_root is not None else default_cache_dir()
+    folder = root / "images" / f"{image_size}px-{fingerprint(paths, image_size)[:20]}"
+    if (folder / INFO_FILE).is_file():
+        logger.info(f"image cache: {folder} ({len(paths)} images, {image_size} px)")
+        return ImageCache(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    needed = len(paths) * (3 * image_size * image_size + 300)
+    free = shutil.disk_usage(folder.parent).free
+    if needed > 0.95 * free:
+        raise ImageCacheError(
+            f"the decoded-image cache needs about {needed / 1e9:.1f} GB in {folder.parent}, which has "
+            f"{free / 1e9:.1f} GB free: set data.image_cache_dir to a larger disk, or data.image_cache=false"
+        )
+    logger.info(f"building the decoded-image cache {folder} ({len(paths)} images, about {needed / 1e6:.0f} MB)")
+    staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    try:
+        _write(staging, paths, image_size, num_workers, progress)
+        info = {"format_version": FORMAT_VERSION, "image_size": image_size, "num_images": len(paths)}
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            os.rename(staging, folder)  # atomic: a cache folder is complete or absent
+        except OSError:
+            if not (folder / INFO_FILE).is_file():  # anything but "another process built it meanwhile"
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ImageCache(folder)
