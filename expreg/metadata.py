@@ -62,7 +62,16 @@ class Metadata:
 
     def image_paths(self) -> list[str]:
         """Absolute image paths (relative ones resolved against the CSV's folder)."""
-        return [resolve_image_path(self.csv_path, p) for p in self.frame["path"]]
+        folder = os.path.dirname(os.path.abspath(self.csv_path)) + os.sep
+        return [
+            p if os.path.isabs(p) else folder + p if _is_plain_relative(p) else resolve_image_path(self.csv_path, p)
+            for p in self.frame["path"]
+        ]
+
+
+def _is_plain_relative(path: str) -> bool:
+    """True when joining ``path`` onto a folder needs no normalisation (no ``.``/``..`` parts, no ``//``)."""
+    return not ("/." in "/" + path or "//" in path or path.endswith("/") or (os.altsep and os.altsep in path))
 
 
 def resolve_image_path(csv_path: str | os.PathLike, path: str) -> str:
@@ -141,8 +150,25 @@ def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -
     return [f"y{i}" for i in expected]
 
 
+def _parse_numbers(column: pd.Series) -> np.ndarray | None:
+    """Fast path: the whole column parsed by Arrow (~50x faster than ``pd.to_numeric`` on text), or
+    None when some cell is not a plain number (the slow path then finds and reports it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        values = pc.cast(pc.utf8_trim_whitespace(pa.array(column, pa.string())), pa.float64())
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    return None if values.null_count else values.to_numpy(zero_copy_only=False)
+
+
 def _check_targets(csv_path: Path, frame: pd.DataFrame, target_columns: list[str]) -> None:
     for col in target_columns:
+        values = _parse_numbers(frame[col])
+        if values is not None and np.isfinite(values).all():
+            frame[col] = values
+            continue
         text = frame[col].str.strip()
         values = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
         bad_text = np.isnan(values) & ~text.str.lower().isin(["nan", "-nan", "+nan"]).to_numpy()

@@ -1,0 +1,105 @@
+"""Evaluation and prediction: expreg's throughput against a bare ``torch.inference_mode()`` loop.
+
+    python benchmarks/bench_eval_predict.py [--repeats 5] [--metadata_csv CSV] [recipe overrides ...]
+
+On the validation images of the recipe (``recipes/her2st.yaml`` on her2st_dev by default),
+with the recipe's backbone, image size, evaluation batch size and workers:
+
+- ``expreg.train.evaluate``: the validation pass of every epoch (validation DataLoader ->
+  model -> ``gather_for_metrics`` -> predictions and loss), decoding the image files, and
+  reading the decoded-image cache (``data.image_cache=true``);
+- ``expreg.predict.predict_files``: what ``expreg-predict`` runs on image files (DataLoader with
+  the model's evaluation transform -> model -> predictions in expression units).
+
+Baseline (the compute limit): the same model and batch size in a bare
+``torch.inference_mode()`` forward loop over the images decoded into one tensor beforehand.
+Sides alternate in one process; medians of ``--repeats`` passes. The ratios are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, alternate, environment, median, real_data, report  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "her2st.yaml"))
+    parser.add_argument("--metadata_csv", default=None, help="default: ../shared/data/her2st_dev/metadata.csv")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.eval_batch_size=64")
+    args = parser.parse_args()
+
+    import datasets
+    import torch
+    from accelerate import Accelerator
+
+    from expreg import train
+    from expreg.config import load_recipe
+    from expreg.data import ImageTransform, load_image
+    from expreg.predict import predict_files
+
+    cfg = load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides])
+    d = cfg.data
+    batch_size = d.eval_batch_size or d.batch_size
+    accelerator = Accelerator(cpu=True)
+    data = train._setup_data(cfg, accelerator)
+    model = train._setup_model(cfg, data).eval()
+    validation = data.datasets["validation"].cast_column("image", datasets.Image(decode=False))
+    files = [item["path"] for item in validation["image"]]
+    transform = ImageTransform(d.image_size, model.config.image_mean, model.config.image_std, train=False)
+    pixels = torch.stack([transform(load_image(path)[0], path) for path in files])
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        loaders = {}
+        for cached in (False, True):
+            d.image_cache, d.image_cache_dir = cached, cache_dir
+            built = train._setup_loaders(cfg, data, model, 1, train._setup_image_cache(cfg, data, accelerator))
+            loaders[cached] = accelerator.prepare(built["validation"])
+        prepared = accelerator.prepare(model)
+
+        def rate(fn) -> float:
+            start = time.perf_counter()
+            fn()
+            return len(files) / (time.perf_counter() - start)
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for start in range(0, len(pixels), batch_size):
+                    model(pixel_values=pixels[start : start + batch_size])
+
+        values = alternate(
+            {
+                "bare inference_mode loop, pre-decoded tensors": lambda: rate(bare),
+                "expreg evaluate, decoding image files": lambda: rate(
+                    lambda: train.evaluate(prepared, loaders[False], accelerator)
+                ),
+                "expreg evaluate, decoded-image cache": lambda: rate(
+                    lambda: train.evaluate(prepared, loaders[True], accelerator)
+                ),
+                "expreg.predict.predict_files (image files)": lambda: rate(
+                    lambda: predict_files(model, files, accelerator, batch_size, d.num_workers)
+                ),
+            },
+            args.repeats,
+        )
+    print(environment())
+    print(
+        f"{cfg.model.backbone}, {d.image_size} px, batch {batch_size}, {d.num_workers} workers, {len(files)} validation "
+        f"images ({d.metadata_csv}), fp32; images/s, median of {args.repeats} passes"
+    )
+    report(values, "img/s")
+    base = median(values["bare inference_mode loop, pre-decoded tensors"])
+    print()
+    for name in list(values)[1:]:
+        print(f"{name} / bare loop = {median(values[name]) / base:.2f} (target >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
