@@ -30,15 +30,18 @@ def real_data(path: str | None) -> str:
 def alternate(sides: dict, repeats: int, warmup: bool = True) -> dict[str, list[float]]:
     """Call each side (a function returning a throughput) in turn, ``repeats`` rounds; returns all values.
 
-    Alternating rounds spreads the drift of a shared machine over both sides alike.
+    Alternating rounds spreads the drift of a shared machine over all sides alike, and the order
+    rotates from round to round, so that no side always runs first (measured here: the first
+    of two equal sides in a round ran ~4 % slower).
     """
     if warmup:
         for fn in sides.values():
             fn()
-    values: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(repeats):
-        for name, fn in sides.items():
-            values[name].append(fn())
+    names = list(sides)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            values[name].append(sides[name]())
     return values
 
 

@@ -415,11 +415,15 @@ def load_image(item) -> tuple[object | None, str | None]:
     from PIL import Image
 
     path = item["path"] if isinstance(item, dict) else item
-    source = _io.BytesIO(item["bytes"]) if isinstance(item, dict) and item.get("bytes") else path
     try:
-        with Image.open(source) as image:
-            image.load()
-            return image.copy(), None
+        if isinstance(item, dict) and item.get("bytes"):
+            encoded = item["bytes"]
+        else:
+            with open(path, "rb") as fh:  # read whole: no file handle outlives this call, no pixel copy
+                encoded = fh.read()
+        image = Image.open(_io.BytesIO(encoded))
+        image.load()
+        return image, None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
         return None, f"{type(err).__name__}: {err}"
 
