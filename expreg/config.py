@@ -98,6 +98,7 @@ class TrainConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     nonfinite_loss_policy: str = "fail"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.mixed_precision is not None:

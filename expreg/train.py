@@ -174,6 +174,8 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     _write_run_files(cfg, accelerator, run_dir, data)
     if cfg.train.mode == "linear_probe":
         return _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     model, optimizer, train_dl, val_dl = accelerator.prepare(
         model, optimizer, data.loaders["train"], data.loaders["validation"]

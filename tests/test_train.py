@@ -230,6 +230,21 @@ def test_dry_run_is_fast_and_complete(data_csv, tmp_path):
     assert elapsed < 60, elapsed
 
 
+def test_channels_last_trains_and_saves_loadable_weights(data_csv, tmp_path):
+    from expreg.model import ExpRegModel
+
+    common = (f"data.metadata_csv={data_csv}", "train.epochs=1", "model.dropout=0")
+    train(tmp_path, "nchw", *common)
+    train(tmp_path, "nhwc", *common, "train.channels_last=true")
+    saved = load_file(tmp_path / "nhwc" / "checkpoints" / "best" / "model.safetensors")
+    assert all(t.is_contiguous() for t in saved.values())
+    model = ExpRegModel.from_pretrained(tmp_path / "nhwc" / "checkpoints" / "best").eval()
+    reference = ExpRegModel.from_pretrained(tmp_path / "nchw" / "checkpoints" / "best").eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():  # the same training in another memory layout: the same model up to rounding
+        assert torch.allclose(model(pixel_values=x).predictions, reference(pixel_values=x).predictions, atol=1e-3)
+
+
 def test_bad_metadata_fails_before_any_run_directory(data_csv, tmp_path):
     frame = pd.read_csv(data_csv, dtype=str, keep_default_na=False)
     frame.loc[2, "y4"] = "n/a"
