@@ -1,13 +1,14 @@
 """Training-loop efficiency: expreg's end-to-end training throughput against the compute limit.
 
-    python benchmarks/bench_training.py [--repeats 3] [--metadata_csv CSV] [recipe overrides ...]
+    python benchmarks/bench_training.py [--repeats 3] [--workers 0 2] [--metadata_csv CSV] [recipe overrides ...]
 
 expreg side: whole epochs of ``expreg.train.train_one_epoch``, the loop ``run_regression.py``
-runs: image files -> ``datasets`` -> ``ExpressionTransform`` in DataLoader workers -> Accelerate
--> AdamW, with the recipe's backbone, image size, batch size, workers and augmentation
-(``recipes/her2st.yaml`` on the her2st_dev images by default). It is measured twice: decoding
-the image files every epoch (``data.image_cache=false``) and reading the decoded-image cache
-(``data.image_cache=true``, built before the timing starts).
+runs: image files -> ``datasets`` -> ``ExpressionTransform`` (in DataLoader workers, if any) ->
+Accelerate -> AdamW, with the recipe's backbone, image size, batch size and augmentation
+(``recipes/her2st.yaml`` on the her2st_dev images by default). It is measured decoding the
+image files every epoch (``data.image_cache=false``) and reading the decoded-image cache
+(``data.image_cache=true``, built before the timing starts), each with every ``--workers``
+count (DataLoader worker processes).
 
 Baseline (the compute limit): a bare PyTorch loop over the same training images, decoded,
 resized and normalised into one in-memory tensor beforehand, with the same model, batch sizes,
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--recipe", default=str(REPO / "recipes" / "her2st.yaml"))
     parser.add_argument("--metadata_csv", default=None, help="default: ../shared/data/her2st_dev/metadata.csv")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to compare")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.image_size=224")
     args = parser.parse_args()
 
@@ -89,10 +91,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cache_dir:
         loaders = {}
-        for cached in (False, True):
-            cfg.data.image_cache, cfg.data.image_cache_dir = cached, cache_dir
-            image_cache = train._setup_image_cache(cfg, data, accelerator)  # built here, before any timing
-            loaders[cached] = train._setup_loaders(cfg, data, model, 1, image_cache)
+        for workers in args.workers:
+            for cached in (False, True):
+                cfg.data.image_cache, cfg.data.image_cache_dir, cfg.data.num_workers = cached, cache_dir, workers
+                image_cache = train._setup_image_cache(cfg, data, accelerator)  # built here, before any timing
+                loaders[workers, cached] = train._setup_loaders(cfg, data, model, 1, image_cache)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         model, optimizer = accelerator.prepare(model, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -100,26 +103,17 @@ def main() -> None:
             bare_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
         n_train = len(data.datasets["train"])
-        prepared = {cached: accelerator.prepare(loaders[cached]["train"]) for cached in loaders}
-        sizes = list(loaders[False]["train_sampler"].sizes)
+        prepared = {key: accelerator.prepare(loader["train"]) for key, loader in loaders.items()}
+        sizes = list(next(iter(loaders.values()))["train_sampler"].sizes)
         counter = {"epoch": 0}
 
-        def expreg_epoch(cached: bool) -> float:
-            data.loaders = loaders[cached]
+        def expreg_epoch(key) -> float:
+            data.loaders = loaders[key]
             state = train.TrainerState(num_processes=1, epoch=counter["epoch"])
             counter["epoch"] += 1
             seconds = timed(
                 lambda: train.train_one_epoch(
-                    model,
-                    prepared[cached],
-                    optimizer,
-                    scheduler,
-                    accelerator,
-                    data,
-                    cfg,
-                    state,
-                    Path(cache_dir),
-                    False,
+                    model, prepared[key], optimizer, scheduler, accelerator, data, cfg, state, Path(cache_dir), False
                 )
             )
             return n_train / seconds
@@ -132,25 +126,29 @@ def main() -> None:
                 )
             )
 
-        values = alternate(
-            {
-                "bare loop, pre-decoded tensors (compute limit)": bare_epoch,
-                "expreg, decoding image files": lambda: expreg_epoch(False),
-                "expreg, decoded-image cache": lambda: expreg_epoch(True),
-            },
-            args.repeats,
-        )
+        sides = {BARE: bare_epoch}
+        for key in loaders:
+            sides[_name(*key)] = lambda key=key: expreg_epoch(key)
+        values = alternate(sides, args.repeats)
     d = cfg.data
     print(environment())
     print(
-        f"{cfg.model.backbone}, {d.image_size} px, batch {d.batch_size}, {d.num_workers} workers, "
-        f"{n_train} training images ({d.metadata_csv}), fp32; images/s, median of {args.repeats} epochs"
+        f"{cfg.model.backbone}, {d.image_size} px, batch {d.batch_size}, {n_train} training images "
+        f"({d.metadata_csv}), dihedral={d.augment_dihedral}, hed_jitter={d.hed_jitter}, fp32; "
+        f"images/s, median of {args.repeats} epochs"
     )
     report(values, "img/s")
-    bare = median(values["bare loop, pre-decoded tensors (compute limit)"])
+    bare = median(values[BARE])
     print()
-    print(f"expreg (decoding files) / bare loop = {median(values['expreg, decoding image files']) / bare:.2f}")
-    print(f"expreg (decoded-image cache) / bare loop = {median(values['expreg, decoded-image cache']) / bare:.2f}")
+    for key in loaders:
+        print(f"{_name(*key)} / bare loop = {median(values[_name(*key)]) / bare:.2f} (target >= 0.90)")
+
+
+BARE = "bare loop, pre-decoded tensors (compute limit)"
+
+
+def _name(workers: int, cached: bool) -> str:
+    return f"expreg, {'decoded-image cache' if cached else 'decoding files'}, {workers} workers"
 
 
 if __name__ == "__main__":

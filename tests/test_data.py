@@ -149,6 +149,41 @@ def test_loading_attempts_no_network(dataset_csv, split_csv, monkeypatch):
     assert len(ds["train"]) > 0 and ds["train"][0]["image"] is not None
 
 
+def test_splits_are_memory_mapped_arrow_files_removed_at_exit(dataset_csv, split_csv, tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from expreg.data import load_expression_dataset as load; "
+        "ds = load(sys.argv[1], sys.argv[2]); files = [f['filename'] for p in ds.values() for f in p.cache_files]; "
+        "print(files[0]); assert len(files) == len(ds)"
+    )
+    env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(dataset_csv), str(split_csv)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    arrow_file = result.stdout.strip().splitlines()[-1]
+    assert arrow_file.startswith(str(tmp_path / "expreg-arrow-")) and arrow_file.endswith(".arrow")
+    assert not list(tmp_path.glob("expreg-arrow-*"))  # removed when the process exited
+
+
+def test_rows_survive_the_arrow_round_trip(dataset_csv, split_csv):
+    import datasets
+
+    from expreg.metadata import read_metadata
+
+    ds = load_expression_dataset(dataset_csv, split_csv)
+    metadata = read_metadata(dataset_csv)
+    by_path = dict(zip(metadata.frame["path"], metadata.targets()))
+    groups = dict(zip(metadata.frame["path"], metadata.frame["group_id"]))
+    rows = [row for part in ds.values() for row in part.cast_column("image", datasets.Image(decode=False))]
+    assert sorted(r["path"] for r in rows) == sorted(metadata.frame["path"])
+    for row in rows:
+        np.testing.assert_array_equal(np.asarray(row["labels"], dtype=np.float32), by_path[row["path"]])
+        assert row["group_id"] == groups[row["path"]] and row["image"]["path"].endswith(row["path"])
+
+
 def test_result_files_are_readable_by_others(tmp_path):
     import os
     import stat

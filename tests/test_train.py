@@ -336,10 +336,14 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_csv, tmp_path):
     files = {p.relative_to(run).as_posix() for p in run.rglob("*")}
     files_one = {p.relative_to(one).as_posix() for p in one.rglob("*")}
     assert files - files_one == {"checkpoints/last/random_states_1.pkl"}  # each process's RNG state, nothing else
-    # stop + resume under 2 processes gives the same run
-    train(tmp_path, "ddp_stopped", f"data.metadata_csv={data_csv}", *COMMON, "train.stop_after_steps=3", launcher=two)
+    # stop + resume under 2 processes gives the same run, also reading the decoded-image cache
+    # (built by the main process while the other waits)
+    cache = ("data.image_cache=true", f"data.image_cache_dir={tmp_path / 'cache'}")
+    stopped = (f"data.metadata_csv={data_csv}", *COMMON, *cache, "train.stop_after_steps=3")
+    train(tmp_path, "ddp_stopped", *stopped, launcher=two)
     resume(tmp_path / "ddp_stopped" / "checkpoints" / "last", launcher=two)
     assert_same_run(run, tmp_path / "ddp_stopped")
+    assert len(list((tmp_path / "cache" / "images").iterdir())) == 1
     # evaluation: 1 and 2 processes on the same weights, batch 5 (N not a multiple of 5 x 2)
     outputs = {}
     for n, launcher in ((1, (sys.executable,)), (2, two)):
