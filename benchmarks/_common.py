@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -25,6 +26,31 @@ def real_data(path: str | None) -> str:
             "`python -c 'from expreg.demo import ensure_demo_dataset as d; print(d())'` prints the demo data's)"
         )
     return str(chosen)
+
+
+def recipe_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
+    """The options the real-data benchmarks share: a recipe, its data, repeats and overrides."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--recipe", default=str(REPO / "recipes" / "her2st.yaml"))
+    parser.add_argument("--metadata_csv", default=None, help=f"default: {HER2ST}")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.num_workers=2")
+    return parser
+
+
+def setup_run(args: argparse.Namespace):
+    """What ``expreg.train.run`` builds before training: ``(cfg, accelerator, data, model)`` on the CPU."""
+    from accelerate import Accelerator
+
+    from expreg import train
+    from expreg.config import load_recipe
+    from expreg.seeding import seed_everything
+
+    cfg = load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides])
+    seed_everything(cfg.seed)
+    accelerator = Accelerator(cpu=True)
+    data = train._setup_data(cfg, accelerator)
+    return cfg, accelerator, data, train._setup_model(cfg, data)
 
 
 def alternate(sides: dict, repeats: int, warmup: bool = True) -> dict[str, list[float]]:

@@ -19,14 +19,13 @@ The ratios are printed last.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, alternate, environment, median, real_data, report  # noqa: E402
+from _common import alternate, environment, median, recipe_parser, report, setup_run  # noqa: E402
 
 
 class PlainImages:
@@ -70,26 +69,16 @@ def backbone_rate(model, batch_size: int, image_size: int, steps: int = 4) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "her2st.yaml"))
-    parser.add_argument("--metadata_csv", default=None, help="default: ../shared/data/her2st_dev/metadata.csv")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.num_workers=0")
-    args = parser.parse_args()
+    args = recipe_parser(__doc__, repeats=3).parse_args()
 
     import datasets
     import torch
-    from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
     from expreg import train
-    from expreg.config import load_recipe
 
-    cfg = load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides])
+    cfg, accelerator, data, model = setup_run(args)
     d = cfg.data
-    accelerator = Accelerator(cpu=True)
-    data = train._setup_data(cfg, accelerator)
-    model = train._setup_model(cfg, data)
     train_set = data.datasets["train"]
     paths = [item["path"] for item in train_set.cast_column("image", datasets.Image(decode=False))["image"]]
     labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"]))

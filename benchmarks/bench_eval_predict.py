@@ -18,39 +18,29 @@ Sides alternate in one process; medians of ``--repeats`` passes. The ratios are 
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, alternate, environment, median, real_data, report  # noqa: E402
+from _common import alternate, environment, median, recipe_parser, report, setup_run  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "her2st.yaml"))
-    parser.add_argument("--metadata_csv", default=None, help="default: ../shared/data/her2st_dev/metadata.csv")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.eval_batch_size=64")
-    args = parser.parse_args()
+    args = recipe_parser(__doc__, repeats=5).parse_args()
 
     import datasets
     import torch
-    from accelerate import Accelerator
 
     from expreg import train
-    from expreg.config import load_recipe
     from expreg.data import ImageTransform, load_image
     from expreg.predict import predict_files
 
-    cfg = load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides])
+    cfg, accelerator, data, model = setup_run(args)
+    model = model.eval()
     d = cfg.data
     batch_size = d.eval_batch_size or d.batch_size
-    accelerator = Accelerator(cpu=True)
-    data = train._setup_data(cfg, accelerator)
-    model = train._setup_model(cfg, data).eval()
     validation = data.datasets["validation"].cast_column("image", datasets.Image(decode=False))
     files = [item["path"] for item in validation["image"]]
     transform = ImageTransform(d.image_size, model.config.image_mean, model.config.image_std, train=False)

@@ -61,17 +61,9 @@ def _bare_epoch(model, optimizer, scaler, pixels, labels, batch_size: int, dtype
     return (len(pixels) // batch_size) * batch_size / (time.perf_counter() - start)
 
 
-def one_setting(args) -> dict:
-    """In this process: expreg (files, cache) and bare at one precision / memory format."""
-    import copy
-
-    import datasets
-    import torch
-    from accelerate import Accelerator
-
-    from expreg import train
+def _config(args):
+    """``recipes/base.yaml`` with this benchmark's data, model, batch, workers and memory format."""
     from expreg.config import load_recipe
-    from expreg.data import ImageTransform, load_image
 
     overrides = [
         f"data.metadata_csv={args.metadata_csv}",
@@ -82,7 +74,21 @@ def one_setting(args) -> dict:
         "data.hed_jitter=0.05",
         f"train.channels_last={str(args.channels_last).lower()}",
     ]
-    cfg = load_recipe(str(REPO / "recipes" / "base.yaml"), overrides)
+    return load_recipe(str(REPO / "recipes" / "base.yaml"), overrides)
+
+
+def one_setting(args) -> dict:
+    """In this process: expreg (files, cache) and bare at one precision / memory format."""
+    import copy
+
+    import datasets
+    import torch
+    from accelerate import Accelerator
+
+    from expreg import train
+    from expreg.data import ImageTransform, load_image
+
+    cfg = _config(args)
     accelerator = Accelerator(cpu=args.smoke, mixed_precision=args.precision)
     device = accelerator.device
     data = train._setup_data(cfg, accelerator)
@@ -141,17 +147,8 @@ def pipeline_rate(args) -> dict:
     from accelerate import Accelerator
 
     from expreg import train
-    from expreg.config import load_recipe
 
-    overrides = [
-        f"data.metadata_csv={args.metadata_csv}",
-        f"data.image_size={args.image_size}",
-        f"data.batch_size={args.batch_size}",
-        f"data.num_workers={args.workers}",
-        f"model.backbone={args.backbone}",
-        "data.hed_jitter=0.05",
-    ]
-    cfg = load_recipe(str(REPO / "recipes" / "base.yaml"), overrides)
+    cfg = _config(args)
     accelerator = Accelerator(cpu=True)
     data = train._setup_data(cfg, accelerator)
     model = train._setup_model(cfg, data)

@@ -20,14 +20,13 @@ epoch); throughput is training images per second. The ratios are printed last.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, alternate, environment, median, real_data, report, timed  # noqa: E402
+from _common import alternate, environment, median, recipe_parser, report, setup_run, timed  # noqa: E402
 
 
 def _bare_epoch(model, optimizer, pixels, labels, sizes: list[int], epoch: int, max_grad_norm) -> int:
@@ -62,27 +61,15 @@ def _predecode(dataset, image_size: int, mean, std):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "her2st.yaml"))
-    parser.add_argument("--metadata_csv", default=None, help="default: ../shared/data/her2st_dev/metadata.csv")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = recipe_parser(__doc__, repeats=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to compare")
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.image_size=224")
     args = parser.parse_args()
 
     import torch
-    from accelerate import Accelerator
 
     from expreg import train
-    from expreg.config import load_recipe
-    from expreg.seeding import seed_everything
 
-    overrides = [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides]
-    cfg = load_recipe(args.recipe, overrides)
-    seed_everything(cfg.seed)
-    accelerator = Accelerator(cpu=True)
-    data = train._setup_data(cfg, accelerator)
-    model = train._setup_model(cfg, data)
+    cfg, accelerator, data, model = setup_run(args)
     bare_model = copy.deepcopy(model)
     train_set = data.datasets["train"].cast_column("image", __import__("datasets").Image(decode=False))
     train_set = train_set.map(lambda row: {"image_path": row["image"]["path"]}, remove_columns=["image"])
