@@ -6,9 +6,10 @@ Two lines in a notebook::
     ds = load_expression_dataset("data/example_metadata.csv", "splits/example.csv")
 
 Rows carry ``image`` (decoded lazily by ``datasets.Image``), ``labels`` (float32, length K, in
-expression units), ``group_id``, ``path`` and the CSV's extra columns. Nothing is downloaded and nothing is
-cached between runs: each split is streamed from the validated CSV to an Arrow file in a
-temporary folder (``expreg-arrow-*``, removed when the process exits) and memory-mapped.
+expression units), ``group_id``, ``path`` and the CSV's extra columns. Nothing is downloaded and the dataset is
+not cached between runs: each split is converted from the validated table to an Arrow file
+in a temporary folder (``$TMPDIR/expreg-arrow-<pid>-*``, removed when the process exits, or by
+the next run if it was killed) and memory-mapped.
 """
 
 from __future__ import annotations
@@ -117,29 +118,47 @@ def _split_training_folds(table, is_test: np.ndarray, seed: int, val_frac: float
     return out.astype(object)
 
 
-ARROW_CHUNK_ROWS = 50_000  # rows converted to Arrow at a time: memory stays flat in the number of rows
-_ARROW_DIRS: list[str] = []
+ARROW_CHUNK_ROWS = 50_000  # rows converted to Arrow at a time (the conversion's temporaries stay this small)
+_ARROW_DIRS: dict[int, Path] = {}  # pid -> this process's folder (a forked child makes its own)
 _BUILD_IDS = itertools.count()
 
 
 def _arrow_dir() -> Path:
-    """This process's folder for dataset Arrow files (under the temp dir; removed at exit)."""
-    if not _ARROW_DIRS:
+    """This process's folder for dataset Arrow files: ``$TMPDIR/expreg-arrow-<pid>-*``, removed at exit.
+
+    Folders left by processes that were killed (no exit handler ran) are removed on first use.
+    """
+    pid = os.getpid()
+    if pid not in _ARROW_DIRS:
         import atexit
         import shutil
         import tempfile
 
-        _ARROW_DIRS.append(tempfile.mkdtemp(prefix="expreg-arrow-"))
-        atexit.register(shutil.rmtree, _ARROW_DIRS[0], True)
-    return Path(_ARROW_DIRS[0])
+        from expreg.image_cache import _process_alive
+
+        for old in Path(tempfile.gettempdir()).glob("expreg-arrow-*-*"):
+            owner = old.name.split("-")[2]
+            if owner.isdigit() and not _process_alive(int(owner)):
+                shutil.rmtree(old, ignore_errors=True)
+        _ARROW_DIRS[pid] = Path(tempfile.mkdtemp(prefix=f"expreg-arrow-{pid}-"))
+        atexit.register(_remove_arrow_dir, pid)
+    return _ARROW_DIRS[pid]
+
+
+def _remove_arrow_dir(pid: int) -> None:
+    import shutil
+
+    if os.getpid() == pid:  # not in a forked child that inherited the exit handler
+        shutil.rmtree(_ARROW_DIRS[pid], ignore_errors=True)
 
 
 def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=None, fold=None):
     """Build the ``DatasetDict`` from a validated table and per-row split names.
 
-    Each split is streamed to an Arrow file in ``ARROW_CHUNK_ROWS``-row record batches and
-    memory-mapped (``datasets.Dataset.from_file``): a million rows need no Python objects per
-    value, and DataLoader workers share the pages instead of copying the table.
+    Each split is converted to Arrow in ``ARROW_CHUNK_ROWS``-row record batches (the targets go
+    over as float32 arrays, not as one Python float per value), written to a temporary file and
+    memory-mapped (``datasets.Dataset.from_file``), so DataLoader workers share its pages
+    instead of copying the table.
     """
     import datasets
     import pyarrow as pa
@@ -168,17 +187,24 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
     image_paths = np.asarray(metadata.image_paths(), dtype=object)
     targets = metadata.targets()
     folder = _arrow_dir() / f"build-{next(_BUILD_IDS)}"
-    folder.mkdir()
     parts = {}
     for name in SPLIT_NAMES:
         rows = np.flatnonzero(assignment == name)
         if len(rows) == 0:
             continue
         arrow_file = folder / f"{name}.arrow"
-        with pa.OSFile(str(arrow_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            for start in range(0, len(rows), ARROW_CHUNK_ROWS):
-                chunk = rows[start : start + ARROW_CHUNK_ROWS]
-                writer.write_batch(_record_batch(metadata, chunk, image_paths, targets, schema))
+        try:
+            folder.mkdir(exist_ok=True)
+            with pa.OSFile(str(arrow_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+                for start in range(0, len(rows), ARROW_CHUNK_ROWS):
+                    chunk = rows[start : start + ARROW_CHUNK_ROWS]
+                    writer.write_batch(_record_batch(metadata, chunk, image_paths, targets, schema))
+        except OSError as err:
+            raise OSError(
+                f"cannot write the dataset's Arrow file {arrow_file}: {err}. It needs about "
+                f"{len(rows) * (targets.shape[1] * 4 + 200) / 1e6:.0f} MB in the temporary folder: set TMPDIR "
+                "to a folder with space"
+            ) from err
         info = datasets.DatasetInfo(description=description, features=features)
         parts[name] = datasets.Dataset.from_file(str(arrow_file), info=info, split=name, in_memory=False)
     if "train" not in parts:
@@ -417,12 +443,12 @@ def load_image(item) -> tuple[object | None, str | None]:
     path = item["path"] if isinstance(item, dict) else item
     try:
         if isinstance(item, dict) and item.get("bytes"):
-            encoded = item["bytes"]
-        else:
-            with open(path, "rb") as fh:  # read whole: no file handle outlives this call, no pixel copy
-                encoded = fh.read()
-        image = Image.open(_io.BytesIO(encoded))
-        image.load()
+            image = Image.open(_io.BytesIO(item["bytes"]))
+            image.load()
+            return image, None
+        with open(path, "rb") as fh:  # our handle, closed here; after load() the pixels need no file
+            image = Image.open(fh)
+            image.load()
         return image, None
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
         return None, f"{type(err).__name__}: {err}"
@@ -611,6 +637,10 @@ def build_dataloaders(
 
     from expreg.seeding import seed_worker
 
+    if image_cache is not None and image_cache.image_size != image_size:
+        raise ValueError(
+            f"the image cache {image_cache.folder} holds {image_cache.image_size}-px images, not {image_size}"
+        )
     loaders: dict = {}
     common = {"num_workers": num_workers, "collate_fn": collate_fn, "worker_init_fn": seed_worker}
     for name, part in datasets_dict.items():

@@ -24,7 +24,8 @@ import json
 import logging
 import os
 import shutil
-import uuid
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,18 +35,22 @@ from expreg.demo import default_cache_dir
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the pixels a cache holds would change (resize method, layout)
-ROWS_PER_BATCH = 256
+ROWS_PER_BATCH = 256  # rows per Arrow record batch (readers look chunks up by offset, not by this)
 CACHE_FILE = "images.arrow"
 INFO_FILE = "cache_info.json"
+_HOST = socket.gethostname().replace(".", "-")
 
 
-class ImageCacheError(RuntimeError):
-    """The image cache cannot be built (e.g. not enough disk space)."""
+class ImageCacheError(OSError):
+    """The image cache cannot be built (not enough disk space, a folder that cannot be written)."""
 
 
 def fingerprint(paths: list[str], image_size: int) -> str:
-    """A digest of the image size and each image's path, size and modification time (sorted paths)."""
-    digest = hashlib.sha256(f"expreg-image-cache v{FORMAT_VERSION} {image_size}\n".encode())
+    """A digest of the image size, the Pillow version (its decoders and resize make the pixels) and
+    each image's path, size and modification time, in the order given."""
+    import PIL
+
+    digest = hashlib.sha256(f"expreg-image-cache v{FORMAT_VERSION} {image_size} Pillow {PIL.__version__}\n".encode())
     for path in paths:
         try:
             st = os.stat(path)
@@ -58,7 +63,8 @@ def fingerprint(paths: list[str], image_size: int) -> str:
 class ImageCache:
     """Read side: ``get(path) -> (uint8 tensor (3, S, S), None)`` or ``(None, reason)``.
 
-    Pickles as its folder name, so DataLoader workers re-open the memory map themselves.
+    Pickles without the open memory map (folder, size and count only): a worker started by
+    ``spawn`` re-opens the map itself; forked workers share the parent's.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -77,10 +83,18 @@ class ImageCache:
             self._paths = self._table.column("path")
             self._pixels = self._table.column("pixels")
             self._errors = self._table.column("error")
+            lengths = [len(chunk) for chunk in self._pixels.chunks]
+            self._chunk_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         return self._table
 
     def __getstate__(self) -> dict:
         return {"folder": self.folder, "image_size": self.image_size, "num_images": self.num_images, "_table": None}
+
+    @staticmethod
+    def folder_for(paths: list[str], image_size: int, cache_root: str | os.PathLike | None = None) -> Path:
+        """Where the cache of these (sorted, unique) paths at this size lives."""
+        root = Path(cache_root) if cache_root is not None else default_cache_dir()
+        return root / "images" / f"{image_size}px-{fingerprint(paths, image_size)[:20]}"
 
     def __len__(self) -> int:
         return self.num_images
@@ -108,7 +122,8 @@ class ImageCache:
         error = self._errors[row].as_py()
         if error is not None:
             return None, error
-        chunk, offset = divmod(row, ROWS_PER_BATCH)
+        chunk = int(np.searchsorted(self._chunk_starts, row, side="right")) - 1
+        offset = row - int(self._chunk_starts[chunk])
         array = self._pixels.chunk(chunk)
         nbytes = array.type.byte_width
         buffer = array.buffers()[1]
@@ -200,6 +215,8 @@ def ensure_image_cache(
     cache_root: str | os.PathLike | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    build: bool = True,
+    poll_seconds: float = 2.0,
 ) -> ImageCache:
     """Open the cache of these images at this size, building it first when there is none.
 
@@ -210,36 +227,70 @@ def ensure_image_cache(
             ``$EXPREG_CACHE`` or ``~/.cache/expreg``.
         num_workers: Decoding processes while building.
         progress: Show a progress bar while building.
+        build: False: wait (polling every ``poll_seconds``) until another process has built it
+            (the other processes of a distributed run, which must not sit in a collective
+            barrier whose timeout a long build could exceed).
 
     Raises:
-        ImageCacheError: Not enough free disk space for the cache.
+        ImageCacheError: Not enough free disk space, or the cache folder cannot be written.
     """
     paths = sorted(set(paths))
-    root = Path(cache_root) if cache_root is not None else default_cache_dir()
-    folder = root / "images" / f"{image_size}px-{fingerprint(paths, image_size)[:20]}"
+    folder = ImageCache.folder_for(paths, image_size, cache_root)
+    if not build:
+        while not (folder / INFO_FILE).is_file():
+            time.sleep(poll_seconds)
+        return ImageCache(folder)
     if (folder / INFO_FILE).is_file():
         logger.info(f"image cache: {folder} ({len(paths)} images, {image_size} px)")
         return ImageCache(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    needed = len(paths) * (3 * image_size * image_size + 300)
-    free = shutil.disk_usage(folder.parent).free
-    if needed > 0.95 * free:
-        raise ImageCacheError(
-            f"the decoded-image cache needs about {needed / 1e9:.1f} GB in {folder.parent}, which has "
-            f"{free / 1e9:.1f} GB free: set data.image_cache_dir to a larger disk, or data.image_cache=false"
-        )
-    logger.info(f"building the decoded-image cache {folder} ({len(paths)} images, about {needed / 1e6:.0f} MB)")
-    staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
     try:
-        _write(staging, paths, image_size, num_workers, progress)
-        info = {"format_version": FORMAT_VERSION, "image_size": image_size, "num_images": len(paths)}
-        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            os.rename(staging, folder)  # atomic: a cache folder is complete or absent
-        except OSError:
-            if not (folder / INFO_FILE).is_file():  # anything but "another process built it meanwhile"
-                raise
-    finally:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(folder.parent)
+        needed = len(paths) * (3 * image_size * image_size + 300)
+        free = shutil.disk_usage(folder.parent).free
+        if needed > 0.95 * free:
+            raise ImageCacheError(
+                f"the decoded-image cache needs about {needed / 1e9:.1f} GB in {folder.parent}, which has "
+                f"{free / 1e9:.1f} GB free: set data.image_cache_dir to a larger disk, or data.image_cache=false"
+            )
+        logger.info(f"building the decoded-image cache {folder} ({len(paths)} images, about {needed / 1e6:.0f} MB)")
+        staging = folder.parent / f".{folder.name}.{_HOST}.{os.getpid()}.tmp"
         shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            _write(staging, paths, image_size, num_workers, progress)
+            info = {"format_version": FORMAT_VERSION, "image_size": image_size, "num_images": len(paths)}
+            (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            try:
+                os.rename(staging, folder)  # atomic: a cache folder is complete or absent
+            except OSError:
+                if not (folder / INFO_FILE).is_file():  # anything but "another process built it meanwhile"
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except ImageCacheError:
+        raise
+    except OSError as err:
+        raise ImageCacheError(
+            f"cannot write the decoded-image cache in {folder.parent}: {err}. Set data.image_cache_dir to a "
+            "writable folder with space, or data.image_cache=false"
+        ) from err
     return ImageCache(folder)
+
+
+def _remove_abandoned_staging(images_dir: Path) -> None:
+    """Delete half-built caches whose builder process is gone (killed during a build)."""
+    for staging in images_dir.glob(f".*.{_HOST}.*.tmp"):  # this machine's only: pids are per machine
+        pid = staging.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

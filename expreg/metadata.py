@@ -62,7 +62,7 @@ class Metadata:
 
     def image_paths(self) -> list[str]:
         """Absolute image paths (relative ones resolved against the CSV's folder)."""
-        folder = os.path.dirname(os.path.abspath(self.csv_path)) + os.sep
+        folder = os.path.join(os.path.dirname(os.path.abspath(self.csv_path)), "")  # ends with one separator
         return [
             p if os.path.isabs(p) else folder + p if _is_plain_relative(p) else resolve_image_path(self.csv_path, p)
             for p in self.frame["path"]

@@ -167,7 +167,7 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
         raise ConfigError("train.mode=linear_probe runs in one process and has nothing to resume (it takes minutes)")
     data = _setup_data(cfg, accelerator)
     model = _setup_model(cfg, data)
-    image_cache = _setup_image_cache(cfg, data, accelerator)
+    image_cache = _setup_image_cache(cfg, data, accelerator, dry_run)
     data.loaders = _setup_loaders(cfg, data, model, accelerator.num_processes, image_cache)
     run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
     _LAST_RUN_DIR["path"] = str(run_dir)
@@ -426,30 +426,46 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator) -> RunData:
     return RunData(datasets, metadata.gene_names, stats, split_table=table, split_summary=summary and summary.format())
 
 
-def _setup_image_cache(cfg: RunConfig, data: RunData, accelerator: Accelerator):
-    """The decoded-image cache of every split's images (built by the main process), or None when off."""
+def _setup_image_cache(cfg: RunConfig, data: RunData, accelerator: Accelerator, dry_run: bool = False):
+    """The decoded-image cache of every split's images, or None when off (and in a dry run).
+
+    Each machine's local main process builds it; the other processes wait for it by polling the
+    folder, not in a collective barrier (whose timeout a long build could exceed).
+    """
     d = cfg.data
-    if not d.image_cache:
+    if not d.image_cache or dry_run:
         return None
     import datasets as hf_datasets
 
     from expreg.image_cache import ensure_image_cache
 
-    paths = []
-    for part in data.datasets.values():
-        paths += [item["path"] for item in part.cast_column("image", hf_datasets.Image(decode=False))["image"]]
-    with accelerator.main_process_first():
-        cache = ensure_image_cache(
-            paths, d.image_size, d.image_cache_dir, num_workers=d.num_workers, progress=accelerator.is_main_process
-        )
-    problems = cache.unreadable()
-    if problems and d.bad_image_policy == "fail":
-        listed = "; ".join(f"{path}: {reason}" for path, reason in problems[:5])
-        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise UnreadableImageError(
-            f"{len(problems)} image(s) cannot be decoded: {listed}{more}. Fix or remove them, or set "
-            "data.bad_image_policy=skip to train without them"
-        )
+    if d.image_cache_dir is not None:
+        d.image_cache_dir = str(Path(d.image_cache_dir).expanduser().resolve())  # the same cache on --resume
+    paths: dict[str, list[str]] = {}
+    for name, part in data.datasets.items():
+        paths[name] = [item["path"] for item in part.cast_column("image", hf_datasets.Image(decode=False))["image"]]
+    builder = accelerator.is_local_main_process
+    cache = ensure_image_cache(
+        [p for part in paths.values() for p in part],
+        d.image_size,
+        d.image_cache_dir,
+        num_workers=d.num_workers,
+        progress=builder,
+        build=builder,
+    )
+    accelerator.wait_for_everyone()  # quick: every process holds the cache by now
+    problems = dict(cache.unreadable())
+    for name, part in paths.items():
+        bad = [(p, problems[p]) for p in part if p in problems]
+        if bad and (name != "train" or d.bad_image_policy == "fail"):
+            listed = "; ".join(f"{path}: {reason}" for path, reason in bad[:5])
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            hint = (
+                "Fix or remove them, or set data.bad_image_policy=skip to train without them"
+                if name == "train"
+                else "Fix or remove them: evaluation needs every image (bad_image_policy applies to training only)"
+            )
+            raise UnreadableImageError(f"{len(bad)} {name} image(s) cannot be decoded: {listed}{more}. {hint}")
     return cache
 
 

@@ -149,7 +149,7 @@ def test_loading_attempts_no_network(dataset_csv, split_csv, monkeypatch):
     assert len(ds["train"]) > 0 and ds["train"][0]["image"] is not None
 
 
-def test_splits_are_memory_mapped_arrow_files_removed_at_exit(dataset_csv, split_csv, tmp_path):
+def test_splits_are_memory_mapped_arrow_files_removed_at_exit_or_after_a_crash(dataset_csv, split_csv, tmp_path):
     import subprocess
     import sys
 
@@ -159,13 +159,16 @@ def test_splits_are_memory_mapped_arrow_files_removed_at_exit(dataset_csv, split
         "print(files[0]); assert len(files) == len(ds)"
     )
     env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left_by_a_killed_run = tmp_path / f"expreg-arrow-{int(dead.stdout)}-abc123"
+    (left_by_a_killed_run / "build-0").mkdir(parents=True)
     result = subprocess.run(
         [sys.executable, "-c", code, str(dataset_csv), str(split_csv)], capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stderr
     arrow_file = result.stdout.strip().splitlines()[-1]
     assert arrow_file.startswith(str(tmp_path / "expreg-arrow-")) and arrow_file.endswith(".arrow")
-    assert not list(tmp_path.glob("expreg-arrow-*"))  # removed when the process exited
+    assert not list(tmp_path.glob("expreg-arrow-*"))  # its own removed at exit, the killed run's on first use
 
 
 def test_rows_survive_the_arrow_round_trip(dataset_csv, split_csv):

@@ -166,7 +166,7 @@ def test_image_cache_finds_unreadable_images_before_training(data_csv, tmp_path)
     common = (f"data.metadata_csv={csv}", f"data.split_csv={split}", "train.epochs=1", "data.image_cache=true")
     common += (f"data.image_cache_dir={tmp_path / 'cache'}",)
     result = train(tmp_path, "fail", *common, expect_ok=False)
-    assert result.returncode == 1 and "1 image(s) cannot be decoded: " in result.stderr
+    assert result.returncode == 1 and "1 train image(s) cannot be decoded: " in result.stderr
     assert "data.bad_image_policy=skip" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "fail").exists()  # nothing started
     result = train(tmp_path, "skip", *common, "data.bad_image_policy=skip")
