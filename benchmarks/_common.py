@@ -53,6 +53,16 @@ def setup_run(args: argparse.Namespace):
     return cfg, accelerator, data, train._setup_model(cfg, data)
 
 
+def predecode(paths: list[str], image_size: int, mean, std):
+    """The images decoded, resized and normalised into one float tensor (what the bare loops read)."""
+    import torch
+
+    from expreg.data import ImageTransform, load_image
+
+    transform = ImageTransform(image_size, mean, std, train=False)
+    return torch.stack([transform(load_image(path)[0], path) for path in paths])
+
+
 def alternate(sides: dict, repeats: int, warmup: bool = True) -> dict[str, list[float]]:
     """Call each side (a function returning a throughput) in turn, ``repeats`` rounds; returns all values.
 

@@ -71,16 +71,16 @@ def backbone_rate(model, batch_size: int, image_size: int, steps: int = 4) -> fl
 def main() -> None:
     args = recipe_parser(__doc__, repeats=3).parse_args()
 
-    import datasets
     import torch
     from torch.utils.data import DataLoader
 
     from expreg import train
+    from expreg.data import image_files
 
     cfg, accelerator, data, model = setup_run(args)
     d = cfg.data
     train_set = data.datasets["train"]
-    paths = [item["path"] for item in train_set.cast_column("image", datasets.Image(decode=False))["image"]]
+    paths = image_files(train_set)
     labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"]))
     with tempfile.TemporaryDirectory() as cache_dir:
         loaders = {}

@@ -24,27 +24,24 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, environment, median, recipe_parser, report, setup_run  # noqa: E402
+from _common import alternate, environment, median, predecode, recipe_parser, report, setup_run  # noqa: E402
 
 
 def main() -> None:
     args = recipe_parser(__doc__, repeats=5).parse_args()
 
-    import datasets
     import torch
 
     from expreg import train
-    from expreg.data import ImageTransform, load_image
+    from expreg.data import image_files
     from expreg.predict import predict_files
 
     cfg, accelerator, data, model = setup_run(args)
     model = model.eval()
     d = cfg.data
     batch_size = d.eval_batch_size or d.batch_size
-    validation = data.datasets["validation"].cast_column("image", datasets.Image(decode=False))
-    files = [item["path"] for item in validation["image"]]
-    transform = ImageTransform(d.image_size, model.config.image_mean, model.config.image_std, train=False)
-    pixels = torch.stack([transform(load_image(path)[0], path) for path in files])
+    files = image_files(data.datasets["validation"])
+    pixels = predecode(files, d.image_size, model.config.image_mean, model.config.image_std)
 
     with tempfile.TemporaryDirectory() as cache_dir:
         loaders = {}

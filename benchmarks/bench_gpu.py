@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, median  # noqa: E402
+from _common import REPO, median, predecode  # noqa: E402
 
 
 def _sync(device) -> None:
@@ -81,12 +81,11 @@ def one_setting(args) -> dict:
     """In this process: expreg (files, cache) and bare at one precision / memory format."""
     import copy
 
-    import datasets
     import torch
     from accelerate import Accelerator
 
     from expreg import train
-    from expreg.data import ImageTransform, load_image
+    from expreg.data import image_files
 
     cfg = _config(args)
     accelerator = Accelerator(cpu=args.smoke, mixed_precision=args.precision)
@@ -96,10 +95,10 @@ def one_setting(args) -> dict:
     bare_model = copy.deepcopy(model).to(device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model, bare_model = model.to(memory_format=memory_format), bare_model.to(memory_format=memory_format)  # as run()
-    train_set = data.datasets["train"].cast_column("image", datasets.Image(decode=False))
-    paths = [item["path"] for item in train_set["image"]]
-    transform = ImageTransform(args.image_size, model.config.image_mean, model.config.image_std)
-    pixels = torch.stack([transform(load_image(p)[0], p) for p in paths]).to(device, memory_format=memory_format)
+    train_set = data.datasets["train"]
+    paths = image_files(train_set)
+    pixels = predecode(paths, args.image_size, model.config.image_mean, model.config.image_std)
+    pixels = pixels.to(device, memory_format=memory_format)
     labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"])).to(device)
 
     cache_dir = tempfile.mkdtemp()

@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, environment, median, recipe_parser, report, setup_run, timed  # noqa: E402
+from _common import alternate, environment, median, predecode, recipe_parser, report, setup_run, timed  # noqa: E402
 
 
 def _bare_epoch(model, optimizer, pixels, labels, sizes: list[int], epoch: int, max_grad_norm) -> int:
@@ -47,19 +47,6 @@ def _bare_epoch(model, optimizer, pixels, labels, sizes: list[int], epoch: int, 
     return start
 
 
-def _predecode(dataset, image_size: int, mean, std):
-    """The training split as one normalised float tensor (what the bare loop reads)."""
-    import numpy as np
-    import torch
-
-    from expreg.data import ImageTransform, load_image
-
-    transform = ImageTransform(image_size, mean, std, train=False)
-    pixels = torch.stack([transform(load_image(p)[0], p) for p in dataset["image_path"]])
-    labels = torch.from_numpy(np.asarray(dataset["labels"], dtype=np.float32))
-    return pixels, labels
-
-
 def main() -> None:
     parser = recipe_parser(__doc__, repeats=3)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to compare")
@@ -68,13 +55,13 @@ def main() -> None:
     import torch
 
     from expreg import train
+    from expreg.data import image_files
 
     cfg, accelerator, data, model = setup_run(args)
     bare_model = copy.deepcopy(model)
-    train_set = data.datasets["train"].cast_column("image", __import__("datasets").Image(decode=False))
-    train_set = train_set.map(lambda row: {"image_path": row["image"]["path"]}, remove_columns=["image"])
-    pixels, labels = _predecode(train_set, cfg.data.image_size, model.config.image_mean, model.config.image_std)
-    labels = torch.from_numpy(data.target_stats.normalize(labels.numpy()))
+    train_set = data.datasets["train"]
+    pixels = predecode(image_files(train_set), cfg.data.image_size, model.config.image_mean, model.config.image_std)
+    labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"]))
 
     with tempfile.TemporaryDirectory() as cache_dir:
         loaders = {}

@@ -134,11 +134,11 @@ def _arrow_dir() -> Path:
         import shutil
         import tempfile
 
-        from expreg.image_cache import _process_alive
+        from expreg.io import process_alive
 
         for old in Path(tempfile.gettempdir()).glob("expreg-arrow-*-*"):
             owner = old.name.split("-")[2]
-            if owner.isdigit() and not _process_alive(int(owner)):
+            if owner.isdigit() and not process_alive(int(owner)):
                 shutil.rmtree(old, ignore_errors=True)
         _ARROW_DIRS[pid] = Path(tempfile.mkdtemp(prefix=f"expreg-arrow-{pid}-"))
         atexit.register(_remove_arrow_dir, pid)
@@ -228,6 +228,13 @@ def _record_batch(metadata: Metadata, rows: np.ndarray, image_paths: np.ndarray,
         **{c: pa.array(frame[c].astype(str), pa.string()) for c in metadata.extra_columns},
     }
     return pa.record_batch([columns[field.name].cast(field.type) for field in schema], schema=schema)
+
+
+def image_files(dataset) -> list[str]:
+    """The absolute image paths of a split's rows, in row order (nothing is decoded)."""
+    import datasets
+
+    return [item["path"] for item in dataset.cast_column("image", datasets.Image(decode=False))["image"]]
 
 
 def dataset_gene_names(dataset) -> list[str]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from expreg.demo import default_cache_dir
+from expreg.io import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -282,15 +283,5 @@ def _remove_abandoned_staging(images_dir: Path) -> None:
     """Delete half-built caches whose builder process is gone (killed during a build)."""
     for staging in images_dir.glob(f".*.{_HOST}.*.tmp"):  # this machine's only: pids are per machine
         pid = staging.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True

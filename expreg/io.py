@@ -165,6 +165,17 @@ def _csv_cell(value) -> str:
     return text
 
 
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (another user's counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a completely written ``tmp_dir`` to ``final_dir`` (replacing it) with renames only.
 

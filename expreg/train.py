@@ -38,6 +38,7 @@ from expreg.data import (
     build_dataloaders,
     build_dataset_dict,
     compute_target_stats,
+    image_files,
     split_assignment,
 )
 from expreg.hub import HubError
@@ -219,16 +220,15 @@ def _recording_status(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, s
 
 def _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run) -> dict:
     """``train.mode=linear_probe``: fit the probe on frozen embeddings and store it as the model's head."""
-    import datasets as hf_datasets
-
     from expreg.baselines import embed_with, linear_probe_affine
 
     state = TrainerState(num_processes=accelerator.num_processes)
     _log_start(cfg, accelerator, run_dir, data, 0, 0, state)
     with _recording_status(accelerator, cfg, run_dir, state):
         train = data.datasets["train"]
-        paths = [item["path"] for item in train.cast_column("image", hf_datasets.Image(decode=False))["image"]]
-        embeddings = embed_with(model, paths, cfg.data.eval_batch_size or cfg.data.batch_size, cfg.data.num_workers)
+        embeddings = embed_with(
+            model, image_files(train), cfg.data.eval_batch_size or cfg.data.batch_size, cfg.data.num_workers
+        )
         targets = data.target_stats.normalize(np.asarray(train["labels"], dtype=np.float64))
         groups = np.asarray(train["group_id"], dtype=object)
         weights, bias, info = linear_probe_affine(embeddings, targets, groups, seed=cfg.seed)
@@ -435,15 +435,11 @@ def _setup_image_cache(cfg: RunConfig, data: RunData, accelerator: Accelerator, 
     d = cfg.data
     if not d.image_cache or dry_run:
         return None
-    import datasets as hf_datasets
-
     from expreg.image_cache import ensure_image_cache
 
     if d.image_cache_dir is not None:
         d.image_cache_dir = str(Path(d.image_cache_dir).expanduser().resolve())  # the same cache on --resume
-    paths: dict[str, list[str]] = {}
-    for name, part in data.datasets.items():
-        paths[name] = [item["path"] for item in part.cast_column("image", hf_datasets.Image(decode=False))["image"]]
+    paths = {name: image_files(part) for name, part in data.datasets.items()}
     builder = accelerator.is_local_main_process
     cache = ensure_image_cache(
         [p for part in paths.values() for p in part],
