@@ -3,6 +3,7 @@
 accelerate launch run_regression.py recipes/demo.yaml [--dry_run] [section.key=value ...]
 accelerate launch run_regression.py --resume results/<run>/checkpoints/last
 python run_regression.py recipes/tiny.yaml          # the same, in one process
+torchrun --nproc_per_node=2 run_regression.py --config recipes/demo.yaml   # DDP with torchrun (CPU: ACCELERATE_USE_CPU=1)
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--push_to_hub", action="store_true", help="push the best model to train.hub_model_id at the end"
     )
+    parser.add_argument(
+        "--allow_data_change",
+        action="store_true",
+        help="with --resume: go on although the metadata CSV or split file changed since the run started (warned)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
     args, unknown = parser.parse_known_args(argv)
     args.overrides += [u for u in unknown if "=" in u and not u.startswith("-")]
@@ -40,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.overrides.append("train.push_to_hub=true")
     if not args.recipe and not args.resume:
         parser.error("a recipe is required (or --resume DIR)")
+    if args.allow_data_change and not args.resume:
+        parser.error("--allow_data_change goes with --resume")
     return args
 
 
@@ -63,24 +71,17 @@ def main(argv=None) -> int:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 2
 
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     from expreg.data import UnreadableImageError, error_message
-    from expreg.train import Interrupted, TrainingError, run, unconnected_launch_error
+    from expreg.launch import build_accelerator, unconnected_launch_error
+    from expreg.train import Interrupted, TrainingError, run
 
-    accelerator = Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
-        gradient_accumulation_steps=cfg.train.grad_accum_steps,
-        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
-        project_config=ProjectConfiguration(project_dir=cfg.logging.output_dir, logging_dir=cfg.logging.output_dir),
-    )
+    accelerator = build_accelerator(cfg)
     problem = unconnected_launch_error(accelerator)
     if problem:
         print(f"run_regression: error: {problem}", file=sys.stderr)
         return 2
     try:
-        run(cfg, accelerator, resume_from=args.resume, dry_run=args.dry_run)
+        run(cfg, accelerator, resume_from=args.resume, dry_run=args.dry_run, allow_data_change=args.allow_data_change)
     except (ConfigError, RunDirError, MetadataError, ModelError) as err:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 2

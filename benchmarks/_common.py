@@ -40,15 +40,14 @@ def recipe_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
 
 def setup_run(args: argparse.Namespace):
     """What ``expreg.train.run`` builds before training: ``(cfg, accelerator, data, model)`` on the CPU."""
-    from accelerate import Accelerator
-
     from expreg import train
     from expreg.config import load_recipe
+    from expreg.launch import build_accelerator
     from expreg.seeding import seed_everything
 
     cfg = load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides])
     seed_everything(cfg.seed)
-    accelerator = Accelerator(cpu=True)
+    accelerator = build_accelerator(cfg, cpu=True)
     data = train._setup_data(cfg, accelerator)
     return cfg, accelerator, data, train._setup_model(cfg, data)
 

@@ -73,6 +73,7 @@ def _config(args):
         f"model.backbone={args.backbone}",
         "data.hed_jitter=0.05",
         f"train.channels_last={str(args.channels_last).lower()}",
+        *([f"train.mixed_precision={args.precision}"] if args.precision else []),
     ]
     return load_recipe(str(REPO / "recipes" / "base.yaml"), overrides)
 
@@ -82,13 +83,13 @@ def one_setting(args) -> dict:
     import copy
 
     import torch
-    from accelerate import Accelerator
 
     from expreg import train
     from expreg.data import image_files
+    from expreg.launch import build_accelerator
 
     cfg = _config(args)
-    accelerator = Accelerator(cpu=args.smoke, mixed_precision=args.precision)
+    accelerator = build_accelerator(cfg, cpu=args.smoke)
     device = accelerator.device
     data = train._setup_data(cfg, accelerator)
     model = train._setup_model(cfg, data)
@@ -143,12 +144,12 @@ def one_setting(args) -> dict:
 def pipeline_rate(args) -> dict:
     """The training DataLoader alone with ``--workers`` workers: images/s decoding files."""
     import torch  # noqa: F401
-    from accelerate import Accelerator
 
     from expreg import train
+    from expreg.launch import build_accelerator
 
     cfg = _config(args)
-    accelerator = Accelerator(cpu=True)
+    accelerator = build_accelerator(cfg, cpu=True)
     data = train._setup_data(cfg, accelerator)
     model = train._setup_model(cfg, data)
     loader = train._setup_loaders(cfg, data, model, 1)["train"]

@@ -51,7 +51,7 @@ assert sum(len(part) for part in ds.values()) == int(sys.argv[3])
 
 TRAIN_RSS = """
 import json, sys
-from accelerate import Accelerator
+from expreg.launch import build_accelerator
 from expreg import train
 from expreg.config import load_recipe
 
@@ -66,7 +66,7 @@ def recording(*args, **kwargs):
     rss.append(rss_gb())
 train._end_epoch = recording
 cfg = load_recipe(sys.argv[1], sys.argv[2:])
-train.run(cfg, Accelerator(cpu=True))
+train.run(cfg, build_accelerator(cfg, cpu=True))
 print(json.dumps({"rss_gb": rss}))
 """
 

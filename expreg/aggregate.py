@@ -2,10 +2,13 @@
 
     python -m expreg.aggregate --results_dir results [--out_md results/summary.md]
 
-Columns: run, backbone, effective batch, lr, seed, epochs done, best epoch, best mean Spearman,
-best mean Pearson. Runs of a k-fold cross-validation (``data.fold`` set) are also summarised as
-mean ± std per configuration. Folders that are not finished runs (running, stopped, broken) are
-listed separately with the reason; they never break the table.
+Columns: run, backbone, effective batch, lr, seed, epochs done, best epoch, then the best
+model's *validation* mean Spearman / Pearson (the split that chose the best epoch: optimistic)
+and its *held-out test* mean Spearman / Pearson (runs with a test split, e.g. the folds of
+``expreg.cv``; n/a otherwise). Runs of a k-fold cross-validation (``data.fold`` set) are also
+summarised as mean ± std of the held-out scores per configuration, with the validation scores
+beside them, labelled as such. Folders that are not finished runs (running, stopped, broken)
+are listed separately with the reason; they never break the table.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ class RunRow:
     seed: int | None = None
     epochs_done: int | None = None
     best_epoch: int | None = None
-    spearman: float | None = None
+    spearman: float | None = None  # validation (model selection) of the best model
     pearson: float | None = None
+    test_spearman: float | None = None  # held-out test split, when the run has one
+    test_pearson: float | None = None
     fold: int | None = None
     configuration: str = ""
     problem: str | None = None
@@ -84,6 +89,7 @@ def _read_run(run_dir: Path) -> RunRow:
     row.lr, row.seed, row.fold = cfg.get("train.lr"), cfg.get("seed"), cfg.get("data.fold")
     row.epochs_done, row.best_epoch = metrics.get("epochs_done"), metrics.get("best_epoch")
     row.spearman, row.pearson = metrics.get("best_val_spearman_mean"), metrics.get("best_val_pearson_mean")
+    row.test_spearman, row.test_pearson = metrics.get("test_spearman_mean"), metrics.get("test_pearson_mean")
     row.configuration = json.dumps(
         {k: v for k, v in sorted(cfg.items()) if k not in _NOT_CONFIGURATION}, sort_keys=True, default=str
     )
@@ -120,23 +126,34 @@ def render(rows: list[RunRow], results_dir: Path) -> str:
     good = sorted((r for r in rows if r.problem is None), key=lambda r: -r.spearman)
     lines = [f"# Runs in {results_dir}", ""]
     lines += [
-        "| run | backbone | effective batch | lr | seed | epochs done | best epoch | best mean Spearman | best mean Pearson |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Sorted by validation mean Spearman. Validation chose the best epoch, so its scores are optimistic; "
+        "held-out test scores (runs with a test split) are the ones to report.",
+        "",
+        "| run | backbone | effective batch | lr | seed | epochs done | best epoch | validation mean Spearman "
+        "| validation mean Pearson | held-out test mean Spearman | held-out test mean Pearson |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in good:
         lines.append(
             f"| {r.name} | {r.backbone} | {_num(r.effective_batch)} | {_num(r.lr, 'g')} | {_num(r.seed)} "
-            f"| {_num(r.epochs_done)} "
-            f"| {_num(r.best_epoch)} | {_num(r.spearman)} | {_num(r.pearson)} |"
+            f"| {_num(r.epochs_done)} | {_num(r.best_epoch)} | {_num(r.spearman)} | {_num(r.pearson)} "
+            f"| {_num(r.test_spearman)} | {_num(r.test_pearson)} |"
         )
     if not good:
-        lines.append("| (no finished runs) | | | | | | | | |")
+        lines.append("| (no finished runs) | | | | | | | | | | |")
     lines += _cross_validation(good)
     broken = [r for r in rows if r.problem is not None]
     if broken:
         lines += ["", "## Incomplete or broken runs", "", "| folder | problem |", "|---|---|"]
         lines += [f"| {r.name} | {r.problem} |" for r in broken]
     return "\n".join(lines) + "\n"
+
+
+def _mean_std_or_na(values: list) -> str:
+    """Mean ± std of the defined values; n/a when any fold lacks one (a partial mean would mislead)."""
+    if not values or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
+        return "n/a"
+    return _mean_std(values)
 
 
 def _cross_validation(good: list[RunRow]) -> list[str]:
@@ -150,18 +167,27 @@ def _cross_validation(good: list[RunRow]) -> list[str]:
         "",
         "## Cross-validation (mean ± std over folds)",
         "",
-        "| configuration (first run) | backbone | folds | mean Spearman | mean Pearson |",
-        "|---|---|---|---|---|",
+        "Held-out: each fold's best model on its own test fold (never used for a choice). Validation: the "
+        "score that chose each fold's best epoch (optimistic; shown only for reference).",
+        "",
+        "| configuration (first run) | backbone | folds | held-out test mean Spearman | held-out test mean Pearson "
+        "| validation mean Spearman |",
+        "|---|---|---|---|---|---|",
     ]
     summaries = []
     for runs in groups.values():
         runs = sorted(runs, key=lambda r: r.fold)
-        spearman = _mean_std([r.spearman for r in runs])
-        pearson = _mean_std([r.pearson for r in runs if r.pearson is not None] or [float("nan")])
+        test_spearman = _mean_std_or_na([r.test_spearman for r in runs])
+        test_pearson = _mean_std_or_na([r.test_pearson for r in runs])
+        val_spearman = _mean_std_or_na([r.spearman for r in runs])
         folds = ", ".join(str(r.fold) for r in runs)
-        summaries.append((-sum(r.spearman for r in runs) / len(runs), runs[0], folds, spearman, pearson))
-    for _, first, folds, spearman, pearson in sorted(summaries, key=lambda s: s[0]):
-        lines.append(f"| {first.name} | {first.backbone} | {folds} | {spearman} | {pearson} |")
+        defined = [r.test_spearman for r in runs if isinstance(r.test_spearman, (int, float))]
+        key = -sum(defined) / len(defined) if defined else math.inf
+        summaries.append((key, runs[0], folds, test_spearman, test_pearson, val_spearman))
+    for _, first, folds, test_spearman, test_pearson, val_spearman in sorted(summaries, key=lambda s: s[0]):
+        lines.append(
+            f"| {first.name} | {first.backbone} | {folds} | {test_spearman} | {test_pearson} | {val_spearman} |"
+        )
     return lines
 
 

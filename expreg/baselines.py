@@ -12,6 +12,8 @@ import numpy as np
 from expreg.data import HED_FROM_RGB_OD, load_image, to_rgb
 
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+RANK_TOLERANCE = 1e-6  # PCA keeps components whose singular value exceeds this fraction of the largest
+VARIANCE_FLOOR = 1e-3  # a kept component's std is at least this fraction of the largest one's
 FEATURE_SIZE = 128  # patches are resized to this before feature extraction
 
 
@@ -60,10 +62,22 @@ def extract_features(image_paths: list[str], progress: bool = True) -> np.ndarra
     return np.stack(rows)
 
 
+# A column whose std is below this fraction of the data's magnitude is constant up to rounding
+# (float32 embeddings carry ~1e-7 relative precision): scaling it to unit variance would turn
+# rounding noise into a feature with a huge weight.
+CONSTANT_TOLERANCE = 1e-6
+
+
+def constant_columns(x: np.ndarray) -> np.ndarray:
+    """Boolean mask of the columns of ``x`` that are constant up to rounding (see ``CONSTANT_TOLERANCE``)."""
+    scale = float(np.abs(x).max()) if x.size else 0.0
+    return x.std(axis=0) <= CONSTANT_TOLERANCE * max(scale, np.finfo(np.float64).tiny)
+
+
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column mean and std (std 1 for constant columns, which then stay at 0 after standardising)."""
+    """Column mean and std; constant columns (up to rounding) get std ``inf``, so they standardise to exactly 0."""
     std = x.std(axis=0)
-    return x.mean(axis=0), np.where(std > 0, std, 1.0)
+    return x.mean(axis=0), np.where(constant_columns(x), np.inf, std)
 
 
 def _standardise(train: np.ndarray, *others: np.ndarray):
@@ -143,7 +157,7 @@ def embed_with(model, image_paths: list[str], batch_size: int = 64, num_workers:
     from tqdm.auto import tqdm
 
     from expreg.data import ImageTransform
-    from expreg.predict import ImageFiles
+    from expreg.inference import ImageFiles
 
     config = model.config
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
@@ -161,21 +175,28 @@ def embed_with(model, image_paths: list[str], batch_size: int = 64, num_workers:
 def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 256, seed: int = 0):
     """HEST-style linear probe fitted on training rows, folded into one affine map.
 
-    standardise -> PCA (``min(max_components, n_train - 1, dim)`` components) -> standardise ->
-    ridge (strength by inner group CV): all linear, so predictions are ``emb @ weights + bias``.
+    standardise -> PCA (at most ``max_components``, ``n_train - 1`` and the numerical rank) ->
+    standardise -> ridge (strength by inner group CV): all linear, so predictions are
+    ``emb @ weights + bias``. Kept numerically safe for rank-deficient embeddings (dead ReLU
+    units, duplicated features): features constant on the training rows get zero weight, PCA
+    stops at the numerical rank, and component variances are floored, so the folded weights
+    stay bounded and a small change of one feature moves predictions a little.
 
     Returns:
         ``(weights (dim, K), bias (K,), info)``.
     """
-    mu1, sd1 = _moments(emb_train)
+    mu1, sd1 = _moments(emb_train)  # sd1 is inf for constant features: zero weight after folding
     z = (emb_train - mu1) / sd1
-    n_components = int(min(max_components, z.shape[0] - 1, z.shape[1]))
     centre = z.mean(axis=0)
-    _, _, vt = np.linalg.svd(z - centre, full_matrices=False)
+    _, singular, vt = np.linalg.svd(z - centre, full_matrices=False)
+    rank = int((singular > RANK_TOLERANCE * (singular[0] if singular.size else 0.0)).sum())
+    n_components = max(1, int(min(max_components, z.shape[0] - 1, rank)))
     basis = vt[:n_components].T
     projected = (z - centre) @ basis
     alpha = choose_alpha(projected, y_train, groups_train, seed=seed)
-    mu2, sd2 = _moments(projected)
+    mu2 = projected.mean(axis=0)
+    sd2 = projected.std(axis=0)
+    sd2 = np.maximum(sd2, VARIANCE_FLOOR * sd2.max())  # no component is blown up to unit variance from noise
     w, b = fit_ridge((projected - mu2) / sd2, y_train, alpha)
     weights = ((basis / sd1[:, None]) / sd2[None, :]) @ w
     bias = ((((-mu1 / sd1) - centre) @ basis - mu2) / sd2) @ w + b

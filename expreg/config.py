@@ -8,6 +8,7 @@ as a string: it is converted to a float here). No torch import: this module is c
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -77,6 +78,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model.head", self.head, HEADS)
+        _check_positive("model.head_hidden_dim", self.head_hidden_dim)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -105,8 +107,18 @@ class TrainConfig:
             _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check_positive("train.epochs", self.epochs)
         _check_positive("train.grad_accum_steps", self.grad_accum_steps)
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(
+                f"train.warmup_ratio must be in [0, 1] (a fraction of all steps), got {self.warmup_ratio}"
+            )
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(
+                f"train.max_grad_norm must be a finite number > 0, or null for no clipping; got {self.max_grad_norm}"
+            )
         _check_choice("train.nonfinite_loss_policy", self.nonfinite_loss_policy, ("fail", "skip"))
         _check_choice("train.mode", self.mode, ("finetune", "linear_probe"))
         if self.push_to_hub and not self.hub_model_id:
@@ -149,7 +161,7 @@ def _check_choice(name: str, value, choices) -> None:
 
 
 def _check_positive(name: str, value) -> None:
-    if value <= 0:
+    if not value > 0:  # also catches NaN
         raise ConfigError(f"{name} must be > 0, got {value}")
 
 

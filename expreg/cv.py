@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from expreg.config import DEMO_DATA, ConfigError, load_recipe
+from expreg.io import RunDirError
 from expreg.metadata import MetadataError, read_metadata
 from expreg.splits import make_fold_table, write_table
 
@@ -47,23 +48,31 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return mean, float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
 
 
-def _fold_result(metrics, seconds: float, extra: dict | None = None) -> dict:
+def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: dict | None = None) -> dict:
+    """One method's held-out result on one fold (``summary``: a ``Metrics.summary`` or the same keys)."""
     return {
-        "spearman_mean": metrics.summary["spearman_mean"],
-        "pearson_mean": metrics.summary["pearson_mean"],
-        "num_genes_undefined_spearman": metrics.summary["num_genes_undefined_spearman"],
-        "num_test_samples": metrics.summary["num_samples"],
+        "spearman_mean": summary["spearman_mean"],
+        "pearson_mean": summary["pearson_mean"],
+        "num_genes_undefined_spearman": summary["num_genes_undefined_spearman"],
+        "num_test_samples": summary["num_samples"],
         "seconds": round(seconds, 1),
-        "per_gene_spearman": {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()},
+        "per_gene_spearman": per_gene_spearman,
         **(extra or {}),
     }
 
 
-def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerator, test_files, test_targets, genes):
-    """Train with ``fold`` held out, then predict it with the best model."""
+def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerator, test_files, genes):
+    """Train with ``fold`` held out; the run scores its best model on the fold (``metrics.json``'s ``test_*``).
+
+    Returns:
+        ``(summary, per-gene Spearman of the held-out fold, extra)``, taken from the fold run's own
+        files, so ``cv_summary.json`` and the run's ``metrics.json`` hold the same numbers.
+    """
+    import pandas as pd
+
+    from expreg.inference import predict_files
     from expreg.metrics import compute_metrics
     from expreg.model import ExpRegModel
-    from expreg.predict import predict_files
     from expreg.train import run
 
     fold_cfg = copy.deepcopy(cfg)
@@ -71,26 +80,37 @@ def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerat
     fold_cfg.logging.output_dir, fold_cfg.logging.run_name = str(runs_dir), f"finetune__fold{fold}"
     result = run(fold_cfg, accelerator)
     accelerator.free_memory()
-    model = ExpRegModel.from_pretrained(runs_dir / f"finetune__fold{fold}" / "checkpoints" / "best").eval()
+    run_dir = runs_dir / f"finetune__fold{fold}"
+    per_gene = pd.read_csv(run_dir / "per_gene_metrics_test.csv", keep_default_na=False, dtype={"gene": str})
+    per_gene_spearman = {g: (None if v == "" else float(v)) for g, v in zip(per_gene["gene"], per_gene["spearman"])}
+    summary = {
+        "spearman_mean": result["test_spearman_mean"],
+        "pearson_mean": result["test_pearson_mean"],
+        "num_genes_undefined_spearman": result["num_genes_undefined_test_spearman"],
+        "num_samples": result["num_test_samples"],
+    }
+    model = ExpRegModel.from_pretrained(run_dir / "checkpoints" / "best")
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
-    expression = predict_files(model, test_files, accelerator, batch_size, cfg.data.num_workers)
-    with_tta = predict_files(model, test_files, accelerator, batch_size, cfg.data.num_workers, tta=True)
+    files, targets = test_files
+    with_tta = predict_files(model, files, accelerator, batch_size, cfg.data.num_workers, tta=True)
     accelerator.free_memory()
-    tta = compute_metrics(with_tta, test_targets, genes)
+    tta = compute_metrics(with_tta, targets, genes)
     extra = {
         "best_epoch": result["best_epoch"],
-        "best_val_spearman_mean": result["best_val_spearman_mean"],
+        "best_val_spearman_mean": result["best_val_spearman_mean"],  # model selection, not a held-out score
         "tta_spearman_mean": tta.spearman_mean,  # the same model, averaged over the 8 dihedral views
         "tta_pearson_mean": tta.pearson_mean,
     }
-    return compute_metrics(expression, test_targets, genes), extra
+    return summary, per_gene_spearman, extra
 
 
 def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str], out_dir: Path) -> dict:
-    """Run every method on every fold; returns the summary (also written to ``out_dir``)."""
-    from accelerate import Accelerator
+    """Run every method on every fold; returns the summary (also written to ``out_dir``).
 
-    from expreg.baselines import embed_images, extract_features, linear_probe, mean_baseline, ridge_baseline
+    Deterministic: the same recipe, seed and data give the same numbers (every random step is
+    seeded from ``cfg.seed``, the randomly initialised backbone of the linear probe included).
+    """
+    from expreg.baselines import mean_baseline
     from expreg.metrics import compute_metrics
 
     if cfg.data.metadata_csv == DEMO_DATA:
@@ -115,25 +135,12 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
         np.array(metadata.image_paths()),
         metadata.gene_names,
     )
-    features = feature_seconds = None
-    if "ridge" in methods:
-        start = time.perf_counter()
-        features = extract_features(list(files))
-        feature_seconds = time.perf_counter() - start
-    embeddings = embed_seconds = None
-    if "linear_probe" in methods:
-        start = time.perf_counter()
-        m = cfg.model
-        embeddings = embed_images(
-            list(files),
-            m.backbone,
-            cfg.data.image_size,
-            pretrained=m.pretrained,
-            pretrained_path=m.pretrained_path,
-            num_workers=cfg.data.num_workers,
-        )
-        embed_seconds = time.perf_counter() - start
-    accelerator = Accelerator() if "finetune" in methods else None
+    inputs = _shared_inputs(cfg, methods, list(files))
+    accelerator = None
+    if "finetune" in methods:
+        from expreg.launch import build_accelerator
+
+        accelerator = build_accelerator(cfg)  # the recipe's precision, accumulation and trackers
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for k in range(n_folds):
         test, train = fold_of == k, fold_of != k
@@ -141,32 +148,66 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
         for method in methods:
             start = time.perf_counter()
             extra: dict = {}
-            if method == "mean":
-                metrics = compute_metrics(mean_baseline(targets[train], int(test.sum())), targets[test], genes)
-            elif method == "linear_probe":
-                predictions, extra = linear_probe(
-                    embeddings[train], targets[train], groups[train], embeddings[test], seed=cfg.seed
+            if method == "finetune":
+                test_files = (list(files[test]), targets[test])
+                summary, per_gene, extra = run_finetune_fold(
+                    cfg, folds_csv, k, out_dir / "runs", accelerator, test_files, genes
                 )
-                metrics = compute_metrics(predictions, targets[test], genes)
-            elif method == "ridge":
-                predictions, extra = ridge_baseline(
-                    features[train], targets[train], groups[train], features[test], cfg.seed
-                )
-                metrics = compute_metrics(predictions, targets[test], genes)
             else:
-                metrics, extra = run_finetune_fold(
-                    cfg, folds_csv, k, out_dir / "runs", accelerator, list(files[test]), targets[test], genes
-                )
-            shared = {"ridge": feature_seconds, "linear_probe": embed_seconds}.get(method) or 0.0
+                if method == "mean":
+                    predictions = mean_baseline(targets[train], int(test.sum()))
+                else:
+                    x, fit = inputs[method]
+                    predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
+                metrics = compute_metrics(predictions, targets[test], genes)
+                summary = metrics.summary
+                per_gene = {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}
+            shared = inputs.get(f"{method}_seconds", 0.0)
             seconds = time.perf_counter() - start + shared * test.mean()  # this fold's share of the extraction
-            results[method].append({"fold": k, "test_groups": test_groups, **_fold_result(metrics, seconds, extra)})
-            print(f"fold {k} ({', '.join(test_groups)}) {method}: {metrics.format()} [{seconds:.0f} s]")
+            results[method].append(
+                {"fold": k, "test_groups": test_groups, **_fold_result(summary, per_gene, seconds, extra)}
+            )
+            print(f"fold {k} ({', '.join(test_groups)}) {method}: {_describe(summary)} [{seconds:.0f} s]")
     summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)
     from expreg.io import atomic_write_text, write_json
 
     write_json(out_dir / "cv_summary.json", summary)
     atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
     return summary
+
+
+def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
+    """Per-image inputs computed once for all folds: colour/texture features, frozen embeddings."""
+    from expreg.baselines import embed_images, extract_features, linear_probe, ridge_baseline
+    from expreg.seeding import seed_everything
+
+    inputs: dict = {}
+    if "ridge" in methods:
+        start = time.perf_counter()
+        inputs["ridge"] = (extract_features(files), ridge_baseline)
+        inputs["ridge_seconds"] = time.perf_counter() - start
+    if "linear_probe" in methods:
+        start = time.perf_counter()
+        seed_everything(cfg.seed)  # a randomly initialised backbone must be the same one every time
+        m = cfg.model
+        embeddings = embed_images(
+            files,
+            m.backbone,
+            cfg.data.image_size,
+            pretrained=m.pretrained,
+            pretrained_path=m.pretrained_path,
+            num_workers=cfg.data.num_workers,
+        )
+        inputs["linear_probe"] = (embeddings, linear_probe)
+        inputs["linear_probe_seconds"] = time.perf_counter() - start
+    return inputs
+
+
+def _describe(summary: dict) -> str:
+    return (
+        f"held-out mean Spearman {_fmt(summary['spearman_mean'])} | mean Pearson {_fmt(summary['pearson_mean'])} "
+        f"| {summary['num_samples']} samples"
+    )
 
 
 def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, folds_csv: str, seed: int) -> dict:
@@ -255,7 +296,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
     parser.add_argument("--out_dir", help="where to write (default <logging.output_dir>/cv__<recipe>__<timestamp>)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for run_regression.py")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
         unknown = [m for m in methods if m not in METHODS]
@@ -271,7 +312,7 @@ def main(argv=None) -> int:
         if out_dir.exists():
             raise ConfigError(f"--out_dir {out_dir} exists; cross-validation results are never overwritten")
         summary = cross_validate(cfg, Path(args.recipe).name, args.n_folds, methods, out_dir)
-    except (ConfigError, MetadataError) as err:
+    except (ConfigError, MetadataError, RunDirError) as err:
         print(f"expreg.cv: error: {err}", file=sys.stderr)
         return 2
     print()

@@ -8,8 +8,8 @@ Two lines in a notebook::
 Rows carry ``image`` (decoded lazily by ``datasets.Image``), ``labels`` (float32, length K, in
 expression units), ``group_id``, ``path`` and the CSV's extra columns. Nothing is downloaded and the dataset is
 not cached between runs: each split is converted from the validated table to an Arrow file
-in a temporary folder (``$TMPDIR/expreg-arrow-<pid>-*``, removed when the process exits, or by
-the next run if it was killed) and memory-mapped.
+in a temporary folder (``$TMPDIR/expreg-arrow-<host>-<pid>-*``, removed when the process exits, or by
+the next run on the same machine if it was killed) and memory-mapped.
 """
 
 from __future__ import annotations
@@ -123,10 +123,20 @@ _ARROW_DIRS: dict[int, Path] = {}  # pid -> this process's folder (a forked chil
 _BUILD_IDS = itertools.count()
 
 
-def _arrow_dir() -> Path:
-    """This process's folder for dataset Arrow files: ``$TMPDIR/expreg-arrow-<pid>-*``, removed at exit.
+def _host() -> str:
+    """This machine's name as it appears in temporary-folder names (no ``-``, which separates the parts)."""
+    import re
+    import socket
 
-    Folders left by processes that were killed (no exit handler ran) are removed on first use.
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+def _arrow_dir() -> Path:
+    """This process's folder for dataset Arrow files: ``$TMPDIR/expreg-arrow-<host>-<pid>-*``, removed at exit.
+
+    Folders left by killed processes of *this* machine (no exit handler ran) are removed on first
+    use; a TMPDIR shared between nodes also holds other machines' folders, whose process ids mean
+    nothing here, and those are never touched.
     """
     pid = os.getpid()
     if pid not in _ARROW_DIRS:
@@ -136,11 +146,12 @@ def _arrow_dir() -> Path:
 
         from expreg.io import process_alive
 
-        for old in Path(tempfile.gettempdir()).glob("expreg-arrow-*-*"):
-            owner = old.name.split("-")[2]
+        prefix = f"expreg-arrow-{_host()}-"
+        for old in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
+            owner = old.name[len(prefix) :].split("-")[0]
             if owner.isdigit() and not process_alive(int(owner)):
                 shutil.rmtree(old, ignore_errors=True)
-        _ARROW_DIRS[pid] = Path(tempfile.mkdtemp(prefix=f"expreg-arrow-{pid}-"))
+        _ARROW_DIRS[pid] = Path(tempfile.mkdtemp(prefix=f"{prefix}{pid}-"))
         atexit.register(_remove_arrow_dir, pid)
     return _ARROW_DIRS[pid]
 
@@ -320,25 +331,28 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def to_rgb(image):
-    """Convert any PIL image (grayscale, RGBA, palette, 16-bit) to 8-bit RGB.
+# One fixed input range per PIL mode, mapped to 0..255 (values outside are clipped): never a
+# per-image maximum, which would give the same pixel value different intensities in two images.
+INPUT_RANGES = {"F": 1.0, "I": 65535.0, "I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0}
 
-    RGBA/LA are composited on white (slide background); 16-bit grayscale is scaled from the full
-    16-bit range (so 12-bit data come out dark: convert those yourself); float images in [0, 1]
-    are scaled by 255.
+
+def to_rgb(image):
+    """Convert any PIL image (grayscale, RGBA, palette, 16-bit, 32-bit, float) to 8-bit RGB.
+
+    RGBA/LA are composited on white (slide background). High-bit-depth modes use one fixed range
+    each (``INPUT_RANGES``), whatever the image holds: 16-bit (``I;16*``) and 32-bit integer
+    (``I``, as PIL opens many 16-bit files) images are scaled from 0..65535, float (``F``) images
+    from 0..1; values outside the range are clipped. 12-bit or other data come out dark or
+    clipped: convert those yourself.
     """
     from PIL import Image
 
     if image.mode == "RGB":
         return image
-    if image.mode == "F":  # float images: [0, 1] is scaled to 8 bits, anything else clipped to [0, 255]
+    if image.mode in INPUT_RANGES:
         arr = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0
-        return Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        return Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        scaled = np.clip(arr / INPUT_RANGES[image.mode] * 255.0 + 0.5, 0, 255)
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

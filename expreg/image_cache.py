@@ -35,7 +35,7 @@ from expreg.io import process_alive
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1  # bump when the pixels a cache holds would change (resize method, layout)
+FORMAT_VERSION = 2  # bump when the pixels a cache holds would change (resize method, layout, to_rgb ranges)
 ROWS_PER_BATCH = 256  # rows per Arrow record batch (readers look chunks up by offset, not by this)
 CACHE_FILE = "images.arrow"
 INFO_FILE = "cache_info.json"

@@ -189,12 +189,35 @@ def _check_paths_and_groups(csv_path: Path, frame: pd.DataFrame, required=REQUIR
         empty = (frame[col] == "").to_numpy()
         if empty.any():
             raise _fail(csv_path, col, np.flatnonzero(empty) + 2, f"empty {col}")
-    dup = frame["path"].duplicated(keep=False).to_numpy()
+    keys = pd.Series(_normalised_paths(csv_path, frame["path"]), index=frame.index)
+    dup = keys.duplicated(keep=False).to_numpy()
     if dup.any():
         rows = np.flatnonzero(dup)
+        first = rows[0]
+        same = np.flatnonzero((keys == keys.iloc[first]).to_numpy())
+        texts = " and ".join(repr(frame["path"].iloc[i]) for i in same[:2])
+        groups = ""
+        if "group_id" in frame.columns:
+            groups = " (groups " + " and ".join(repr(frame["group_id"].iloc[i]) for i in same[:2]) + ")"
         raise _fail(
-            csv_path, "path", rows + 2, f"duplicate path (e.g. {frame['path'].iloc[rows[0]]!r}); each image once"
+            csv_path,
+            "path",
+            rows + 2,
+            f"duplicate image: lines {same[0] + 2} and {same[1] + 2} name the same file {keys.iloc[first]!r} "
+            f"as {texts}{groups}; each image once",
         )
+
+
+def _normalised_paths(csv_path: Path, paths: pd.Series) -> list[str]:
+    """Each path as an absolute, normalised path (``./a.png``, ``a//b.png``, ``x/../a.png`` compare equal)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "")
+    plain = _is_plain_relative  # no "." / ".." parts, no "//": joining needs no normalisation
+    return [
+        (p if plain(p[1:]) else os.path.normpath(p))
+        if os.path.isabs(p)
+        else (folder + p if plain(p) else os.path.normpath(folder + p))
+        for p in paths
+    ]
 
 
 def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists") -> None:

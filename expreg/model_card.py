@@ -38,7 +38,15 @@ def _split_protocol(cfg: dict, data: dict) -> str:
     groups = ", ".join(
         f"{name}: {v['samples']} samples from {v['groups']} group(s)" for name, v in data["splits"].items()
     )
-    if d.get("fold") is not None:
+    shared = data.get("shared_groups") or {}
+    if d.get("fold") is not None and "train/validation" in shared:
+        how = (
+            f"Group k-fold file `{data['split_file']}`, fold {d['fold']} held out as test. The other folds hold a "
+            f"single group, so validation (used only to pick the best epoch) is a seeded random {d['val_frac']:g} "
+            f"of that group's samples (seed {cfg['seed']}): validation scores are optimistic (same patient), "
+            "the test fold is untouched"
+        )
+    elif d.get("fold") is not None:
         how = (
             f"Group k-fold file `{data['split_file']}`, fold {d['fold']} held out as test; validation groups "
             f"drawn from the other folds (val_frac {d['val_frac']}, seed {cfg['seed']})"
@@ -50,10 +58,45 @@ def _split_protocol(cfg: dict, data: dict) -> str:
         )
     else:
         how = f"Split file `{data['split_file']}`"
+    if shared:
+        where = "; ".join(f"{pair}: {', '.join(g[:5])}{' ...' if len(g) > 5 else ''}" for pair, g in shared.items())
+        grouping = f"Split on `group_id`, but some groups appear in two splits ({where})"
+    else:
+        grouping = "Patient-level (group-aware) split on `group_id`: no group appears in two splits"
     return (
-        f"Patient-level (group-aware) split on `group_id`: no group appears in two splits. {how}. {groups}. "
+        f"{grouping}. {how}. {groups}. "
         f"Target normalisation (per-gene z-score) statistics come from the training split only."
     )
+
+
+def _results(best: dict, test: dict | None) -> str:
+    lines = [
+        f"## Results (best epoch {best['best_epoch']}, chosen on validation)",
+        "",
+        "| metric | validation (model selection) | held-out test |",
+        "|---|---|---|",
+    ]
+    t = test or {}
+    lines += [
+        f"| mean Spearman over genes (primary) | {_fmt(best['best_val_spearman_mean'])} | "
+        f"{_fmt(t.get('test_spearman_mean')) if test else 'no test split'} |",
+        f"| mean Pearson over genes | {_fmt(best['best_val_pearson_mean'])} | "
+        f"{_fmt(t.get('test_pearson_mean')) if test else ''} |",
+        f"| MSE on normalised targets (training-time evaluation) | {_fmt(best.get('val_loss'))} | |",
+    ]
+    text = "\n".join(lines) + "\n\n"
+    text += (
+        "Correlations are computed per gene over the samples of a split, then averaged over genes, with the "
+        "saved model in fp32. The best epoch was chosen on validation, so validation figures are optimistic. "
+    )
+    if test:
+        text += (
+            f"The held-out test split ({t['num_test_samples']} samples from group(s) "
+            f"{', '.join(t['test_groups'])}) was not used for any choice: report that one."
+        )
+    else:
+        text += "Report a held-out test split or cross-validation (`python -m expreg.cv`) for publication."
+    return text
 
 
 def _training_method(t: dict) -> str:
@@ -68,7 +111,7 @@ def _training_method(t: dict) -> str:
     )
 
 
-def render_model_card(cfg: dict, best: dict, per_gene: list[dict], data: dict) -> str:
+def render_model_card(cfg: dict, best: dict, per_gene: list[dict], data: dict, test: dict | None = None) -> str:
     """Markdown model card.
 
     Args:
@@ -77,7 +120,9 @@ def render_model_card(cfg: dict, best: dict, per_gene: list[dict], data: dict) -
             ``num_processes``, ``effective_batch_size``, ``run_name``.
         per_gene: Rows ``gene, spearman, pearson, mse`` of the best model on validation.
         data: ``metadata_csv`` (name), ``split_file`` (name), ``num_genes`` and ``splits``
-            (split name -> ``samples``, ``groups``).
+            (split name -> ``samples``, ``groups``), and ``shared_groups`` (``"a/b"`` -> groups in both).
+        test: ``test_spearman_mean``, ``test_pearson_mean``, ``num_test_samples``, ``test_groups`` of the
+            held-out test split, when the run has one.
     """
     m, t, d = cfg["model"], cfg["train"], cfg["data"]
     pretrained = (
@@ -108,19 +153,9 @@ image patch ({d["image_size"]}×{d["image_size"]} px, RGB). It is a timm `{m["ba
 Its `config.json` holds the gene names and the training-split mean/std used to map predictions
 back to expression units.
 
-## Results (validation, best epoch {best["best_epoch"]})
+{_results(best, test)}
 
-| metric | value |
-|---|---|
-| mean Spearman over genes (primary) | {_fmt(best["best_val_spearman_mean"])} |
-| mean Pearson over genes | {_fmt(best["best_val_pearson_mean"])} |
-| MSE on normalised targets | {_fmt(best.get("val_loss"))} |
-
-Correlations are computed per gene over the validation samples, then averaged over genes. The
-best epoch was chosen on this same validation set, so these figures are slightly optimistic;
-report a held-out test split or cross-validation for publication.
-
-Best and worst genes by Spearman:
+Best and worst genes by validation Spearman:
 
 {_gene_table(per_gene)}
 

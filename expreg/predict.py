@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expreg.inference import ImageFiles, dihedral_views, forward_tta, predict_files  # noqa: F401 - the public names
 from expreg.metadata import MetadataError, read_metadata, resolve_image_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -61,71 +62,6 @@ def list_images(image_dir: str | os.PathLike) -> list[str]:
     if not files:
         raise PredictError(f"--image_dir {image_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return [str(p) for p in files]
-
-
-class ImageFiles:
-    """A map-style dataset of image files -> ``pixel_values`` (the model's evaluation transform)."""
-
-    def __init__(self, files: list[str], transform) -> None:
-        self.files = files
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int):
-        from expreg.data import UnreadableImageError, load_image
-
-        image, reason = load_image(self.files[index])
-        if image is None:
-            raise UnreadableImageError(f"{self.files[index]}: cannot read the image ({reason})")
-        return self.transform(image, self.files[index])
-
-
-def dihedral_views(pixel_values):
-    """The 8 flips/90-degree rotations of a batch ``(B, C, H, W)`` (identity first)."""
-    import torch
-
-    views = []
-    for k in range(4):
-        rotated = torch.rot90(pixel_values, k, dims=(2, 3))
-        views += [rotated, torch.flip(rotated, dims=(3,))]
-    return views
-
-
-def forward_tta(model, pixel_values, tta: bool):
-    """Normalised predictions, averaged over the 8 dihedral views when ``tta`` (test-time augmentation)."""
-    if not tta:
-        return model(pixel_values=pixel_values).predictions.float()
-    views = dihedral_views(pixel_values)
-    return sum(model(pixel_values=v).predictions.float() for v in views) / len(views)
-
-
-def predict_files(
-    model, files: list[str], accelerator, batch_size: int = 64, num_workers: int = 2, tta: bool = False
-) -> np.ndarray:
-    """Predictions in expression units, shape ``(len(files), num_genes)``, in the order of ``files``.
-
-    Every process predicts its shard; ``gather_for_metrics`` reassembles exactly ``len(files)`` rows.
-    With ``tta``, each prediction is the mean over the 8 dihedral views of the image (8x the compute).
-    """
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from expreg.data import ImageTransform
-
-    config = model.config
-    transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
-    loader = DataLoader(ImageFiles(files, transform), batch_size=batch_size, num_workers=num_workers)
-    model, loader = accelerator.prepare(model, loader)
-    outputs = []
-    with torch.inference_mode():
-        for pixel_values in tqdm(loader, desc="predict", unit="batch", disable=not accelerator.is_local_main_process):
-            predictions = forward_tta(model, pixel_values, tta)
-            outputs.append(accelerator.gather_for_metrics(predictions).cpu().numpy())
-    normalised = np.concatenate(outputs) if outputs else np.zeros((0, config.num_genes))
-    return normalised.astype(np.float64) * np.asarray(config.target_std) + np.asarray(config.target_mean)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -177,13 +113,11 @@ def main(argv=None) -> int:
         print(f"expreg-predict: error: {err}", file=sys.stderr)
         return 2
 
-    from accelerate import Accelerator
-
     from expreg import io
+    from expreg.launch import build_accelerator, unconnected_launch_error
     from expreg.metrics import compute_metrics
-    from expreg.train import unconnected_launch_error
 
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
     problem = unconnected_launch_error(accelerator)
     if problem:
         print(f"expreg-predict: error: {problem}", file=sys.stderr)

@@ -42,6 +42,7 @@ from expreg.data import (
     split_assignment,
 )
 from expreg.hub import HubError
+from expreg.launch import check_accelerator
 from expreg.metadata import read_metadata
 from expreg.metrics import compute_metrics
 from expreg.model import ExpRegModel, build_model
@@ -138,6 +139,7 @@ class TrainerState:
     skipped_images: int = 0  # unreadable training images skipped (bad_image_policy=skip), all processes
     skipped_batches: int = 0  # batches with a non-finite loss skipped (nonfinite_loss_policy=skip)
     scheduler: dict = field(default_factory=dict)  # the LR scheduler's state (JSON: no pickle to load)
+    data_sha256: dict = field(default_factory=dict)  # metadata CSV and split file: --resume refuses other data
     bad_epochs: int = 0
     history: list[dict] = field(default_factory=list)
 
@@ -157,8 +159,20 @@ class RunData:
 # --------------------------------------------------------------------------------------------
 
 
-def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None, dry_run: bool = False) -> dict:
-    """Train and evaluate one run; returns the final ``metrics.json`` content."""
+def run(
+    cfg: RunConfig,
+    accelerator: Accelerator,
+    resume_from: str | None = None,
+    dry_run: bool = False,
+    allow_data_change: bool = False,
+) -> dict:
+    """Train and evaluate one run; returns the final ``metrics.json`` content.
+
+    ``accelerator`` must come from ``expreg.launch.build_accelerator(cfg)`` (its accumulation and
+    precision are checked against the recipe). ``allow_data_change`` lets ``--resume`` go on
+    although the metadata CSV or split file changed since the run started (with a warning).
+    """
+    check_accelerator(cfg, accelerator)
     seed_everything(cfg.seed)
     cfg.train.mixed_precision = accelerator.mixed_precision  # record what `accelerate launch` decided
     _setup_logging(accelerator)
@@ -167,12 +181,15 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     if cfg.train.mode == "linear_probe" and (accelerator.num_processes > 1 or resume_from):
         raise ConfigError("train.mode=linear_probe runs in one process and has nothing to resume (it takes minutes)")
     data = _setup_data(cfg, accelerator)
+    data_warning = check_resume_data(cfg, resume_from, allow_data_change) if resume_from else None
     model = _setup_model(cfg, data)
     image_cache = _setup_image_cache(cfg, data, accelerator, dry_run)
     data.loaders = _setup_loaders(cfg, data, model, accelerator.num_processes, image_cache)
     run_dir = _setup_run_dir(cfg, accelerator, resume_from, dry_run)
     _LAST_RUN_DIR["path"] = str(run_dir)
     _write_run_files(cfg, accelerator, run_dir, data)
+    if data_warning:
+        logger.warning(data_warning)
     if cfg.train.mode == "linear_probe":
         return _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run)
     if cfg.train.channels_last:
@@ -184,9 +201,10 @@ def run(cfg: RunConfig, accelerator: Accelerator, resume_from: str | None = None
     steps_per_epoch = _steps_per_epoch(len(train_dl), cfg, dry_run)
     total_steps = steps_per_epoch * (1 if dry_run else cfg.train.epochs)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
-    state = TrainerState(num_processes=accelerator.num_processes)
+    state = TrainerState(num_processes=accelerator.num_processes, data_sha256=data_fingerprint(cfg))
     if resume_from:
         state = _resume(accelerator, resume_from, scheduler, len(data.gene_names))
+        state.data_sha256 = data_fingerprint(cfg)  # what this run trains on from here (checked above)
     _log_start(cfg, accelerator, run_dir, data, len(train_dl), total_steps, state)
     if cfg.logging.report_to != "none":
         # trackers that write files (tensorboard) write them into <run_dir>/<report_to>/
@@ -324,17 +342,6 @@ def cpu_precision_warning(mixed_precision: str, cpuinfo: str | None = None) -> s
         return (
             "mixed_precision=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 autocast was measured "
             "7-25x SLOWER than fp32 on such CPUs; use mixed_precision=no here"
-        )
-    return None
-
-
-def unconnected_launch_error(accelerator: Accelerator) -> str | None:
-    """Why a multi-process launch did not form one job (each process would work alone), or None."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:
-        return (
-            f"{launched} processes were launched but they are not connected: each would work on its own. "
-            "Without GPUs, set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)."
         )
     return None
 
@@ -685,6 +692,11 @@ def evaluate(model, dataloader, accelerator: Accelerator, max_batches: int | Non
         labels.append(labs.cpu().numpy())
     model.train()
     predictions, labels = np.concatenate(predictions), np.concatenate(labels)
+    if max_batches is None and len(predictions) != len(dataloader.dataset):
+        raise TrainingError(
+            f"evaluation returned {len(predictions)} predictions for {len(dataloader.dataset)} samples; every "
+            "evaluation image must be read (metrics on misaligned rows would be wrong)"
+        )
     return float(((predictions.astype(np.float64) - labels) ** 2).mean()), predictions
 
 
@@ -764,7 +776,9 @@ def _save_best(accelerator, model, run_dir: Path, val, expression: np.ndarray, m
     io.write_per_gene_metrics(run_dir / "per_gene_metrics.csv", metrics.per_gene_rows())
 
 
-def _model_card(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: RunData, entry: dict, metrics) -> str:
+def _model_card(
+    cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: RunData, entry: dict, metrics, test=None
+) -> str:
     from expreg.model_card import render_model_card
 
     best = {
@@ -776,8 +790,13 @@ def _model_card(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: R
         "num_processes": accelerator.num_processes,
         "effective_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
     }
-    splits = {
-        name: {"samples": len(part), "groups": len(set(part["group_id"]))} for name, part in data.datasets.items()
+    group_sets = {name: set(part["group_id"]) for name, part in data.datasets.items()}
+    splits = {name: {"samples": len(part), "groups": len(group_sets[name])} for name, part in data.datasets.items()}
+    shared = {
+        f"{a}/{b}": sorted(group_sets[a] & group_sets[b])
+        for i, a in enumerate(group_sets)
+        for b in list(group_sets)[i + 1 :]
+        if group_sets[a] & group_sets[b]
     }
     summary = {
         "metadata_csv": Path(cfg.data.metadata_csv).name,
@@ -785,8 +804,9 @@ def _model_card(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: R
         "split_made_by_run": Path(cfg.data.split_csv).parent == run_dir,
         "num_genes": len(data.gene_names),
         "splits": splits,
+        "shared_groups": shared,  # splits that share groups (a single training group gives up part of it)
     }
-    return render_model_card(cfg.to_dict(), best, metrics.per_gene_rows(), summary)
+    return render_model_card(cfg.to_dict(), best, metrics.per_gene_rows(), summary, test=test)
 
 
 @contextlib.contextmanager
@@ -845,6 +865,41 @@ def _resume(accelerator: Accelerator, checkpoint: str, scheduler, num_genes: int
     accelerator.load_state(str(path))
     scheduler.load_state_dict(state.scheduler)
     return state
+
+
+def data_fingerprint(cfg: RunConfig) -> dict:
+    """SHA-256 of the files a run's data come from (the metadata CSV and the split file)."""
+    return {
+        "metadata_csv": io.file_sha256(cfg.data.metadata_csv),
+        "split_csv": io.file_sha256(cfg.data.split_csv) if cfg.data.split_csv else None,
+    }
+
+
+def check_resume_data(cfg: RunConfig, checkpoint: str, allow_change: bool) -> str | None:
+    """Refuse to resume on other data than the run started with; returns a warning when allowed.
+
+    A changed metadata CSV or split file would silently change the training rows and the
+    target statistics half-way through a run.
+    """
+    import json
+
+    path = resolve_checkpoint(checkpoint)
+    saved = json.loads((path / io.TRAINER_STATE_FILE).read_text()).get("data_sha256") or {}
+    now = data_fingerprint(cfg)
+    names = {"metadata_csv": cfg.data.metadata_csv, "split_csv": cfg.data.split_csv}
+    changed = [f"{key} {names[key]}" for key in now if key in saved and saved[key] != now[key]]
+    if not changed:
+        return None
+    what = " and ".join(changed)
+    if not allow_change:
+        raise io.RunDirError(
+            f"--resume {checkpoint}: {what} changed since the run started (SHA-256 differs from the checkpoint's); "
+            "the rest of the run would train and normalise on other data. Restore the file, start a new run, or "
+            "pass --allow_data_change to resume anyway"
+        )
+    return (
+        f"--allow_data_change: resuming although {what} changed since the run started; its numbers mix two data sets"
+    )
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:
@@ -959,20 +1014,14 @@ def _stopped(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, state: Tra
 def _finish(
     accelerator: Accelerator, cfg: RunConfig, run_dir: Path, data: RunData, state: TrainerState, dry_run: bool
 ):
-    """Plots, optional push to the Hub, then ``metrics.json`` with status ``finished`` (written last)."""
+    """Score the saved best model, plots, optional push to the Hub, then ``metrics.json`` (``finished``, last)."""
     result = _metrics_json(cfg, accelerator, run_dir, state, "finished")
     result["dry_run"] = dry_run
+    scores = _score_best(accelerator, data, run_dir, max_batches=2 if dry_run else None) if state.best_epoch else {}
     push_error = None
     if accelerator.is_main_process:
-        if result["best_epoch"] is not None:
-            from expreg.plots import write_run_plots
-
-            targets = np.asarray(data.datasets["validation"]["labels"], dtype=np.float64)
-            write_run_plots(run_dir, targets, metrics=result)
-            logger.info(
-                f"best epoch {result['best_epoch']}: val mean Spearman {result['best_val_spearman_mean']:.4f}, "
-                f"mean Pearson {result['best_val_pearson_mean']:.4f}"
-            )
+        if scores:
+            _record_scores(cfg, accelerator, run_dir, data, state, scores, result)
         if cfg.train.push_to_hub:
             push_error = _push(run_dir, cfg.train.hub_model_id, result)
         io.write_json(run_dir / io.METRICS_FILE, result)
@@ -983,6 +1032,86 @@ def _finish(
     if push_error is not None:
         raise push_error
     return result
+
+
+def _score_best(accelerator: Accelerator, data: RunData, run_dir: Path, max_batches: int | None) -> dict:
+    """The saved best model, reloaded and scored in fp32 on validation and (when present) the test split.
+
+    These are the numbers of ``metrics.json``, ``predictions_*.csv`` and the model card: what
+    ``expreg.predict`` gives for the same images, whatever precision the run trained in.
+
+    Returns:
+        ``{split: (expression, metrics)}`` on every process.
+    """
+    from expreg.inference import predict_loader
+
+    accelerator.wait_for_everyone()  # the main process wrote checkpoints/best
+    model = ExpRegModel.from_pretrained(run_dir / "checkpoints" / "best")
+    scores = {}
+    for split in ("validation", "test"):
+        if split not in data.datasets:
+            continue
+        normalised = predict_loader(
+            model, data.loaders[split], accelerator, max_batches=max_batches, desc=f"score {split}"
+        )
+        expression = model.to_expression(normalised.astype(np.float64))
+        targets = _targets(data.datasets[split], len(expression), truncate=max_batches is not None)
+        scores[split] = (expression, compute_metrics(expression, targets, data.gene_names))
+    accelerator.free_memory()
+    return scores
+
+
+def _targets(dataset, num_predictions: int, truncate: bool) -> np.ndarray:
+    """The split's targets in dataset order; a count other than the predictions' is an error (not a silent cut)."""
+    targets = np.asarray(dataset["labels"], dtype=np.float64)
+    if truncate:
+        return targets[:num_predictions]
+    if len(targets) != num_predictions:
+        raise TrainingError(
+            f"evaluation returned {num_predictions} predictions for {len(targets)} samples; every evaluation "
+            "image must be read (metrics on misaligned rows would be wrong)"
+        )
+    return targets
+
+
+def _record_scores(cfg, accelerator, run_dir: Path, data: RunData, state, scores: dict, result: dict) -> None:
+    """Write the final predictions, per-gene metrics, model card and plots; put the scores in ``result``."""
+    from expreg.plots import write_run_plots
+
+    val_expression, val = scores["validation"]
+    result["best_val_spearman_mean"], result["best_val_pearson_mean"] = val.spearman_mean, val.pearson_mean
+    files = {"validation": ("predictions_val.csv", "per_gene_metrics.csv")}
+    files["test"] = ("predictions_test.csv", "per_gene_metrics_test.csv")
+    for split, (expression, metrics) in scores.items():
+        part, n = data.datasets[split], len(expression)
+        io.write_predictions(
+            run_dir / files[split][0], part["path"][:n], part["group_id"][:n], data.gene_names, expression
+        )
+        io.write_per_gene_metrics(run_dir / files[split][1], metrics.per_gene_rows())
+    test = None
+    if "test" in scores:
+        metrics = scores["test"][1]
+        test = {
+            "test_spearman_mean": metrics.spearman_mean,
+            "test_pearson_mean": metrics.pearson_mean,
+            "num_test_samples": metrics.summary["num_samples"],
+            "num_genes_undefined_test_spearman": metrics.summary["num_genes_undefined_spearman"],
+            "test_groups": sorted(set(data.datasets["test"]["group_id"])),
+        }
+        result.update(test)
+    best = next(h for h in state.history if h["epoch"] == state.best_epoch)
+    card = _model_card(cfg, accelerator, run_dir, data, best, val, test)
+    io.atomic_write_text(run_dir / "checkpoints" / "best" / "README.md", card)
+    write_run_plots(run_dir, np.asarray(data.datasets["validation"]["labels"], dtype=np.float64), metrics=result)
+    logger.info(
+        f"best epoch {result['best_epoch']} (checkpoints/best, scored in fp32): validation mean Spearman "
+        f"{val.spearman_mean:.4f}, mean Pearson {val.pearson_mean:.4f}"
+    )
+    if test:
+        logger.info(
+            f"held-out test ({test['num_test_samples']} samples, groups {', '.join(test['test_groups'])}): "
+            f"mean Spearman {test['test_spearman_mean']:.4f}, mean Pearson {test['test_pearson_mean']:.4f}"
+        )
 
 
 def _push(run_dir: Path, repo_id: str, result: dict):

@@ -159,16 +159,22 @@ def test_splits_are_memory_mapped_arrow_files_removed_at_exit_or_after_a_crash(d
         "print(files[0]); assert len(files) == len(ds)"
     )
     env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    from expreg.data import _host
+
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    left_by_a_killed_run = tmp_path / f"expreg-arrow-{int(dead.stdout)}-abc123"
+    left_by_a_killed_run = tmp_path / f"expreg-arrow-{_host()}-{int(dead.stdout)}-abc123"
     (left_by_a_killed_run / "build-0").mkdir(parents=True)
+    # A TMPDIR shared between nodes: another machine's live run, whose pid is not alive *here*
+    other_node = tmp_path / f"expreg-arrow-{_host()}x-{int(dead.stdout)}-def456"
+    (other_node / "build-0").mkdir(parents=True)
     result = subprocess.run(
         [sys.executable, "-c", code, str(dataset_csv), str(split_csv)], capture_output=True, text=True, env=env
     )
     assert result.returncode == 0, result.stderr
     arrow_file = result.stdout.strip().splitlines()[-1]
-    assert arrow_file.startswith(str(tmp_path / "expreg-arrow-")) and arrow_file.endswith(".arrow")
-    assert not list(tmp_path.glob("expreg-arrow-*"))  # its own removed at exit, the killed run's on first use
+    assert arrow_file.startswith(str(tmp_path / f"expreg-arrow-{_host()}-")) and arrow_file.endswith(".arrow")
+    # its own removed at exit, the killed run's of this machine on first use, the other machine's kept
+    assert list(tmp_path.glob("expreg-arrow-*")) == [other_node]
 
 
 def test_rows_survive_the_arrow_round_trip(dataset_csv, split_csv):

@@ -195,10 +195,12 @@ def test_plots_are_written(run):
 def test_aggregate_sorts_runs_lists_broken_ones_and_summarises_folds(run, tmp_path, capsys):
     results = tmp_path / "results"
     results.mkdir()
-    for name, spearman, fold in (("a", 0.2, 0), ("b", 0.5, 1), ("c", 0.3, None)):
+    for name, spearman, fold, test in (("a", 0.2, 0, 0.1), ("b", 0.5, 1, 0.3), ("c", 0.3, None, None)):
         shutil.copytree(run, results / name, ignore=shutil.ignore_patterns("checkpoints", "tensorboard", "*.png"))
         m = metrics(results / name)
         m["best_val_spearman_mean"] = spearman
+        if test is not None:  # fold runs score their held-out fold
+            m["test_spearman_mean"], m["test_pearson_mean"] = test, test + 0.01
         (results / name / "metrics.json").write_text(json.dumps(m))
         cfg = (results / name / "config_resolved.yaml").read_text()
         (results / name / "config_resolved.yaml").write_text(
@@ -229,7 +231,13 @@ def test_aggregate_sorts_runs_lists_broken_ones_and_summarises_folds(run, tmp_pa
     ]
     assert main_rows[1:4] == ["b", "c", "a"] or main_rows[1:] == ["b", "c", "no_lr", "a"]
     assert "| b | test_resnet | 8 | 0.001 | 0 | 3 |" in table
-    assert "Cross-validation (mean ± std over folds)" in table and "| 0, 1 | 0.3500 ± 0.2121 |" in table
+    # the cross-validation summary is of held-out scores; validation (model selection) only labelled as such
+    assert "Cross-validation (mean ± std over folds)" in table
+    assert "| 0, 1 | 0.2000 ± 0.1414 | 0.2100 ± 0.1414 | 0.3500 ± 0.2121 |" in table
+    assert "| folds | held-out test mean Spearman | held-out test mean Pearson | validation mean Spearman |" in table
+    assert (
+        "| a | test_resnet | 8 | 0.001 | 0 | 3 |" in table and "| 0.2000 |" in table and "| 0.1000 | 0.1100 |" in table
+    )
     assert "| empty | no metrics.json" in table and "| garbled | unreadable metrics.json" in table
     assert "| stopped | status 'stopped'" in table
     assert "| null_json | metrics.json is not a JSON object |" in table

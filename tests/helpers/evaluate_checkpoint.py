@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from accelerate import Accelerator
 
 from expreg.config import config_from_dict
 from expreg.data import TargetStats, build_dataloaders, load_expression_dataset
+from expreg.launch import build_accelerator
 from expreg.metrics import compute_metrics
 from expreg.model import ExpRegModel
 from expreg.train import evaluate
@@ -21,7 +21,7 @@ from expreg.train import evaluate
 def main() -> None:
     run_dir, out_json, batch_size = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     cfg = config_from_dict(yaml.safe_load((run_dir / "config_resolved.yaml").read_text()), "run config")
-    accelerator = Accelerator()
+    accelerator = build_accelerator()
     model = ExpRegModel.from_pretrained(run_dir / "checkpoints" / "best")
     datasets = load_expression_dataset(cfg.data.metadata_csv, cfg.data.split_csv)
     stats = TargetStats.from_dict({"mean": model.config.target_mean, "std": model.config.target_std})
