@@ -47,6 +47,20 @@ def test_unknown_keys_are_named(tmp_path):
         ("train.epochs=0", "train.epochs must be > 0"),
         ("data.val_frac=1.5", "data.val_frac must be in"),
         ("train.lr", "not of the form section.key=value"),
+        # values that would silently corrupt training (issue 11): each names the key and the range
+        ("train.max_grad_norm=-1", r"train.max_grad_norm must be a finite number > 0, or null"),
+        ("train.max_grad_norm=0", r"train.max_grad_norm must be a finite number > 0, or null"),
+        ("train.max_grad_norm=nan", r"train.max_grad_norm must be a finite number > 0"),
+        ("train.warmup_ratio=-0.1", r"train.warmup_ratio must be in \[0, 1\]"),
+        ("train.warmup_ratio=1.5", r"train.warmup_ratio must be in \[0, 1\]"),
+        ("train.lr=inf", r"train.lr must be a finite number > 0"),
+        ("train.lr=nan", r"train.lr must be a finite number > 0"),
+        ("train.lr=0", r"train.lr must be a finite number > 0"),
+        ("train.weight_decay=-0.01", r"train.weight_decay must be a finite number >= 0"),
+        ("train.weight_decay=inf", r"train.weight_decay must be a finite number >= 0"),
+        ("model.head_hidden_dim=0", r"model.head_hidden_dim must be > 0"),
+        ("model.head_hidden_dim=-8", r"model.head_hidden_dim must be > 0"),
+        ("data.val_frac=nan", "data.val_frac must be in"),
     ],
 )
 def test_bad_values(override, message):
@@ -96,3 +110,9 @@ def test_cpu_precision_warning_depends_on_native_bf16():
     assert cpu_precision_warning("bf16", amx) is None  # measured faster than fp32 on such CPUs
     assert cpu_precision_warning("no", avx2) is None
     assert "fp16" in cpu_precision_warning("fp16", amx)
+
+
+def test_edge_values_that_are_allowed():
+    cfg = load_recipe(None, ["train.warmup_ratio=0", "train.weight_decay=0", "train.max_grad_norm=null"])
+    assert cfg.train.warmup_ratio == 0 and cfg.train.weight_decay == 0 and cfg.train.max_grad_norm is None
+    assert load_recipe(None, ["train.warmup_ratio=1"]).train.warmup_ratio == 1

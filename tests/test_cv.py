@@ -196,3 +196,98 @@ def test_linear_probe_mode_trains_a_usable_model(make_dataset, tmp_path):
     assert isinstance(model.head, __import__("torch").nn.Linear)
     assert "linear probe: frozen backbone embeddings" in (run / "checkpoints" / "best" / "README.md").read_text()
     assert len(pd.read_csv(run / "predictions_val.csv")) > 0
+
+
+def _cv_numbers(summary: dict) -> dict:
+    """Every number of a CV summary except the timings."""
+    return {
+        method: [{k: v for k, v in fold.items() if k != "seconds"} for fold in m["folds"]]
+        for method, m in summary["methods"].items()
+    }
+
+
+def test_every_cv_method_gives_identical_numbers_twice(make_dataset, tmp_path):
+    """Same recipe, seed and data -> the same numbers (the linear probe's random backbone included)."""
+    csv = make_dataset(num_groups=4, samples_per_group=8)
+    summaries = []
+    for name in ("first", "second"):
+        args = [
+            str(REPO / "recipes" / "tiny.yaml"),
+            "--methods",
+            "linear_probe,ridge,mean",
+            f"data.metadata_csv={csv}",
+        ]
+        assert cv_main([*args, "--n_folds", "2", "--out_dir", str(tmp_path / name)]) == 0
+        summaries.append(json.loads((tmp_path / name / "cv_summary.json").read_text()))
+        __import__("torch").rand(7)  # whatever ran before must not matter
+    assert _cv_numbers(summaries[0]) == _cv_numbers(summaries[1])
+    assert summaries[0]["methods"]["linear_probe"]["spearman_mean"] is not None
+
+
+def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_dataset, tmp_path):
+    """Accumulation and precision reach the fold runs; their metrics.json carries cv_summary's held-out scores."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    csv = make_dataset(num_groups=4, samples_per_group=10)
+    out = tmp_path / "cv"
+    cmd = [sys.executable, "-m", "expreg.cv", str(REPO / "recipes" / "tiny.yaml"), "--n_folds", "2"]
+    cmd += [f"data.metadata_csv={csv}", "--methods", "finetune,mean", "train.grad_accum_steps=3"]
+    cmd += ["train.mixed_precision=bf16", "--out_dir", str(out)]  # options and overrides mixed freely
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "cv_summary.json").read_text())
+    for fold in summary["methods"]["finetune"]["folds"]:
+        run = out / "runs" / f"finetune__fold{fold['fold']}"
+        cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
+        assert cfg["train"]["mixed_precision"] == "bf16" and cfg["train"]["grad_accum_steps"] == 3
+        state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+        train_rows = len(pd.read_csv(run / "predictions_val.csv"))  # (validation rows: for the count below)
+        folds = pd.read_csv(out / "folds.csv")
+        n_train = int((folds["fold"] != fold["fold"]).sum()) - train_rows
+        steps_per_epoch = -(-(-(-n_train // 8)) // 3)  # ceil(ceil(n / batch 8) / accumulation 3)
+        assert state["global_step"] == 2 * steps_per_epoch  # 2 epochs of optimizer steps, not of batches
+        assert state["scheduler"]["last_epoch"] == state["global_step"]  # the schedule ended where it should
+        m = json.loads((run / "metrics.json").read_text())
+        log = (run / "log.txt").read_text()
+        assert f"{2 * steps_per_epoch} optimizer steps in all" in log and "mixed_precision=bf16" in log
+        # the held-out fold, scored once by the run with its best model: the numbers cv_summary reports
+        assert m["test_spearman_mean"] == fold["spearman_mean"] and m["test_pearson_mean"] == fold["pearson_mean"]
+        assert m["num_test_samples"] == fold["num_test_samples"] and m["test_groups"] == fold["test_groups"]
+        assert fold["best_val_spearman_mean"] == m["best_val_spearman_mean"] != m["test_spearman_mean"]
+        per_gene = pd.read_csv(run / "per_gene_metrics_test.csv")
+        assert per_gene["spearman"].mean() == pytest.approx(fold["spearman_mean"], abs=1e-5)
+        test_rows = pd.read_csv(run / "predictions_test.csv")
+        assert sorted(set(test_rows["group_id"])) == fold["test_groups"]
+
+
+def test_linear_probe_is_bounded_on_rank_deficient_embeddings():
+    """Dead (constant) and near-constant features, rank below the PCA size: bounded weights and predictions."""
+    from expreg.baselines import linear_probe_affine
+
+    rng = np.random.default_rng(0)
+    n, dim = 80, 300
+    latent = rng.normal(size=(n, 12))
+    emb = latent @ rng.normal(size=(12, dim))  # rank 12 < PCA size 79
+    emb[:, :40] = 0.0  # dead ReLU units
+    emb[:, 40:50] = 3.0 + 1e-16 * rng.normal(size=(n, 10))  # constant up to rounding
+    emb = emb.astype(np.float32).astype(np.float64)  # embeddings come as float32
+    y = latent[:, :4] + 0.1 * rng.normal(size=(n, 4))
+    groups = np.repeat(np.array(["a", "b", "c", "d"], dtype=object), 20)
+    weights, bias, info = linear_probe_affine(emb[:60], y[:60], groups[:60])
+    assert info["pca_components"] <= 13  # cut at the numerical rank
+    assert np.isfinite(weights).all() and np.abs(weights).max() < 10
+    assert np.abs(weights[:50]).max() == 0.0  # constant features: zero weight
+    test = emb[60:]
+    predictions = test @ weights + bias
+    nudged = test.copy()
+    nudged[0, 45] += 1e-3  # one near-constant feature of one test image
+    nudged[1, 100] += 1e-3  # one informative feature
+    assert np.abs(nudged @ weights + bias - predictions).max() < 1e-2
+    assert np.corrcoef(predictions[:, 0], y[60:, 0])[0, 1] > 0.9  # and it still predicts
+    # the degenerate columns change nothing: the same probe as without them
+    w_clean, b_clean, _ = linear_probe_affine(emb[:60, 50:], y[:60], groups[:60])
+    np.testing.assert_allclose(test[:, 50:] @ w_clean + b_clean, predictions, atol=1e-8)

@@ -129,6 +129,25 @@ def test_any_image_mode_becomes_rgb(mode):
         assert abs(int(np.asarray(rgb)[0, 0, 0]) - 128) <= 1
 
 
+@pytest.mark.parametrize(
+    ("mode", "low", "high", "value", "expected"),
+    [
+        ("I", 200, 300, 200, round(200 / 65535 * 255)),  # 32-bit integer: the fixed 0..65535 range
+        ("F", 0.5, 2.0, 0.5, 128),  # float: the fixed 0..1 range (2.0 is clipped)
+    ],
+)
+def test_high_bit_depth_images_use_one_fixed_range(mode, low, high, value, expected):
+    """The same pixel value gives the same intensity whatever else the image holds (never its own maximum)."""
+    dtype = np.int32 if mode == "I" else np.float32
+    only_low = Image.fromarray(np.full((4, 4), low, dtype=dtype))
+    with_high = np.full((4, 4), value, dtype=dtype)
+    with_high[0, 0] = high
+    with_high = Image.fromarray(with_high)
+    assert only_low.mode == with_high.mode == mode
+    a, b = np.asarray(to_rgb(only_low)), np.asarray(to_rgb(with_high))
+    assert a[1, 1, 0] == b[1, 1, 0] == expected
+
+
 def test_derived_seeds_are_stable_and_distinct():
     assert derive_seed(1, 2, "x") == derive_seed(1, 2, "x")
     assert len({derive_seed(1, e, "x") for e in range(50)}) == 50

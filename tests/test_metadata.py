@@ -88,7 +88,22 @@ def test_empty_group_id(dataset_csv):
 def test_duplicate_path(dataset_csv):
     _rewrite(dataset_csv, lambda f: _set(f, [1], "path", f.loc[0, "path"]))
     message = _error(dataset_csv)
-    assert "column 'path', lines 2, 3: duplicate path" in message
+    assert "column 'path', lines 2, 3: duplicate image: lines 2 and 3 name the same file" in message
+
+
+@pytest.mark.parametrize("spelling", ["./{p}", "{p_dir}//{p_name}", "{p_dir}/../{p_dir}/{p_name}", "{abs}"])
+def test_the_same_image_under_two_spellings_is_a_duplicate(dataset_csv, spelling):
+    frame = pd.read_csv(dataset_csv, dtype=str, keep_default_na=False)
+    first, group = frame.loc[0, "path"], frame.loc[0, "group_id"]
+    p_dir, p_name = first.rsplit("/", 1)
+    other = next(i for i in range(len(frame)) if frame.loc[i, "group_id"] != group)
+    written = spelling.format(p=first, p_dir=p_dir, p_name=p_name, abs=str(dataset_csv.parent.resolve() / first))
+    _rewrite(dataset_csv, lambda f: _set(f, [other], "path", written))
+    message = _error(dataset_csv)
+    # the image of line 2 sits in a second group under another spelling: both lines and spellings named
+    assert f"lines 2 and {other + 2} name the same file" in message
+    assert repr(first) in message and repr(written) in message
+    assert repr(group) in message and repr(frame.loc[other, "group_id"]) in message
 
 
 def test_missing_image(dataset_csv):

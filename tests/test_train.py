@@ -269,6 +269,85 @@ def test_resume_needs_the_same_number_of_processes(data_csv, tmp_path):
     assert result.returncode == 2 and "trained with 2 process(es), this launch has 1" in result.stderr
 
 
+def test_resume_refuses_changed_data_unless_allowed(data_csv, tmp_path):
+    """A changed metadata CSV would silently change the rows and target statistics half-way through."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(data_csv.parent, data)
+    csv = data / data_csv.name
+    train(tmp_path, "run", f"data.metadata_csv={csv}", "train.stop_after_steps=2")
+    run = tmp_path / "run"
+    state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert set(state["data_sha256"]) == {"metadata_csv", "split_csv"}
+    stats_before = (run / "target_stats.json").read_bytes()
+    frame = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    frame.loc[0, "y0"] = "123.0"  # one target edited: same K, same rows
+    frame.to_csv(csv, index=False)
+    result = resume(run / "checkpoints" / "last", expect_ok=False)
+    assert result.returncode == 2 and f"metadata_csv {csv.resolve()} changed since the run started" in result.stderr
+    assert "--allow_data_change" in result.stderr
+    assert (run / "target_stats.json").read_bytes() == stats_before  # refused before anything was rewritten
+    result = resume(run / "checkpoints" / "last", "--allow_data_change")
+    assert "resuming although metadata_csv" in (run / "log.txt").read_text()
+    assert metrics(run)["status"] == "finished"
+
+
+def test_run_refuses_an_accelerator_that_disagrees_with_the_recipe(data_csv, tmp_path):
+    from accelerate import Accelerator
+
+    from expreg.config import ConfigError, load_recipe
+    from expreg.train import run
+
+    accelerator = Accelerator()  # what expreg.cv used to build: accumulation 1, no mixed precision
+    base = [f"data.metadata_csv={data_csv}", f"logging.output_dir={tmp_path}"]
+    cfg = load_recipe(REPO / "recipes" / "tiny.yaml", [*base, "train.grad_accum_steps=3"])
+    with pytest.raises(ConfigError, match="gradient accumulation 1 vs train.grad_accum_steps=3"):
+        run(cfg, accelerator)
+    cfg = load_recipe(REPO / "recipes" / "tiny.yaml", [*base, "train.mixed_precision=bf16"])
+    with pytest.raises(ConfigError, match="mixed precision no vs train.mixed_precision=bf16"):
+        run(cfg, accelerator)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_predict_reproduces_a_bf16_runs_files(data_csv, tmp_path):
+    """The saved model is scored in fp32: predictions_val.csv and metrics.json equal what expreg.predict gives."""
+    from expreg.inference import predict_files
+    from expreg.launch import build_accelerator
+    from expreg.metrics import compute_metrics
+    from expreg.model import ExpRegModel
+
+    train(tmp_path, "bf16", f"data.metadata_csv={data_csv}", "train.mixed_precision=bf16", "train.epochs=2")
+    run = tmp_path / "bf16"
+    assert "mixed_precision=bf16" in (run / "log.txt").read_text()
+    written = pd.read_csv(run / "predictions_val.csv")
+    model = ExpRegModel.from_pretrained(run / "checkpoints" / "best")
+    files = [str(data_csv.parent / p) for p in written["path"]]
+    predicted = predict_files(model, files, build_accelerator(), batch_size=3, num_workers=0)
+    np.testing.assert_allclose(predicted, written.iloc[:, 2:].to_numpy(), rtol=2e-5, atol=1e-6)  # CSV: 6 digits
+    genes = list(written.columns[2:])
+    frame = pd.read_csv(data_csv).set_index("path").loc[written["path"]]
+    truth = frame[[f"y{i}" for i in range(len(genes))]].to_numpy(dtype=np.float64)
+    m = metrics(run)
+    assert m["best_val_spearman_mean"] == pytest.approx(
+        compute_metrics(predicted, truth, genes).spearman_mean, abs=1e-6
+    )
+
+
+def test_model_card_of_a_single_training_group_fold_says_what_was_done(make_dataset, tmp_path):
+    from expreg.splits import main as splits_main
+
+    csv = make_dataset(num_groups=2, samples_per_group=10)
+    folds = tmp_path / "folds.csv"
+    assert splits_main(["--metadata_csv", str(csv), "--out_csv", str(folds), "--n_folds", "2"]) == 0
+    train(tmp_path, "fold", f"data.metadata_csv={csv}", f"data.split_csv={folds}", "data.fold=0", "train.epochs=1")
+    card = (tmp_path / "fold" / "checkpoints" / "best" / "README.md").read_text()
+    assert "no group appears in two splits" not in card and "validation groups drawn from the other folds" not in card
+    assert "single group" in card and "some groups appear in two splits (train/validation: P01)" in card
+    m = metrics(tmp_path / "fold")
+    assert m["test_groups"] == ["P00"] and f"{m['test_spearman_mean']:.4f}" in card
+
+
 def test_gradient_accumulation_matches_one_large_batch(data_csv, tmp_path):
     # test_vit has no BatchNorm, so 2 micro-batches of 4 accumulated == 1 batch of 8
     common = (
