@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -245,10 +246,10 @@ def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_data
         cfg = yaml.safe_load((run / "config_resolved.yaml").read_text())
         assert cfg["train"]["mixed_precision"] == "bf16" and cfg["train"]["grad_accum_steps"] == 3
         state = json.loads((run / "checkpoints" / "last" / "trainer_state.json").read_text())
-        train_rows = len(pd.read_csv(run / "predictions_val.csv"))  # (validation rows: for the count below)
+        val_rows = len(pd.read_csv(run / "predictions_val.csv"))
         folds = pd.read_csv(out / "folds.csv")
-        n_train = int((folds["fold"] != fold["fold"]).sum()) - train_rows
-        steps_per_epoch = -(-(-(-n_train // 8)) // 3)  # ceil(ceil(n / batch 8) / accumulation 3)
+        n_train = int((folds["fold"] != fold["fold"]).sum()) - val_rows
+        steps_per_epoch = math.ceil(math.ceil(n_train / 8) / 3)  # batches of 8, accumulation 3
         assert state["global_step"] == 2 * steps_per_epoch  # 2 epochs of optimizer steps, not of batches
         assert state["scheduler"]["last_epoch"] == state["global_step"]  # the schedule ended where it should
         m = json.loads((run / "metrics.json").read_text())
