@@ -292,3 +292,26 @@ def test_linear_probe_is_bounded_on_rank_deficient_embeddings():
     # the degenerate columns change nothing: the same probe as without them
     w_clean, b_clean, _ = linear_probe_affine(emb[:60, 50:], y[:60], groups[:60])
     np.testing.assert_allclose(test[:, 50:] @ w_clean + b_clean, predictions, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_the_whole_cross_validation_is_reproducible(make_dataset, tmp_path):
+    """Every method, fine-tuning with accumulation included, twice in fresh processes: identical numbers."""
+    import os
+    import subprocess
+    import sys
+
+    csv = make_dataset(num_groups=3, samples_per_group=12)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    summaries = []
+    for name in ("first", "second"):
+        cmd = [sys.executable, "-m", "expreg.cv", str(REPO / "recipes" / "tiny.yaml"), "--n_folds", "3"]
+        cmd += ["--methods", "finetune,linear_probe,ridge,mean", "train.grad_accum_steps=2", "data.num_workers=2"]
+        cmd += [f"data.metadata_csv={csv}", "data.hed_jitter=0.05", "--out_dir", str(tmp_path / name)]
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        summaries.append(json.loads((tmp_path / name / "cv_summary.json").read_text()))
+    assert _cv_numbers(summaries[0]) == _cv_numbers(summaries[1])
+    for fold in summaries[0]["methods"]["finetune"]["folds"]:
+        m = json.loads((tmp_path / "first" / "runs" / f"finetune__fold{fold['fold']}" / "metrics.json").read_text())
+        assert (m["test_spearman_mean"], m["test_pearson_mean"]) == (fold["spearman_mean"], fold["pearson_mean"])

@@ -423,6 +423,15 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_csv, tmp_path):
     resume(tmp_path / "ddp_stopped" / "checkpoints" / "last", launcher=two)
     assert_same_run(run, tmp_path / "ddp_stopped")
     assert len(list((tmp_path / "cache" / "images").iterdir())) == 1
+    # torchrun (the README's other launcher): 2 real processes, stopped and resumed, the same run
+    torchrun = ("torchrun", "--standalone", "--nproc_per_node=2")
+    train(
+        tmp_path, "torchrun", f"data.metadata_csv={data_csv}", *COMMON, "train.stop_after_steps=3", launcher=torchrun
+    )
+    assert "num_processes=2 distributed_type=MULTI_CPU" in (tmp_path / "torchrun" / "log.txt").read_text()
+    resume(tmp_path / "torchrun" / "checkpoints" / "last", launcher=torchrun)
+    assert metrics(tmp_path / "torchrun")["num_processes"] == 2
+    assert_same_run(run, tmp_path / "torchrun")
     # evaluation: 1 and 2 processes on the same weights, batch 5 (N not a multiple of 5 x 2)
     outputs = {}
     for n, launcher in ((1, (sys.executable,)), (2, two)):
