@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     except OSError as err:  # disk full, read-only output, ...: metrics.json says the run did not finish
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 1
+    accelerator.end_training()
     return 0
 
 

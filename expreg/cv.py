@@ -168,6 +168,8 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
                 {"fold": k, "test_groups": test_groups, **_fold_result(summary, per_gene, seconds, extra)}
             )
             print(f"fold {k} ({', '.join(test_groups)}) {method}: {_describe(summary)} [{seconds:.0f} s]")
+    if accelerator is not None:
+        accelerator.end_training()
     summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)
     from expreg.io import atomic_write_text, write_json
 

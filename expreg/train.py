@@ -209,6 +209,7 @@ def run(
     if cfg.logging.report_to != "none":
         # trackers that write files (tensorboard) write them into <run_dir>/<report_to>/
         accelerator.project_configuration.logging_dir = str(run_dir)
+        accelerator.trackers = []  # this run's own trackers (an accelerator reused by CV folds keeps old ones)
         accelerator.init_trackers(cfg.logging.report_to, config=_flat_config(cfg))
     previous_handlers = _install_signal_handlers()
     try:
@@ -1026,12 +1027,19 @@ def _finish(
             push_error = _push(run_dir, cfg.train.hub_model_id, result)
         io.write_json(run_dir / io.METRICS_FILE, result)
         logger.info(f"run finished: {run_dir}")
-    if cfg.logging.report_to != "none":
-        accelerator.end_training()
+    _finish_trackers(accelerator)
     accelerator.wait_for_everyone()  # every process gets here before the main one reports a failed push
     if push_error is not None:
         raise push_error
     return result
+
+
+def _finish_trackers(accelerator: Accelerator) -> None:
+    """Close this run's trackers (``accelerator.end_training`` would also end the process group, which
+    a CV's next fold still needs: the commands call it once at the very end)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
 
 
 def _score_best(accelerator: Accelerator, data: RunData, run_dir: Path, max_batches: int | None) -> dict:

@@ -58,6 +58,7 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
             str(REPO / "recipes" / "tiny.yaml"),
             f"data.metadata_csv={csv}",
             "train.epochs=1",
+            "logging.report_to=tensorboard",
             "--n_folds",
             "2",
             "--out_dir",
@@ -65,6 +66,17 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
         ]
     )
     assert code == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for k in (0, 1):  # each fold's curves in its own run, none in another fold's
+        values = []
+        for event_file in (out / "runs" / f"finetune__fold{k}" / "tensorboard").rglob("events.out.tfevents.*"):
+            acc = EventAccumulator(str(event_file))
+            acc.Reload()
+            if "val_spearman_mean" in acc.Tags()["scalars"]:
+                values += [e.value for e in acc.Scalars("val_spearman_mean")]
+        history = json.loads((out / "runs" / f"finetune__fold{k}" / "metrics.json").read_text())["history"]
+        assert values == pytest.approx([h["val_spearman_mean"] for h in history], abs=1e-6)
     folds = pd.read_csv(out / "folds.csv")
     assert folds.groupby("group_id")["fold"].nunique().max() == 1 and set(folds["fold"]) == {0, 1}
     summary = json.loads((out / "cv_summary.json").read_text())
