@@ -125,12 +125,22 @@ def ridge_baseline(x_train, y_train, groups_train, x_test, seed: int = 0) -> tup
     alpha = choose_alpha(x_train, y_train, groups_train, seed=seed)
     xt, xs = _standardise(x_train, x_test)
     w, b = fit_ridge(xt, y_train, alpha)
-    return xs @ w + b, {"alpha": alpha}
+    return xs @ w + b, {"alpha": alpha, **fitted_on(groups_train)}
+
+
+def fitted_on(groups_train) -> dict:
+    """What a method was fitted on (recorded per fold, so leakage into a held-out fold is visible)."""
+    return {"fit_groups": sorted(set(np.asarray(groups_train).tolist())), "num_fit_samples": len(groups_train)}
 
 
 def mean_baseline(y_train: np.ndarray, num_test: int) -> np.ndarray:
     """The training mean for every test row (its correlations are undefined by construction)."""
     return np.repeat(y_train.mean(axis=0, keepdims=True), num_test, axis=0)
+
+
+def mean_fit(x_train, y_train, groups_train, x_test, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """``mean_baseline`` with the signature of the other baselines (``x`` only gives the test count)."""
+    return mean_baseline(y_train, len(x_test)), fitted_on(groups_train)
 
 
 def embed_images(
@@ -206,4 +216,4 @@ def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 
 def linear_probe(emb_train, y_train, groups_train, emb_test, max_components: int = 256, seed: int = 0):
     """Predictions of the linear probe (see ``linear_probe_affine``) for ``emb_test``, and its info."""
     weights, bias, info = linear_probe_affine(emb_train, y_train, groups_train, max_components, seed)
-    return emb_test @ weights + bias, info
+    return emb_test @ weights + bias, {**info, **fitted_on(groups_train)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import sys
 import time
@@ -33,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from expreg.config import DEMO_DATA, ConfigError, load_recipe
-from expreg.io import RunDirError
+from expreg.io import SPLIT_SUMMARY_FILE, RunDirError
 from expreg.metadata import MetadataError, read_metadata
 from expreg.splits import make_fold_table, write_table
 
@@ -95,7 +96,11 @@ def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerat
     with_tta = predict_files(model, files, accelerator, batch_size, cfg.data.num_workers, tta=True)
     accelerator.free_memory()
     tta = compute_metrics(with_tta, targets, genes)
+    used = json.loads((run_dir / SPLIT_SUMMARY_FILE).read_text())
+    fit_groups = sorted(set(used["train"]["groups"]) | set(used["validation"]["groups"]))
     extra = {
+        "fit_groups": fit_groups,  # training and model selection (validation)
+        "num_fit_samples": used["train"]["samples"] + used["validation"]["samples"],
         "best_epoch": result["best_epoch"],
         "best_val_spearman_mean": result["best_val_spearman_mean"],  # model selection, not a held-out score
         "tta_spearman_mean": tta.spearman_mean,  # the same model, averaged over the 8 dihedral views
@@ -110,7 +115,6 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
     Deterministic: the same recipe, seed and data give the same numbers (every random step is
     seeded from ``cfg.seed``, the randomly initialised backbone of the linear probe included).
     """
-    from expreg.baselines import mean_baseline
     from expreg.metrics import compute_metrics
 
     if cfg.data.metadata_csv == DEMO_DATA:
@@ -135,7 +139,7 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
         np.array(metadata.image_paths()),
         metadata.gene_names,
     )
-    inputs = _shared_inputs(cfg, methods, list(files))
+    inputs = _shared_inputs(cfg, methods, list(files), len(files))
     accelerator = None
     if "finetune" in methods:
         from expreg.launch import build_accelerator
@@ -154,11 +158,8 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
                     cfg, folds_csv, k, out_dir / "runs", accelerator, test_files, genes
                 )
             else:
-                if method == "mean":
-                    predictions = mean_baseline(targets[train], int(test.sum()))
-                else:
-                    x, fit = inputs[method]
-                    predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
+                x, fit = inputs[method]
+                predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
                 metrics = compute_metrics(predictions, targets[test], genes)
                 summary = metrics.summary
                 per_gene = {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}
@@ -178,12 +179,13 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
     return summary
 
 
-def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
-    """Per-image inputs computed once for all folds: colour/texture features, frozen embeddings."""
-    from expreg.baselines import embed_images, extract_features, linear_probe, ridge_baseline
+def _shared_inputs(cfg, methods: list[str], files: list[str], num_rows: int) -> dict:
+    """Per-image inputs computed once for all folds (colour/texture features, frozen embeddings), and
+    the fit function of each baseline: ``fit(x_train, y_train, groups_train, x_test, seed)``."""
+    from expreg.baselines import embed_images, extract_features, linear_probe, mean_fit, ridge_baseline
     from expreg.seeding import seed_everything
 
-    inputs: dict = {}
+    inputs: dict = {"mean": (np.zeros((num_rows, 0)), mean_fit)}
     if "ridge" in methods:
         start = time.perf_counter()
         inputs["ridge"] = (extract_features(files), ridge_baseline)

@@ -8,10 +8,12 @@
         metrics.json            status, best epoch and metrics, per-epoch history (written atomically)
         log.txt
         target_stats.json       training-split mean/std per gene
+        split_summary.json      samples and groups of each split the run used
         checkpoints/last/       accelerator.save_state + trainer_state.json (resume from here)
         checkpoints/best/       save_pretrained of the best model by validation mean Spearman
         predictions_val.csv     path, group_id, one column per gene (expression units, best model)
         per_gene_metrics.csv    gene, spearman, pearson, mse (best model)
+        predictions_test.csv, per_gene_metrics_test.csv   the same on the held-out test split, if any
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 CONFIG_FILE = "config_resolved.yaml"
 METRICS_FILE = "metrics.json"
 TRAINER_STATE_FILE = "trainer_state.json"
+SPLIT_SUMMARY_FILE = "split_summary.json"
 
 
 class RunDirError(RuntimeError):

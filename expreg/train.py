@@ -110,7 +110,8 @@ def fault_point(name: str, count: int) -> None:
     """Fault-injection hook for the crash tests; inert unless ``EXPREG_FAULT_PAUSE`` is set.
 
     With ``EXPREG_FAULT_PAUSE=name:count`` (``step:5``: after optimizer step 5; ``save:4``: while
-    saving the checkpoint of step 4, after the temporary folder is written), print a marker and
+    saving the checkpoint of step 4, after the temporary folder is written; ``saved:4``: right after
+    that checkpoint replaced ``checkpoints/last``), print a marker and
     pause (up to 10 minutes, or until SIGINT/SIGTERM), so that a test can signal or kill the
     process at a known point.
     """
@@ -408,6 +409,14 @@ def _write_run_files(cfg: RunConfig, accelerator: Accelerator, run_dir: Path, da
         logger.info(f"made a group-aware split from seed {cfg.seed} -> {cfg.data.split_csv}\n{data.split_summary}")
     io.atomic_write_text(run_dir / io.CONFIG_FILE, cfg.to_yaml())
     io.write_json(run_dir / "target_stats.json", {"gene_names": data.gene_names, **data.target_stats.to_dict()})
+    io.write_json(run_dir / io.SPLIT_SUMMARY_FILE, _split_summary(data))
+
+
+def _split_summary(data: RunData) -> dict:
+    """The groups and sample counts of every split the run uses (what it was fitted and selected on)."""
+    return {
+        name: {"samples": len(part), "groups": sorted(set(part["group_id"]))} for name, part in data.datasets.items()
+    }
 
 
 def _setup_data(cfg: RunConfig, accelerator: Accelerator) -> RunData:
@@ -844,6 +853,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
             io.write_json(tmp / io.TRAINER_STATE_FILE, asdict(state))
         fault_point("save", state.global_step)
         io.replace_dir(tmp, run_dir / "checkpoints" / "last")
+        fault_point("saved", state.global_step)
     accelerator.wait_for_everyone()
 
 

@@ -90,6 +90,25 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
         assert len(m["per_gene_spearman_mean"]) == 50
     assert summary["methods"]["mean"]["spearman_mean"] is None  # undefined, reported as such
     assert summary["methods"]["mean"]["folds"][0]["num_genes_undefined_spearman"] == 50
+    meta = pd.read_csv(csv)
+    all_groups = set(meta["group_id"])
+    for method, m in summary["methods"].items():  # no method is ever fitted on its held-out groups
+        for f in m["folds"]:
+            assert f["fit_groups"] and not set(f["fit_groups"]) & set(f["test_groups"]), (method, f["fold"])
+            if method == "finetune":  # training + validation: the other folds' groups
+                assert set(f["fit_groups"]) <= all_groups - set(f["test_groups"])
+            else:
+                assert set(f["fit_groups"]) == all_groups - set(f["test_groups"])
+                assert f["num_fit_samples"] == int((~meta["group_id"].isin(f["test_groups"])).sum())
+    for k in (0, 1):  # the fold run's target statistics come from its training rows only
+        run = out / "runs" / f"finetune__fold{k}"
+        used = json.loads((run / "split_summary.json").read_text())
+        train_rows = meta[meta["group_id"].isin(used["train"]["groups"])]
+        assert len(train_rows) == used["train"]["samples"]
+        expected = train_rows[[f"y{i}" for i in range(50)]].to_numpy(dtype=np.float64)
+        stats = json.loads((run / "target_stats.json").read_text())
+        np.testing.assert_allclose(stats["mean"], expected.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(stats["std"], expected.std(0), rtol=1e-6, atol=1e-9)
     ridge = summary["methods"]["ridge"]
     assert ridge["spearman_mean"] > 0.3  # the planted colour/texture signal
     for k in (0, 1):  # the fine-tuning run never saw its test fold, and selected its epoch on other groups

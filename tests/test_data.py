@@ -226,6 +226,34 @@ def test_result_files_are_readable_by_others(tmp_path):
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o644
 
 
+def test_training_order_changes_every_epoch_and_is_reproducible():
+    from expreg.data import EpochBatchSampler
+
+    def order(epoch: int, seed: int = 0) -> list[int]:
+        sampler = EpochBatchSampler(50, 8, seed=seed)
+        sampler.set_epoch(epoch)
+        return [i for batch in sampler for i in batch]
+
+    assert sorted(order(0)) == list(range(50))
+    assert order(0) != order(1) != order(2) and order(0) != order(2)  # a new shuffle each epoch
+    assert order(1) == order(1)  # a fresh sampler at the same epoch: the same order (exact resume)
+    assert order(1, seed=1) != order(1)
+
+
+def test_transparent_pixels_become_white():
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., :3] = (10, 20, 30)  # dark colour...
+    rgba[0, 0, 3] = 0  # ...fully transparent here
+    rgba[1:, :, 3] = 255  # opaque elsewhere
+    rgba[0, 1:, 3] = 128  # half transparent
+    out = np.asarray(to_rgb(Image.fromarray(rgba, mode="RGBA")))
+    assert tuple(out[0, 0]) == (255, 255, 255)  # slide background, not the hidden colour
+    assert tuple(out[2, 2]) == (10, 20, 30)
+    assert all(abs(int(v) - (c + 255) / 2) <= 1 for v, c in zip(out[0, 1], (10, 20, 30)))
+    la = Image.fromarray(np.stack([np.full((2, 2), 0, np.uint8), np.zeros((2, 2), np.uint8)], -1), mode="LA")
+    assert tuple(np.asarray(to_rgb(la))[0, 0]) == (255, 255, 255)
+
+
 @pytest.mark.parametrize("num_processes", [1, 2, 3])
 @pytest.mark.parametrize("num_samples", [2 * 3, 17, 33, 48, 49, 50, 97])
 def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_processes):
@@ -257,7 +285,6 @@ def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_p
 def test_hed_jitter_changes_stain_not_geometry_and_is_seeded():
     from expreg.data import hed_jitter
 
-    rng = np.random.default_rng(0)
     patch = np.full((16, 16, 3), (200, 120, 170), dtype=np.uint8)
     patch[4:8, 4:8] = (80, 40, 120)  # a "nucleus"
     unchanged = hed_jitter(patch, 0.0, np.random.default_rng(1))
@@ -270,4 +297,6 @@ def test_hed_jitter_changes_stain_not_geometry_and_is_seeded():
     image = Image.fromarray(patch)
     torch.testing.assert_close(t(image, "p.png"), t(image, "p.png"), rtol=0, atol=0)
     assert not torch.equal(t(image, "p.png"), t(image, "q.png"))  # per-sample draws
-    assert rng is not None
+    c = hed_jitter(patch, 0.1, np.random.default_rng(8))
+    assert not np.array_equal(a, c)  # another seed, another stain
+    assert np.abs(a.astype(int) - patch).max() <= 0.1 * 255 * 3  # bounded by the strength

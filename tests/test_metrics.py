@@ -47,7 +47,11 @@ def test_summary_excludes_and_counts_undefined_genes(arrays):
     assert result.summary["num_genes_undefined_spearman"] == 2
     assert result.summary["num_genes_undefined_pearson"] == 2
     assert result.summary["mse"] == pytest.approx(((predictions - targets) ** 2).mean(), abs=1e-12)
+    per_gene_mse = ((predictions - targets) ** 2).mean(0)  # over samples, one value per gene
+    assert np.asarray(result.mse).shape == (12,)
+    np.testing.assert_allclose(result.mse, per_gene_mse, rtol=1e-12)
     rows = result.per_gene_rows()
+    assert [r["mse"] for r in rows] == pytest.approx(list(per_gene_mse), rel=1e-12)
     assert rows[2]["spearman"] is None and rows[0]["gene"] == "y0"
     assert "2 of 12 genes undefined" in result.format()
 

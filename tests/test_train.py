@@ -122,6 +122,18 @@ def test_run_directory_contents(reference_run, data_csv):
     assert per_gene["spearman"].mean() == pytest.approx(m["best_val_spearman_mean"], abs=1e-5)
     log = (run / "log.txt").read_text()
     assert "num_processes=1" in log and "effective batch size 8" in log
+    # target statistics: the training rows' only, in target_stats.json and in the saved model
+    from expreg.model import ExpRegModel
+
+    meta = pd.read_csv(data_csv).set_index("path")
+    train_rows = meta.loc[split.loc[split["split"] == "train", "path"], [f"y{i}" for i in range(50)]].to_numpy(float)
+    stats = json.loads((run / "target_stats.json").read_text())
+    config = ExpRegModel.from_pretrained(run / "checkpoints" / "best").config
+    for saved in (stats, {"mean": config.target_mean, "std": config.target_std}):
+        np.testing.assert_allclose(saved["mean"], train_rows.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(saved["std"], train_rows.std(0), rtol=1e-6, atol=1e-9)
+    used = json.loads((run / "split_summary.json").read_text())
+    assert used["train"]["samples"] == len(train_rows) and set(used) == {"train", "validation"}
     import yaml
 
     resolved = yaml.safe_load((run / "config_resolved.yaml").read_text())
@@ -204,18 +216,40 @@ def test_resume_rejects_other_recipes_and_non_checkpoints(data_csv, tmp_path):
     assert result.returncode != 0 and "not an expreg checkpoint" in result.stderr
 
 
-def test_default_run_names_are_distinct(data_csv, tmp_path):
-    for _ in range(2):
-        train(
-            tmp_path,
-            None,
-            f"data.metadata_csv={data_csv}",
-            f"logging.output_dir={tmp_path}",
-            "train.epochs=1",
-            "train.max_steps_per_epoch=1",
-        )
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert len(names) == 2 and all(n.startswith("test_resnet__bs8x1x1__lr0.001__seed0__") for n in names)
+def test_default_run_names_get_a_suffix_on_a_collision(tmp_path, monkeypatch):
+    """Two runs started in the same second get the same default name: the second becomes ``-2``."""
+    from expreg import io
+
+    monkeypatch.setattr(io.time, "strftime", lambda fmt, *a: "20261201-120000")  # a frozen clock
+    names = [io.default_run_name("test_resnet", 8, 1, 1, 1e-3, 0) for _ in range(3)]
+    assert names == ["test_resnet__bs8x1x1__lr0.001__seed0__20261201-120000"] * 3
+    dirs = [io.create_run_dir(tmp_path, name, explicit_name=False) for name in names]
+    assert [d.name for d in dirs] == [names[0], names[0] + "-2", names[0] + "-3"]
+    assert all(d.is_dir() and not any(d.iterdir()) for d in dirs)
+    with pytest.raises(io.RunDirError, match="already exists"):  # an explicit logging.run_name is never reused
+        io.create_run_dir(tmp_path, names[0], explicit_name=True)
+    assert io.default_run_name("hf-hub:org/net", 8, 2, 4, 3e-4, 1).startswith(
+        "hf-hub-org-net__bs8x2x4__lr0.0003__seed1__"
+    )
+
+
+def test_metrics_json_is_never_half_written(tmp_path, monkeypatch):
+    """A failure while writing (disk full) leaves the previous file whole and no temporary file behind."""
+    import errno
+
+    from expreg import io
+
+    path = tmp_path / "metrics.json"
+    io.write_json(path, {"status": "running", "history": [1, 2]})
+    before = path.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        io.write_json(path, {"status": "finished", "history": list(range(1000))})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
 
 
 def test_dry_run_is_fast_and_complete(data_csv, tmp_path):
