@@ -15,6 +15,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -96,14 +97,20 @@ def _install_signal_handlers():
     return previous
 
 
-def _fault_nan(step: int, rank: int) -> bool:
+def _fault_nan(step: int, rank: int, micro_batch: int) -> bool:
     """Crash tests: ``EXPREG_FAULT_NAN_AT_STEP=5`` (every process) or ``5@1`` (process 1 only) makes
-    the loss of optimizer step 5 NaN. Inert unless set."""
+    the loss of optimizer step 5 NaN; ``5.2`` only that of its 2nd micro-batch (gradient
+    accumulation). Inert unless set."""
     spec = os.environ.get("EXPREG_FAULT_NAN_AT_STEP")
     if not spec:
         return False
     at, _, on_rank = spec.partition("@")
-    return int(at) == step and (not on_rank or int(on_rank) == rank)
+    at_step, _, at_micro = at.partition(".")
+    return (
+        int(at_step) == step
+        and (not at_micro or int(at_micro) == micro_batch)
+        and (not on_rank or int(on_rank) == rank)
+    )
 
 
 def fault_point(name: str, count: int) -> None:
@@ -182,7 +189,7 @@ def run(
     if cfg.train.mode == "linear_probe" and (accelerator.num_processes > 1 or resume_from):
         raise ConfigError("train.mode=linear_probe runs in one process and has nothing to resume (it takes minutes)")
     data = _setup_data(cfg, accelerator)
-    data_warning = check_resume_data(cfg, resume_from, allow_data_change) if resume_from else None
+    data_warning = check_resume_data(cfg, resume_from, allow_data_change, data.gene_names) if resume_from else None
     model = _setup_model(cfg, data)
     image_cache = _setup_image_cache(cfg, data, accelerator, dry_run)
     data.loaders = _setup_loaders(cfg, data, model, accelerator.num_processes, image_cache)
@@ -204,7 +211,7 @@ def run(
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.train.warmup_ratio * total_steps), total_steps)
     state = TrainerState(num_processes=accelerator.num_processes, data_sha256=data_fingerprint(cfg))
     if resume_from:
-        state = _resume(accelerator, resume_from, scheduler, len(data.gene_names))
+        state = _resume(accelerator, resume_from, scheduler)
         state.data_sha256 = data_fingerprint(cfg)  # what this run trains on from here (checked above)
     _log_start(cfg, accelerator, run_dir, data, len(train_dl), total_steps, state)
     if cfg.logging.report_to != "none":
@@ -582,7 +589,8 @@ def train_one_epoch(model, train_dl, optimizer, scheduler, accelerator, data, cf
         skipped_images += batch.pop("skipped")
         with accelerator.accumulate(model):
             outputs = model(pixel_values=batch["pixel_values"], labels=batch["labels"])
-            if _fault_nan(state.global_step + 1, accelerator.process_index):  # crash tests only
+            micro_batch = state.batches_done % cfg.train.grad_accum_steps + 1
+            if _fault_nan(state.global_step + 1, accelerator.process_index, micro_batch):  # crash tests only
                 outputs.loss = outputs.loss * float("nan")
             nonfinite, signalled = _flags(accelerator, outputs.loss)
             if nonfinite:
@@ -857,7 +865,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     accelerator.wait_for_everyone()
 
 
-def _resume(accelerator: Accelerator, checkpoint: str, scheduler, num_genes: int) -> TrainerState:
+def _resume(accelerator: Accelerator, checkpoint: str, scheduler) -> TrainerState:
     import json
 
     path = resolve_checkpoint(checkpoint)
@@ -867,15 +875,32 @@ def _resume(accelerator: Accelerator, checkpoint: str, scheduler, num_genes: int
             f"--resume {checkpoint}: the run was trained with {state.num_processes} process(es), this launch has "
             f"{accelerator.num_processes}; resume with the same number (an exact resume depends on it)"
         )
-    saved_genes = json.loads((path.parent.parent / "target_stats.json").read_text())["gene_names"]
-    if len(saved_genes) != num_genes:
+    _check_rng_state(path, accelerator.process_index, checkpoint)
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as err:  # weights_only=True refused a pickle that would run code
         raise io.RunDirError(
-            f"--resume {checkpoint}: the run predicts {len(saved_genes)} genes but the metadata now has "
-            f"{num_genes} targets; the data changed since the run started"
-        )
-    accelerator.load_state(str(path))
+            f"--resume {checkpoint}: a checkpoint file cannot be loaded safely ({str(err).splitlines()[0]}); "
+            "it was not written by expreg or was tampered with. Nothing in it was executed"
+        ) from err
     scheduler.load_state_dict(state.scheduler)
     return state
+
+
+def _check_rng_state(path: Path, rank: int, checkpoint: str) -> None:
+    """accelerate skips an unloadable RNG state file with an info line, which would silently break an
+    exact resume (and hide a tampered file): load it first, safely, and refuse on failure."""
+    from accelerate.utils.other import load
+
+    rng_file = path / f"random_states_{rank}.pkl"
+    try:
+        load(rng_file)  # weights_only=True: never runs code
+    except Exception as err:  # noqa: BLE001 - missing, truncated, or a pickle that would run code
+        raise io.RunDirError(
+            f"--resume {checkpoint}: {rng_file.name} cannot be loaded safely ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); without it the run would not resume exactly. "
+            "Nothing in it was executed"
+        ) from err
 
 
 def data_fingerprint(cfg: RunConfig) -> dict:
@@ -886,15 +911,28 @@ def data_fingerprint(cfg: RunConfig) -> dict:
     }
 
 
-def check_resume_data(cfg: RunConfig, checkpoint: str, allow_change: bool) -> str | None:
+def check_resume_data(cfg: RunConfig, checkpoint: str, allow_change: bool, gene_names: list[str]) -> str | None:
     """Refuse to resume on other data than the run started with; returns a warning when allowed.
 
-    A changed metadata CSV or split file would silently change the training rows and the
-    target statistics half-way through a run.
+    Called before anything is written. Other genes (another K, or other names) are always an
+    error; a changed metadata CSV or split file (which would silently change the training rows
+    and the target statistics half-way through a run) only without ``allow_change``.
     """
     import json
 
     path = resolve_checkpoint(checkpoint)
+    saved_genes = json.loads((path.parent.parent / "target_stats.json").read_text())["gene_names"]
+    if len(saved_genes) != len(gene_names):
+        raise io.RunDirError(
+            f"--resume {checkpoint}: the run predicts {len(saved_genes)} genes but the metadata now has "
+            f"{len(gene_names)} targets; the data changed since the run started"
+        )
+    if saved_genes != list(gene_names):
+        differ = [f"{a} -> {b}" for a, b in zip(saved_genes, gene_names) if a != b]
+        raise io.RunDirError(
+            f"--resume {checkpoint}: the gene names changed since the run started ({', '.join(differ[:3])}"
+            f"{' ...' if len(differ) > 3 else ''})"
+        )
     saved = json.loads((path / io.TRAINER_STATE_FILE).read_text()).get("data_sha256") or {}
     now = data_fingerprint(cfg)
     names = {"metadata_csv": cfg.data.metadata_csv, "split_csv": cfg.data.split_csv}

@@ -156,16 +156,27 @@ def test_derived_seeds_are_stable_and_distinct():
     assert torch.equal(a, b) and not torch.equal(a, torch.randperm(100, generator=epoch_generator(0, 4)))
 
 
-def test_loading_attempts_no_network(dataset_csv, split_csv, monkeypatch):
-    import socket
+def test_loading_attempts_no_network(dataset_csv, split_csv):
+    """Without HF_HUB_OFFLINE / HF_DATASETS_OFFLINE (conftest sets them for every other test), in a fresh process."""
+    import os
+    import subprocess
+    import sys
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    ds = load_expression_dataset(dataset_csv, split_csv)
-    assert len(ds["train"]) > 0 and ds["train"][0]["image"] is not None
+    code = (
+        "import socket, sys\n"
+        "def refuse(*a, **k): raise AssertionError('network access attempted')\n"
+        "socket.socket.connect = refuse; socket.getaddrinfo = refuse; socket.create_connection = refuse\n"
+        "from expreg.data import load_expression_dataset\n"
+        "ds = load_expression_dataset(sys.argv[1], sys.argv[2])\n"
+        "assert len(ds['train']) > 0 and ds['train'][0]['image'] is not None\n"
+        "print('rows', sum(len(p) for p in ds.values()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(dataset_csv), str(split_csv)], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == f"rows {len(pd.read_csv(dataset_csv))}"
 
 
 def test_splits_are_memory_mapped_arrow_files_removed_at_exit_or_after_a_crash(dataset_csv, split_csv, tmp_path):

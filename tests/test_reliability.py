@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from expreg.metadata import MetadataError, read_metadata
 
@@ -134,6 +136,31 @@ def test_nonfinite_loss_stops_with_step_and_paths_and_keeps_the_checkpoint(data_
     assert result.returncode == 0, result.stderr[-2000:]
     assert "batch skipped (1 so far)" in result.stdout
     assert metrics(tmp_path / "nan_skip")["status"] == "finished"
+
+
+def test_a_skipped_batch_that_ends_an_accumulation_window_drops_the_whole_step(data_csv, tmp_path):
+    """nonfinite_loss_policy=skip with accumulation: the README's promise, on the weights themselves."""
+    # test_vit: no BatchNorm, whose running statistics every forward pass updates, step or not
+    common = (f"data.metadata_csv={data_csv}", "model.backbone=test_vit", "train.grad_accum_steps=2")
+    common += ("train.nonfinite_loss_policy=skip",)
+    train(tmp_path, "one_step", *common, "train.stop_after_steps=1")
+    last_bad = train(
+        tmp_path, "last_bad", *common, "train.stop_after_steps=2", env={"EXPREG_FAULT_NAN_AT_STEP": "2.2"}
+    )
+    assert "batch skipped (1 so far)" in last_bad.stdout
+    first_bad = train(
+        tmp_path, "first_bad", *common, "train.stop_after_steps=2", env={"EXPREG_FAULT_NAN_AT_STEP": "2.1"}
+    )
+    assert "batch skipped (1 so far)" in first_bad.stdout
+
+    def weights(name):
+        return load_file(tmp_path / name / "checkpoints" / "last" / "model.safetensors")
+
+    before, dropped, kept = weights("one_step"), weights("last_bad"), weights("first_bad")
+    assert all(torch.equal(before[k], dropped[k]) for k in before)  # step 2 dropped: its good batch too
+    assert not all(torch.equal(before[k], kept[k]) for k in before)  # step 2 made from its good batch
+    state = json.loads((tmp_path / "last_bad" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["skipped_batches"] == 1
 
 
 def _corrupt_one_training_image(data_csv: Path, tmp_path: Path) -> tuple[Path, Path]:
@@ -262,20 +289,46 @@ def test_any_image_size_is_resized(size):
     assert ImageTransform(32)(image, "x.png").shape == (3, 32, 32)
 
 
-def test_checkpoints_load_without_executing_code(reference):
-    import torch
-    from accelerate.utils.other import load as accelerate_load
+class _Planted:
+    """Unpickling this runs code: it creates the file named by ``marker``."""
 
-    last = reference / "checkpoints" / "last"
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(data_csv, tmp_path):
+    """A malicious pickle planted in checkpoints/last: --resume stops, and the code never runs."""
+    import pickle
+    import shutil
+
+    train(tmp_path, "run", f"data.metadata_csv={data_csv}", "train.stop_after_steps=1")
+    last = tmp_path / "run" / "checkpoints" / "last"
     assert sorted(p.name for p in last.iterdir()) == [
         "model.safetensors",
         "optimizer.bin",
         "random_states_0.pkl",
         "trainer_state.json",
     ]  # no pickled scheduler: its state is JSON in trainer_state.json
-    torch.load(last / "optimizer.bin", weights_only=True)
-    accelerate_load(last / "random_states_0.pkl")  # weights_only=True with numpy's array types allowed
-    json.loads((last / "trainer_state.json").read_text())["scheduler"]["last_epoch"]
+    marker = tmp_path / "code_ran"
+    for victim in ("optimizer.bin", "random_states_0.pkl"):
+        shutil.copy(last / victim, tmp_path / "original")
+        with open(last / victim, "wb") as f:
+            pickle.dump({"state": _Planted(marker)}, f)
+        result = resume(last, expect_ok=False)
+        assert result.returncode == 2 and not marker.exists(), victim  # refused, nothing executed
+        assert "cannot be loaded safely" in result.stderr and "Nothing in it was executed" in result.stderr
+        assert "Traceback" not in result.stderr
+        shutil.copy(tmp_path / "original", last / victim)
+    resume(last)  # the genuine files resume normally
+    assert metrics(tmp_path / "run")["status"] == "finished"
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"state": _Planted(marker)}, f)
+    with open(tmp_path / "evil.pkl", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()  # the planted file really runs code when unpickled without protection
 
 
 def test_csv_paths_cannot_make_expreg_write_elsewhere(data_csv, tmp_path):
@@ -358,3 +411,33 @@ def test_nonfinite_loss_on_one_process_is_reported_with_that_process_batch(data_
     m = metrics(tmp_path / "nan2")
     assert m["status"] == "failed" and "process 1: loss nan, images images/" in m["error"]
     assert "process 0:" not in m["error"]  # the finite process is not blamed
+
+
+@pytest.mark.slow
+def test_sigterm_to_accelerate_launch_saves_a_checkpoint_and_resumes(data_csv, tmp_path):
+    """A scheduler's SIGTERM to the launcher of 2 processes: a resumable checkpoint, status interrupted."""
+    process = start(tmp_path, "term", f"data.metadata_csv={data_csv}", *COMMON, pause="step:3", launcher=TWO_PROCESSES)
+    wait_for_marker(process, "EXPREG_FAULT_POINT step:3")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=180)
+    assert process.returncode != 0
+    assert "interrupted by SIGTERM" in stderr and "--resume" in stderr
+    assert metrics(tmp_path / "term")["status"] == "interrupted"
+    state = json.loads((tmp_path / "term" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    # at an optimizer step boundary (3 or 4: when each process saw the signal), on both processes
+    assert state["global_step"] in (3, 4) and state["num_processes"] == 2
+    resume(tmp_path / "term" / "checkpoints" / "last", launcher=TWO_PROCESSES)
+    train(tmp_path, "whole", f"data.metadata_csv={data_csv}", *COMMON, launcher=TWO_PROCESSES)
+    assert_same_run(tmp_path / "whole", tmp_path / "term")
+
+
+@pytest.mark.slow
+def test_unconnected_multi_gpu_processes_are_refused(data_csv, tmp_path):
+    """``--multi_gpu`` without GPUs or ACCELERATE_USE_CPU=1 starts independent processes: refused, nothing trained."""
+    env = {k: v for k, v in _env().items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [*TWO_PROCESSES, str(REPO / "run_regression.py"), str(REPO / "recipes" / "tiny.yaml")]
+    cmd += [f"data.metadata_csv={data_csv}", f"logging.output_dir={tmp_path}", "logging.run_name=alone"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert result.returncode != 0
+    assert "2 processes were launched but they are not connected" in result.stderr
+    assert "ACCELERATE_USE_CPU=1" in result.stderr and not (tmp_path / "alone").exists()

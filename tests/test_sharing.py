@@ -64,6 +64,64 @@ def test_predict_csv_matches_the_runs_validation_predictions(run, tmp_path, caps
     assert list(per_gene.columns) == ["gene", "spearman", "pearson", "mse"] and len(per_gene) == 50
 
 
+def test_predict_tta_averages_the_eight_views_of_each_image(run, tmp_path):
+    """``expreg.predict --tta`` against a hand-made average over the 8 flipped/rotated inputs."""
+    import torch
+    from PIL import Image
+
+    from expreg.data import ImageTransform
+    from expreg.model import ExpRegModel
+
+    val_csv = _val_csv(run, tmp_path)
+    out = tmp_path / "tta.csv"
+    args = ["--model", str(run), "--metadata_csv", str(val_csv), "--num_workers", "0"]
+    assert predict_main([*args, "--out_csv", str(out), "--tta"]) == 0
+    assert predict_main([*args, "--out_csv", str(tmp_path / "plain.csv")]) == 0
+    tta = pd.read_csv(out).set_index("path")
+    plain = pd.read_csv(tmp_path / "plain.csv").set_index("path")
+    model = ExpRegModel.from_pretrained(run / "checkpoints" / "best").eval()
+    transform = ImageTransform(model.config.image_size, model.config.image_mean, model.config.image_std)
+    paths = list(tta.index[:6])
+    expected = []
+    for path in paths:  # the 8 views made with numpy on the model's input: 4 rotations, each also mirrored
+        with Image.open(val_csv.parent / path) as image:
+            x = transform(image.convert("RGB"), path).numpy()
+        views = [np.rot90(x, k, axes=(1, 2)) for k in range(4)]
+        views += [v[:, :, ::-1] for v in views]
+        batch = torch.from_numpy(np.ascontiguousarray(np.stack(views)))
+        assert len({v.tobytes() for v in batch.numpy()}) == 8
+        expected.append(model.predict_expression(batch).numpy().mean(0))
+    np.testing.assert_allclose(tta.loc[paths].to_numpy(), np.stack(expected), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(tta.loc[paths].to_numpy(), plain.loc[paths].to_numpy(), atol=1e-3)  # it did something
+
+
+def test_hub_and_plots_commands(run, tmp_path):
+    """``python -m expreg.hub`` (retry a push: offline, a clear error and exit 3) and ``python -m expreg.plots``."""
+    env = {**_env(), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "expreg.hub", str(run), "--hub_model_id", "someone/expreg-test"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 3 and "pushing" in result.stderr and "The run is complete and kept" in result.stderr
+    assert "Traceback" not in result.stderr
+    cmd = [sys.executable, "-m", "expreg.hub", str(tmp_path), "--hub_model_id", "someone/expreg-test"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
+    assert result.returncode == 3 and "no saved best model to push" in result.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("*.png", "checkpoints", "tensorboard"))
+    result = subprocess.run(
+        [sys.executable, "-m", "expreg.plots", str(copy)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    drawn = sorted(p.name for p in copy.glob("*.png"))
+    assert drawn == ["plot_learning_curves.png", "plot_per_gene_spearman.png", "plot_pred_vs_true.png"]
+    for name in drawn:
+        assert f"wrote {copy / name}" in result.stdout
+
+
 def _val_csv(run: Path, tmp_path: Path) -> Path:
     """The run's validation rows as a metadata CSV beside the original (relative image paths kept)."""
     import yaml

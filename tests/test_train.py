@@ -187,6 +187,99 @@ def test_stop_and_resume_equals_uninterrupted(reference_run, data_csv, stop_step
     assert_same_run(reference_run, out / name)
 
 
+def test_exact_resume_with_accumulation_stain_jitter_and_the_image_cache(data_csv, tmp_path):
+    """One process, mid-epoch stop: the same weights and metrics as the uninterrupted run."""
+    settings = (f"data.metadata_csv={data_csv}", *COMMON, "train.grad_accum_steps=2", "data.hed_jitter=0.1")
+    settings += ("data.image_cache=true", f"data.image_cache_dir={tmp_path / 'cache'}")
+    train(tmp_path, "whole", *settings)
+    train(tmp_path, "stopped", *settings, "train.stop_after_steps=2")
+    state = json.loads((tmp_path / "stopped" / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["batches_done"] == 4 and state["epoch"] == 0  # mid-epoch
+    resume(tmp_path / "stopped" / "checkpoints" / "last")
+    assert_same_run(tmp_path / "whole", tmp_path / "stopped")
+
+
+def test_gene_names_file_raw_targets_and_the_decode_check_through_the_command(data_csv, tmp_path):
+    import shutil
+
+    genes = [f"MYGENE{i}" for i in range(50)]
+    names = tmp_path / "my_genes.txt"
+    names.write_text("\n".join(genes) + "\n")
+    settings = (f"data.metadata_csv={data_csv}", f"data.gene_names_file={names}", "data.normalize_targets=false")
+    train(tmp_path, "raw", *settings, "train.epochs=1")
+    run = tmp_path / "raw"
+    assert list(pd.read_csv(run / "predictions_val.csv").columns[2:]) == genes
+    assert list(pd.read_csv(run / "per_gene_metrics.csv")["gene"]) == genes
+    stats = json.loads((run / "target_stats.json").read_text())
+    assert stats["gene_names"] == genes and stats["mean"] == [0.0] * 50 and stats["std"] == [1.0] * 50
+    from expreg.model import ExpRegModel
+
+    config = ExpRegModel.from_pretrained(run / "checkpoints" / "best").config
+    assert config.gene_names == genes and config.target_mean == [0.0] * 50 and config.target_std == [1.0] * 50
+    data = tmp_path / "data"
+    shutil.copytree(data_csv.parent, data)
+    victim = pd.read_csv(data / data_csv.name)["path"].iloc[5]
+    (data / victim).write_bytes(b"not an image")
+    result = train(
+        tmp_path, "decode", f"data.metadata_csv={data / data_csv.name}", "data.check_images=decode", expect_ok=False
+    )
+    assert result.returncode == 2 and f"line 7: unreadable image ({data / victim}" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "decode").exists()  # before anything is written
+
+
+def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(data_csv, tmp_path, monkeypatch):
+    from expreg.config import load_recipe
+    from expreg.launch import build_accelerator
+    from expreg.train import run
+
+    norms: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad.flatten() for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.cat(grads))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    seen = {}
+    for clip in ("0.01", "null"):
+        overrides = [
+            f"data.metadata_csv={data_csv}",
+            f"logging.output_dir={tmp_path}",
+            f"logging.run_name=clip_{clip}",
+        ]
+        cfg = load_recipe(
+            REPO / "recipes" / "tiny.yaml", [*overrides, "train.epochs=1", f"train.max_grad_norm={clip}"]
+        )
+        norms.clear()
+        run(cfg, build_accelerator(cfg))
+        seen[clip] = list(norms)
+    assert len(seen["0.01"]) == len(seen["null"]) > 0
+    assert max(seen["0.01"]) <= 0.01 * (1 + 1e-4)  # every step clipped to the bound
+    assert max(seen["null"]) > 0.05  # without clipping the gradients are larger: the bound did something
+
+
+def test_two_processes_evaluate_like_one(reference_run, tmp_path):
+    """Fast tier: the gathered 2-process evaluation has exactly the 1-process rows (no padding, no loss)."""
+    outputs = {}
+    for n, launcher in ((1, (sys.executable,)), (2, TWO_PROCESSES)):
+        out_json = tmp_path / f"eval{n}.json"
+        cmd = [
+            *launcher,
+            str(REPO / "tests" / "helpers" / "evaluate_checkpoint.py"),
+            str(reference_run),
+            str(out_json),
+        ]
+        result = subprocess.run([*cmd, "5"], capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[n] = json.loads(out_json.read_text())
+    n_val = len(pd.read_csv(reference_run / "predictions_val.csv"))
+    assert n_val % 10 != 0  # batch 5 x 2 processes: the last batch is padded by the sampler
+    assert outputs[2]["num_processes"] == 2 and outputs[1]["rows"] == outputs[2]["rows"] == n_val
+    np.testing.assert_allclose(outputs[1]["predictions"], outputs[2]["predictions"], rtol=1e-5, atol=1e-6)
+    assert outputs[1]["spearman_mean"] == pytest.approx(outputs[2]["spearman_mean"], abs=1e-9)
+
+
 def test_finished_run_is_never_overwritten_or_resumed(reference_run, data_csv):
     out = reference_run.parent
     before = (reference_run / "metrics.json").read_bytes()
@@ -322,6 +415,14 @@ def test_resume_refuses_changed_data_unless_allowed(data_csv, tmp_path):
     assert result.returncode == 2 and f"metadata_csv {csv.resolve()} changed since the run started" in result.stderr
     assert "--allow_data_change" in result.stderr
     assert (run / "target_stats.json").read_bytes() == stats_before  # refused before anything was rewritten
+    edited = csv.read_bytes()
+    frame.drop(columns=["y49"]).to_csv(csv, index=False)  # another K: never, not even when allowed
+    (data / "genes.txt").write_text("\n".join((data / "genes.txt").read_text().split()[:49]) + "\n")
+    result = resume(run / "checkpoints" / "last", "--allow_data_change", expect_ok=False)
+    assert result.returncode == 2 and "the run predicts 50 genes but the metadata now has 49 targets" in result.stderr
+    assert (run / "target_stats.json").read_bytes() == stats_before
+    csv.write_bytes(edited)
+    shutil.copy(data_csv.parent / "genes.txt", data / "genes.txt")
     result = resume(run / "checkpoints" / "last", "--allow_data_change")
     assert "resuming although metadata_csv" in (run / "log.txt").read_text()
     assert metrics(run)["status"] == "finished"
