@@ -187,6 +187,7 @@ def test_stop_and_resume_equals_uninterrupted(reference_run, data_csv, stop_step
     assert_same_run(reference_run, out / name)
 
 
+@pytest.mark.slow
 def test_exact_resume_with_accumulation_stain_jitter_and_the_image_cache(data_csv, tmp_path):
     """One process, mid-epoch stop: the same weights and metrics as the uninterrupted run."""
     settings = (f"data.metadata_csv={data_csv}", *COMMON, "train.grad_accum_steps=2", "data.hed_jitter=0.1")
@@ -357,6 +358,7 @@ def test_dry_run_is_fast_and_complete(data_csv, tmp_path):
     assert elapsed < 60, elapsed
 
 
+@pytest.mark.slow
 def test_channels_last_trains_and_saves_loadable_weights(data_csv, tmp_path):
     from expreg.model import ExpRegModel
 

@@ -1,0 +1,114 @@
+"""Plant known one-line bugs in a scratch copy of the code and check that the fast tier catches each.
+
+    python tests/mutations/check_planted_bugs.py            # every bug (~5 min on 2 cores)
+    python tests/mutations/check_planted_bugs.py cv_ridge   # one of them
+
+For each bug: copy the working tree to a temporary folder, apply the one-line change, run the
+fast-tier tests named for it there (``PYTHONPATH`` points at the copy, so subprocesses use the
+planted code too) and report ``caught`` (a test failed) or ``MISSED``. The checkout itself is
+never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name: (file, text to replace, replacement, tests that must catch it)
+BUGS = {
+    "cv_ridge_fitted_on_all_rows": (
+        "expreg/cv.py",
+        "predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)",
+        "predictions, extra = fit(x, targets, groups, x[test], seed=cfg.seed)",
+        ["tests/test_cv.py::test_cross_validation_runs_every_method_on_the_same_group_folds"],
+    ),
+    "target_stats_from_all_rows": (
+        "expreg/train.py",
+        'stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)',
+        "import datasets as _d; stats = compute_target_stats(_d.concatenate_datasets(list(datasets.values())), "
+        "normalize=d.normalize_targets)",
+        ["tests/test_train.py::test_run_directory_contents"],
+    ),
+    "evaluation_loaders_skip_unreadable_images": (
+        "expreg/data.py",
+        'bad_image_policy if train else "fail"',
+        "bad_image_policy",
+        ["tests/test_reliability.py::test_an_unreadable_validation_image_stops_the_run_even_with_skip"],
+    ),
+    "sampler_ignores_the_epoch": (
+        "expreg/data.py",
+        "generator=epoch_generator(self.seed, self.epoch)",
+        "generator=epoch_generator(self.seed, 0)",
+        ["tests/test_data.py::test_training_order_changes_every_epoch_and_is_reproducible"],
+    ),
+    "per_gene_mse_over_the_wrong_axis": (
+        "expreg/metrics.py",
+        "mse=((p - t) ** 2).mean(axis=0),",
+        "mse=((p - t) ** 2).mean(axis=1),",
+        ["tests/test_metrics.py::test_summary_excludes_and_counts_undefined_genes"],
+    ),
+    "rgba_not_composited_on_white": (
+        "expreg/data.py",
+        'if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):',
+        "if False:",
+        ["tests/test_data.py::test_transparent_pixels_become_white"],
+    ),
+    "default_run_names_raise_on_a_collision": (
+        "expreg/io.py",
+        "            if explicit_name:\n",
+        "            if True:\n",
+        ["tests/test_train.py::test_default_run_names_get_a_suffix_on_a_collision"],
+    ),
+    "saved_early_stopping_decision_ignored": (
+        "expreg/train.py",
+        "if _early_stopped(cfg, state):  # decided before an interruption or kill: honour it on resume",
+        "if False:",
+        ["tests/test_reliability.py::test_early_stopping_decided_before_a_kill_holds_after_resume"],
+    ),
+    "gather_instead_of_gather_for_metrics": (
+        "expreg/train.py",
+        'preds, labs = accelerator.gather_for_metrics((outputs.predictions.float(), batch["labels"]))',
+        'preds, labs = accelerator.gather((outputs.predictions.float(), batch["labels"]))',
+        ["tests/test_train.py::test_two_processes_evaluate_like_one"],
+    ),
+}
+
+
+def check(name: str) -> bool:
+    """True when the planted bug ``name`` makes at least one of its tests fail."""
+    path, old, new, tests = BUGS[name]
+    with tempfile.TemporaryDirectory(prefix=f"planted-{name}-") as scratch:
+        copy = Path(scratch) / "repo"
+        shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(".git", ".venv", "results", "__pycache__"))
+        source = (copy / path).read_text()
+        if source.count(old) != 1:
+            raise SystemExit(f"{name}: the text to replace is not found exactly once in {path}; update BUGS")
+        (copy / path).write_text(source.replace(old, new))
+        env = {**os.environ, "PYTHONPATH": str(copy), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+        result = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True)
+        summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
+        caught = result.returncode == 1  # tests ran and one failed (not: collection errors, no tests)
+        print(f"{'caught' if caught else 'MISSED':7} {name}: {summary}", flush=True)
+        return caught
+
+
+def main(argv: list[str]) -> int:
+    names = argv or list(BUGS)
+    unknown = [n for n in names if n not in BUGS]
+    if unknown:
+        print(f"unknown bug(s) {', '.join(unknown)}; choose from {', '.join(BUGS)}", file=sys.stderr)
+        return 2
+    missed = [n for n in names if not check(n)]
+    print(f"{len(names) - len(missed)} of {len(names)} planted bugs caught")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
