@@ -65,10 +65,10 @@ BUGS = {
         "            if True:\n",
         ["tests/test_train.py::test_default_run_names_get_a_suffix_on_a_collision"],
     ),
-    "saved_early_stopping_decision_ignored": (
+    "saved_early_stopping_decision_lost_on_resume": (
         "expreg/train.py",
-        "if _early_stopped(cfg, state):  # decided before an interruption or kill: honour it on resume",
-        "if False:",
+        "    state = TrainerState(**json.loads((path / io.TRAINER_STATE_FILE).read_text()))\n",
+        "    state = TrainerState(**json.loads((path / io.TRAINER_STATE_FILE).read_text()))\n    state.bad_epochs = 0\n",
         ["tests/test_reliability.py::test_early_stopping_decided_before_a_kill_holds_after_resume"],
     ),
     "gather_instead_of_gather_for_metrics": (
@@ -96,6 +96,9 @@ def check(name: str) -> bool:
         summary = (result.stdout.strip().splitlines() or ["(no output)"])[-1]
         caught = result.returncode == 1  # tests ran and one failed (not: collection errors, no tests)
         print(f"{'caught' if caught else 'MISSED':7} {name}: {summary}", flush=True)
+        why = [line for line in result.stdout.splitlines() if line.startswith("E ")][:2]
+        for line in why:  # the failing assertion, to check the bug was caught for the right reason
+            print(f"        {line[:150]}", flush=True)
         return caught
 
 
