@@ -90,8 +90,9 @@ def main(argv=None) -> int:
         return 3
     except Interrupted as err:
         print(
-            f"run_regression: interrupted by {err}; a checkpoint was saved. Continue with: "
-            f"accelerate launch run_regression.py --resume {resume_hint(cfg, args)}",
+            f"run_regression: interrupted by {err}; a checkpoint was saved. Continue with the same launcher "
+            f"and number of processes: accelerate launch run_regression.py --resume {resume_hint(cfg, args)} "
+            "(or python / torchrun ... run_regression.py --resume ...)",
             file=sys.stderr,
         )
         return 128 + err.signum

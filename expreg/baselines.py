@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expreg.data import HED_FROM_RGB_OD, load_image, to_rgb
+from expreg.data import HED_FROM_RGB_OD, UnreadableImageError, load_image, to_rgb
 
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 RANK_TOLERANCE = 1e-6  # PCA keeps components whose singular value exceeds this fraction of the largest
@@ -57,21 +57,24 @@ def extract_features(image_paths: list[str], progress: bool = True) -> np.ndarra
     for path in tqdm(image_paths, desc="features", unit="img", disable=not progress or len(image_paths) < 200):
         image, reason = load_image(path)
         if image is None:
-            raise ValueError(f"{path}: cannot read the image ({reason})")
+            raise UnreadableImageError(f"{path}: cannot read the image ({reason})")
         rows.append(patch_features(image))
     return np.stack(rows)
 
 
-# A column whose std is below this fraction of the data's magnitude is constant up to rounding
+# A column whose std is below this fraction of its own magnitude is constant up to rounding
 # (float32 embeddings carry ~1e-7 relative precision): scaling it to unit variance would turn
-# rounding noise into a feature with a huge weight.
+# rounding noise into a feature with a huge weight. Each column is judged on its own scale, so
+# features in other units (colour fractions next to a Laplacian variance) are never dropped.
 CONSTANT_TOLERANCE = 1e-6
 
 
 def constant_columns(x: np.ndarray) -> np.ndarray:
     """Boolean mask of the columns of ``x`` that are constant up to rounding (see ``CONSTANT_TOLERANCE``)."""
-    scale = float(np.abs(x).max()) if x.size else 0.0
-    return x.std(axis=0) <= CONSTANT_TOLERANCE * max(scale, np.finfo(np.float64).tiny)
+    if not len(x):
+        return np.ones(x.shape[1], dtype=bool)
+    scale = np.maximum(np.abs(x).max(axis=0), np.finfo(np.float64).tiny)
+    return x.std(axis=0) <= CONSTANT_TOLERANCE * scale
 
 
 def _moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -199,8 +202,11 @@ def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 
     z = (emb_train - mu1) / sd1
     centre = z.mean(axis=0)
     _, singular, vt = np.linalg.svd(z - centre, full_matrices=False)
-    rank = int((singular > RANK_TOLERANCE * (singular[0] if singular.size else 0.0)).sum())
-    n_components = max(1, int(min(max_components, z.shape[0] - 1, rank)))
+    rank = int((singular > RANK_TOLERANCE * singular[0]).sum()) if singular.size and singular[0] > 0 else 0
+    n_components = int(min(max_components, z.shape[0] - 1, rank))
+    if n_components < 1:  # nothing varies on the training rows (or one row): the training mean
+        info = {"alpha": None, "pca_components": 0}
+        return np.zeros((emb_train.shape[1], y_train.shape[1])), np.asarray(y_train, float).mean(axis=0), info
     basis = vt[:n_components].T
     projected = (z - centre) @ basis
     alpha = choose_alpha(projected, y_train, groups_train, seed=seed)

@@ -7,7 +7,9 @@ For each fold k (a group k-fold from ``expreg.splits``; leave-one-group-out by d
 there are at most 10 groups) and each method:
 
 - ``finetune``: the recipe's training run with fold k held out as test (validation, for the
-  best epoch, comes from the other folds' groups), then its best model predicts fold k;
+  best epoch, comes from the other folds' groups, or from a seeded part of the samples when
+  only one group is left for training); the run scores fold k with its best model (its
+  ``metrics.json``'s ``test_*``, the numbers reported here), then the 8-view TTA is added;
 - ``linear_probe``: as in HEST-Benchmark, frozen embeddings of the recipe's backbone (its
   pretrained or local weights when the recipe asks for them, else random init) -> standardise ->
   PCA (256 or fewer components) -> ridge, all fitted on the training groups;
@@ -69,12 +71,10 @@ def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerat
         ``(summary, per-gene Spearman of the held-out fold, extra)``, taken from the fold run's own
         files, so ``cv_summary.json`` and the run's ``metrics.json`` hold the same numbers.
     """
-    import pandas as pd
-
     from expreg.inference import predict_files
     from expreg.metrics import compute_metrics
     from expreg.model import ExpRegModel
-    from expreg.train import run
+    from expreg.train import TrainingError, run
 
     fold_cfg = copy.deepcopy(cfg)
     fold_cfg.data.split_csv, fold_cfg.data.fold = str(folds_csv), fold
@@ -82,8 +82,9 @@ def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerat
     result = run(fold_cfg, accelerator)
     accelerator.free_memory()
     run_dir = runs_dir / f"finetune__fold{fold}"
-    per_gene = pd.read_csv(run_dir / "per_gene_metrics_test.csv", keep_default_na=False, dtype={"gene": str})
-    per_gene_spearman = {g: (None if v == "" else float(v)) for g, v in zip(per_gene["gene"], per_gene["spearman"])}
+    if result["status"] != "finished" or "test_spearman_mean" not in result:
+        raise TrainingError(f"{run_dir}: the fold run ended with status {result['status']!r}, without held-out scores")
+    per_gene_spearman = result["test_per_gene_spearman"]
     summary = {
         "spearman_mean": result["test_spearman_mean"],
         "pearson_mean": result["test_pearson_mean"],
@@ -142,9 +143,12 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
     inputs = _shared_inputs(cfg, methods, list(files), len(files))
     accelerator = None
     if "finetune" in methods:
-        from expreg.launch import build_accelerator
+        from expreg.launch import build_accelerator, unconnected_launch_error
 
         accelerator = build_accelerator(cfg)  # the recipe's precision, accumulation and trackers
+        problem = unconnected_launch_error(accelerator)
+        if problem:
+            raise ConfigError(problem)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for k in range(n_folds):
         test, train = fold_of == k, fold_of != k
@@ -311,14 +315,31 @@ def main(argv=None) -> int:
         cfg = load_recipe(args.recipe, args.overrides)
         if cfg.data.split_csv is not None or cfg.data.fold is not None:
             raise ConfigError("expreg.cv makes its own group folds: do not set data.split_csv or data.fold")
+        if cfg.train.stop_after_steps is not None and "finetune" in methods:
+            raise ConfigError("train.stop_after_steps: every fold of expreg.cv trains to the end; unset it")
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out_dir = Path(args.out_dir or Path(cfg.logging.output_dir) / f"cv__{Path(args.recipe).stem}__{stamp}")
         if out_dir.exists():
             raise ConfigError(f"--out_dir {out_dir} exists; cross-validation results are never overwritten")
-        summary = cross_validate(cfg, Path(args.recipe).name, args.n_folds, methods, out_dir)
+        return _run(cfg, args, methods, out_dir)
     except (ConfigError, MetadataError, RunDirError) as err:
         print(f"expreg.cv: error: {err}", file=sys.stderr)
         return 2
+
+
+def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
+    """Cross-validate, mapping failures to exit codes as ``run_regression.py`` does (1 failure, 128+N signal)."""
+    from expreg.data import UnreadableImageError, error_message
+    from expreg.train import Interrupted, TrainingError
+
+    try:
+        summary = cross_validate(cfg, Path(args.recipe).name, args.n_folds, methods, out_dir)
+    except Interrupted as err:
+        print(f"expreg.cv: interrupted by {err}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
+        return 128 + err.signum
+    except (TrainingError, UnreadableImageError, OSError) as err:
+        print(f"expreg.cv: error: {error_message(err)}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
+        return 1
     print()
     print(render_markdown(summary))
     print(f"wrote {out_dir / 'cv_summary.json'} and {out_dir / 'cv_summary.md'}")

@@ -1,8 +1,10 @@
-"""The training loop: the only module that touches the ``Accelerator``.
+"""The training loop (the Accelerator itself is built by ``expreg.launch.build_accelerator``).
 
 Reads top to bottom: ``run`` sets up the run directory, data, model and optimizer, prepares them
 with accelerate, then alternates ``train_one_epoch`` and ``evaluate``, saving ``checkpoints/last``
-(exact resume) and ``checkpoints/best`` (``save_pretrained``) as it goes.
+(exact resume) and ``checkpoints/best`` (``save_pretrained``) as it goes. At the end the saved
+best model is reloaded and scored in fp32 on validation and any test split through
+``expreg.inference`` (the numbers of ``metrics.json``, the prediction files and the model card).
 
 Exact resume: the shuffling order, augmentation and worker seeds are functions of
 (seed, epoch, sample) (see ``expreg.data``), checkpoints are taken only at optimizer-step
@@ -174,7 +176,8 @@ def run(
     dry_run: bool = False,
     allow_data_change: bool = False,
 ) -> dict:
-    """Train and evaluate one run; returns the final ``metrics.json`` content.
+    """Train and evaluate one run; returns the final ``metrics.json`` content (plus, with a test split,
+    ``test_per_gene_spearman``: gene -> held-out Spearman).
 
     ``accelerator`` must come from ``expreg.launch.build_accelerator(cfg)`` (its accumulation and
     precision are checked against the recipe). ``allow_data_change`` lets ``--resume`` go on
@@ -259,7 +262,10 @@ def _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run) -> dict:
         targets = data.target_stats.normalize(np.asarray(train["labels"], dtype=np.float64))
         groups = np.asarray(train["group_id"], dtype=object)
         weights, bias, info = linear_probe_affine(embeddings, targets, groups, seed=cfg.seed)
-        logger.info(f"linear probe: {info['pca_components']} PCA components, ridge alpha {info['alpha']:g}")
+        if info["pca_components"]:
+            logger.info(f"linear probe: {info['pca_components']} PCA components, ridge alpha {info['alpha']:g}")
+        else:
+            logger.warning("linear probe: the embeddings do not vary on the training rows; the head predicts the mean")
         head = torch.nn.Linear(weights.shape[0], weights.shape[1])
         with torch.no_grad():
             head.weight.copy_(torch.from_numpy(weights.T))
@@ -934,6 +940,11 @@ def check_resume_data(cfg: RunConfig, checkpoint: str, allow_change: bool, gene_
             f"{' ...' if len(differ) > 3 else ''})"
         )
     saved = json.loads((path / io.TRAINER_STATE_FILE).read_text()).get("data_sha256") or {}
+    if not saved:
+        return (
+            f"--resume {checkpoint}: the checkpoint predates data fingerprints; whether the metadata CSV and split "
+            "file are unchanged since the run started cannot be checked"
+        )
     now = data_fingerprint(cfg)
     names = {"metadata_csv": cfg.data.metadata_csv, "split_csv": cfg.data.split_csv}
     changed = [f"{key} {names[key]}" for key in now if key in saved and saved[key] != now[key]]
@@ -1067,19 +1078,42 @@ def _finish(
     result = _metrics_json(cfg, accelerator, run_dir, state, "finished")
     result["dry_run"] = dry_run
     scores = _score_best(accelerator, data, run_dir, max_batches=2 if dry_run else None) if state.best_epoch else {}
+    result.update(_score_fields(scores, data))  # on every process: each returns the same numbers
     push_error = None
     if accelerator.is_main_process:
         if scores:
             _record_scores(cfg, accelerator, run_dir, data, state, scores, result)
         if cfg.train.push_to_hub:
             push_error = _push(run_dir, cfg.train.hub_model_id, result)
-        io.write_json(run_dir / io.METRICS_FILE, result)
+        io.write_json(run_dir / io.METRICS_FILE, {k: v for k, v in result.items() if k not in _RETURNED_ONLY})
         logger.info(f"run finished: {run_dir}")
     _finish_trackers(accelerator)
     accelerator.wait_for_everyone()  # every process gets here before the main one reports a failed push
     if push_error is not None:
         raise push_error
     return result
+
+
+_RETURNED_ONLY = {"test_per_gene_spearman"}  # returned by run() (for expreg.cv), not in metrics.json
+
+
+def _score_fields(scores: dict, data: RunData) -> dict:
+    """The final scores as result fields: ``best_val_*`` and, with a test split, ``test_*``."""
+    fields = {}
+    if "validation" in scores:
+        val = scores["validation"][1]
+        fields.update(best_val_spearman_mean=val.spearman_mean, best_val_pearson_mean=val.pearson_mean)
+    if "test" in scores:
+        test = scores["test"][1]
+        fields.update(
+            test_spearman_mean=test.spearman_mean,
+            test_pearson_mean=test.pearson_mean,
+            num_test_samples=test.summary["num_samples"],
+            num_genes_undefined_test_spearman=test.summary["num_genes_undefined_spearman"],
+            test_groups=sorted(set(data.datasets["test"]["group_id"])),
+            test_per_gene_spearman={r["gene"]: r["spearman"] for r in test.per_gene_rows()},
+        )
+    return fields
 
 
 def _finish_trackers(accelerator: Accelerator) -> None:
@@ -1131,11 +1165,10 @@ def _targets(dataset, num_predictions: int, truncate: bool) -> np.ndarray:
 
 
 def _record_scores(cfg, accelerator, run_dir: Path, data: RunData, state, scores: dict, result: dict) -> None:
-    """Write the final predictions, per-gene metrics, model card and plots; put the scores in ``result``."""
+    """Write the final predictions, per-gene metrics, model card and plots (main process)."""
     from expreg.plots import write_run_plots
 
-    val_expression, val = scores["validation"]
-    result["best_val_spearman_mean"], result["best_val_pearson_mean"] = val.spearman_mean, val.pearson_mean
+    val = scores["validation"][1]
     files = {"validation": ("predictions_val.csv", "per_gene_metrics.csv")}
     files["test"] = ("predictions_test.csv", "per_gene_metrics_test.csv")
     for split, (expression, metrics) in scores.items():
@@ -1144,17 +1177,11 @@ def _record_scores(cfg, accelerator, run_dir: Path, data: RunData, state, scores
             run_dir / files[split][0], part["path"][:n], part["group_id"][:n], data.gene_names, expression
         )
         io.write_per_gene_metrics(run_dir / files[split][1], metrics.per_gene_rows())
-    test = None
-    if "test" in scores:
-        metrics = scores["test"][1]
-        test = {
-            "test_spearman_mean": metrics.spearman_mean,
-            "test_pearson_mean": metrics.pearson_mean,
-            "num_test_samples": metrics.summary["num_samples"],
-            "num_genes_undefined_test_spearman": metrics.summary["num_genes_undefined_spearman"],
-            "test_groups": sorted(set(data.datasets["test"]["group_id"])),
-        }
-        result.update(test)
+    test = (
+        {k: v for k, v in result.items() if k.startswith("test_") or k == "num_test_samples"}
+        if "test" in scores
+        else None
+    )
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     card = _model_card(cfg, accelerator, run_dir, data, best, val, test)
     io.atomic_write_text(run_dir / "checkpoints" / "best" / "README.md", card)

@@ -46,7 +46,9 @@ def test_ridge_recovers_a_linear_signal_and_chooses_alpha_on_training_groups_onl
 def test_unreadable_image_in_features_is_named(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    with pytest.raises(ValueError, match="bad.png: cannot read the image"):
+    from expreg.data import UnreadableImageError
+
+    with pytest.raises(UnreadableImageError, match="bad.png: cannot read the image"):
         extract_features([str(bad)])
 
 
@@ -264,7 +266,12 @@ def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_data
     import subprocess
     import sys
 
+    import torch
     import yaml
+
+    from expreg.data import ImageTransform
+    from expreg.metrics import compute_metrics
+    from expreg.model import ExpRegModel
 
     csv = make_dataset(num_groups=4, samples_per_group=10)
     out = tmp_path / "cv"
@@ -297,6 +304,18 @@ def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_data
         assert per_gene["spearman"].mean() == pytest.approx(fold["spearman_mean"], abs=1e-5)
         test_rows = pd.read_csv(run / "predictions_test.csv")
         assert sorted(set(test_rows["group_id"])) == fold["test_groups"]
+        # recomputed here: the best model (checkpoints/best) on exactly the rows of the held-out fold
+        held_out = folds.loc[folds["fold"] == fold["fold"], "path"]
+        assert sorted(test_rows["path"]) == sorted(held_out)
+        model = ExpRegModel.from_pretrained(run / "checkpoints" / "best").eval()
+        transform = ImageTransform(32, model.config.image_mean, model.config.image_std)
+        meta = pd.read_csv(csv).set_index("path").loc[test_rows["path"]]
+        with torch.no_grad():
+            x = torch.stack([transform(Image.open(csv.parent / p), p) for p in test_rows["path"]])
+            mine = model.predict_expression(x).numpy()
+        truth = meta[[f"y{i}" for i in range(50)]].to_numpy(dtype=np.float64)
+        assert compute_metrics(mine, truth).spearman_mean == pytest.approx(m["test_spearman_mean"], abs=1e-6)
+        assert fold["tta_spearman_mean"] != fold["spearman_mean"]  # TTA really averaged other views
 
 
 def test_linear_probe_is_bounded_on_rank_deficient_embeddings():
@@ -308,14 +327,15 @@ def test_linear_probe_is_bounded_on_rank_deficient_embeddings():
     latent = rng.normal(size=(n, 12))
     emb = latent @ rng.normal(size=(12, dim))  # rank 12 < PCA size 79
     emb[:, :40] = 0.0  # dead ReLU units
-    emb[:, 40:50] = 3.0 + 1e-16 * rng.normal(size=(n, 10))  # constant up to rounding
+    emb[:, 40:50] = 3.0 + 3e-7 * rng.integers(0, 2, size=(n, 10))  # constant up to float32 rounding
     emb = emb.astype(np.float32).astype(np.float64)  # embeddings come as float32
+    assert (emb[:, 40:50].std(0) > 0).all()  # really near-constant, not constant
     y = latent[:, :4] + 0.1 * rng.normal(size=(n, 4))
     groups = np.repeat(np.array(["a", "b", "c", "d"], dtype=object), 20)
     weights, bias, info = linear_probe_affine(emb[:60], y[:60], groups[:60])
     assert info["pca_components"] <= 13  # cut at the numerical rank
     assert np.isfinite(weights).all() and np.abs(weights).max() < 10
-    assert np.abs(weights[:50]).max() == 0.0  # constant features: zero weight
+    assert np.abs(weights[:50]).max() == 0.0  # constant and near-constant features: zero weight
     test = emb[60:]
     predictions = test @ weights + bias
     nudged = test.copy()
@@ -326,6 +346,53 @@ def test_linear_probe_is_bounded_on_rank_deficient_embeddings():
     # the degenerate columns change nothing: the same probe as without them
     w_clean, b_clean, _ = linear_probe_affine(emb[:60, 50:], y[:60], groups[:60])
     np.testing.assert_allclose(test[:, 50:] @ w_clean + b_clean, predictions, atol=1e-8)
+    # nothing varies (all features constant), or a single training row: the training mean, no NaN
+    for x_train, y_train, g in ((np.ones((20, dim)), y[:20], groups[:20]), (emb[:1], y[:1], groups[:1])):
+        w, b, info = linear_probe_affine(x_train, y_train, g)
+        assert info["pca_components"] == 0 and np.isfinite(w).all() and np.isfinite(b).all()
+        np.testing.assert_allclose(test @ w + b, np.repeat(y_train.mean(0, keepdims=True), len(test), 0))
+
+
+def test_features_in_other_units_are_not_taken_for_constant():
+    from expreg.baselines import constant_columns
+
+    rng = np.random.default_rng(1)
+    x = np.stack([1e4 * rng.normal(size=50), 1e-3 * rng.normal(size=50), np.full(50, 7.0)], axis=1)
+    x[:, 2] += 7.0 * 1e-9 * rng.normal(size=50)  # rounding noise on a constant
+    assert constant_columns(x).tolist() == [False, False, True]
+
+
+@pytest.mark.parametrize("method", ["ridge", "linear_probe"])
+def test_a_test_rows_prediction_depends_on_nothing_else_held_out(method):
+    """No statistic of the held-out rows leaks into a baseline: changing the other test rows changes nothing."""
+    from expreg.baselines import linear_probe
+
+    fit = {"ridge": ridge_baseline, "linear_probe": linear_probe}[method]
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(70, 20))
+    y = x[:, :3] @ rng.normal(size=(3, 5)) + 0.2 * rng.normal(size=(70, 5))
+    groups = np.repeat(np.array(["a", "b", "c", "d", "e"], dtype=object), 10)
+    x_test = rng.normal(size=(20, 20))
+    first, info = fit(x[:50], y[:50], groups, x_test, seed=0)
+    other = x_test.copy()
+    other[1:] = 100 * rng.normal(size=(19, 20)) + 50  # every other held-out row, wildly different
+    second, info_again = fit(x[:50], y[:50], groups, other, seed=0)
+    np.testing.assert_allclose(first[0], second[0], rtol=1e-12, atol=1e-12)
+    assert info == info_again and info["fit_groups"] == ["a", "b", "c", "d", "e"] and info["num_fit_samples"] == 50
+
+
+def test_cv_stops_cleanly_on_bad_input(make_dataset, tmp_path, capsys):
+    csv = make_dataset(num_groups=4, samples_per_group=8)
+    recipe = str(REPO / "recipes" / "tiny.yaml")
+    args = [recipe, f"data.metadata_csv={csv}", "--n_folds", "2"]
+    assert cv_main([*args, "train.stop_after_steps=3", "--out_dir", str(tmp_path / "a")]) == 2
+    assert "train.stop_after_steps: every fold of expreg.cv trains to the end" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    victim = pd.read_csv(csv)["path"].iloc[2]
+    (csv.parent / victim).write_bytes(b"broken")  # passes the default existence check
+    assert cv_main([*args, "--methods", "ridge", "--out_dir", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert f"{victim}: cannot read the image" in err and "no cv_summary.json" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

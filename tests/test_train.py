@@ -279,6 +279,10 @@ def test_two_processes_evaluate_like_one(reference_run, tmp_path):
     assert outputs[2]["num_processes"] == 2 and outputs[1]["rows"] == outputs[2]["rows"] == n_val
     np.testing.assert_allclose(outputs[1]["predictions"], outputs[2]["predictions"], rtol=1e-5, atol=1e-6)
     assert outputs[1]["spearman_mean"] == pytest.approx(outputs[2]["spearman_mean"], abs=1e-9)
+    # the loop that scores saved models (metrics.json, predict, CV): the same rows in the same order
+    assert outputs[1]["scored_rows"] == outputs[2]["scored_rows"] == n_val
+    np.testing.assert_allclose(outputs[1]["scored"], outputs[2]["scored"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs[1]["scored"], outputs[1]["predictions"], rtol=1e-5, atol=1e-6)
 
 
 def test_finished_run_is_never_overwritten_or_resumed(reference_run, data_csv):

@@ -12,6 +12,7 @@ import yaml
 
 from expreg.config import config_from_dict
 from expreg.data import TargetStats, build_dataloaders, load_expression_dataset
+from expreg.inference import predict_loader
 from expreg.launch import build_accelerator
 from expreg.metrics import compute_metrics
 from expreg.model import ExpRegModel
@@ -33,6 +34,10 @@ def main() -> None:
         mean=model.config.image_mean,
         std=model.config.image_std,
     )
+    # the loop that scores a saved model (metrics.json, predict): plain loader, sharded inside
+    scored = predict_loader(
+        ExpRegModel.from_pretrained(run_dir / "checkpoints" / "best"), loaders["validation"], accelerator
+    )
     model, val_dl = accelerator.prepare(model, loaders["validation"])
     _, predictions = evaluate(model, val_dl, accelerator)
     targets = np.asarray(datasets["validation"]["labels"], dtype=np.float64)
@@ -45,6 +50,8 @@ def main() -> None:
                     "rows": len(predictions),
                     **metrics.summary,
                     "predictions": predictions.tolist(),
+                    "scored_rows": len(scored),
+                    "scored": scored.tolist(),
                 }
             )
         )
