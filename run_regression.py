@@ -3,7 +3,7 @@
 accelerate launch run_regression.py recipes/demo.yaml [--dry_run] [section.key=value ...]
 accelerate launch run_regression.py --resume results/<run>/checkpoints/last
 python run_regression.py recipes/tiny.yaml          # the same, in one process
-torchrun --nproc_per_node=2 run_regression.py --config recipes/demo.yaml   # DDP with torchrun (CPU: ACCELERATE_USE_CPU=1)
+torchrun --standalone --nproc_per_node=2 run_regression.py --config recipes/demo.yaml   # DDP via torchrun (CPU: ACCELERATE_USE_CPU=1)
 """
 
 from __future__ import annotations

@@ -68,8 +68,8 @@ def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerat
     """Train with ``fold`` held out; the run scores its best model on the fold (``metrics.json``'s ``test_*``).
 
     Returns:
-        ``(summary, per-gene Spearman of the held-out fold, extra)``, taken from the fold run's own
-        files, so ``cv_summary.json`` and the run's ``metrics.json`` hold the same numbers.
+        ``(summary, per-gene Spearman of the held-out fold, extra)``, taken from what the fold run
+        returns, so ``cv_summary.json`` and the run's ``metrics.json`` hold the same numbers.
     """
     from expreg.inference import predict_files
     from expreg.metrics import compute_metrics
@@ -140,7 +140,7 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
         np.array(metadata.image_paths()),
         metadata.gene_names,
     )
-    inputs = _shared_inputs(cfg, methods, list(files), len(files))
+    inputs = _shared_inputs(cfg, methods, list(files))
     accelerator = None
     if "finetune" in methods:
         from expreg.launch import build_accelerator, unconnected_launch_error
@@ -183,13 +183,13 @@ def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str
     return summary
 
 
-def _shared_inputs(cfg, methods: list[str], files: list[str], num_rows: int) -> dict:
+def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
     """Per-image inputs computed once for all folds (colour/texture features, frozen embeddings), and
     the fit function of each baseline: ``fit(x_train, y_train, groups_train, x_test, seed)``."""
     from expreg.baselines import embed_images, extract_features, linear_probe, mean_fit, ridge_baseline
     from expreg.seeding import seed_everything
 
-    inputs: dict = {"mean": (np.zeros((num_rows, 0)), mean_fit)}
+    inputs: dict = {"mean": (np.zeros((len(files), 0)), mean_fit)}  # the mean needs no input
     if "ridge" in methods:
         start = time.perf_counter()
         inputs["ridge"] = (extract_features(files), ridge_baseline)

@@ -814,8 +814,9 @@ def _model_card(
         "num_processes": accelerator.num_processes,
         "effective_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,
     }
-    group_sets = {name: set(part["group_id"]) for name, part in data.datasets.items()}
-    splits = {name: {"samples": len(part), "groups": len(group_sets[name])} for name, part in data.datasets.items()}
+    used = _split_summary(data)
+    group_sets = {name: set(part["groups"]) for name, part in used.items()}
+    splits = {name: {"samples": part["samples"], "groups": len(part["groups"])} for name, part in used.items()}
     shared = {
         f"{a}/{b}": sorted(group_sets[a] & group_sets[b])
         for i, a in enumerate(group_sets)
