@@ -54,14 +54,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from expreg.config import ConfigError, load_recipe
-    from expreg.hub import HubError
-    from expreg.io import RunDirError
-    from expreg.metadata import MetadataError
-    from expreg.model import ModelError
+    from expreg.data.metadata import MetadataError
+    from expreg.modeling.hub import HubError
+    from expreg.modeling.model import ModelError
+    from expreg.run_dir import RunDirError
 
     try:
         if args.resume:
-            from expreg.train import resume_config
+            from expreg.training.trainer import resume_config
 
             requested = load_recipe(args.recipe, args.overrides) if args.recipe else None
             cfg = resume_config(args.resume, requested, args.overrides)
@@ -71,9 +71,9 @@ def main(argv=None) -> int:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 2
 
-    from expreg.data import UnreadableImageError, error_message
-    from expreg.launch import build_accelerator, unconnected_launch_error
-    from expreg.train import Interrupted, TrainingError, run
+    from expreg.data.dataset import UnreadableImageError, error_message
+    from expreg.training.launch import build_accelerator, unconnected_launch_error
+    from expreg.training.trainer import Interrupted, TrainingError, run
 
     accelerator = build_accelerator(cfg)
     problem = unconnected_launch_error(accelerator)
@@ -112,7 +112,7 @@ def resume_hint(cfg, args) -> str:
 
     if args.resume:
         return args.resume
-    from expreg.train import last_run_dir
+    from expreg.training.trainer import last_run_dir
 
     run_dir = last_run_dir()
     return (

@@ -23,7 +23,7 @@ def real_data(path: str | None) -> str:
     if not chosen.is_file():
         sys.exit(
             f"{chosen}: no such metadata CSV. Pass --metadata_csv (any CSV in the expreg format; "
-            "`python -c 'from expreg.demo import ensure_demo_dataset as d; print(d())'` prints the demo data's)"
+            "`python -c 'from expreg.data.demo import ensure_demo_dataset as d; print(d())'` prints the demo data's)"
         )
     return str(chosen)
 
@@ -40,10 +40,10 @@ def recipe_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
 
 def setup_run(args: argparse.Namespace):
     """What ``expreg.train.run`` builds before training: ``(cfg, accelerator, data, model)`` on the CPU."""
-    from expreg import train
     from expreg.config import load_recipe
-    from expreg.launch import build_accelerator
     from expreg.seeding import seed_everything
+    from expreg.training import trainer as train
+    from expreg.training.launch import build_accelerator
 
     cfg = load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides])
     seed_everything(cfg.seed)
@@ -56,7 +56,7 @@ def predecode(paths: list[str], image_size: int, mean, std):
     """The images decoded, resized and normalised into one float tensor (what the bare loops read)."""
     import torch
 
-    from expreg.data import ImageTransform, load_image
+    from expreg.data.dataset import ImageTransform, load_image
 
     transform = ImageTransform(image_size, mean, std, train=False)
     return torch.stack([transform(load_image(path)[0], path) for path in paths])

@@ -74,8 +74,8 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from expreg import train
-    from expreg.data import image_files
+    from expreg.data.dataset import image_files
+    from expreg.training import trainer as train
 
     cfg, accelerator, data, model = setup_run(args)
     d = cfg.data

@@ -32,9 +32,9 @@ def main() -> None:
 
     import torch
 
-    from expreg import train
-    from expreg.data import image_files
+    from expreg.data.dataset import image_files
     from expreg.predict import predict_files
+    from expreg.training import trainer as train
 
     cfg, accelerator, data, model = setup_run(args)
     model = model.eval()

@@ -84,9 +84,9 @@ def one_setting(args) -> dict:
 
     import torch
 
-    from expreg import train
-    from expreg.data import image_files
-    from expreg.launch import build_accelerator
+    from expreg.data.dataset import image_files
+    from expreg.training import trainer as train
+    from expreg.training.launch import build_accelerator
 
     cfg = _config(args)
     accelerator = build_accelerator(cfg, cpu=args.smoke)
@@ -145,8 +145,8 @@ def pipeline_rate(args) -> dict:
     """The training DataLoader alone with ``--workers`` workers: images/s decoding files."""
     import torch  # noqa: F401
 
-    from expreg import train
-    from expreg.launch import build_accelerator
+    from expreg.training import trainer as train
+    from expreg.training.launch import build_accelerator
 
     cfg = _config(args)
     accelerator = build_accelerator(cfg, cpu=True)
@@ -190,7 +190,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.metadata_csv is None:
-            from expreg.demo import make_synthetic_dataset
+            from expreg.data.demo import make_synthetic_dataset
 
             groups = 16
             args.metadata_csv = str(

@@ -24,7 +24,7 @@ import numpy as np
 import scipy
 import scipy.stats
 
-from expreg.metrics import rank_columns
+from expreg.evaluation.metrics import rank_columns
 
 
 def _median_times(candidates: dict, x: np.ndarray, repeats: int) -> dict[str, float]:

@@ -37,13 +37,13 @@ seconds = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}}))
 """
 
-SPLITS = """from expreg.splits import main
+SPLITS = """from expreg.data.splits import main
 ---
 assert main(["--metadata_csv", sys.argv[1], "--out_csv", sys.argv[2], "--check_images", "none", "--seed", "0"]) == 0
 """
 
 BUILD = """import datasets
-from expreg.data import load_expression_dataset
+from expreg.data.dataset import load_expression_dataset
 ---
 ds = load_expression_dataset(sys.argv[1], sys.argv[2], check_images="none")
 assert sum(len(part) for part in ds.values()) == int(sys.argv[3])
@@ -51,8 +51,8 @@ assert sum(len(part) for part in ds.values()) == int(sys.argv[3])
 
 TRAIN_RSS = """
 import json, sys
-from expreg.launch import build_accelerator
-from expreg import train
+from expreg.training.launch import build_accelerator
+from expreg.training import trainer as train
 from expreg.config import load_recipe
 
 def rss_gb():

@@ -23,7 +23,7 @@ class ImageFiles:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        from expreg.data import UnreadableImageError, load_image
+        from expreg.data.dataset import UnreadableImageError, load_image
 
         image, reason = load_image(self.files[index])
         if image is None:
@@ -90,7 +90,7 @@ def predict_files(
     """
     from torch.utils.data import DataLoader
 
-    from expreg.data import ImageTransform
+    from expreg.data.dataset import ImageTransform
 
     config = model.config
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from expreg.data.metadata import MetadataError, read_metadata, resolve_image_path
 from expreg.inference import ImageFiles, dihedral_views, forward_tta, predict_files  # noqa: F401 - the public names
-from expreg.metadata import MetadataError, read_metadata, resolve_image_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
@@ -41,7 +41,7 @@ def resolve_model_dir(model: str) -> str:
 
 def load_model(model: str):
     """``ExpRegModel.from_pretrained`` with a clear error for unreachable hub ids (e.g. offline)."""
-    from expreg.model import ExpRegModel
+    from expreg.modeling.model import ExpRegModel
 
     source = resolve_model_dir(model)
     try:
@@ -113,16 +113,16 @@ def main(argv=None) -> int:
         print(f"expreg-predict: error: {err}", file=sys.stderr)
         return 2
 
-    from expreg import io
-    from expreg.launch import build_accelerator, unconnected_launch_error
-    from expreg.metrics import compute_metrics
+    from expreg import run_dir as io
+    from expreg.evaluation.metrics import compute_metrics
+    from expreg.training.launch import build_accelerator, unconnected_launch_error
 
     accelerator = build_accelerator()
     problem = unconnected_launch_error(accelerator)
     if problem:
         print(f"expreg-predict: error: {problem}", file=sys.stderr)
         return 2
-    from expreg.data import UnreadableImageError, error_message
+    from expreg.data.dataset import UnreadableImageError, error_message
 
     try:
         expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers, tta=args.tta)

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from expreg.demo import make_synthetic_dataset  # noqa: E402
+from expreg.data.demo import make_synthetic_dataset  # noqa: E402
 
 _CACHE: dict[tuple, Path] = {}
 

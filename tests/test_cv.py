@@ -11,8 +11,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from expreg.baselines import choose_alpha, extract_features, fit_ridge, mean_baseline, patch_features, ridge_baseline
 from expreg.cv import main as cv_main
+from expreg.evaluation.baselines import (
+    choose_alpha,
+    extract_features,
+    fit_ridge,
+    mean_baseline,
+    patch_features,
+    ridge_baseline,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +53,7 @@ def test_ridge_recovers_a_linear_signal_and_chooses_alpha_on_training_groups_onl
 def test_unreadable_image_in_features_is_named(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    from expreg.data import UnreadableImageError
+    from expreg.data.dataset import UnreadableImageError
 
     with pytest.raises(UnreadableImageError, match="bad.png: cannot read the image"):
         extract_features([str(bad)])
@@ -129,7 +136,7 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
 
 
 def test_single_training_group_validates_on_its_own_samples(make_dataset, tmp_path):
-    from expreg.data import load_expression_dataset
+    from expreg.data.dataset import load_expression_dataset
     from expreg.splits import main as splits_main
 
     csv = make_dataset(num_groups=2, samples_per_group=10)
@@ -145,7 +152,7 @@ def test_single_training_group_validates_on_its_own_samples(make_dataset, tmp_pa
 
 
 def test_linear_probe_fits_pca_and_ridge_on_training_rows(tmp_path):
-    from expreg.baselines import embed_images, linear_probe
+    from expreg.evaluation.baselines import embed_images, linear_probe
 
     rng = np.random.default_rng(2)
     emb = rng.normal(size=(80, 300))
@@ -165,7 +172,7 @@ def test_linear_probe_fits_pca_and_ridge_on_training_rows(tmp_path):
 def test_tta_averages_the_eight_dihedral_views():
     import torch
 
-    from expreg.model import ExpRegOutput
+    from expreg.modeling.model import ExpRegOutput
     from expreg.predict import dihedral_views, forward_tta
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
@@ -183,7 +190,7 @@ def test_tta_averages_the_eight_dihedral_views():
 
 
 def test_linear_probe_affine_equals_the_step_by_step_pipeline():
-    from expreg.baselines import _standardise, choose_alpha, linear_probe_affine
+    from expreg.evaluation.baselines import _standardise, choose_alpha, linear_probe_affine
 
     rng = np.random.default_rng(3)
     emb = rng.normal(size=(50, 20)) * rng.uniform(0.5, 3, size=20) + 4
@@ -204,7 +211,7 @@ def test_linear_probe_mode_trains_a_usable_model(make_dataset, tmp_path):
     import subprocess
     import sys
 
-    from expreg.model import ExpRegModel
+    from expreg.modeling.model import ExpRegModel
 
     csv = make_dataset(num_groups=5, samples_per_group=10)
     cmd = [
@@ -269,9 +276,9 @@ def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_data
     import torch
     import yaml
 
-    from expreg.data import ImageTransform
-    from expreg.metrics import compute_metrics
-    from expreg.model import ExpRegModel
+    from expreg.data.dataset import ImageTransform
+    from expreg.evaluation.metrics import compute_metrics
+    from expreg.modeling.model import ExpRegModel
 
     csv = make_dataset(num_groups=4, samples_per_group=10)
     out = tmp_path / "cv"
@@ -320,7 +327,7 @@ def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_data
 
 def test_linear_probe_is_bounded_on_rank_deficient_embeddings():
     """Dead (constant) and near-constant features, rank below the PCA size: bounded weights and predictions."""
-    from expreg.baselines import linear_probe_affine
+    from expreg.evaluation.baselines import linear_probe_affine
 
     rng = np.random.default_rng(0)
     n, dim = 80, 300
@@ -354,7 +361,7 @@ def test_linear_probe_is_bounded_on_rank_deficient_embeddings():
 
 
 def test_features_in_other_units_are_not_taken_for_constant():
-    from expreg.baselines import constant_columns
+    from expreg.evaluation.baselines import constant_columns
 
     rng = np.random.default_rng(1)
     x = np.stack([1e4 * rng.normal(size=50), 1e-3 * rng.normal(size=50), np.full(50, 7.0)], axis=1)
@@ -365,7 +372,7 @@ def test_features_in_other_units_are_not_taken_for_constant():
 @pytest.mark.parametrize("method", ["ridge", "linear_probe"])
 def test_a_test_rows_prediction_depends_on_nothing_else_held_out(method):
     """No statistic of the held-out rows leaks into a baseline: changing the other test rows changes nothing."""
-    from expreg.baselines import linear_probe
+    from expreg.evaluation.baselines import linear_probe
 
     fit = {"ridge": ridge_baseline, "linear_probe": linear_probe}[method]
     rng = np.random.default_rng(4)

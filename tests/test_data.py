@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from expreg.data import (
+from expreg.data.dataset import (
     ExpressionTransform,
     ImageTransform,
     TargetStats,
@@ -18,7 +18,7 @@ from expreg.data import (
     load_expression_dataset,
     to_rgb,
 )
-from expreg.metadata import MetadataError
+from expreg.data.metadata import MetadataError
 from expreg.seeding import derive_seed, epoch_generator
 from expreg.splits import main as splits_main
 
@@ -166,7 +166,7 @@ def test_loading_attempts_no_network(dataset_csv, split_csv):
         "import socket, sys\n"
         "def refuse(*a, **k): raise AssertionError('network access attempted')\n"
         "socket.socket.connect = refuse; socket.getaddrinfo = refuse; socket.create_connection = refuse\n"
-        "from expreg.data import load_expression_dataset\n"
+        "from expreg.data.dataset import load_expression_dataset\n"
         "ds = load_expression_dataset(sys.argv[1], sys.argv[2])\n"
         "assert len(ds['train']) > 0 and ds['train'][0]['image'] is not None\n"
         "print('rows', sum(len(p) for p in ds.values()))\n"
@@ -184,12 +184,12 @@ def test_splits_are_memory_mapped_arrow_files_removed_at_exit_or_after_a_crash(d
     import sys
 
     code = (
-        "import sys; from expreg.data import load_expression_dataset as load; "
+        "import sys; from expreg.data.dataset import load_expression_dataset as load; "
         "ds = load(sys.argv[1], sys.argv[2]); files = [f['filename'] for p in ds.values() for f in p.cache_files]; "
         "print(files[0]); assert len(files) == len(ds)"
     )
     env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    from expreg.data import _host
+    from expreg.data.dataset import _host
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left_by_a_killed_run = tmp_path / f"expreg-arrow-{_host()}-{int(dead.stdout)}-abc123"
@@ -210,7 +210,7 @@ def test_splits_are_memory_mapped_arrow_files_removed_at_exit_or_after_a_crash(d
 def test_rows_survive_the_arrow_round_trip(dataset_csv, split_csv):
     import datasets
 
-    from expreg.metadata import read_metadata
+    from expreg.data.metadata import read_metadata
 
     ds = load_expression_dataset(dataset_csv, split_csv)
     metadata = read_metadata(dataset_csv)
@@ -227,7 +227,7 @@ def test_result_files_are_readable_by_others(tmp_path):
     import os
     import stat
 
-    from expreg.io import atomic_write_text
+    from expreg.run_dir import atomic_write_text
 
     old = os.umask(0o022)
     try:
@@ -238,7 +238,7 @@ def test_result_files_are_readable_by_others(tmp_path):
 
 
 def test_training_order_changes_every_epoch_and_is_reproducible():
-    from expreg.data import EpochBatchSampler
+    from expreg.data.dataset import EpochBatchSampler
 
     def order(epoch: int, seed: int = 0) -> list[int]:
         sampler = EpochBatchSampler(50, 8, seed=seed)
@@ -272,7 +272,7 @@ def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_p
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
 
-    from expreg.data import EpochBatchSampler
+    from expreg.data.dataset import EpochBatchSampler
 
     sampler = EpochBatchSampler(num_samples, 8, seed=0, num_processes=num_processes)
     sampler.set_epoch(3)
@@ -294,7 +294,7 @@ def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_p
 
 
 def test_hed_jitter_changes_stain_not_geometry_and_is_seeded():
-    from expreg.data import hed_jitter
+    from expreg.data.dataset import hed_jitter
 
     patch = np.full((16, 16, 3), (200, 120, 170), dtype=np.uint8)
     patch[4:8, 4:8] = (80, 40, 120)  # a "nucleus"

@@ -7,7 +7,7 @@ import re
 import pandas as pd
 import pytest
 
-from expreg.metadata import MetadataError, read_metadata
+from expreg.data.metadata import MetadataError, read_metadata
 from expreg.splits import main as splits_main
 
 

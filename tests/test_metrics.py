@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from expreg.metrics import compute_metrics, load_evaluate_metric, pearson_per_gene, rank_columns, spearman_per_gene
+from expreg.evaluation.metrics import (
+    compute_metrics,
+    load_evaluate_metric,
+    pearson_per_gene,
+    rank_columns,
+    spearman_per_gene,
+)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import timm
 import torch
 from transformers import AutoModel
 
-from expreg.model import ExpRegConfig, ExpRegModel, build_model
+from expreg.modeling.model import ExpRegConfig, ExpRegModel, build_model
 
 
 def _model(backbone="test_resnet", **kwargs) -> ExpRegModel:

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from expreg.metadata import MetadataError, read_metadata
+from expreg.data.metadata import MetadataError, read_metadata
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import REPO, TWO_PROCESSES, _env, assert_same_run, metrics, resume, train  # noqa: E402
@@ -34,7 +34,7 @@ COMMON = (
 
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory) -> Path:
-    from expreg.demo import make_synthetic_dataset
+    from expreg.data.demo import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("fault_data"), 5, 12, 16, 50, seed=5)
 
@@ -283,7 +283,7 @@ def test_decode_check_catches_broken_files(dataset_csv, content, expected):
 
 @pytest.mark.parametrize("size", [(3, 5), (2400, 1800)], ids=["tiny", "large"])
 def test_any_image_size_is_resized(size):
-    from expreg.data import ImageTransform
+    from expreg.data.dataset import ImageTransform
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8))
     assert ImageTransform(32)(image, "x.png").shape == (3, 32, 32)

@@ -23,7 +23,7 @@ from test_train import TWO_PROCESSES, _env, metrics, train  # noqa: E402
 
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory) -> Path:
-    from expreg.demo import make_synthetic_dataset
+    from expreg.data.demo import make_synthetic_dataset
 
     return make_synthetic_dataset(tmp_path_factory.mktemp("share_data"), 5, 12, 16, 50, seed=4)
 
@@ -69,8 +69,8 @@ def test_predict_tta_averages_the_eight_views_of_each_image(run, tmp_path):
     import torch
     from PIL import Image
 
-    from expreg.data import ImageTransform
-    from expreg.model import ExpRegModel
+    from expreg.data.dataset import ImageTransform
+    from expreg.modeling.model import ExpRegModel
 
     val_csv = _val_csv(run, tmp_path)
     out = tmp_path / "tta.csv"

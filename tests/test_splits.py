@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from expreg.metadata import MetadataError, read_metadata
-from expreg.splits import assign_splits, main, make_fold_table, make_split_table, read_split_file, write_table
+from expreg.data.metadata import MetadataError, read_metadata
+from expreg.data.splits import assign_splits, make_fold_table, make_split_table, read_split_file, write_table
+from expreg.splits import main
 
 
 def _run(csv, out, *extra) -> int:

@@ -62,7 +62,7 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def data_csv(tmp_path_factory) -> Path:
-    from expreg.demo import make_synthetic_dataset
+    from expreg.data.demo import make_synthetic_dataset
 
     # 5 groups of ~12: a validation split whose size is not a multiple of batch x processes
     return make_synthetic_dataset(tmp_path_factory.mktemp("train_data"), 5, 12, 16, 50, seed=3)
@@ -123,7 +123,7 @@ def test_run_directory_contents(reference_run, data_csv):
     log = (run / "log.txt").read_text()
     assert "num_processes=1" in log and "effective batch size 8" in log
     # target statistics: the training rows' only, in target_stats.json and in the saved model
-    from expreg.model import ExpRegModel
+    from expreg.modeling.model import ExpRegModel
 
     meta = pd.read_csv(data_csv).set_index("path")
     train_rows = meta.loc[split.loc[split["split"] == "train", "path"], [f"y{i}" for i in range(50)]].to_numpy(float)
@@ -152,8 +152,8 @@ def test_decoded_image_cache_gives_the_same_run(reference_run, data_csv, tmp_pat
 
 
 def test_predictions_file_matches_the_best_model(reference_run):
-    from expreg.data import ImageTransform, load_expression_dataset
-    from expreg.model import ExpRegModel
+    from expreg.data.dataset import ImageTransform, load_expression_dataset
+    from expreg.modeling.model import ExpRegModel
 
     model = ExpRegModel.from_pretrained(reference_run / "checkpoints" / "best").eval()
     predictions = pd.read_csv(reference_run / "predictions_val.csv").set_index("path")
@@ -213,7 +213,7 @@ def test_gene_names_file_raw_targets_and_the_decode_check_through_the_command(da
     assert list(pd.read_csv(run / "per_gene_metrics.csv")["gene"]) == genes
     stats = json.loads((run / "target_stats.json").read_text())
     assert stats["gene_names"] == genes and stats["mean"] == [0.0] * 50 and stats["std"] == [1.0] * 50
-    from expreg.model import ExpRegModel
+    from expreg.modeling.model import ExpRegModel
 
     config = ExpRegModel.from_pretrained(run / "checkpoints" / "best").config
     assert config.gene_names == genes and config.target_mean == [0.0] * 50 and config.target_std == [1.0] * 50
@@ -230,8 +230,8 @@ def test_gene_names_file_raw_targets_and_the_decode_check_through_the_command(da
 
 def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(data_csv, tmp_path, monkeypatch):
     from expreg.config import load_recipe
-    from expreg.launch import build_accelerator
-    from expreg.train import run
+    from expreg.training.launch import build_accelerator
+    from expreg.training.trainer import run
 
     norms: list[float] = []
     step = torch.optim.AdamW.step
@@ -316,7 +316,7 @@ def test_resume_rejects_other_recipes_and_non_checkpoints(data_csv, tmp_path):
 
 def test_default_run_names_get_a_suffix_on_a_collision(tmp_path, monkeypatch):
     """Two runs started in the same second get the same default name: the second becomes ``-2``."""
-    from expreg import io
+    from expreg import run_dir as io
 
     monkeypatch.setattr(io.time, "strftime", lambda fmt, *a: "20261201-120000")  # a frozen clock
     names = [io.default_run_name("test_resnet", 8, 1, 1, 1e-3, 0) for _ in range(3)]
@@ -335,7 +335,7 @@ def test_metrics_json_is_never_half_written(tmp_path, monkeypatch):
     """A failure while writing (disk full) leaves the previous file whole and no temporary file behind."""
     import errno
 
-    from expreg import io
+    from expreg import run_dir as io
 
     path = tmp_path / "metrics.json"
     io.write_json(path, {"status": "running", "history": [1, 2]})
@@ -364,7 +364,7 @@ def test_dry_run_is_fast_and_complete(data_csv, tmp_path):
 
 @pytest.mark.slow
 def test_channels_last_trains_and_saves_loadable_weights(data_csv, tmp_path):
-    from expreg.model import ExpRegModel
+    from expreg.modeling.model import ExpRegModel
 
     common = (f"data.metadata_csv={data_csv}", "train.epochs=1", "model.dropout=0")
     train(tmp_path, "nchw", *common)
@@ -438,7 +438,7 @@ def test_run_refuses_an_accelerator_that_disagrees_with_the_recipe(data_csv, tmp
     from accelerate import Accelerator
 
     from expreg.config import ConfigError, load_recipe
-    from expreg.train import run
+    from expreg.training.trainer import run
 
     accelerator = Accelerator()  # what expreg.cv used to build: accumulation 1, no mixed precision
     base = [f"data.metadata_csv={data_csv}", f"logging.output_dir={tmp_path}"]
@@ -453,10 +453,10 @@ def test_run_refuses_an_accelerator_that_disagrees_with_the_recipe(data_csv, tmp
 
 def test_predict_reproduces_a_bf16_runs_files(data_csv, tmp_path):
     """The saved model is scored in fp32: predictions_val.csv and metrics.json equal what expreg.predict gives."""
+    from expreg.evaluation.metrics import compute_metrics
     from expreg.inference import predict_files
-    from expreg.launch import build_accelerator
-    from expreg.metrics import compute_metrics
-    from expreg.model import ExpRegModel
+    from expreg.modeling.model import ExpRegModel
+    from expreg.training.launch import build_accelerator
 
     train(tmp_path, "bf16", f"data.metadata_csv={data_csv}", "train.mixed_precision=bf16", "train.epochs=2")
     run = tmp_path / "bf16"
@@ -509,7 +509,7 @@ def test_gradient_accumulation_matches_one_large_batch(data_csv, tmp_path):
 
 
 def test_an_undefined_metric_still_gives_a_best_model():
-    from expreg.train import TrainerState, _improved
+    from expreg.training.trainer import TrainerState, _improved
 
     state = TrainerState()
     assert _improved(float("nan"), state)  # first epoch always saved

@@ -11,12 +11,12 @@ import numpy as np
 import yaml
 
 from expreg.config import config_from_dict
-from expreg.data import TargetStats, build_dataloaders, load_expression_dataset
+from expreg.data.dataset import TargetStats, build_dataloaders, load_expression_dataset
+from expreg.evaluation.metrics import compute_metrics
 from expreg.inference import predict_loader
-from expreg.launch import build_accelerator
-from expreg.metrics import compute_metrics
-from expreg.model import ExpRegModel
-from expreg.train import evaluate
+from expreg.modeling.model import ExpRegModel
+from expreg.training.launch import build_accelerator
+from expreg.training.trainer import evaluate
 
 
 def main() -> None:

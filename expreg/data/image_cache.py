@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from expreg.demo import default_cache_dir
-from expreg.io import process_alive
+from expreg.data.demo import default_cache_dir
+from expreg.run_dir import process_alive
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class _DecodeFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from expreg.data import decode_resized, load_image
+        from expreg.data.dataset import decode_resized, load_image
 
         path = self.paths[i]
         image, reason = load_image(path)

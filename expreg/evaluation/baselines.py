@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expreg.data import HED_FROM_RGB_OD, UnreadableImageError, load_image, to_rgb
+from expreg.data.dataset import HED_FROM_RGB_OD, UnreadableImageError, load_image, to_rgb
 
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 RANK_TOLERANCE = 1e-6  # PCA keeps components whose singular value exceeds this fraction of the largest
@@ -101,8 +101,8 @@ def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas=RIDGE_
 
     With fewer than 2 training groups there is nothing to hold out: the middle of the grid is used.
     """
-    from expreg.metrics import compute_metrics
-    from expreg.splits import assign_folds
+    from expreg.data.splits import assign_folds
+    from expreg.evaluation.metrics import compute_metrics
 
     unique = np.array(sorted(set(groups.tolist())), dtype=object)
     if len(unique) < 2:
@@ -157,7 +157,7 @@ def embed_images(
     num_workers: int = 0,
 ) -> np.ndarray:
     """Frozen backbone embeddings ``(num_images, num_features)`` (timm pooled features, eval mode)."""
-    from expreg.model import build_model
+    from expreg.modeling.model import build_model
 
     model = build_model(backbone, 1, pretrained=pretrained, pretrained_path=pretrained_path, image_size=image_size)
     return embed_with(model, image_paths, batch_size=batch_size, num_workers=num_workers)
@@ -169,7 +169,7 @@ def embed_with(model, image_paths: list[str], batch_size: int = 64, num_workers:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from expreg.data import ImageTransform
+    from expreg.data.dataset import ImageTransform
     from expreg.inference import ImageFiles
 
     config = model.config

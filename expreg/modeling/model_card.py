@@ -182,7 +182,7 @@ Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).
 ## How to use
 
 ```python
-import expreg.model  # registers the "expreg" model type with AutoModel
+import expreg.modeling.model  # registers the "expreg" model type with AutoModel
 from transformers import AutoModel
 
 model = AutoModel.from_pretrained("path/or/hub-id")

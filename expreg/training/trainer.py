@@ -33,9 +33,9 @@ from accelerate.utils import broadcast_object_list
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from expreg import io
+from expreg import run_dir as io
 from expreg.config import DEMO_DATA, ConfigError, RunConfig, config_from_dict, parse_overrides
-from expreg.data import (
+from expreg.data.dataset import (
     TargetStats,
     UnreadableImageError,
     build_dataloaders,
@@ -44,13 +44,13 @@ from expreg.data import (
     image_files,
     split_assignment,
 )
-from expreg.hub import HubError
-from expreg.launch import check_accelerator
-from expreg.metadata import read_metadata
-from expreg.metrics import compute_metrics
-from expreg.model import ExpRegModel, build_model
+from expreg.data.metadata import read_metadata
+from expreg.data.splits import make_split_table, write_table
+from expreg.evaluation.metrics import compute_metrics
+from expreg.modeling.hub import HubError
+from expreg.modeling.model import ExpRegModel, build_model
 from expreg.seeding import seed_everything
-from expreg.splits import make_split_table, write_table
+from expreg.training.launch import check_accelerator
 
 logger = logging.getLogger("expreg")
 DRY_RUN_STEPS = 3
@@ -250,7 +250,7 @@ def _recording_status(accelerator: Accelerator, cfg: RunConfig, run_dir: Path, s
 
 def _linear_probe_run(cfg, accelerator, model, data, run_dir, dry_run) -> dict:
     """``train.mode=linear_probe``: fit the probe on frozen embeddings and store it as the model's head."""
-    from expreg.baselines import embed_with, linear_probe_affine
+    from expreg.evaluation.baselines import embed_with, linear_probe_affine
 
     state = TrainerState(num_processes=accelerator.num_processes)
     _log_start(cfg, accelerator, run_dir, data, 0, 0, state)
@@ -437,7 +437,7 @@ def _setup_data(cfg: RunConfig, accelerator: Accelerator) -> RunData:
     d = cfg.data
     with accelerator.main_process_first():
         if d.metadata_csv == DEMO_DATA:
-            from expreg.demo import ensure_demo_dataset
+            from expreg.data.demo import ensure_demo_dataset
 
             d.metadata_csv = str(ensure_demo_dataset())
         metadata = read_metadata(d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images)
@@ -465,7 +465,7 @@ def _setup_image_cache(cfg: RunConfig, data: RunData, accelerator: Accelerator, 
     d = cfg.data
     if not d.image_cache or dry_run:
         return None
-    from expreg.image_cache import ensure_image_cache
+    from expreg.data.image_cache import ensure_image_cache
 
     if d.image_cache_dir is not None:
         d.image_cache_dir = str(Path(d.image_cache_dir).expanduser().resolve())  # the same cache on --resume
@@ -803,7 +803,7 @@ def _save_best(accelerator, model, run_dir: Path, val, expression: np.ndarray, m
 def _model_card(
     cfg: RunConfig, accelerator: Accelerator, run_dir: Path, data: RunData, entry: dict, metrics, test=None
 ) -> str:
-    from expreg.model_card import render_model_card
+    from expreg.modeling.model_card import render_model_card
 
     best = {
         "run_name": run_dir.name,
@@ -1167,7 +1167,7 @@ def _targets(dataset, num_predictions: int, truncate: bool) -> np.ndarray:
 
 def _record_scores(cfg, accelerator, run_dir: Path, data: RunData, state, scores: dict, result: dict) -> None:
     """Write the final predictions, per-gene metrics, model card and plots (main process)."""
-    from expreg.plots import write_run_plots
+    from expreg.evaluation.plots import write_run_plots
 
     val = scores["validation"][1]
     files = {"validation": ("predictions_val.csv", "per_gene_metrics.csv")}
@@ -1200,7 +1200,7 @@ def _record_scores(cfg, accelerator, run_dir: Path, data: RunData, state, scores
 
 def _push(run_dir: Path, repo_id: str, result: dict):
     """Push the best model; record the outcome in ``result`` and return the error, if any."""
-    from expreg.hub import HubError, push_best_model
+    from expreg.modeling.hub import HubError, push_best_model
 
     try:
         url = push_best_model(run_dir, repo_id)

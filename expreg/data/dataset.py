@@ -2,7 +2,7 @@
 
 Two lines in a notebook::
 
-    from expreg.data import load_expression_dataset
+    from expreg.data.dataset import load_expression_dataset
     ds = load_expression_dataset("data/example_metadata.csv", "splits/example.csv")
 
 Rows carry ``image`` (decoded lazily by ``datasets.Image``), ``labels`` (float32, length K, in
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from expreg.metadata import Metadata, MetadataError, read_metadata
+from expreg.data.metadata import Metadata, MetadataError, read_metadata
+from expreg.data.splits import SPLIT_NAMES, assign_splits, read_split_file
 from expreg.seeding import derive_seed
-from expreg.splits import SPLIT_NAMES, assign_splits, read_split_file
 
 INFO_KEY = "expreg"
 
@@ -79,7 +79,7 @@ def split_assignment(
 ) -> np.ndarray:
     """The split name (``train``/``validation``/``test``) of every metadata row, in row order."""
     if split_csv is None:
-        from expreg.splits import make_split_table
+        from expreg.data.splits import make_split_table
 
         table, _ = make_split_table(metadata, val_frac=val_frac, seed=seed)
         return table.set_index("path").loc[metadata.frame["path"], "split"].to_numpy()
@@ -144,7 +144,7 @@ def _arrow_dir() -> Path:
         import shutil
         import tempfile
 
-        from expreg.io import process_alive
+        from expreg.run_dir import process_alive
 
         prefix = f"expreg-arrow-{_host()}-"
         for old in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):

@@ -1,0 +1,249 @@
+"""``ExpRegConfig`` / ``ExpRegModel``: a timm backbone plus a regression head as a transformers model.
+
+Saved with ``save_pretrained`` (safetensors + ``config.json`` holding the backbone name, gene
+names and the training-split target normalisation) and loaded with ``from_pretrained`` or
+``AutoModel.from_pretrained`` once ``expreg`` is imported (registered below, no remote code).
+
+Why not transformers' ``TimmWrapperModel``: its config is timm's hub format (architecture +
+classification labels), it has no regression head or target normalisation, and its
+``_init_weights`` re-initialises timm layers (30 of resnet18's 122 tensors). Here the backbone
+keeps timm's own initialisation and ``_init_weights`` only rebuilds non-persistent buffers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+
+class ExpRegConfig(PretrainedConfig):
+    """Configuration of an ``ExpRegModel``.
+
+    Args:
+        backbone: Any ``timm.create_model`` name, including ``hf-hub:org/name``.
+        num_genes: Number of regression outputs K.
+        head: ``"linear"`` or ``"mlp"`` (Linear -> GELU -> Dropout -> Linear).
+        head_hidden_dim: Hidden width of the MLP head.
+        dropout: Dropout before the head (and inside the MLP head).
+        gene_names: One name per output.
+        target_mean: Per-gene mean of the training targets (expression units).
+        target_std: Per-gene std of the training targets; predictions are ``z * std + mean``.
+        image_size: Input side length used in training.
+        image_mean: Normalisation mean of the input pixels.
+        image_std: Normalisation std of the input pixels.
+    """
+
+    model_type = "expreg"
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_genes: int = 50,
+        head: str = "linear",
+        head_hidden_dim: int = 256,
+        dropout: float = 0.0,
+        gene_names: list[str] | None = None,
+        target_mean: list[float] | None = None,
+        target_std: list[float] | None = None,
+        image_size: int = 224,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        **kwargs,
+    ) -> None:
+        self.backbone = backbone
+        self.num_genes = num_genes
+        self.head = head
+        self.head_hidden_dim = head_hidden_dim
+        self.dropout = dropout
+        self.gene_names = list(gene_names) if gene_names is not None else [f"y{i}" for i in range(num_genes)]
+        self.target_mean = list(target_mean) if target_mean is not None else [0.0] * num_genes
+        self.target_std = list(target_std) if target_std is not None else [1.0] * num_genes
+        self.image_size = image_size
+        self.image_mean = list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406]
+        self.image_std = list(image_std) if image_std is not None else [0.229, 0.224, 0.225]
+        for name in ("gene_names", "target_mean", "target_std"):
+            if len(getattr(self, name)) != num_genes:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for num_genes={num_genes}")
+        super().__init__(**kwargs)
+
+
+@dataclass
+class ExpRegOutput(ModelOutput):
+    """Output of ``ExpRegModel``.
+
+    Args:
+        loss: MSE between ``predictions`` and the (normalised) ``labels``, when labels are given.
+        predictions (`torch.FloatTensor` of shape `(batch_size, num_genes)`): normalised
+            predictions (z-scores); ``ExpRegModel.to_expression`` maps them to expression units.
+    """
+
+    loss: torch.FloatTensor | None = None
+    predictions: torch.FloatTensor | None = None
+
+
+class ModelError(RuntimeError):
+    """A backbone or its weights cannot be created or loaded (unknown name, offline, bad file)."""
+
+
+def _create_timm_model(name: str, image_size: int, **kwargs) -> nn.Module:
+    """``timm.create_model``, built for ``image_size`` where the architecture has a fixed input size (ViTs)."""
+    import timm
+
+    try:
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as err:  # most CNNs take any input size and have no img_size argument
+        if "img_size" not in str(err):
+            raise
+    return timm.create_model(name, **kwargs)
+
+
+def create_backbone(config: ExpRegConfig, pretrained: bool = False, pretrained_path: str | None = None) -> nn.Module:
+    """A headless timm backbone (``num_classes=0``: pooled features) for ``config.image_size`` inputs.
+
+    Raises:
+        ModelError: Unknown backbone, or pretrained weights that cannot be obtained (e.g.
+            offline), with what to do.
+    """
+    import timm
+
+    if pretrained_path is not None and Path(pretrained_path).is_dir():
+        return _backbone_from_saved_model(config, Path(pretrained_path))
+    kwargs: dict = {"num_classes": 0}
+    if pretrained_path is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
+        pretrained = True
+    try:
+        return _create_timm_model(config.backbone, config.image_size, pretrained=pretrained, **kwargs)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ModelError(
+                f"unknown timm backbone {config.backbone!r} (timm {timm.__version__}); "
+                "see timm.list_models() for names"
+            ) from err
+        if not pretrained:
+            raise
+        raise _weights_error(config.backbone, pretrained_path, err) from err
+    except (OSError, ValueError) as err:  # hub offline / unreachable, missing local file
+        if not pretrained:
+            raise
+        raise _weights_error(config.backbone, pretrained_path, err) from err
+
+
+def _backbone_from_saved_model(config: ExpRegConfig, folder: Path) -> nn.Module:
+    """The backbone weights of an expreg ``save_pretrained`` folder (e.g. another run's checkpoints/best)."""
+    from safetensors.torch import load_file
+
+    weights_file = folder / "model.safetensors"
+    if not weights_file.is_file():
+        raise ModelError(f"{folder}: not a save_pretrained folder (no model.safetensors)")
+    prefix = "backbone."
+    state = {k[len(prefix) :]: v for k, v in load_file(str(weights_file)).items() if k.startswith(prefix)}
+    if not state:
+        raise ModelError(f"{weights_file}: no backbone weights (keys starting with {prefix!r})")
+    backbone = _create_timm_model(config.backbone, config.image_size, pretrained=False, num_classes=0)
+    try:
+        backbone.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelError(
+            f"{weights_file}: its backbone does not match {config.backbone!r}: {str(err).splitlines()[0]}"
+        ) from err
+    return backbone
+
+
+def _weights_error(backbone: str, path: str | None, err: Exception) -> ModelError:
+    if path is not None:
+        return ModelError(f"could not load local weights {path} for backbone {backbone!r}: {err}")
+    return ModelError(
+        f"could not fetch pretrained weights for {backbone!r} ({type(err).__name__}: {err}). Without network "
+        "access, set model.pretrained_path=/path/to/weights (a timm checkpoint file) or model.pretrained=false."
+    )
+
+
+class ExpRegPreTrainedModel(PreTrainedModel):
+    config_class = ExpRegConfig
+    base_model_prefix = "expreg"
+    main_input_name = "pixel_values"
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Keep timm's and torch's own initialisation: transformers' default would overwrite conv
+        # and norm weights. Non-persistent buffers are not in checkpoints: rebuild them.
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
+
+
+class ExpRegModel(ExpRegPreTrainedModel):
+    """A timm backbone with a regression head for ``num_genes`` outputs."""
+
+    def __init__(self, config: ExpRegConfig, backbone: nn.Module | None = None) -> None:
+        super().__init__(config)
+        self.backbone = backbone if backbone is not None else create_backbone(config)
+        features = self.backbone.num_features
+        self.dropout = nn.Dropout(config.dropout)
+        if config.head == "mlp":
+            self.head = nn.Sequential(
+                nn.Linear(features, config.head_hidden_dim),
+                nn.GELU(),
+                nn.Dropout(config.dropout),
+                nn.Linear(config.head_hidden_dim, config.num_genes),
+            )
+        else:
+            self.head = nn.Linear(features, config.num_genes)
+        self.post_init()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ExpRegOutput:
+        """Predict normalised expression.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalised images.
+            labels (`torch.FloatTensor` of shape `(batch_size, num_genes)`, *optional*): normalised targets.
+
+        Returns:
+            ``ExpRegOutput`` with ``predictions`` and, given labels, ``loss`` (MSE, computed in float32).
+        """
+        predictions = self.head(self.dropout(self.backbone(pixel_values)))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.mse_loss(predictions.float(), labels.float())
+        return ExpRegOutput(loss=loss, predictions=predictions)
+
+    def to_expression(self, predictions: torch.Tensor | np.ndarray):
+        """Map normalised predictions back to expression units with the stored training statistics."""
+        if isinstance(predictions, torch.Tensor):
+            mean = torch.tensor(self.config.target_mean, dtype=predictions.dtype, device=predictions.device)
+            std = torch.tensor(self.config.target_std, dtype=predictions.dtype, device=predictions.device)
+            return predictions * std + mean
+        return np.asarray(predictions) * np.asarray(self.config.target_std) + np.asarray(self.config.target_mean)
+
+    @torch.inference_mode()
+    def predict_expression(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Predictions in expression units, shape ``(batch_size, num_genes)``."""
+        return self.to_expression(self(pixel_values).predictions.float())
+
+
+def build_model(
+    backbone: str,
+    num_genes: int,
+    *,
+    pretrained: bool = False,
+    pretrained_path: str | None = None,
+    **config_kwargs,
+) -> ExpRegModel:
+    """A new model for training; loads pretrained backbone weights when asked."""
+    config = ExpRegConfig(backbone=backbone, num_genes=num_genes, **config_kwargs)
+    backbone_module = create_backbone(config, pretrained, pretrained_path)
+    if "image_mean" not in config_kwargs:  # the backbone's own normalisation, from timm's data config
+        import timm
+
+        data_config = timm.data.resolve_model_data_config(backbone_module)
+        config.image_mean, config.image_std = list(data_config["mean"]), list(data_config["std"])
+    return ExpRegModel(config, backbone=backbone_module)
+
+
+AutoConfig.register("expreg", ExpRegConfig)
+AutoModel.register(ExpRegConfig, ExpRegModel)
