@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     try:
         if args.resume:
-            from expreg.training.trainer import resume_config
+            from expreg.training.checkpoint import resume_config
 
             requested = load_recipe(args.recipe, args.overrides) if args.recipe else None
             cfg = resume_config(args.resume, requested, args.overrides)
@@ -71,9 +71,10 @@ def main(argv=None) -> int:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 2
 
-    from expreg.data.dataset import UnreadableImageError, error_message
+    from expreg.data import UnreadableImageError, error_message
+    from expreg.training.interrupts import Interrupted, TrainingError
     from expreg.training.launch import build_accelerator, unconnected_launch_error
-    from expreg.training.trainer import Interrupted, TrainingError, run
+    from expreg.training.trainer import Trainer
 
     accelerator = build_accelerator(cfg)
     problem = unconnected_launch_error(accelerator)
@@ -81,7 +82,11 @@ def main(argv=None) -> int:
         print(f"run_regression: error: {problem}", file=sys.stderr)
         return 2
     try:
-        run(cfg, accelerator, resume_from=args.resume, dry_run=args.dry_run, allow_data_change=args.allow_data_change)
+        trainer = Trainer(
+            cfg, accelerator, resume_from=args.resume, dry_run=args.dry_run, allow_data_change=args.allow_data_change
+        )
+        trainer.setup()
+        trainer.train()
     except (ConfigError, RunDirError, MetadataError, ModelError) as err:
         print(f"run_regression: error: {err}", file=sys.stderr)
         return 2
@@ -91,7 +96,7 @@ def main(argv=None) -> int:
     except Interrupted as err:
         print(
             f"run_regression: interrupted by {err}; a checkpoint was saved. Continue with the same launcher "
-            f"and number of processes: accelerate launch run_regression.py --resume {resume_hint(cfg, args)} "
+            f"and number of processes: accelerate launch run_regression.py --resume {resume_hint(cfg, args, trainer.run_dir)} "
             "(or python / torchrun ... run_regression.py --resume ...)",
             file=sys.stderr,
         )
@@ -106,15 +111,12 @@ def main(argv=None) -> int:
     return 0
 
 
-def resume_hint(cfg, args) -> str:
+def resume_hint(cfg, args, run_dir) -> str:
     """Where the interrupted run's checkpoint is (the main process names it in the log)."""
     from pathlib import Path
 
     if args.resume:
         return args.resume
-    from expreg.training.trainer import last_run_dir
-
-    run_dir = last_run_dir()
     return (
         str(Path(run_dir) / "checkpoints" / "last") if run_dir else f"{cfg.logging.output_dir}/<run>/checkpoints/last"
     )

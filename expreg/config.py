@@ -215,17 +215,29 @@ def _convert(name: str, value, annotation):
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "logging": LoggingConfig}
 
 
-def _flatten(raw: dict, source: str) -> dict[str, object]:
-    """``{"data": {"batch_size": 8}, "seed": 1}`` -> ``{"data.batch_size": 8, "seed": 1}``."""
+def flatten(nested: dict, prefix: str = "") -> dict[str, object]:
+    """``{"data": {"batch_size": 8}, "seed": 1}`` -> ``{"data.batch_size": 8, "seed": 1}``.
+
+    One level: a mapping value is a section whose keys become ``section.key`` (mappings inside a
+    section stay values: a run configuration has none, and in a recipe they are a type error of
+    their key). ``prefix`` goes before every key: ``flatten({"lr": 1}, "train.")`` -> ``{"train.lr": 1}``.
+    """
+    flat: dict[str, object] = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update({f"{prefix}{key}.{sub}": v for sub, v in value.items()})
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _recipe_values(raw: dict, source: str) -> dict[str, object]:
+    """A recipe's (or resolved config's) mapping as flat dotted keys; a section must be a mapping."""
     flat: dict[str, object] = {}
     for key, value in raw.items():
-        if key in _SECTIONS:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{source}: section '{key}' must be a mapping, got {value!r}")
-            for sub, v in value.items():
-                flat[f"{key}.{sub}"] = v
-        else:
-            flat[str(key)] = value
+        if key in _SECTIONS and not isinstance(value, dict):
+            raise ConfigError(f"{source}: section '{key}' must be a mapping, got {value!r}")
+        flat.update(flatten({key: value}) if key in _SECTIONS else {str(key): value})
     return flat
 
 
@@ -289,7 +301,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of sections")
-        values.update(_flatten(raw, source))
+        values.update(_recipe_values(raw, source))
     config = build_config(values, source=source)
     if overrides:
         values.update(parse_overrides(overrides))
@@ -299,4 +311,4 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def config_from_dict(raw: dict, source: str) -> RunConfig:
     """Rebuild a ``RunConfig`` from ``RunConfig.to_dict()`` output (e.g. a run's resolved config)."""
-    return build_config(_flatten(raw, source), source=source)
+    return build_config(_recipe_values(raw, source), source=source)

@@ -1,21 +1,26 @@
-"""Command: patient-level cross-validation in one command (machinery: ``expreg.evaluation.cv``).
+"""python -m expreg.cv RECIPE [--n_folds K] [--methods M,...] [--out_dir DIR] [section.key=value ...]
+
+Patient-level cross-validation in one command (machinery: ``expreg.evaluation.cv``), e.g.
 
     python -m expreg.cv recipes/her2st.yaml data.metadata_csv=../shared/data/her2st_dev/metadata.csv
     python -m expreg.cv recipes/demo.yaml --n_folds 4 --methods finetune,ridge,mean
 
-See ``expreg.evaluation.cv`` for what each method does and what is written.
+See ``expreg.evaluation.cv`` for what each method does and what is written. The ``finetune``
+method trains through ``expreg.training.folds.finetune_fold``, bound here to the recipe's
+accelerator. Exit codes: 0 done; 1 failed (training error, unreadable image, I/O error); 2 bad
+recipe, arguments or metadata; 128+N stopped by signal N.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
-import time
 from pathlib import Path
 
 from expreg.config import ConfigError, load_recipe
-from expreg.data.metadata import MetadataError
-from expreg.evaluation.cv import METHODS, cross_validate, render_markdown
+from expreg.data import MetadataError
+from expreg.evaluation.cv import METHODS, check_config, cross_validate, output_dir, parse_methods, render_markdown
 from expreg.run_dir import RunDirError
 
 
@@ -29,23 +34,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out_dir", help="where to write (default <logging.output_dir>/cv__<recipe>__<timestamp>)")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for run_regression.py")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     try:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise ConfigError(
-                f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
-            )
+        methods = parse_methods(args.methods)
         cfg = load_recipe(args.recipe, args.overrides)
-        if cfg.data.split_csv is not None or cfg.data.fold is not None:
-            raise ConfigError("expreg.cv makes its own group folds: do not set data.split_csv or data.fold")
-        if cfg.train.stop_after_steps is not None and "finetune" in methods:
-            raise ConfigError("train.stop_after_steps: every fold of expreg.cv trains to the end; unset it")
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        out_dir = Path(args.out_dir or Path(cfg.logging.output_dir) / f"cv__{Path(args.recipe).stem}__{stamp}")
-        if out_dir.exists():
-            raise ConfigError(f"--out_dir {out_dir} exists; cross-validation results are never overwritten")
-        return _run(cfg, args, methods, out_dir)
+        check_config(cfg, methods)
+        return _run(cfg, args, methods, output_dir(cfg, args.recipe, args.out_dir))
     except (ConfigError, MetadataError, RunDirError) as err:
         print(f"expreg.cv: error: {err}", file=sys.stderr)
         return 2
@@ -53,11 +46,14 @@ def main(argv=None) -> int:
 
 def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
     """Cross-validate, mapping failures to exit codes as ``run_regression.py`` does (1 failure, 128+N signal)."""
-    from expreg.data.dataset import UnreadableImageError, error_message
-    from expreg.training.trainer import Interrupted, TrainingError
+    from expreg.data import UnreadableImageError, error_message
+    from expreg.training.interrupts import Interrupted, TrainingError
 
     try:
-        summary = cross_validate(cfg, Path(args.recipe).name, args.n_folds, methods, out_dir)
+        accelerator, finetune = _finetune(cfg, methods)
+        summary = cross_validate(cfg, Path(args.recipe).name, args.n_folds, methods, out_dir, finetune)
+        if accelerator is not None:
+            accelerator.end_training()
     except Interrupted as err:
         print(f"expreg.cv: interrupted by {err}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
         return 128 + err.signum
@@ -68,6 +64,20 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
     print(render_markdown(summary))
     print(f"wrote {out_dir / 'cv_summary.json'} and {out_dir / 'cv_summary.md'}")
     return 0
+
+
+def _finetune(cfg, methods: list[str]):
+    """``(accelerator, finetune)``: the fine-tuning of a fold bound to the recipe's accelerator, or ``(None, None)``."""
+    if "finetune" not in methods:
+        return None, None
+    from expreg.training.folds import finetune_fold
+    from expreg.training.launch import build_accelerator, unconnected_launch_error
+
+    accelerator = build_accelerator(cfg)  # the recipe's precision, accumulation and trackers
+    problem = unconnected_launch_error(accelerator)
+    if problem:
+        raise ConfigError(problem)
+    return accelerator, functools.partial(finetune_fold, accelerator=accelerator)
 
 
 if __name__ == "__main__":

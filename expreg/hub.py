@@ -1,6 +1,8 @@
-"""Command: push a run's best model to the HuggingFace Hub (machinery: ``expreg.modeling.hub``).
+"""python -m expreg.hub RUN_DIR --hub_model_id ORG/NAME [--private]
 
-python -m expreg.hub results/<run> --hub_model_id org/name     # push (or retry a failed push)
+Push a run's best model to the HuggingFace Hub, or retry a failed push, e.g.
+``python -m expreg.hub results/<run> --hub_model_id org/name`` (machinery: ``expreg.modeling.hub``).
+Exit codes: 0 pushed; 3 the push failed (no network, no permission, no saved best model).
 """
 
 from __future__ import annotations

@@ -1,15 +1,25 @@
-"""One inference loop for the saved model: a run's final scores, ``expreg.predict``, CV folds and TTA.
+"""One inference loop: the training run's evaluation, its final scores, ``expreg.predict``, CV folds,
+TTA and frozen embeddings all go through ``gather_outputs``.
 
-Every prediction of a *saved* model goes through ``predict_loader``: the model on the
-accelerator's device in fp32 (never under the training run's autocast), the loader sharded over
-the processes, ``gather_for_metrics`` putting exactly one row per sample back in dataset order.
-So a run's ``predictions_val.csv`` / ``predictions_test.csv`` and ``expreg.predict`` on the
-same images give the same numbers, whatever precision the run trained in.
+The loader is sharded over the processes (``accelerator.prepare_data_loader``, or already prepared
+by the trainer) and ``gather_for_metrics`` puts exactly one row per sample back in dataset order,
+so 1 or N processes give the same rows. A *saved* model is run by ``predict_loader``: on the
+accelerator's device in fp32 (never under a training run's autocast), so a run's
+``predictions_val.csv`` / ``predictions_test.csv`` and ``expreg.predict`` on the same images give
+the same numbers. Predictions become expression units in one place: ``ExpRegModel.to_expression``
+(the training-split statistics stored with the model).
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
+
+
+class PredictError(RuntimeError):
+    """The model or the inputs of a prediction cannot be used."""
 
 
 class ImageFiles:
@@ -23,12 +33,23 @@ class ImageFiles:
         return len(self.files)
 
     def __getitem__(self, index: int):
-        from expreg.data.dataset import UnreadableImageError, load_image
+        from expreg.data import UnreadableImageError, load_image
 
         image, reason = load_image(self.files[index])
         if image is None:
             raise UnreadableImageError(f"{self.files[index]}: cannot read the image ({reason})")
         return self.transform(image, self.files[index])
+
+
+def image_loader(model, files: list[str], batch_size: int, num_workers: int):
+    """A DataLoader of ``files`` with the saved model's own evaluation transform (size, mean, std)."""
+    from torch.utils.data import DataLoader
+
+    from expreg.data import ImageTransform
+
+    config = model.config
+    transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
+    return DataLoader(ImageFiles(files, transform), batch_size=batch_size, num_workers=num_workers)
 
 
 def dihedral_views(pixel_values):
@@ -50,34 +71,78 @@ def forward_tta(model, pixel_values, tta: bool):
     return sum(model(pixel_values=v).predictions.float() for v in views) / len(views)
 
 
+def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
+    """A tqdm bar (on one process per machine); in log files (no terminal) at most one line per 30 s."""
+    from tqdm.auto import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, disable=not enabled, leave=False, mininterval=0.1 if interactive else 30, **kwargs)
+
+
+def gather_outputs(
+    forward, loader, accelerator=None, *, max_batches=None, desc="predict", with_labels=False, progress=True
+):
+    """``forward(pixel_values)`` over every batch of ``loader``, gathered from all processes in dataset order.
+
+    Args:
+        forward: Maps a ``pixel_values`` batch to a ``(batch, ...)`` tensor.
+        loader: A sharded (prepared) loader of ``pixel_values`` tensors or of dicts holding them
+            (and ``labels`` when ``with_labels``); with ``accelerator=None``, a plain loader run
+            in this process.
+        max_batches: Stop after this many batches per process (dry runs): the rows returned are
+            then the first ones of the dataset.
+        progress: Show a progress bar (on the local main process).
+
+    Returns:
+        The outputs ``(num_samples, ...)`` as float32 numpy (and the labels with ``with_labels``),
+        exactly one row per sample (``gather_for_metrics`` drops the padding of the last batch);
+        ``None`` when the loader yielded nothing.
+    """
+    import torch
+
+    outputs, labels = [], []
+    main = progress and (accelerator is None or accelerator.is_local_main_process)
+    with torch.inference_mode():
+        for i, batch in enumerate(progress_bar(loader, enabled=main, desc=desc, unit="batch")):
+            if max_batches is not None and i >= max_batches:
+                break
+            pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
+            if accelerator is not None:
+                pixel_values = pixel_values.to(accelerator.device)
+            out = forward(pixel_values).float()
+            gathered = (out, batch["labels"]) if with_labels else out
+            if accelerator is not None:
+                gathered = accelerator.gather_for_metrics(gathered)
+            out, lab = gathered if with_labels else (gathered, None)
+            outputs.append(out.cpu().numpy())
+            if with_labels:
+                labels.append(lab.cpu().numpy())
+    result = np.concatenate(outputs) if outputs else None
+    return (result, np.concatenate(labels) if labels else None) if with_labels else result
+
+
 def predict_loader(model, loader, accelerator, *, tta: bool = False, max_batches: int | None = None, desc="predict"):
-    """Normalised predictions ``(num_samples, num_genes)`` of ``model`` over ``loader``, in dataset order.
+    """Normalised predictions ``(num_samples, num_genes)`` of a saved ``model`` over ``loader``, in dataset order.
 
     Args:
         model: An unwrapped ``ExpRegModel`` (moved to the accelerator's device here, fp32, eval mode).
         loader: A DataLoader of ``pixel_values`` tensors or of dicts holding them; it is sharded
             over the processes here (pass the plain, unprepared loader).
         tta: Average over the 8 dihedral views.
-        max_batches: Stop after this many batches per process (dry runs); the rows returned are
-            then the first ones of the dataset.
+        max_batches: Stop after this many batches per process (dry runs).
     """
-    import torch
-    from tqdm.auto import tqdm
-
     model = model.to(accelerator.device).eval()
     sharded = accelerator.prepare_data_loader(loader)
-    outputs = []
-    bar = tqdm(sharded, desc=desc, unit="batch", leave=False, disable=not accelerator.is_local_main_process)
-    with torch.inference_mode():
-        for i, batch in enumerate(bar):
-            if max_batches is not None and i >= max_batches:
-                break
-            pixel_values = batch["pixel_values"] if isinstance(batch, dict) else batch
-            predictions = forward_tta(model, pixel_values.to(accelerator.device), tta)
-            outputs.append(accelerator.gather_for_metrics(predictions).cpu().numpy())
-    if not outputs:
+    predictions = gather_outputs(
+        lambda pixel_values: forward_tta(model, pixel_values, tta),
+        sharded,
+        accelerator,
+        max_batches=max_batches,
+        desc=desc,
+    )
+    if predictions is None:
         return np.zeros((0, model.config.num_genes), dtype=np.float32)
-    return np.concatenate(outputs)
+    return predictions
 
 
 def predict_files(
@@ -88,12 +153,42 @@ def predict_files(
     Every process predicts its shard; ``gather_for_metrics`` reassembles exactly ``len(files)`` rows.
     With ``tta``, each prediction is the mean over the 8 dihedral views of the image (8x the compute).
     """
-    from torch.utils.data import DataLoader
-
-    from expreg.data.dataset import ImageTransform
-
-    config = model.config
-    transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
-    loader = DataLoader(ImageFiles(files, transform), batch_size=batch_size, num_workers=num_workers)
+    loader = image_loader(model, files, batch_size, num_workers)
     normalised = predict_loader(model, loader, accelerator, tta=tta)
     return model.to_expression(normalised.astype(np.float64))
+
+
+def embed_files(model, files: list[str], batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
+    """Embeddings ``(len(files), num_features)`` of ``model.backbone`` (eval mode, in this process, float64)."""
+    loader = image_loader(model, files, batch_size, num_workers)
+    was_training = model.training
+    model.eval()
+    try:
+        embeddings = gather_outputs(model.backbone, loader, desc="embed", progress=len(files) >= 200)
+    finally:
+        model.train(was_training)
+    return embeddings.astype(np.float64)
+
+
+def resolve_model_dir(model: str) -> str:
+    """Accept a ``save_pretrained`` folder, a run directory (uses its best checkpoint) or a hub id."""
+    path = Path(model)
+    if (path / "checkpoints" / "best" / "config.json").is_file():
+        return str(path / "checkpoints" / "best")
+    if path.exists() and not (path / "config.json").is_file():
+        raise PredictError(f"{model}: not a saved model (no config.json); pass a run's checkpoints/best folder")
+    return model
+
+
+def load_model(model: str):
+    """``ExpRegModel.from_pretrained`` with a clear error for unreachable hub ids (e.g. offline)."""
+    from expreg.modeling.model import ExpRegModel
+
+    source = resolve_model_dir(model)
+    try:
+        return ExpRegModel.from_pretrained(source).eval()
+    except (OSError, ValueError) as err:
+        raise PredictError(
+            f"could not load model {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}. A local folder "
+            "needs config.json and model.safetensors; a hub id needs network access (or the HF cache)."
+        ) from err

@@ -1,39 +1,22 @@
-"""Command: (re)draw the plots of a finished run (machinery: ``expreg.evaluation.plots``).
+"""python -m expreg.plots RUN_DIR
 
-python -m expreg.plots results/<run>
+(Re)draw the plots of a finished run, e.g. ``python -m expreg.plots results/<run>`` (machinery:
+``expreg.evaluation.plots.redraw_run_plots``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-import numpy as np
-
-from expreg.evaluation.plots import write_run_plots
+from expreg.evaluation.plots import redraw_run_plots
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m expreg.plots", description="Draw a finished run's plots.")
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
-    import yaml
-
-    from expreg.config import config_from_dict
-    from expreg.data.dataset import load_expression_dataset
-
-    run_dir = Path(args.run_dir)
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config_resolved.yaml").read_text()), "run config")
-    ds = load_expression_dataset(
-        cfg.data.metadata_csv,
-        cfg.data.split_csv,
-        fold=cfg.data.fold,
-        seed=cfg.seed,
-        val_frac=cfg.data.val_frac,
-        check_images="none",
-    )
-    for path in write_run_plots(run_dir, np.asarray(ds["validation"]["labels"], dtype=np.float64)):
+    for path in redraw_run_plots(args.run_dir):
         print(f"wrote {path}")
     return 0
 

@@ -20,37 +20,17 @@ from pathlib import Path
 import numpy as np
 
 from expreg.data.metadata import MetadataError, read_metadata, resolve_image_path
-from expreg.inference import ImageFiles, dihedral_views, forward_tta, predict_files  # noqa: F401 - the public names
+from expreg.inference import (  # noqa: F401 - also the public names of expreg.predict
+    ImageFiles,
+    PredictError,
+    dihedral_views,
+    forward_tta,
+    load_model,
+    predict_files,
+    resolve_model_dir,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-class PredictError(RuntimeError):
-    """The model or the inputs of a prediction cannot be used."""
-
-
-def resolve_model_dir(model: str) -> str:
-    """Accept a ``save_pretrained`` folder, a run directory (uses its best checkpoint) or a hub id."""
-    path = Path(model)
-    if (path / "checkpoints" / "best" / "config.json").is_file():
-        return str(path / "checkpoints" / "best")
-    if path.exists() and not (path / "config.json").is_file():
-        raise PredictError(f"{model}: not a saved model (no config.json); pass a run's checkpoints/best folder")
-    return model
-
-
-def load_model(model: str):
-    """``ExpRegModel.from_pretrained`` with a clear error for unreachable hub ids (e.g. offline)."""
-    from expreg.modeling.model import ExpRegModel
-
-    source = resolve_model_dir(model)
-    try:
-        return ExpRegModel.from_pretrained(source).eval()
-    except (OSError, ValueError) as err:
-        raise PredictError(
-            f"could not load model {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}. A local folder "
-            "needs config.json and model.safetensors; a hub id needs network access (or the HF cache)."
-        ) from err
 
 
 def list_images(image_dir: str | os.PathLike) -> list[str]:
@@ -113,8 +93,8 @@ def main(argv=None) -> int:
         print(f"expreg-predict: error: {err}", file=sys.stderr)
         return 2
 
-    from expreg import run_dir as io
     from expreg.evaluation.metrics import compute_metrics
+    from expreg.run_dir import write_json, write_per_gene_metrics, write_table_csv
     from expreg.training.launch import build_accelerator, unconnected_launch_error
 
     accelerator = build_accelerator()
@@ -122,7 +102,7 @@ def main(argv=None) -> int:
     if problem:
         print(f"expreg-predict: error: {problem}", file=sys.stderr)
         return 2
-    from expreg.data.dataset import UnreadableImageError, error_message
+    from expreg.data import UnreadableImageError, error_message
 
     try:
         expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers, tta=args.tta)
@@ -132,15 +112,15 @@ def main(argv=None) -> int:
     if not accelerator.is_main_process:
         return 0
     genes = list(model.config.gene_names)
-    io.write_table_csv(out, ["path", *genes], [[p, *row] for p, row in zip(paths, expression)])
+    write_table_csv(out, ["path", *genes], [[p, *row] for p, row in zip(paths, expression)])
     print(f"wrote {len(paths)} predictions x {len(genes)} genes to {out} ({accelerator.num_processes} process(es))")
     if targets is not None:
         metrics = compute_metrics(expression, targets, genes)
-        io.write_json(
+        write_json(
             out.with_suffix(".metrics.json"),
             {**metrics.summary, "model": args.model, "inputs": str(args.metadata_csv)},
         )
-        io.write_per_gene_metrics(out.with_suffix(".per_gene.csv"), metrics.per_gene_rows())
+        write_per_gene_metrics(out.with_suffix(".per_gene.csv"), metrics.per_gene_rows())
         print(metrics.format())
         print(metrics.format_genes())
     return 0

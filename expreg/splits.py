@@ -1,9 +1,12 @@
-"""Command: make a group-aware split or group k-fold file from a metadata CSV (machinery: ``expreg.data.splits``).
+"""python -m expreg.splits --metadata_csv CSV --out_csv SPLIT_CSV [--seed S] [--val_frac F] [--test_frac F] [--n_folds K]
+
+Make a group-aware split or group k-fold file from a metadata CSV (machinery: ``expreg.data.splits``), e.g.
 
     python -m expreg.splits --metadata_csv data.csv --out_csv splits/my_split.csv --seed 42
     python -m expreg.splits --metadata_csv data.csv --out_csv splits/folds.csv --n_folds 5
 
-Also installed as ``expreg-splits``.
+Also installed as ``expreg-splits``. Exit codes: 0 written; 2 bad metadata, or ``--out_csv`` exists
+(without ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from expreg.data.metadata import MetadataError, read_metadata
+from expreg.data import MetadataError, read_metadata
 from expreg.data.splits import make_fold_table, make_split_table, write_table
 
 

@@ -101,7 +101,7 @@ def test_yaml_booleans_and_raw_text_overrides(tmp_path):
 
 
 def test_cpu_precision_warning_depends_on_native_bf16():
-    from expreg.training.trainer import cpu_bf16_flags, cpu_precision_warning
+    from expreg.training.launch import cpu_bf16_flags, cpu_precision_warning
 
     avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
     amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

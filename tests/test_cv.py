@@ -53,7 +53,7 @@ def test_ridge_recovers_a_linear_signal_and_chooses_alpha_on_training_groups_onl
 def test_unreadable_image_in_features_is_named(tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    from expreg.data.dataset import UnreadableImageError
+    from expreg.data import UnreadableImageError
 
     with pytest.raises(UnreadableImageError, match="bad.png: cannot read the image"):
         extract_features([str(bad)])
@@ -276,7 +276,7 @@ def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_data
     import torch
     import yaml
 
-    from expreg.data.dataset import ImageTransform
+    from expreg.data import ImageTransform
     from expreg.evaluation.metrics import compute_metrics
     from expreg.modeling.model import ExpRegModel
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from expreg.data.dataset import (
+from expreg.data import (
     ExpressionTransform,
     ImageTransform,
     TargetStats,
@@ -238,7 +238,7 @@ def test_result_files_are_readable_by_others(tmp_path):
 
 
 def test_training_order_changes_every_epoch_and_is_reproducible():
-    from expreg.data.dataset import EpochBatchSampler
+    from expreg.data import EpochBatchSampler
 
     def order(epoch: int, seed: int = 0) -> list[int]:
         sampler = EpochBatchSampler(50, 8, seed=seed)
@@ -272,7 +272,7 @@ def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_p
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
 
-    from expreg.data.dataset import EpochBatchSampler
+    from expreg.data import EpochBatchSampler
 
     sampler = EpochBatchSampler(num_samples, 8, seed=0, num_processes=num_processes)
     sampler.set_epoch(3)
@@ -294,7 +294,7 @@ def test_each_training_sample_once_per_epoch_across_processes(num_samples, num_p
 
 
 def test_hed_jitter_changes_stain_not_geometry_and_is_seeded():
-    from expreg.data.dataset import hed_jitter
+    from expreg.data import hed_jitter
 
     patch = np.full((16, 16, 3), (200, 120, 170), dtype=np.uint8)
     patch[4:8, 4:8] = (80, 40, 120)  # a "nucleus"

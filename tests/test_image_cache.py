@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from expreg.config import RunConfig
+from expreg.data import build_dataloaders, decode_resized, load_expression_dataset, load_image
 from expreg.data import image_cache as image_cache
-from expreg.data.dataset import build_dataloaders, decode_resized, load_expression_dataset, load_image
 from expreg.data.image_cache import ImageCacheError, ensure_image_cache
 
 
@@ -93,8 +93,8 @@ def test_unreadable_images_are_recorded_with_the_reason(dataset_csv, tmp_path):
 def test_unreadable_evaluation_images_stop_the_run_even_when_training_skips(dataset_csv, tmp_path):
     from types import SimpleNamespace
 
-    from expreg.data.dataset import UnreadableImageError
-    from expreg.training.trainer import _setup_image_cache
+    from expreg.data import UnreadableImageError
+    from expreg.training.setup import setup_image_cache as _setup_image_cache
 
     ds = load_expression_dataset(dataset_csv)
     victim = ds["validation"].cast_column("image", datasets.Image(decode=False))[0]["image"]["path"]

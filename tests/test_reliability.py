@@ -283,7 +283,7 @@ def test_decode_check_catches_broken_files(dataset_csv, content, expected):
 
 @pytest.mark.parametrize("size", [(3, 5), (2400, 1800)], ids=["tiny", "large"])
 def test_any_image_size_is_resized(size):
-    from expreg.data.dataset import ImageTransform
+    from expreg.data import ImageTransform
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8))
     assert ImageTransform(32)(image, "x.png").shape == (3, 32, 32)

@@ -69,7 +69,7 @@ def test_predict_tta_averages_the_eight_views_of_each_image(run, tmp_path):
     import torch
     from PIL import Image
 
-    from expreg.data.dataset import ImageTransform
+    from expreg.data import ImageTransform
     from expreg.modeling.model import ExpRegModel
 
     val_csv = _val_csv(run, tmp_path)

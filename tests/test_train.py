@@ -152,7 +152,7 @@ def test_decoded_image_cache_gives_the_same_run(reference_run, data_csv, tmp_pat
 
 
 def test_predictions_file_matches_the_best_model(reference_run):
-    from expreg.data.dataset import ImageTransform, load_expression_dataset
+    from expreg.data import ImageTransform, load_expression_dataset
     from expreg.modeling.model import ExpRegModel
 
     model = ExpRegModel.from_pretrained(reference_run / "checkpoints" / "best").eval()
@@ -509,7 +509,8 @@ def test_gradient_accumulation_matches_one_large_batch(data_csv, tmp_path):
 
 
 def test_an_undefined_metric_still_gives_a_best_model():
-    from expreg.training.trainer import TrainerState, _improved
+    from expreg.training.checkpoint import TrainerState
+    from expreg.training.trainer import _improved
 
     state = TrainerState()
     assert _improved(float("nan"), state)  # first epoch always saved

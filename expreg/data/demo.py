@@ -7,7 +7,9 @@ per-patient offset. A model that sees colour and texture can therefore learn to 
 expression, and a model that cannot, cannot: a real signal, not a lookup table.
 
 Generated deterministically (same arguments -> byte-identical files), by ``make_synthetic_dataset``
-and, for the demo recipe, once into a cache folder by ``ensure_demo_dataset``.
+and, for the demo recipe, once into a cache folder by ``ensure_demo_dataset``. Owns that generator,
+the cache folder (``default_cache_dir``) and ``resolve_metadata_csv``, which turns the config's
+``data.metadata_csv=demo`` into the demo dataset's CSV.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from expreg.config import DEMO_DATA
 
 DEMO_VERSION = 1
 DEMO_DEFAULTS = {"num_groups": 8, "samples_per_group": 60, "image_size": 64, "num_genes": 50, "seed": 0}
@@ -136,3 +140,10 @@ def ensure_demo_dataset(cache_dir: str | os.PathLike | None = None, **overrides)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target / "metadata.csv"
+
+
+def resolve_metadata_csv(metadata_csv: str) -> str:
+    """The metadata CSV a config names: the demo dataset's (made once) for ``DEMO_DATA``, else unchanged."""
+    if metadata_csv == DEMO_DATA:
+        return str(ensure_demo_dataset())
+    return metadata_csv

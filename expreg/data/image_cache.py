@@ -5,8 +5,8 @@ Decoding JPEG/PNG patches and resizing them is the same work every epoch. With
 the resized ``uint8`` pixels from an Arrow IPC file that is memory-mapped (the operating system
 shares the pages between processes and workers; nothing is loaded into Python memory).
 Augmentation still runs per epoch on top of the cached pixels, and the pixels are exactly
-those the uncached pipeline makes (``expreg.data.decode_resized``), so a run gives the same
-numbers with the cache as without.
+those the uncached pipeline makes (``expreg.data.transforms.decode_resized``), so a run gives the
+same numbers with the cache as without.
 
 A cache is identified by the image size and every image's absolute path, size in bytes and
 modification time: change an image, add one or change ``data.image_size`` and a new cache is
@@ -14,6 +14,9 @@ built (old ones stay until you delete them; each is one folder under
 ``<data.image_cache_dir>/images/``, by default ``$EXPREG_CACHE`` or ``~/.cache/expreg``).
 Images that cannot be decoded are recorded in the cache with the reason, and handled by
 ``data.bad_image_policy`` like uncached ones.
+
+Owns building a cache (``ensure_image_cache``: fingerprint, disk-space check, atomic build,
+waiting for another process's build) and reading one (``ImageCache``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ FORMAT_VERSION = 2  # bump when the pixels a cache holds would change (resize me
 ROWS_PER_BATCH = 256  # rows per Arrow record batch (readers look chunks up by offset, not by this)
 CACHE_FILE = "images.arrow"
 INFO_FILE = "cache_info.json"
+ROW_OVERHEAD_BYTES = 300  # a row's estimated bytes besides its pixels (path, error, offsets): space check
+MAX_DISK_FRACTION = 0.95  # the most of the free disk space a new cache may take
 _HOST = socket.gethostname().replace(".", "-")
 
 
@@ -156,7 +161,7 @@ class _DecodeFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from expreg.data.dataset import decode_resized, load_image
+        from expreg.data.transforms import decode_resized, load_image
 
         path = self.paths[i]
         image, reason = load_image(path)
@@ -238,37 +243,12 @@ def ensure_image_cache(
     paths = sorted(set(paths))
     folder = ImageCache.folder_for(paths, image_size, cache_root)
     if not build:
-        while not (folder / INFO_FILE).is_file():
-            time.sleep(poll_seconds)
-        return ImageCache(folder)
+        return _wait_for(folder, poll_seconds)
     if (folder / INFO_FILE).is_file():
         logger.info(f"image cache: {folder} ({len(paths)} images, {image_size} px)")
         return ImageCache(folder)
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        _remove_abandoned_staging(folder.parent)
-        needed = len(paths) * (3 * image_size * image_size + 300)
-        free = shutil.disk_usage(folder.parent).free
-        if needed > 0.95 * free:
-            raise ImageCacheError(
-                f"the decoded-image cache needs about {needed / 1e9:.1f} GB in {folder.parent}, which has "
-                f"{free / 1e9:.1f} GB free: set data.image_cache_dir to a larger disk, or data.image_cache=false"
-            )
-        logger.info(f"building the decoded-image cache {folder} ({len(paths)} images, about {needed / 1e6:.0f} MB)")
-        staging = folder.parent / f".{folder.name}.{_HOST}.{os.getpid()}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
-            _write(staging, paths, image_size, num_workers, progress)
-            info = {"format_version": FORMAT_VERSION, "image_size": image_size, "num_images": len(paths)}
-            (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-            try:
-                os.rename(staging, folder)  # atomic: a cache folder is complete or absent
-            except OSError:
-                if not (folder / INFO_FILE).is_file():  # anything but "another process built it meanwhile"
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        _build(folder, paths, image_size, num_workers, progress)
     except ImageCacheError:
         raise
     except OSError as err:
@@ -277,6 +257,47 @@ def ensure_image_cache(
             "writable folder with space, or data.image_cache=false"
         ) from err
     return ImageCache(folder)
+
+
+def _wait_for(folder: Path, poll_seconds: float) -> ImageCache:
+    """Open the cache another process is building, once it is complete (polling every ``poll_seconds``)."""
+    while not (folder / INFO_FILE).is_file():
+        time.sleep(poll_seconds)
+    return ImageCache(folder)
+
+
+def _build(folder: Path, paths: list[str], image_size: int, num_workers: int, progress: bool) -> None:
+    """Build the cache in a staging folder of this process, then rename it to ``folder`` (atomic)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_staging(folder.parent)
+    needed = _check_free_space(folder.parent, len(paths), image_size)
+    logger.info(f"building the decoded-image cache {folder} ({len(paths)} images, about {needed / 1e6:.0f} MB)")
+    staging = folder.parent / f".{folder.name}.{_HOST}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write(staging, paths, image_size, num_workers, progress)
+        info = {"format_version": FORMAT_VERSION, "image_size": image_size, "num_images": len(paths)}
+        (staging / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            os.rename(staging, folder)  # atomic: a cache folder is complete or absent
+        except OSError:
+            if not (folder / INFO_FILE).is_file():  # anything but "another process built it meanwhile"
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_free_space(images_dir: Path, num_images: int, image_size: int) -> int:
+    """The bytes the cache needs; ImageCacheError when ``images_dir``'s disk has not got them to spare."""
+    needed = num_images * (3 * image_size * image_size + ROW_OVERHEAD_BYTES)
+    free = shutil.disk_usage(images_dir).free
+    if needed > MAX_DISK_FRACTION * free:
+        raise ImageCacheError(
+            f"the decoded-image cache needs about {needed / 1e9:.1f} GB in {images_dir}, which has "
+            f"{free / 1e9:.1f} GB free: set data.image_cache_dir to a larger disk, or data.image_cache=false"
+        )
+    return needed
 
 
 def _remove_abandoned_staging(images_dir: Path) -> None:

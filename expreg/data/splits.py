@@ -5,6 +5,11 @@ A split file has the columns ``path``, ``group_id`` and ``split`` (``train``/``v
 patients) are assigned, so no group ever appears on both sides. The result depends only on the
 CSV's content and the seed: rows are handled by sorted group id and written sorted by path.
 
+Owns all split assignment: making split and fold tables, writing and checking split files, and
+``split_rows`` (metadata + split file, fold file or nothing -> the split name of every row), the
+one step every "metadata -> split -> ``DatasetDict``" path shares. Imports neither torch nor
+``datasets``.
+
 Command line::
 
     python -m expreg.splits --metadata_csv data.csv --out_csv splits/my_split.csv --seed 42
@@ -290,3 +295,93 @@ def _check_no_leakage(path: Path, table: pd.DataFrame, column: str) -> None:
             f"{path}: column '{column}', {describe_rows(rows + 2)}: group(s) {', '.join(map(str, leaking[:5]))} "
             f"appear in more than one {column} (leakage)"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The split of every metadata row
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowSplit:
+    """The split of a metadata table's rows.
+
+    Attributes:
+        names: The split name (``train``/``validation``/``test``) of every metadata row, in row order.
+        table: The split table when it was made here (``split_csv`` None), for the caller to save.
+        summary: Its summary (``SplitSummary.format()`` gives the printed table).
+    """
+
+    names: np.ndarray
+    table: pd.DataFrame | None = None
+    summary: SplitSummary | None = None
+
+
+def split_rows(
+    metadata: Metadata,
+    split_csv: str | os.PathLike | None,
+    *,
+    fold: int | None = None,
+    seed: int = 42,
+    val_frac: float = 0.2,
+) -> RowSplit:
+    """Assign every metadata row to a split.
+
+    Args:
+        metadata: The validated table.
+        split_csv: A split file (``split`` column) or fold file (``fold`` column). When None, a
+            group-aware train/validation split is made here (``make_split_table``).
+        fold: With a fold file: the fold held out as ``test``; the other folds' groups are split
+            into ``train`` and ``validation`` (``val_frac``, ``seed``).
+        seed: Seed of any split made here.
+        val_frac: Validation fraction of any split made here.
+    """
+    if split_csv is None:
+        table, summary = make_split_table(metadata, val_frac=val_frac, seed=seed)
+        names = table.set_index("path").loc[metadata.frame["path"], "split"].to_numpy()
+        return RowSplit(names, table, summary)
+    table = read_split_file(split_csv, metadata)
+    if "split" in table.columns:
+        if fold is not None:
+            raise MetadataError(f"{split_csv}: fold={fold} given but this is a split file, not a fold file")
+        return RowSplit(table["split"].to_numpy())
+    folds = table["fold"].to_numpy()
+    if fold is None or fold not in set(folds.tolist()):
+        raise MetadataError(
+            f"{split_csv}: a fold file; choose the held-out fold (one of {sorted(set(folds.tolist()))})"
+        )
+    return RowSplit(_split_training_folds(table, folds == fold, seed, val_frac))
+
+
+def split_assignment(
+    metadata: Metadata,
+    split_csv: str | os.PathLike | None,
+    *,
+    fold: int | None = None,
+    seed: int = 42,
+    val_frac: float = 0.2,
+) -> np.ndarray:
+    """The split name (``train``/``validation``/``test``) of every metadata row, in row order."""
+    return split_rows(metadata, split_csv, fold=fold, seed=seed, val_frac=val_frac).names
+
+
+def _split_training_folds(table, is_test: np.ndarray, seed: int, val_frac: float) -> np.ndarray:
+    train_part = table.loc[~is_test]
+    counts = train_part["group_id"].value_counts()
+    groups = np.array(sorted(counts.index), dtype=object)
+    if len(groups) < 2:
+        # One training group (e.g. leave-one-patient-out with two patients): validation, used only
+        # to pick the best epoch, is a seeded random fraction of its samples. The test fold stays
+        # untouched; the validation score is optimistic (same patient), the test score is not.
+        rng = np.random.default_rng(seed)
+        order = np.argsort(train_part["path"].to_numpy(), kind="stable")  # independent of row order
+        n_val = max(1, int(round(val_frac * len(order))))
+        val_rows = train_part.index[order[rng.permutation(len(order))[:n_val]]]
+        out = np.where(is_test, "test", "train").astype(object)
+        out[table.index.get_indexer(val_rows)] = "validation"
+        return out
+    mapping = assign_splits(
+        groups, counts.loc[groups].to_numpy(), {"train": 1 - val_frac, "validation": val_frac}, seed
+    )
+    out = np.where(is_test, "test", table["group_id"].map(mapping).fillna("test").to_numpy())
+    return out.astype(object)

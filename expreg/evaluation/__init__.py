@@ -1,3 +1,3 @@
 """Evaluation: per-gene metrics, baselines, patient-level cross-validation, run tables and plots.
-Pure numbers and files: nothing here builds or touches the Accelerator except the fine-tuning folds
-of ``cv``, which go through ``expreg.training``."""
+Pure numbers and files: nothing here builds or touches the Accelerator or imports ``expreg.training``;
+the fine-tuning folds of ``cv`` are handed in by the command (``expreg.training.folds.finetune_fold``)."""

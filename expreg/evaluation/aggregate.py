@@ -20,6 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from expreg.config import flatten
+from expreg.formatting import fmt_cell, fmt_mean_std_of_all
+
 # Keys that differ between the folds of one cross-validation, or between identical reruns.
 _NOT_CONFIGURATION = {"data.fold", "logging.run_name", "logging.output_dir"}
 
@@ -40,16 +43,6 @@ class RunRow:
     fold: int | None = None
     configuration: str = ""
     problem: str | None = None
-
-
-def _flatten(cfg: dict) -> dict:
-    flat = {}
-    for key, value in cfg.items():
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    return flat
 
 
 def read_run(run_dir: Path) -> RunRow:
@@ -81,7 +74,7 @@ def _read_run(run_dir: Path) -> RunRow:
     if not isinstance(raw, dict):
         row.problem = "config_resolved.yaml is not a mapping"
         return row
-    cfg = _flatten(raw)
+    cfg = flatten(raw)
     row.backbone = str(cfg.get("model.backbone", ""))
     row.effective_batch = metrics.get("effective_batch_size")
     row.lr, row.seed, row.fold = cfg.get("train.lr"), cfg.get("seed"), cfg.get("data.fold")
@@ -105,21 +98,6 @@ def collect(results_dir: Path) -> list[RunRow]:
     return [read_run(p) for p in sorted(results_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
 
 
-def _num(value, digits: int | str = 4) -> str:
-    """A table cell: floats with ``digits`` decimals (or a format spec such as ``"g"``), n/a for missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    if not isinstance(value, float):
-        return str(value)
-    return f"{value:{digits}}" if isinstance(digits, str) else f"{value:.{digits}f}"
-
-
-def _mean_std(values: list[float]) -> str:
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return f"{mean:.4f} ± {std:.4f}"
-
-
 def render(rows: list[RunRow], results_dir: Path) -> str:
     good = sorted((r for r in rows if r.problem is None), key=lambda r: -r.spearman)
     lines = [f"# Runs in {results_dir}", ""]
@@ -133,9 +111,9 @@ def render(rows: list[RunRow], results_dir: Path) -> str:
     ]
     for r in good:
         lines.append(
-            f"| {r.name} | {r.backbone} | {_num(r.effective_batch)} | {_num(r.lr, 'g')} | {_num(r.seed)} "
-            f"| {_num(r.epochs_done)} | {_num(r.best_epoch)} | {_num(r.spearman)} | {_num(r.pearson)} "
-            f"| {_num(r.test_spearman)} | {_num(r.test_pearson)} |"
+            f"| {r.name} | {r.backbone} | {fmt_cell(r.effective_batch)} | {fmt_cell(r.lr, 'g')} | {fmt_cell(r.seed)} "
+            f"| {fmt_cell(r.epochs_done)} | {fmt_cell(r.best_epoch)} | {fmt_cell(r.spearman)} | {fmt_cell(r.pearson)} "
+            f"| {fmt_cell(r.test_spearman)} | {fmt_cell(r.test_pearson)} |"
         )
     if not good:
         lines.append("| (no finished runs) | | | | | | | | | | |")
@@ -145,13 +123,6 @@ def render(rows: list[RunRow], results_dir: Path) -> str:
         lines += ["", "## Incomplete or broken runs", "", "| folder | problem |", "|---|---|"]
         lines += [f"| {r.name} | {r.problem} |" for r in broken]
     return "\n".join(lines) + "\n"
-
-
-def _mean_std_or_na(values: list) -> str:
-    """Mean ± std of the defined values; n/a when any fold lacks one (a partial mean would mislead)."""
-    if not values or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
-        return "n/a"
-    return _mean_std(values)
 
 
 def _cross_validation(good: list[RunRow]) -> list[str]:
@@ -175,9 +146,9 @@ def _cross_validation(good: list[RunRow]) -> list[str]:
     summaries = []
     for runs in groups.values():
         runs = sorted(runs, key=lambda r: r.fold)
-        test_spearman = _mean_std_or_na([r.test_spearman for r in runs])
-        test_pearson = _mean_std_or_na([r.test_pearson for r in runs])
-        val_spearman = _mean_std_or_na([r.spearman for r in runs])
+        test_spearman = fmt_mean_std_of_all([r.test_spearman for r in runs])
+        test_pearson = fmt_mean_std_of_all([r.test_pearson for r in runs])
+        val_spearman = fmt_mean_std_of_all([r.spearman for r in runs])
         folds = ", ".join(str(r.fold) for r in runs)
         defined = [r.test_spearman for r in runs if isinstance(r.test_spearman, (int, float))]
         key = -sum(defined) / len(defined) if defined else math.inf

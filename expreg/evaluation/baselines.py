@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expreg.data.dataset import HED_FROM_RGB_OD, UnreadableImageError, load_image, to_rgb
+from expreg.data import HED_FROM_RGB_OD, UnreadableImageError, load_image, to_rgb
 
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 RANK_TOLERANCE = 1e-6  # PCA keeps components whose singular value exceeds this fraction of the largest
@@ -164,25 +164,10 @@ def embed_images(
 
 
 def embed_with(model, image_paths: list[str], batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
-    """Embeddings of ``model.backbone`` for images, with the model's evaluation transform."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    """Embeddings of ``model.backbone`` for images, with the model's evaluation transform (``embed_files``)."""
+    from expreg.inference import embed_files
 
-    from expreg.data.dataset import ImageTransform
-    from expreg.inference import ImageFiles
-
-    config = model.config
-    transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
-    loader = DataLoader(ImageFiles(image_paths, transform), batch_size=batch_size, num_workers=num_workers)
-    was_training = model.training
-    model.eval()
-    chunks = []
-    with torch.inference_mode():
-        for pixel_values in tqdm(loader, desc="embed", unit="batch", disable=len(image_paths) < 200):
-            chunks.append(model.backbone(pixel_values).float().numpy())
-    model.train(was_training)
-    return np.concatenate(chunks).astype(np.float64)
+    return embed_files(model, image_paths, batch_size=batch_size, num_workers=num_workers)
 
 
 def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 256, seed: int = 0):

@@ -9,7 +9,9 @@ there are at most 10 groups) and each method:
 - ``finetune``: the recipe's training run with fold k held out as test (validation, for the
   best epoch, comes from the other folds' groups, or from a seeded part of the samples when
   only one group is left for training); the run scores fold k with its best model (its
-  ``metrics.json``'s ``test_*``, the numbers reported here), then the 8-view TTA is added;
+  ``metrics.json``'s ``test_*``, the numbers reported here), then the 8-view TTA is added.
+  Training is not done here: ``cross_validate`` is given it as ``finetune`` (the command binds
+  ``expreg.training.folds.finetune_fold`` to its accelerator);
 - ``linear_probe``: as in HEST-Benchmark, frozen embeddings of the recipe's backbone (its
   pretrained or local weights when the recipe asks for them, else random init) -> standardise ->
   PCA (256 or fewer components) -> ridge, all fitted on the training groups;
@@ -25,28 +27,69 @@ each took, and per-gene mean Spearman across folds).
 
 from __future__ import annotations
 
-import copy
-import json
-import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from expreg.config import DEMO_DATA, ConfigError
-from expreg.data.metadata import read_metadata
+from expreg.config import ConfigError, RunConfig
+from expreg.data import read_metadata, resolve_metadata_csv
 from expreg.data.splits import make_fold_table, write_table
-from expreg.run_dir import SPLIT_SUMMARY_FILE
+from expreg.evaluation.metrics import compute_metrics
+from expreg.formatting import fmt_float, fmt_mean_std, mean_std
+from expreg.run_dir import atomic_write_text, file_sha256, write_json
 
 METHODS = ("finetune", "linear_probe", "ridge", "mean")
+UNDEFINED = "undefined"  # how a missing (undefined) correlation is written
+
+# finetune(cfg, folds_csv, fold, runs_dir, (test files, test targets), genes) -> (summary, per-gene Spearman, extra)
+FineTune = Callable[..., tuple[dict, dict, dict]]
 
 
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return None, None
-    mean = float(np.mean(finite))
-    return mean, float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+def parse_methods(text: str) -> list[str]:
+    """``"finetune,ridge"`` -> ``["finetune", "ridge"]``; ``ConfigError`` for an unknown method or none."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(
+            f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
+        )
+    return methods
+
+
+def check_config(cfg, methods: list[str]) -> None:
+    """``ConfigError`` when the recipe sets what cross-validation decides itself."""
+    if cfg.data.split_csv is not None or cfg.data.fold is not None:
+        raise ConfigError("expreg.cv makes its own group folds: do not set data.split_csv or data.fold")
+    if cfg.train.stop_after_steps is not None and "finetune" in methods:
+        raise ConfigError("train.stop_after_steps: every fold of expreg.cv trains to the end; unset it")
+
+
+def output_dir(cfg, recipe: str, out_dir: str | None) -> Path:
+    """``out_dir``, or ``<logging.output_dir>/cv__<recipe>__<timestamp>``; ``ConfigError`` when it exists."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path(out_dir or Path(cfg.logging.output_dir) / f"cv__{Path(recipe).stem}__{stamp}")
+    if path.exists():
+        raise ConfigError(f"--out_dir {path} exists; cross-validation results are never overwritten")
+    return path
+
+
+@dataclass
+class _Folds:
+    """What every fold uses: the samples (in metadata order), the fold holding each out, the shared inputs."""
+
+    cfg: RunConfig
+    files: np.ndarray
+    targets: np.ndarray
+    groups: np.ndarray
+    genes: list[str]
+    fold_of: np.ndarray
+    folds_csv: Path
+    runs_dir: Path
+    inputs: dict = field(default_factory=dict)
+    finetune: FineTune | None = None
 
 
 def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: dict | None = None) -> dict:
@@ -62,123 +105,90 @@ def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: 
     }
 
 
-def run_finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, accelerator, test_files, genes):
-    """Train with ``fold`` held out; the run scores its best model on the fold (``metrics.json``'s ``test_*``).
-
-    Returns:
-        ``(summary, per-gene Spearman of the held-out fold, extra)``, taken from what the fold run
-        returns, so ``cv_summary.json`` and the run's ``metrics.json`` hold the same numbers.
-    """
-    from expreg.evaluation.metrics import compute_metrics
-    from expreg.inference import predict_files
-    from expreg.modeling.model import ExpRegModel
-    from expreg.training.trainer import TrainingError, run
-
-    fold_cfg = copy.deepcopy(cfg)
-    fold_cfg.data.split_csv, fold_cfg.data.fold = str(folds_csv), fold
-    fold_cfg.logging.output_dir, fold_cfg.logging.run_name = str(runs_dir), f"finetune__fold{fold}"
-    result = run(fold_cfg, accelerator)
-    accelerator.free_memory()
-    run_dir = runs_dir / f"finetune__fold{fold}"
-    if result["status"] != "finished" or "test_spearman_mean" not in result:
-        raise TrainingError(f"{run_dir}: the fold run ended with status {result['status']!r}, without held-out scores")
-    per_gene_spearman = result["test_per_gene_spearman"]
-    summary = {
-        "spearman_mean": result["test_spearman_mean"],
-        "pearson_mean": result["test_pearson_mean"],
-        "num_genes_undefined_spearman": result["num_genes_undefined_test_spearman"],
-        "num_samples": result["num_test_samples"],
-    }
-    model = ExpRegModel.from_pretrained(run_dir / "checkpoints" / "best")
-    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
-    files, targets = test_files
-    with_tta = predict_files(model, files, accelerator, batch_size, cfg.data.num_workers, tta=True)
-    accelerator.free_memory()
-    tta = compute_metrics(with_tta, targets, genes)
-    used = json.loads((run_dir / SPLIT_SUMMARY_FILE).read_text())
-    fit_groups = sorted(set(used["train"]["groups"]) | set(used["validation"]["groups"]))
-    extra = {
-        "fit_groups": fit_groups,  # training and model selection (validation)
-        "num_fit_samples": used["train"]["samples"] + used["validation"]["samples"],
-        "best_epoch": result["best_epoch"],
-        "best_val_spearman_mean": result["best_val_spearman_mean"],  # model selection, not a held-out score
-        "tta_spearman_mean": tta.spearman_mean,  # the same model, averaged over the 8 dihedral views
-        "tta_pearson_mean": tta.pearson_mean,
-    }
-    return summary, per_gene_spearman, extra
-
-
-def cross_validate(cfg, recipe_name: str, n_folds: int | None, methods: list[str], out_dir: Path) -> dict:
+def cross_validate(
+    cfg, recipe_name: str, n_folds: int | None, methods: list[str], out_dir: Path, finetune: FineTune | None = None
+) -> dict:
     """Run every method on every fold; returns the summary (also written to ``out_dir``).
 
-    Deterministic: the same recipe, seed and data give the same numbers (every random step is
-    seeded from ``cfg.seed``, the randomly initialised backbone of the linear probe included).
+    ``finetune`` trains and scores one fold (``expreg.training.folds.finetune_fold`` bound to an
+    accelerator); it is needed when ``methods`` holds ``"finetune"``. Deterministic: the same
+    recipe, seed and data give the same numbers (every random step is seeded from ``cfg.seed``,
+    the randomly initialised backbone of the linear probe included).
     """
-    from expreg.evaluation.metrics import compute_metrics
-
-    if cfg.data.metadata_csv == DEMO_DATA:
-        from expreg.data.demo import ensure_demo_dataset
-
-        cfg.data.metadata_csv = str(ensure_demo_dataset())
-    metadata = read_metadata(
-        cfg.data.metadata_csv, cfg.data.gene_names_file, cfg.data.num_genes, cfg.data.check_images
+    if "finetune" in methods and finetune is None:
+        raise ConfigError("cross_validate: method finetune needs finetune= (expreg.training.folds.finetune_fold)")
+    metadata_csv = resolve_metadata_csv(cfg.data.metadata_csv)
+    cfg = replace(cfg, data=replace(cfg.data, metadata_csv=metadata_csv))
+    d = cfg.data
+    metadata = read_metadata(d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images)
+    n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
+    folds = _Folds(
+        cfg=cfg,
+        files=np.array(metadata.image_paths()),
+        targets=metadata.targets().astype(np.float64),
+        groups=metadata.frame["group_id"].to_numpy(),
+        genes=metadata.gene_names,
+        fold_of=fold_of,
+        folds_csv=folds_csv,
+        runs_dir=out_dir / "runs",
+        finetune=finetune,
     )
+    folds.inputs = _shared_inputs(cfg, methods, list(folds.files))
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for k in range(n_folds):
+        _score_fold(folds, k, methods, results)
+    summary = summarise(results, folds.genes, recipe_name, str(folds_csv), cfg.seed)
+    write_json(out_dir / "cv_summary.json", summary)
+    atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
+    return summary
+
+
+def _write_folds(metadata, n_folds: int | None, seed: int, out_dir: Path) -> tuple[int, Path, np.ndarray]:
+    """Group k-fold (leave-one-group-out up to 10 groups by default) -> ``out_dir/folds.csv``.
+
+    Returns:
+        ``(n_folds, folds.csv path, the fold of each metadata row)``.
+    """
     groups = metadata.frame["group_id"].to_numpy()
     n_groups = len(set(groups.tolist()))
     n_folds = n_folds or (n_groups if n_groups <= 10 else 5)
-    table, fold_summary = make_fold_table(metadata, n_folds, cfg.seed)
+    table, fold_summary = make_fold_table(metadata, n_folds, seed)
     out_dir.mkdir(parents=True, exist_ok=False)
     folds_csv = write_table(table, out_dir / "folds.csv")
     print(
         f"{n_folds} group folds of {len(groups)} samples in {n_groups} groups -> {folds_csv}\n{fold_summary.format()}"
     )
-    fold_of = table.set_index("path").loc[metadata.frame["path"], "fold"].to_numpy()
-    targets, files, genes = (
-        metadata.targets().astype(np.float64),
-        np.array(metadata.image_paths()),
-        metadata.gene_names,
-    )
-    inputs = _shared_inputs(cfg, methods, list(files))
-    accelerator = None
-    if "finetune" in methods:
-        from expreg.training.launch import build_accelerator, unconnected_launch_error
+    return n_folds, folds_csv, table.set_index("path").loc[metadata.frame["path"], "fold"].to_numpy()
 
-        accelerator = build_accelerator(cfg)  # the recipe's precision, accumulation and trackers
-        problem = unconnected_launch_error(accelerator)
-        if problem:
-            raise ConfigError(problem)
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    for k in range(n_folds):
-        test, train = fold_of == k, fold_of != k
-        test_groups = sorted(set(groups[test].tolist()))
-        for method in methods:
-            start = time.perf_counter()
-            extra: dict = {}
-            if method == "finetune":
-                test_files = (list(files[test]), targets[test])
-                summary, per_gene, extra = run_finetune_fold(
-                    cfg, folds_csv, k, out_dir / "runs", accelerator, test_files, genes
-                )
-            else:
-                x, fit = inputs[method]
-                predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
-                metrics = compute_metrics(predictions, targets[test], genes)
-                summary = metrics.summary
-                per_gene = {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}
-            shared = inputs.get(f"{method}_seconds", 0.0)
-            seconds = time.perf_counter() - start + shared * test.mean()  # this fold's share of the extraction
-            results[method].append(
-                {"fold": k, "test_groups": test_groups, **_fold_result(summary, per_gene, seconds, extra)}
+
+def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, list[dict]]) -> None:
+    """Every method with fold ``k`` held out: appended to ``results[method]``, one printed line each."""
+    test, train = folds.fold_of == k, folds.fold_of != k
+    test_groups = sorted(set(folds.groups[test].tolist()))
+    for method in methods:
+        start = time.perf_counter()
+        if method == "finetune":
+            test_files = (list(folds.files[test]), folds.targets[test])
+            summary, per_gene, extra = folds.finetune(
+                folds.cfg, folds.folds_csv, k, folds.runs_dir, test_files, folds.genes
             )
-            print(f"fold {k} ({', '.join(test_groups)}) {method}: {_describe(summary)} [{seconds:.0f} s]")
-    if accelerator is not None:
-        accelerator.end_training()
-    summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)
-    from expreg.run_dir import atomic_write_text, write_json
+        else:
+            summary, per_gene, extra = _fit_baseline(folds, method, train, test)
+        shared = folds.inputs.get(f"{method}_seconds", 0.0)
+        seconds = time.perf_counter() - start + shared * test.mean()  # this fold's share of the extraction
+        results[method].append(
+            {"fold": k, "test_groups": test_groups, **_fold_result(summary, per_gene, seconds, extra)}
+        )
+        print(f"fold {k} ({', '.join(test_groups)}) {method}: {_describe(summary)} [{seconds:.0f} s]")
 
-    write_json(out_dir / "cv_summary.json", summary)
-    atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
-    return summary
+
+def _fit_baseline(folds: _Folds, method: str, train: np.ndarray, test: np.ndarray) -> tuple[dict, dict, dict]:
+    """Fit a baseline on the training rows, score it on the test rows: ``(summary, per-gene Spearman, extra)``."""
+    x, fit = folds.inputs[method]
+    cfg, targets, groups = folds.cfg, folds.targets, folds.groups
+    predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
+    metrics = compute_metrics(predictions, targets[test], folds.genes)
+    return metrics.summary, {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}, extra
 
 
 def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
@@ -210,18 +220,16 @@ def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
 
 
 def _describe(summary: dict) -> str:
-    return (
-        f"held-out mean Spearman {_fmt(summary['spearman_mean'])} | mean Pearson {_fmt(summary['pearson_mean'])} "
-        f"| {summary['num_samples']} samples"
-    )
+    spearman, pearson = (fmt_float(summary[k], missing=UNDEFINED) for k in ("spearman_mean", "pearson_mean"))
+    return f"held-out mean Spearman {spearman} | mean Pearson {pearson} | {summary['num_samples']} samples"
 
 
 def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, folds_csv: str, seed: int) -> dict:
     methods = {}
     for method, folds in results.items():
-        s_mean, s_std = _mean_std([f["spearman_mean"] for f in folds])
-        p_mean, p_std = _mean_std([f["pearson_mean"] for f in folds])
-        per_gene = {g: _mean_std([f["per_gene_spearman"][g] for f in folds])[0] for g in genes}
+        s_mean, s_std = mean_std([f["spearman_mean"] for f in folds])
+        p_mean, p_std = mean_std([f["pearson_mean"] for f in folds])
+        per_gene = {g: mean_std([f["per_gene_spearman"][g] for f in folds])[0] for g in genes}
         methods[method] = {
             "spearman_mean": s_mean,
             "spearman_std": s_std,
@@ -231,8 +239,6 @@ def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, fol
             "per_gene_spearman_mean": per_gene,
             "folds": folds,
         }
-    from expreg.run_dir import file_sha256
-
     return {
         "recipe": recipe,
         "folds_csv": folds_csv,
@@ -240,10 +246,6 @@ def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, fol
         "seed": seed,
         "methods": methods,
     }
-
-
-def _fmt(value) -> str:
-    return "undefined" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
 
 def render_markdown(summary: dict) -> str:
@@ -262,7 +264,7 @@ def render_markdown(summary: dict) -> str:
         for f in m["folds"]:
             lines.append(
                 f"| {method} | {f['fold']} | {', '.join(f['test_groups'])} | {f['num_test_samples']} "
-                f"| {_fmt(f['spearman_mean'])} | {_fmt(f['pearson_mean'])} | {f['seconds']:.0f} |"
+                f"| {fmt_float(f['spearman_mean'], missing=UNDEFINED)} | {fmt_float(f['pearson_mean'], missing=UNDEFINED)} | {f['seconds']:.0f} |"
             )
     lines += [
         "",
@@ -270,11 +272,11 @@ def render_markdown(summary: dict) -> str:
         "|---|---|---|---|",
     ]
     for method, m in methods.items():
-        spearman = "undefined" if m["spearman_mean"] is None else f"{m['spearman_mean']:.4f} ± {m['spearman_std']:.4f}"
-        pearson = "undefined" if m["pearson_mean"] is None else f"{m['pearson_mean']:.4f} ± {m['pearson_std']:.4f}"
+        spearman = fmt_mean_std(m["spearman_mean"], m["spearman_std"], UNDEFINED)
+        pearson = fmt_mean_std(m["pearson_mean"], m["pearson_std"], UNDEFINED)
         lines.append(f"| {method} | {spearman} | {pearson} | {m['seconds_total']:.0f} |")
     if "finetune" in methods:
-        tta = _mean_std([f["tta_spearman_mean"] for f in methods["finetune"]["folds"]])[0]
+        tta = mean_std([f["tta_spearman_mean"] for f in methods["finetune"]["folds"]])[0]
         plain = methods["finetune"]["spearman_mean"]
         if tta is not None and plain is not None:
             lines += [

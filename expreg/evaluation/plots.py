@@ -1,8 +1,7 @@
 """PNG plots of a run: per-gene Spearman, predicted vs true for the best and worst genes, learning curves.
 
-    python -m expreg.plots results/<run>      # (re)draw the plots of a finished run
-
-Written into the run directory at the end of training.
+Written into the run directory at the end of training (``write_run_plots``), or redrawn for a
+finished run by ``python -m expreg.plots results/<run>`` (``redraw_run_plots``).
 """
 
 from __future__ import annotations
@@ -137,3 +136,27 @@ def write_run_plots(run_dir: Path, targets: np.ndarray | None = None, metrics: d
         written.append(run_dir / "plot_pred_vs_true.png")
         plot_best_worst_scatter(written[-1], per_gene, predictions, np.asarray(targets)[: len(predictions)])
     return written
+
+
+def redraw_run_plots(run_dir: Path) -> list[Path]:
+    """Redraw the plots of a finished run from its files, the validation targets re-read from its data.
+
+    The run's ``config_resolved.yaml`` gives the metadata CSV and the split (file or seed), so the
+    validation rows are the run's own, in the order of its ``predictions_val.csv``.
+    """
+    import yaml
+
+    from expreg.config import config_from_dict
+    from expreg.data import load_expression_dataset
+
+    run_dir = Path(run_dir)
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config_resolved.yaml").read_text()), "run config")
+    ds = load_expression_dataset(
+        cfg.data.metadata_csv,
+        cfg.data.split_csv,
+        fold=cfg.data.fold,
+        seed=cfg.seed,
+        val_frac=cfg.data.val_frac,
+        check_images="none",
+    )
+    return write_run_plots(run_dir, np.asarray(ds["validation"]["labels"], dtype=np.float64))

@@ -9,7 +9,10 @@ run itself is complete and kept either way.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+logger = logging.getLogger("expreg")
 
 
 class HubError(RuntimeError):
@@ -44,3 +47,16 @@ def push_best_model(run_dir: str | Path, repo_id: str, private: bool = False) ->
             f"python -m expreg.hub {run_dir} --hub_model_id {repo_id}"
         ) from err
     return str(getattr(commit, "commit_url", commit))
+
+
+def push_and_record(run_dir: Path, repo_id: str, result: dict) -> HubError | None:
+    """Push the best model at the end of a run; record the outcome in ``result`` and return the error, if any."""
+    try:
+        url = push_best_model(run_dir, repo_id)
+    except HubError as err:
+        logger.error(str(err))
+        result["push_to_hub"] = {"repo_id": repo_id, "ok": False, "error": str(err)}
+        return err
+    logger.info(f"pushed the best model to {url}")
+    result["push_to_hub"] = {"repo_id": repo_id, "ok": True, "url": url}
+    return None

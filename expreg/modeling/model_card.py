@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import math
-
-
-def _fmt(value, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
+from expreg.formatting import fmt_float
 
 
 def _gene_table(per_gene: list[dict], n: int = 5) -> str:
@@ -23,7 +17,9 @@ def _gene_table(per_gene: list[dict], n: int = 5) -> str:
             lines.append("| … | | | | |")
             continue
         rank, r = item
-        lines.append(f"| {rank} | {r['gene']} | {_fmt(r['spearman'])} | {_fmt(r['pearson'])} | {_fmt(r['mse'])} |")
+        lines.append(
+            f"| {rank} | {r['gene']} | {fmt_float(r['spearman'])} | {fmt_float(r['pearson'])} | {fmt_float(r['mse'])} |"
+        )
     if undefined:
         lines.append("")
         lines.append(
@@ -78,11 +74,11 @@ def _results(best: dict, test: dict | None) -> str:
     ]
     t = test or {}
     lines += [
-        f"| mean Spearman over genes (primary) | {_fmt(best['best_val_spearman_mean'])} | "
-        f"{_fmt(t.get('test_spearman_mean')) if test else 'no test split'} |",
-        f"| mean Pearson over genes | {_fmt(best['best_val_pearson_mean'])} | "
-        f"{_fmt(t.get('test_pearson_mean')) if test else ''} |",
-        f"| MSE on normalised targets (training-time evaluation) | {_fmt(best.get('val_loss'))} | |",
+        f"| mean Spearman over genes (primary) | {fmt_float(best['best_val_spearman_mean'])} | "
+        f"{fmt_float(t.get('test_spearman_mean')) if test else 'no test split'} |",
+        f"| mean Pearson over genes | {fmt_float(best['best_val_pearson_mean'])} | "
+        f"{fmt_float(t.get('test_pearson_mean')) if test else ''} |",
+        f"| MSE on normalised targets (training-time evaluation) | {fmt_float(best.get('val_loss'))} | |",
     ]
     text = "\n".join(lines) + "\n\n"
     text += (
@@ -111,6 +107,17 @@ def _training_method(t: dict) -> str:
     )
 
 
+FRONT_MATTER = """---
+library_name: transformers
+tags:
+- expreg
+- histology
+- spatial-transcriptomics
+- gene-expression-regression
+- timm
+---"""
+
+
 def render_model_card(cfg: dict, best: dict, per_gene: list[dict], data: dict, test: dict | None = None) -> str:
     """Markdown model card.
 
@@ -124,34 +131,9 @@ def render_model_card(cfg: dict, best: dict, per_gene: list[dict], data: dict, t
         test: ``test_spearman_mean``, ``test_pearson_mean``, ``num_test_samples``, ``test_groups`` of the
             held-out test split, when the run has one.
     """
-    m, t, d = cfg["model"], cfg["train"], cfg["data"]
-    pretrained = (
-        f"pretrained weights ({m['pretrained_path'] or 'timm/hub'})"
-        if (m["pretrained"] or m["pretrained_path"])
-        else "random initialisation"
-    )
-    front = "\n".join(
-        [
-            "---",
-            "library_name: transformers",
-            "tags:",
-            "- expreg",
-            "- histology",
-            "- spatial-transcriptomics",
-            "- gene-expression-regression",
-            "- timm",
-            "---",
-        ]
-    )
-    return f"""{front}
+    return f"""{FRONT_MATTER}
 
-# {best["run_name"]}
-
-An **expreg** model: it predicts the expression of {data["num_genes"]} genes from a histology
-image patch ({d["image_size"]}×{d["image_size"]} px, RGB). It is a timm `{m["backbone"]}` backbone
-({pretrained}) with a {m["head"]} regression head, saved as a HuggingFace `transformers` model.
-Its `config.json` holds the gene names and the training-split mean/std used to map predictions
-back to expression units.
+{_summary(cfg, best, data)}
 
 {_results(best, test)}
 
@@ -165,30 +147,69 @@ Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).
 
 {_split_protocol(cfg, data)}
 
-## Training
+{_training_table(cfg, best)}
+
+{_usage(cfg["data"]["image_size"], data["num_genes"])}
+
+{_limits(data)}"""
+
+
+def _pretrained(m: dict) -> str:
+    if m["pretrained"] or m["pretrained_path"]:
+        return f"pretrained weights ({m['pretrained_path'] or 'timm/hub'})"
+    return "random initialisation"
+
+
+def _summary(cfg: dict, best: dict, data: dict) -> str:
+    m, size = cfg["model"], cfg["data"]["image_size"]
+    return f"""# {best["run_name"]}
+
+An **expreg** model: it predicts the expression of {data["num_genes"]} genes from a histology
+image patch ({size}×{size} px, RGB). It is a timm `{m["backbone"]}` backbone
+({_pretrained(m)}) with a {m["head"]} regression head, saved as a HuggingFace `transformers` model.
+Its `config.json` holds the gene names and the training-split mean/std used to map predictions
+back to expression units."""
+
+
+def _augmentation(d: dict) -> str:
+    text = "dihedral flips/rotations" if d["augment_dihedral"] else "none"
+    if d["color_jitter"]:
+        text += f", colour jitter {d['color_jitter']}"
+    if d.get("hed_jitter"):
+        text += f", HED stain jitter {d['hed_jitter']}"
+    return text
+
+
+def _training_table(cfg: dict, best: dict) -> str:
+    m, t, d = cfg["model"], cfg["train"], cfg["data"]
+    patience = t["early_stopping_patience"]
+    processes, effective = best["num_processes"], best["effective_batch_size"]
+    return f"""## Training
 
 | setting | value |
 |---|---|
-| backbone | `{m["backbone"]}`, {pretrained} |
+| backbone | `{m["backbone"]}`, {_pretrained(m)} |
 | head | {m["head"]}, dropout {m["dropout"]} |
 | image size | {d["image_size"]} |
-| augmentation | {"dihedral flips/rotations" if d["augment_dihedral"] else "none"}{f", colour jitter {d['color_jitter']}" if d["color_jitter"] else ""}{f", HED stain jitter {d['hed_jitter']}" if d.get("hed_jitter") else ""} |
+| augmentation | {_augmentation(d)} |
 | training | {_training_method(t)} |
-| batch | {d["batch_size"]} per process × {t["grad_accum_steps"]} accumulation × {best["num_processes"]} process(es) = {best["effective_batch_size"]} |
-| epochs | {t["epochs"]} configured{f", early stopping patience {t['early_stopping_patience']}" if t["early_stopping_patience"] else ""} |
+| batch | {d["batch_size"]} per process × {t["grad_accum_steps"]} accumulation × {processes} process(es) = {effective} |
+| epochs | {t["epochs"]} configured{f", early stopping patience {patience}" if patience else ""} |
 | mixed precision | {t["mixed_precision"]} |
-| seed | {cfg["seed"]} |
+| seed | {cfg["seed"]} |"""
 
-## How to use
+
+def _usage(image_size: int, num_genes: int) -> str:
+    return f"""## How to use
 
 ```python
 import expreg.modeling.model  # registers the "expreg" model type with AutoModel
 from transformers import AutoModel
 
 model = AutoModel.from_pretrained("path/or/hub-id")
-# pixel_values: (batch, 3, {d["image_size"]}, {d["image_size"]}), normalised with
+# pixel_values: (batch, 3, {image_size}, {image_size}), normalised with
 # model.config.image_mean / image_std
-expression = model.predict_expression(pixel_values)   # (batch, {data["num_genes"]}), expression units
+expression = model.predict_expression(pixel_values)   # (batch, {num_genes}), expression units
 genes = model.config.gene_names
 ```
 
@@ -196,9 +217,11 @@ Or from the command line, for a CSV with a `path` column or a folder of images:
 
 ```bash
 python -m expreg.predict --model path/or/hub-id --metadata_csv patches.csv --out_csv predictions.csv
-```
+```"""
 
-## Intended use and limits
+
+def _limits(data: dict) -> str:
+    return f"""## Intended use and limits
 
 - Research on the relation between tissue morphology and gene expression; **not for clinical
   or diagnostic use**.

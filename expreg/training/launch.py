@@ -1,4 +1,5 @@
-"""Building the ``Accelerator``: the one place where training, CV, prediction and the benchmarks get it.
+"""Building the ``Accelerator`` (the one place where training, CV, prediction and the benchmarks get it) and
+the launch checks: processes that did not connect, reduced precision on a CPU without bf16 units.
 
 Precision, gradient accumulation and trackers come from the recipe, so a run gets the same
 accelerator whatever command starts it; ``check_accelerator`` lets ``train.run`` refuse one
@@ -9,6 +10,7 @@ says 3, which would make every batch an optimizer step and run the schedule past
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from expreg.config import ConfigError, RunConfig
 
@@ -49,7 +51,7 @@ def check_accelerator(cfg: RunConfig, accelerator) -> None:
     if problems:
         raise ConfigError(
             "the Accelerator does not match the recipe (" + "; ".join(problems) + "); build it with "
-            "expreg.launch.build_accelerator(cfg)"
+            "expreg.training.launch.build_accelerator(cfg)"
         )
 
 
@@ -60,5 +62,30 @@ def unconnected_launch_error(accelerator) -> str | None:
         return (
             f"{launched} processes were launched but they are not connected: each would work on its own. "
             "Without GPUs, set ACCELERATE_USE_CPU=1 (see accelerate_configs/cpu_2proc.yaml)."
+        )
+    return None
+
+
+def cpu_bf16_flags(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU has native bf16 instructions (AVX512-BF16 or AMX-BF16); None when unknown."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = set(cpuinfo.split())
+    if "flags" not in flags and "flags\t:" not in cpuinfo:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_precision_warning(mixed_precision: str, cpuinfo: str | None = None) -> str | None:
+    """Why reduced precision is a bad idea on this CPU, or None (measured: benchmarks/RESULTS.md)."""
+    if mixed_precision == "fp16":
+        return "mixed_precision=fp16 on a CPU: fp16 autocast has no fast CPU kernels; use bf16 or no"
+    if mixed_precision == "bf16" and cpu_bf16_flags(cpuinfo) is False:
+        return (
+            "mixed_precision=bf16 on a CPU without native bf16 (no AVX512-BF16/AMX): bf16 autocast was measured "
+            "7-25x SLOWER than fp32 on such CPUs; use mixed_precision=no here"
         )
     return None

@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 
 from expreg.config import config_from_dict
-from expreg.data.dataset import TargetStats, build_dataloaders, load_expression_dataset
+from expreg.data import TargetStats, build_dataloaders, load_expression_dataset
 from expreg.evaluation.metrics import compute_metrics
 from expreg.inference import predict_loader
 from expreg.modeling.model import ExpRegModel

@@ -23,58 +23,58 @@ REPO = Path(__file__).resolve().parents[2]
 # name: (file, text to replace, replacement, tests that must catch it)
 BUGS = {
     "cv_ridge_fitted_on_all_rows": (
-        "expreg/cv.py",
+        "expreg/evaluation/cv.py",
         "predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)",
         "predictions, extra = fit(x, targets, groups, x[test], seed=cfg.seed)",
         ["tests/test_cv.py::test_cross_validation_runs_every_method_on_the_same_group_folds"],
     ),
     "target_stats_from_all_rows": (
-        "expreg/train.py",
+        "expreg/training/setup.py",
         'stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)',
         "import datasets as _d; stats = compute_target_stats(_d.concatenate_datasets(list(datasets.values())), "
         "normalize=d.normalize_targets)",
         ["tests/test_train.py::test_run_directory_contents"],
     ),
     "evaluation_loaders_skip_unreadable_images": (
-        "expreg/data.py",
+        "expreg/data/loaders.py",
         'bad_image_policy if train else "fail"',
         "bad_image_policy",
         ["tests/test_reliability.py::test_an_unreadable_validation_image_stops_the_run_even_with_skip"],
     ),
     "sampler_ignores_the_epoch": (
-        "expreg/data.py",
+        "expreg/data/loaders.py",
         "generator=epoch_generator(self.seed, self.epoch)",
         "generator=epoch_generator(self.seed, 0)",
         ["tests/test_data.py::test_training_order_changes_every_epoch_and_is_reproducible"],
     ),
     "per_gene_mse_over_the_wrong_axis": (
-        "expreg/metrics.py",
+        "expreg/evaluation/metrics.py",
         "mse=((p - t) ** 2).mean(axis=0),",
         "mse=((p - t) ** 2).mean(axis=1),",
         ["tests/test_metrics.py::test_summary_excludes_and_counts_undefined_genes"],
     ),
     "rgba_not_composited_on_white": (
-        "expreg/data.py",
+        "expreg/data/transforms.py",
         'if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):',
         "if False:",
         ["tests/test_data.py::test_transparent_pixels_become_white"],
     ),
     "default_run_names_raise_on_a_collision": (
-        "expreg/io.py",
+        "expreg/run_dir.py",
         "            if explicit_name:\n",
         "            if True:\n",
         ["tests/test_train.py::test_default_run_names_get_a_suffix_on_a_collision"],
     ),
     "saved_early_stopping_decision_lost_on_resume": (
-        "expreg/train.py",
-        "    state = TrainerState(**json.loads((path / io.TRAINER_STATE_FILE).read_text()))\n",
-        "    state = TrainerState(**json.loads((path / io.TRAINER_STATE_FILE).read_text()))\n    state.bad_epochs = 0\n",
+        "expreg/training/checkpoint.py",
+        "    state = TrainerState(**json.loads((path / TRAINER_STATE_FILE).read_text()))\n",
+        "    state = TrainerState(**json.loads((path / TRAINER_STATE_FILE).read_text()))\n    state.bad_epochs = 0\n",
         ["tests/test_reliability.py::test_early_stopping_decided_before_a_kill_holds_after_resume"],
     ),
     "gather_instead_of_gather_for_metrics": (
-        "expreg/train.py",
-        'preds, labs = accelerator.gather_for_metrics((outputs.predictions.float(), batch["labels"]))',
-        'preds, labs = accelerator.gather((outputs.predictions.float(), batch["labels"]))',
+        "expreg/inference.py",
+        "                gathered = accelerator.gather_for_metrics(gathered)\n",
+        "                gathered = accelerator.gather(gathered)\n",
         ["tests/test_train.py::test_two_processes_evaluate_like_one"],
     ),
 }

@@ -1,0 +1,68 @@
+"""The ``finetune`` method of cross-validation: one training run per fold, scored on its held-out fold.
+
+``expreg.evaluation.cv.cross_validate`` is given it bound to the command's accelerator,
+``functools.partial(finetune_fold, accelerator=accelerator)``, so evaluation never imports training.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from expreg.evaluation.metrics import compute_metrics
+from expreg.inference import predict_files
+from expreg.modeling.model import ExpRegModel
+from expreg.run_dir import SPLIT_SUMMARY_FILE
+from expreg.training.interrupts import TrainingError
+from expreg.training.trainer import run
+
+
+def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, genes, *, accelerator):
+    """Train with ``fold`` held out; the run scores its best model on the fold (``metrics.json``'s ``test_*``).
+
+    Args:
+        cfg: The recipe (not changed: the fold run gets a copy pointing at ``folds_csv`` and ``fold``).
+        test_files: ``(image paths, targets)`` of the held-out fold, for the 8-view TTA score.
+        genes: The gene names (columns of the targets).
+        accelerator: The recipe's ``Accelerator`` (``expreg.training.launch.build_accelerator``).
+
+    Returns:
+        ``(summary, per-gene Spearman of the held-out fold, extra)``, taken from what the fold run
+        returns, so ``cv_summary.json`` and the run's ``metrics.json`` hold the same numbers.
+    """
+    fold_cfg = copy.deepcopy(cfg)
+    fold_cfg.data.split_csv, fold_cfg.data.fold = str(folds_csv), fold
+    fold_cfg.logging.output_dir, fold_cfg.logging.run_name = str(runs_dir), f"finetune__fold{fold}"
+    result = run(fold_cfg, accelerator)
+    accelerator.free_memory()
+    run_dir = runs_dir / f"finetune__fold{fold}"
+    if result["status"] != "finished" or "test_spearman_mean" not in result:
+        raise TrainingError(f"{run_dir}: the fold run ended with status {result['status']!r}, without held-out scores")
+    summary = {
+        "spearman_mean": result["test_spearman_mean"],
+        "pearson_mean": result["test_pearson_mean"],
+        "num_genes_undefined_spearman": result["num_genes_undefined_test_spearman"],
+        "num_samples": result["num_test_samples"],
+    }
+    tta = _tta_metrics(cfg, run_dir, test_files, genes, accelerator)
+    used = json.loads((run_dir / SPLIT_SUMMARY_FILE).read_text())
+    extra = {
+        "fit_groups": sorted(set(used["train"]["groups"]) | set(used["validation"]["groups"])),  # training + selection
+        "num_fit_samples": used["train"]["samples"] + used["validation"]["samples"],
+        "best_epoch": result["best_epoch"],
+        "best_val_spearman_mean": result["best_val_spearman_mean"],  # model selection, not a held-out score
+        "tta_spearman_mean": tta.spearman_mean,  # the same model, averaged over the 8 dihedral views
+        "tta_pearson_mean": tta.pearson_mean,
+    }
+    return summary, result["test_per_gene_spearman"], extra
+
+
+def _tta_metrics(cfg, run_dir: Path, test_files, genes, accelerator):
+    """The fold run's best model on the held-out fold, each prediction averaged over the 8 dihedral views."""
+    model = ExpRegModel.from_pretrained(run_dir / "checkpoints" / "best")
+    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+    files, targets = test_files
+    with_tta = predict_files(model, files, accelerator, batch_size, cfg.data.num_workers, tta=True)
+    accelerator.free_memory()
+    return compute_metrics(with_tta, targets, genes)

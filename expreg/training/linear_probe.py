@@ -1,0 +1,51 @@
+"""``train.mode=linear_probe``: the head fitted in closed form on frozen embeddings instead of trained.
+
+HEST-Benchmark's probe (standardise -> PCA -> ridge, ``expreg.evaluation.baselines``) folded into one
+linear layer, so the result is a complete ``ExpRegModel`` in the same run directory, scored and
+saved like a fine-tuned one. One process; nothing to resume.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from expreg.data import image_files
+from expreg.evaluation.baselines import embed_with, linear_probe_affine
+
+logger = logging.getLogger("expreg")
+
+
+def fit_linear_probe(trainer) -> tuple[float, float, np.ndarray]:
+    """Embed the training images, fit the probe, install it as the model's head, evaluate on validation.
+
+    Returns:
+        ``(train_loss, val_loss, normalised validation predictions)`` for ``Trainer._end_epoch``.
+    """
+    cfg, accelerator, data = trainer.cfg, trainer.accelerator, trainer.data
+    train = data.datasets["train"]
+    batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
+    embeddings = embed_with(trainer.model, image_files(train), batch_size, cfg.data.num_workers)
+    targets = data.target_stats.normalize(np.asarray(train["labels"], dtype=np.float64))
+    groups = np.asarray(train["group_id"], dtype=object)
+    weights, bias, info = linear_probe_affine(embeddings, targets, groups, seed=cfg.seed)
+    if info["pca_components"]:
+        logger.info(f"linear probe: {info['pca_components']} PCA components, ridge alpha {info['alpha']:g}")
+    else:
+        logger.warning("linear probe: the embeddings do not vary on the training rows; the head predicts the mean")
+    trainer.model.head = _linear_head(weights, bias)
+    train_loss = float(((embeddings @ weights + bias - targets) ** 2).mean())
+    trainer.model, trainer.val_dl = accelerator.prepare(trainer.model, data.loaders["validation"])
+    val_loss, predictions = trainer.evaluate()
+    return train_loss, val_loss, predictions
+
+
+def _linear_head(weights: np.ndarray, bias: np.ndarray) -> torch.nn.Linear:
+    """A ``Linear`` layer computing ``x @ weights + bias``."""
+    head = torch.nn.Linear(weights.shape[0], weights.shape[1])
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(weights.T))
+        head.bias.copy_(torch.from_numpy(bias))
+    return head

@@ -1,0 +1,194 @@
+"""Building a run's parts from the recipe: the data (metadata -> split -> ``DatasetDict`` -> target
+statistics), the model, the decoded-image cache, the loaders, and then the run directory with its
+first files. Called by ``Trainer.setup`` in this order: everything that can fail on bad input runs
+before the run directory exists, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from accelerate.utils import broadcast_object_list
+
+from expreg.config import ConfigError, RunConfig, flatten
+from expreg.data import (
+    UnreadableImageError,
+    build_dataloaders,
+    build_split_datasets,
+    compute_target_stats,
+    image_files,
+    read_metadata,
+    resolve_metadata_csv,
+)
+from expreg.modeling.model import ExpRegModel, build_model
+from expreg.run_dir import (
+    CONFIG_FILE,
+    SPLIT_SUMMARY_FILE,
+    atomic_write_text,
+    create_run_dir,
+    default_run_name,
+    write_json,
+)
+from expreg.training.logs import log_to_file
+from expreg.training.results import split_summary
+
+logger = logging.getLogger("expreg")
+
+
+@dataclass
+class RunData:
+    """The run's data: datasets, genes, training-split target statistics, the split it made, its loaders."""
+
+    datasets: object  # DatasetDict
+    gene_names: list[str]
+    target_stats: object  # expreg.data.TargetStats
+    split_table: object = None  # the split made by this run (written as split.csv), if any
+    split_summary: str | None = None
+    loaders: dict = field(default_factory=dict)
+
+
+def setup_data(cfg: RunConfig, accelerator) -> RunData:
+    """Validate the metadata, fix the split (made in memory when not given), build the datasets.
+
+    Resolves ``cfg.data.metadata_csv`` (the demo data set is generated once, by the main process)
+    and ``cfg.data.split_csv`` in place: ``cfg`` is the run's own copy. Returns the fields of the
+    run's ``RunData`` (its loaders are added by ``setup_loaders``).
+    """
+    d = cfg.data
+    with accelerator.main_process_first():
+        d.metadata_csv = resolve_metadata_csv(d.metadata_csv)
+        metadata = read_metadata(d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images)
+    d.metadata_csv = str(metadata.csv_path)
+    if d.split_csv is not None:
+        d.split_csv = str(Path(d.split_csv).resolve())
+    # the same on every process: a function of the CSV content and the seed
+    datasets, split = build_split_datasets(metadata, d.split_csv, fold=d.fold, seed=cfg.seed, val_frac=d.val_frac)
+    if "validation" not in datasets:
+        raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
+    stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)
+    summary = split.summary.format() if split.summary is not None else None
+    return RunData(datasets, metadata.gene_names, stats, split_table=split.table, split_summary=summary)
+
+
+def setup_model(cfg: RunConfig, gene_names: list[str], target_stats) -> ExpRegModel:
+    """The model of the recipe, carrying the genes and the training-split target statistics."""
+    m = cfg.model
+    return build_model(
+        m.backbone,
+        len(gene_names),
+        pretrained=m.pretrained,
+        pretrained_path=m.pretrained_path,
+        head=m.head,
+        head_hidden_dim=m.head_hidden_dim,
+        dropout=m.dropout,
+        gene_names=gene_names,
+        target_mean=target_stats.mean.tolist(),
+        target_std=target_stats.std.tolist(),
+        image_size=cfg.data.image_size,
+    )
+
+
+def setup_image_cache(cfg: RunConfig, data, accelerator, dry_run: bool = False):
+    """The decoded-image cache of every split's images (``data.datasets``), or None when off (and in a dry run).
+
+    Each machine's local main process builds it; the other processes wait for it by polling the
+    folder, not in a collective barrier (whose timeout a long build could exceed).
+    """
+    d = cfg.data
+    if not d.image_cache or dry_run:
+        return None
+    from expreg.data.image_cache import ensure_image_cache
+
+    if d.image_cache_dir is not None:
+        d.image_cache_dir = str(Path(d.image_cache_dir).expanduser().resolve())  # the same cache on --resume
+    paths = {name: image_files(part) for name, part in data.datasets.items()}
+    builder = accelerator.is_local_main_process
+    cache = ensure_image_cache(
+        [p for part in paths.values() for p in part],
+        d.image_size,
+        d.image_cache_dir,
+        num_workers=d.num_workers,
+        progress=builder,
+        build=builder,
+    )
+    accelerator.wait_for_everyone()  # quick: every process holds the cache by now
+    problems = dict(cache.unreadable())
+    for name, part in paths.items():
+        bad = [(p, problems[p]) for p in part if p in problems]
+        if bad and (name != "train" or d.bad_image_policy == "fail"):
+            listed = "; ".join(f"{path}: {reason}" for path, reason in bad[:5])
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            hint = (
+                "Fix or remove them, or set data.bad_image_policy=skip to train without them"
+                if name == "train"
+                else "Fix or remove them: evaluation needs every image (bad_image_policy applies to training only)"
+            )
+            raise UnreadableImageError(f"{len(bad)} {name} image(s) cannot be decoded: {listed}{more}. {hint}")
+    return cache
+
+
+def setup_loaders(cfg: RunConfig, data, model: ExpRegModel, num_processes: int, image_cache=None) -> dict:
+    """DataLoaders with the backbone's own pixel normalisation (stored in the model's config)."""
+    d = cfg.data
+    return build_dataloaders(
+        data.datasets,
+        image_size=d.image_size,
+        batch_size=d.batch_size,
+        eval_batch_size=d.eval_batch_size,
+        num_workers=d.num_workers,
+        seed=cfg.seed,
+        target_stats=data.target_stats,
+        mean=model.config.image_mean,
+        std=model.config.image_std,
+        dihedral=d.augment_dihedral,
+        color_jitter=d.color_jitter,
+        bad_image_policy=d.bad_image_policy,
+        num_processes=num_processes,
+        hed_jitter=d.hed_jitter,
+        image_cache=image_cache,
+    )
+
+
+def setup_run_dir(cfg: RunConfig, accelerator, resume_from: str | None, dry_run: bool) -> Path:
+    """Create the run directory on the main process and share its path with the others."""
+    if resume_from:
+        return Path(resume_from).resolve().parent.parent
+    name = None
+    if accelerator.is_main_process:
+        explicit = cfg.logging.run_name is not None
+        name = cfg.logging.run_name or default_run_name(
+            cfg.model.backbone,
+            cfg.data.batch_size,
+            cfg.train.grad_accum_steps,
+            accelerator.num_processes,
+            cfg.train.lr,
+            cfg.seed,
+        )
+        if dry_run and not explicit:
+            name += "__dry_run"
+        name = str(create_run_dir(cfg.logging.output_dir, name, explicit))
+    return Path(broadcast_object_list([name])[0])
+
+
+def write_run_files(cfg: RunConfig, data: RunData, run_dir: Path, is_main_process: bool) -> None:
+    """``log.txt``, the split made by the run, ``config_resolved.yaml`` and ``target_stats.json``."""
+    if data.split_table is not None:
+        cfg.data.split_csv = str(run_dir / "split.csv")
+    if not is_main_process:
+        return
+    log_to_file(run_dir)
+    if data.split_table is not None:
+        from expreg.data.splits import write_table
+
+        write_table(data.split_table, cfg.data.split_csv)
+        logger.info(f"made a group-aware split from seed {cfg.seed} -> {cfg.data.split_csv}\n{data.split_summary}")
+    atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
+    write_json(run_dir / "target_stats.json", {"gene_names": data.gene_names, **data.target_stats.to_dict()})
+    write_json(run_dir / SPLIT_SUMMARY_FILE, split_summary(data.datasets))
+
+
+def tracker_config(cfg: RunConfig) -> dict:
+    """The recipe as flat ``section.key`` values for trackers (which take no None)."""
+    return {"seed": cfg.seed, **{k: ("" if v is None else v) for k, v in flatten(cfg.to_dict()).items() if "." in k}}
