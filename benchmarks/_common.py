@@ -38,25 +38,71 @@ def recipe_parser(doc: str, repeats: int) -> argparse.ArgumentParser:
     return parser
 
 
-def setup_run(args: argparse.Namespace):
-    """What ``expreg.train.run`` builds before training: ``(cfg, accelerator, data, model)`` on the CPU."""
+def load_config(args: argparse.Namespace, *extra: str):
+    """The recipe of ``args`` on its data, with ``args.overrides`` and then ``extra`` applied."""
     from expreg.config import load_recipe
-    from expreg.seeding import seed_everything
-    from expreg.training import trainer as train
-    from expreg.training.launch import build_accelerator
 
-    cfg = load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides])
+    return load_recipe(args.recipe, [f"data.metadata_csv={real_data(args.metadata_csv)}", *args.overrides, *extra])
+
+
+def setup_run(args: argparse.Namespace):
+    """What ``Trainer.setup`` builds first (``expreg.training.setup``): ``(cfg, accelerator, data, model)`` on the CPU."""
+    from expreg.seeding import seed_everything
+    from expreg.training.launch import build_accelerator
+    from expreg.training.setup import setup_data, setup_model
+
+    cfg = load_config(args)
     seed_everything(cfg.seed)
     accelerator = build_accelerator(cfg, cpu=True)
-    data = train._setup_data(cfg, accelerator)
-    return cfg, accelerator, data, train._setup_model(cfg, data)
+    data = setup_data(cfg, accelerator)
+    return cfg, accelerator, data, setup_model(cfg, data.gene_names, data.target_stats)
+
+
+def setup_trainer(cfg, accelerator, output_dir: str):
+    """``Trainer(cfg, accelerator)`` after ``setup()``, its run directory under ``output_dir``.
+
+    Built without an image cache of its own (``data.image_cache=false``): the benchmarks build the
+    loaders they time with ``expreg.training.setup.setup_loaders`` and hand them over with
+    ``start_epoch``.
+    """
+    import copy
+
+    from expreg.training.trainer import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    cfg.logging.output_dir, cfg.data.image_cache = str(output_dir), False
+    trainer = Trainer(cfg, accelerator)
+    trainer.setup()
+    return trainer
+
+
+def start_epoch(trainer, epoch: int, loaders: dict, train_dl) -> None:
+    """Make the next ``trainer.train_one_epoch()`` one whole epoch ``epoch`` over ``loaders``.
+
+    ``loaders`` is a dict from ``setup_loaders`` (its ``train_sampler`` and ``train_transform`` are
+    set to the epoch) and ``train_dl`` its training loader after ``accelerator.prepare``; the loop
+    position starts afresh (a new ``TrainerState``: no batches done, no running loss).
+    """
+    from expreg.training.checkpoint import TrainerState
+
+    trainer.data.loaders, trainer.train_dl = loaders, train_dl
+    trainer.state = TrainerState(num_processes=trainer.accelerator.num_processes, epoch=epoch)
+
+
+def bare_copy(trainer):
+    """A model built like the trainer's, with its current weights, never prepared by accelerate (for bare loops)."""
+    from expreg.training.setup import setup_model
+
+    model = setup_model(trainer.cfg, trainer.data.gene_names, trainer.data.target_stats)
+    model.load_state_dict(trainer.accelerator.unwrap_model(trainer.model).state_dict())
+    return model
 
 
 def predecode(paths: list[str], image_size: int, mean, std):
     """The images decoded, resized and normalised into one float tensor (what the bare loops read)."""
     import torch
 
-    from expreg.data.dataset import ImageTransform, load_image
+    from expreg.data import ImageTransform, load_image
 
     transform = ImageTransform(image_size, mean, std, train=False)
     return torch.stack([transform(load_image(path)[0], path) for path in paths])

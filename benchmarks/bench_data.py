@@ -74,8 +74,8 @@ def main() -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from expreg.data.dataset import image_files
-    from expreg.training import trainer as train
+    from expreg.data import image_files
+    from expreg.training.setup import setup_image_cache, setup_loaders
 
     cfg, accelerator, data, model = setup_run(args)
     d = cfg.data
@@ -86,9 +86,7 @@ def main() -> None:
         loaders = {}
         for cached in (False, True):
             d.image_cache, d.image_cache_dir = cached, cache_dir
-            loaders[cached] = train._setup_loaders(
-                cfg, data, model, 1, train._setup_image_cache(cfg, data, accelerator)
-            )
+            loaders[cached] = setup_loaders(cfg, data, model, 1, setup_image_cache(cfg, data, accelerator))
         transform = loaders[False]["train_transform"].image_transform
         plain = DataLoader(
             PlainImages(paths, labels, transform),

@@ -5,7 +5,7 @@
 On the validation images of the recipe (``recipes/her2st.yaml`` on her2st_dev by default),
 with the recipe's backbone, image size, evaluation batch size and workers:
 
-- ``expreg.train.evaluate``: the validation pass of every epoch (validation DataLoader ->
+- ``expreg.training.trainer.evaluate``: the validation pass of every epoch (validation DataLoader ->
   model -> ``gather_for_metrics`` -> predictions and loss), decoding the image files, and
   reading the decoded-image cache (``data.image_cache=true``);
 - ``expreg.predict.predict_files``: what ``expreg-predict`` runs on image files (DataLoader with
@@ -32,9 +32,10 @@ def main() -> None:
 
     import torch
 
-    from expreg.data.dataset import image_files
+    from expreg.data import image_files
     from expreg.predict import predict_files
-    from expreg.training import trainer as train
+    from expreg.training.setup import setup_image_cache, setup_loaders
+    from expreg.training.trainer import evaluate
 
     cfg, accelerator, data, model = setup_run(args)
     model = model.eval()
@@ -47,7 +48,7 @@ def main() -> None:
         loaders = {}
         for cached in (False, True):
             d.image_cache, d.image_cache_dir = cached, cache_dir
-            built = train._setup_loaders(cfg, data, model, 1, train._setup_image_cache(cfg, data, accelerator))
+            built = setup_loaders(cfg, data, model, 1, setup_image_cache(cfg, data, accelerator))
             loaders[cached] = accelerator.prepare(built["validation"])
         prepared = accelerator.prepare(model)
 
@@ -65,10 +66,10 @@ def main() -> None:
             {
                 "bare inference_mode loop, pre-decoded tensors": lambda: rate(bare),
                 "expreg evaluate, decoding image files": lambda: rate(
-                    lambda: train.evaluate(prepared, loaders[False], accelerator)
+                    lambda: evaluate(prepared, loaders[False], accelerator)
                 ),
                 "expreg evaluate, decoded-image cache": lambda: rate(
-                    lambda: train.evaluate(prepared, loaders[True], accelerator)
+                    lambda: evaluate(prepared, loaders[True], accelerator)
                 ),
                 "expreg.predict.predict_files (image files)": lambda: rate(
                     lambda: predict_files(model, files, accelerator, batch_size, d.num_workers)

@@ -7,9 +7,9 @@ For each of bf16 and fp16 mixed precision, without and with ``channels_last``, o
 process (accelerate's precision is fixed per process) measures, alternating, medians of
 ``--repeats`` epochs after a warm-up epoch:
 
-- expreg: ``expreg.train.train_one_epoch`` (files -> ``datasets`` -> DataLoader workers ->
-  Accelerate with the precision -> AdamW), decoding the image files and reading the
-  decoded-image cache;
+- expreg: ``Trainer.train_one_epoch`` (``expreg.training.trainer``: files -> ``datasets`` ->
+  DataLoader workers -> Accelerate with the precision -> AdamW), decoding the image files and
+  reading the decoded-image cache;
 - bare: the same model, batch, optimizer and ``torch.autocast`` (+ ``GradScaler`` for fp16) over
   pre-decoded tensors already on the GPU (the compute limit).
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, median, predecode  # noqa: E402
+from _common import REPO, bare_copy, median, predecode, setup_trainer, start_epoch  # noqa: E402
 
 
 def _sync(device) -> None:
@@ -62,7 +62,7 @@ def _bare_epoch(model, optimizer, scaler, pixels, labels, batch_size: int, dtype
 
 
 def _config(args):
-    """``recipes/base.yaml`` with this benchmark's data, model, batch, workers and memory format."""
+    """``recipes/base.yaml`` with this benchmark's data, model, batch, workers, precision and memory format."""
     from expreg.config import load_recipe
 
     overrides = [
@@ -84,60 +84,58 @@ def one_setting(args) -> dict:
 
     import torch
 
-    from expreg.data.dataset import image_files
-    from expreg.training import trainer as train
+    from expreg.data import image_files
     from expreg.training.launch import build_accelerator
+    from expreg.training.setup import setup_image_cache, setup_loaders
 
     cfg = _config(args)
     accelerator = build_accelerator(cfg, cpu=args.smoke)
     device = accelerator.device
-    data = train._setup_data(cfg, accelerator)
-    model = train._setup_model(cfg, data)
-    bare_model = copy.deepcopy(model).to(device)
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model, bare_model = model.to(memory_format=memory_format), bare_model.to(memory_format=memory_format)  # as run()
-    train_set = data.datasets["train"]
-    paths = image_files(train_set)
-    pixels = predecode(paths, args.image_size, model.config.image_mean, model.config.image_std)
-    pixels = pixels.to(device, memory_format=memory_format)
-    labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"])).to(device)
+    with tempfile.TemporaryDirectory() as cache_dir, tempfile.TemporaryDirectory() as output_dir:
+        # the run's model (channels_last as the recipe says), AdamW, LR schedule and loop
+        trainer = setup_trainer(cfg, accelerator, output_dir)
+        cfg, data = copy.deepcopy(trainer.cfg), trainer.data
+        model = accelerator.unwrap_model(trainer.model)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        bare_model = bare_copy(trainer).to(device, memory_format=memory_format)  # as Trainer.setup
+        train_set = data.datasets["train"]
+        paths = image_files(train_set)
+        pixels = predecode(paths, args.image_size, model.config.image_mean, model.config.image_std)
+        pixels = pixels.to(device, memory_format=memory_format)
+        labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"])).to(device)
 
-    cache_dir = tempfile.mkdtemp()
-    loaders = {}
-    for cached in (False, True):
-        cfg.data.image_cache, cfg.data.image_cache_dir = cached, cache_dir
-        loaders[cached] = train._setup_loaders(cfg, data, model, 1, train._setup_image_cache(cfg, data, accelerator))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    prepared = {cached: accelerator.prepare(loaders[cached]["train"]) for cached in loaders}
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    bare_optimizer = torch.optim.AdamW(bare_model.parameters(), lr=1e-4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    epoch = {"n": 0}
-
-    def expreg_epoch(cached: bool) -> float:
-        data.loaders = loaders[cached]
-        state = train.TrainerState(num_processes=1, epoch=epoch["n"])
-        epoch["n"] += 1
-        _sync(device)
-        start = time.perf_counter()
-        train.train_one_epoch(
-            model, prepared[cached], optimizer, scheduler, accelerator, data, cfg, state, Path(cache_dir), False
+        loaders = {}
+        for cached in (False, True):
+            cfg.data.image_cache, cfg.data.image_cache_dir = cached, cache_dir
+            loaders[cached] = setup_loaders(cfg, data, model, 1, setup_image_cache(cfg, data, accelerator))
+        prepared = {cached: accelerator.prepare(loaders[cached]["train"]) for cached in loaders}
+        # the same AdamW as the trainer's (recipe lr and weight decay): the same work on both sides
+        bare_optimizer = torch.optim.AdamW(
+            bare_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
-        _sync(device)
-        return len(paths) / (time.perf_counter() - start)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+        epoch = {"n": 0}
 
-    sides = {
-        "bare": lambda: _bare_epoch(
-            bare_model, bare_optimizer, scaler, pixels, labels, args.batch_size, dtype, device
-        ),
-        "files": lambda: expreg_epoch(False),
-        "cache": lambda: expreg_epoch(True),
-    }
-    from _common import alternate
+        def expreg_epoch(cached: bool) -> float:
+            start_epoch(trainer, epoch["n"], loaders[cached], prepared[cached])
+            epoch["n"] += 1
+            _sync(device)
+            start = time.perf_counter()
+            trainer.train_one_epoch()
+            _sync(device)
+            return len(paths) / (time.perf_counter() - start)
 
-    values = alternate(sides, args.repeats)
+        sides = {
+            "bare": lambda: _bare_epoch(
+                bare_model, bare_optimizer, scaler, pixels, labels, args.batch_size, dtype, device
+            ),
+            "files": lambda: expreg_epoch(False),
+            "cache": lambda: expreg_epoch(True),
+        }
+        from _common import alternate
+
+        values = alternate(sides, args.repeats)
     return {name: median(v) for name, v in values.items()}
 
 
@@ -145,14 +143,14 @@ def pipeline_rate(args) -> dict:
     """The training DataLoader alone with ``--workers`` workers: images/s decoding files."""
     import torch  # noqa: F401
 
-    from expreg.training import trainer as train
     from expreg.training.launch import build_accelerator
+    from expreg.training.setup import setup_data, setup_loaders, setup_model
 
     cfg = _config(args)
     accelerator = build_accelerator(cfg, cpu=True)
-    data = train._setup_data(cfg, accelerator)
-    model = train._setup_model(cfg, data)
-    loader = train._setup_loaders(cfg, data, model, 1)["train"]
+    data = setup_data(cfg, accelerator)
+    model = setup_model(cfg, data.gene_names, data.target_stats)
+    loader = setup_loaders(cfg, data, model, 1)["train"]
     rates = []
     for _ in range(args.repeats + 1):
         start, count = time.perf_counter(), 0

@@ -5,11 +5,12 @@
 1. Synthetic metadata CSVs (50 integer-count genes, 50 rows per group, 20,000 groups at 1M
    rows; the images do not exist, so image checks are switched off: ``--check_images none``).
 2. For each size, each in a fresh process (wall time after the imports, peak RSS of the process):
-   ``expreg-splits`` (read + validate the CSV, assign groups, write the split file), and
+   ``expreg-splits`` (``expreg.splits.main``: read + validate the CSV, assign groups, write the
+   split file), and
    ``load_expression_dataset`` with that split (read + validate + stream each split to Arrow).
 3. Training memory: ``recipes/her2st.yaml`` (her2st_dev images; ``test_resnet`` at 64 px so that
-   it takes about a minute) for ``--epochs`` epochs; resident memory of the training process
-   after every epoch.
+   it takes about a minute) for ``--epochs`` epochs through ``Trainer.setup()`` and ``train()``;
+   resident memory of the training process after every epoch (after its ``Trainer.evaluate()``).
 
 The last lines print the 1M-row figures against the targets (splits < 30 s, dataset build
 peak RSS < 2 GB) and the training RSS of the last epoch over the first (target <= 1.05).
@@ -37,13 +38,13 @@ seconds = time.perf_counter() - start
 print(json.dumps({{"seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}}))
 """
 
-SPLITS = """from expreg.data.splits import main
+SPLITS = """from expreg.splits import main
 ---
 assert main(["--metadata_csv", sys.argv[1], "--out_csv", sys.argv[2], "--check_images", "none", "--seed", "0"]) == 0
 """
 
 BUILD = """import datasets
-from expreg.data.dataset import load_expression_dataset
+from expreg.data import load_expression_dataset
 ---
 ds = load_expression_dataset(sys.argv[1], sys.argv[2], check_images="none")
 assert sum(len(part) for part in ds.values()) == int(sys.argv[3])
@@ -51,22 +52,27 @@ assert sum(len(part) for part in ds.values()) == int(sys.argv[3])
 
 TRAIN_RSS = """
 import json, sys
-from expreg.training.launch import build_accelerator
-from expreg.training import trainer as train
 from expreg.config import load_recipe
+from expreg.training.launch import build_accelerator
+from expreg.training.trainer import Trainer
 
 def rss_gb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1e6
 
 rss = []
-end_epoch = train._end_epoch
-def recording(*args, **kwargs):
-    end_epoch(*args, **kwargs)
-    rss.append(rss_gb())
-train._end_epoch = recording
+
+class RecordingTrainer(Trainer):
+    # a run that records its resident memory after each epoch's validation pass
+    def evaluate(self):
+        result = super().evaluate()
+        rss.append(rss_gb())
+        return result
+
 cfg = load_recipe(sys.argv[1], sys.argv[2:])
-train.run(cfg, build_accelerator(cfg, cpu=True))
+trainer = RecordingTrainer(cfg, build_accelerator(cfg, cpu=True))
+trainer.setup()
+trainer.train()
 print(json.dumps({"rss_gb": rss}))
 """
 

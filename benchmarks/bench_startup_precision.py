@@ -8,7 +8,7 @@ Measures, each in fresh subprocesses (medians of ``--repeats``):
    argument (``expreg.splits``, ``expreg.config``), against ``import torch`` as the baseline;
 2. time from the command to the end of the first optimizer step of ``recipes/tiny.yaml``
    (``--dry_run`` on the example data; detected with the ``EXPREG_FAULT_PAUSE=step:1`` marker),
-   against ``python -c 'import expreg.train'``;
+   against ``python -c 'import expreg.training.trainer'``;
 3. training throughput of a resnet18 at 112 px, batch 16, on this CPU, with bf16 autocast and
    without (fp32), alternated in one process: the ratio says why the defaults use fp32 here.
 
@@ -89,7 +89,7 @@ def main() -> None:
         "import expreg": [py, "-c", "import expreg"],
         "import expreg.splits (CLI)": [py, "-c", "import expreg.splits"],
         "import expreg.config (recipe check)": [py, "-c", "import expreg.config"],
-        "import expreg.train (training)": [py, "-c", "import expreg.train"],
+        "import expreg.training.trainer (training)": [py, "-c", "import expreg.training.trainer"],
     }
     results = {name: _time_command(cmd, args.repeats) for name, cmd in imports.items()}
     with tempfile.TemporaryDirectory() as out:
@@ -104,7 +104,7 @@ def main() -> None:
                 "--dry_run",
             ],
             args.repeats,
-            until="EXPREG_FAULT_POINT step:1",  # printed right after optimizer step 1 (expreg.train.fault_point)
+            until="EXPREG_FAULT_POINT step:1",  # printed right after optimizer step 1 (expreg.training.interrupts.fault_point)
             EXPREG_FAULT_PAUSE="step:1",
         )
     fp32, bf16 = _precision_ratio(args.steps, args.repeats)
@@ -126,7 +126,10 @@ def main() -> None:
     print(
         f"import expreg.splits / import torch = {results['import expreg.splits (CLI)'] / base:.2f} (the splits CLI never imports torch)"
     )
-    print(f"first training step / import expreg.train = {first_step / results['import expreg.train (training)']:.2f}")
+    print(
+        "first training step / import expreg.training.trainer = "
+        f"{first_step / results['import expreg.training.trainer (training)']:.2f}"
+    )
     print(f"bf16 / fp32 training throughput on this CPU = {bf16 / fp32:.2f} (below 1: fp32 is the right default here)")
 
 

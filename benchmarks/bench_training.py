@@ -2,10 +2,11 @@
 
     python benchmarks/bench_training.py [--repeats 3] [--workers 0 2] [--metadata_csv CSV] [recipe overrides ...]
 
-expreg side: whole epochs of ``expreg.train.train_one_epoch``, the loop ``run_regression.py``
-runs: image files -> ``datasets`` -> ``ExpressionTransform`` (in DataLoader workers, if any) ->
-Accelerate -> AdamW, with the recipe's backbone, image size, batch size and augmentation
-(``recipes/her2st.yaml`` on the her2st_dev images by default). It is measured decoding the
+expreg side: whole epochs of ``Trainer.train_one_epoch`` (``expreg.training.trainer``), the loop
+``run_regression.py`` runs: image files -> ``datasets`` -> ``ExpressionTransform`` (in DataLoader
+workers, if any) -> Accelerate -> AdamW, with the recipe's backbone, image size, batch size and
+augmentation (``recipes/her2st.yaml`` on the her2st_dev images by default), a ``Trainer`` set up
+in a temporary output folder, each timed epoch started afresh on the loaders built below. It is measured decoding the
 image files every epoch (``data.image_cache=false``) and reading the decoded-image cache
 (``data.image_cache=true``, built before the timing starts), each with every ``--workers``
 count (DataLoader worker processes).
@@ -20,13 +21,24 @@ epoch); throughput is training images per second. The ratios are printed last.
 
 from __future__ import annotations
 
-import copy
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import alternate, environment, median, predecode, recipe_parser, report, setup_run, timed  # noqa: E402
+from _common import (  # noqa: E402
+    alternate,
+    bare_copy,
+    environment,
+    load_config,
+    median,
+    predecode,
+    recipe_parser,
+    report,
+    setup_trainer,
+    start_epoch,
+    timed,
+)
 
 
 def _bare_epoch(model, optimizer, pixels, labels, sizes: list[int], epoch: int, max_grad_norm) -> int:
@@ -52,27 +64,33 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader workers to compare")
     args = parser.parse_args()
 
+    import copy
+
     import torch
 
-    from expreg.data.dataset import image_files
-    from expreg.training import trainer as train
+    from expreg.data import image_files
+    from expreg.training.launch import build_accelerator
+    from expreg.training.setup import setup_image_cache, setup_loaders
 
-    cfg, accelerator, data, model = setup_run(args)
-    bare_model = copy.deepcopy(model)
-    train_set = data.datasets["train"]
-    pixels = predecode(image_files(train_set), cfg.data.image_size, model.config.image_mean, model.config.image_std)
-    labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"]))
-
-    with tempfile.TemporaryDirectory() as cache_dir:
+    cfg = load_config(args)
+    accelerator = build_accelerator(cfg, cpu=True)
+    with tempfile.TemporaryDirectory() as cache_dir, tempfile.TemporaryDirectory() as output_dir:
+        # the run's model, AdamW, LR schedule and loop (seeded as a run); the loaders timed are built below
+        trainer = setup_trainer(cfg, accelerator, output_dir)
+        cfg, data = copy.deepcopy(trainer.cfg), trainer.data
+        model = accelerator.unwrap_model(trainer.model)
+        bare_model = bare_copy(trainer)
+        train_set = data.datasets["train"]
+        pixels = predecode(
+            image_files(train_set), cfg.data.image_size, model.config.image_mean, model.config.image_std
+        )
+        labels = torch.from_numpy(data.target_stats.normalize(train_set.with_format("numpy")["labels"]))
         loaders = {}
         for workers in args.workers:
             for cached in (False, True):
                 cfg.data.image_cache, cfg.data.image_cache_dir, cfg.data.num_workers = cached, cache_dir, workers
-                image_cache = train._setup_image_cache(cfg, data, accelerator)  # built here, before any timing
-                loaders[workers, cached] = train._setup_loaders(cfg, data, model, 1, image_cache)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+                image_cache = setup_image_cache(cfg, data, accelerator)  # built here, before any timing
+                loaders[workers, cached] = setup_loaders(cfg, data, model, 1, image_cache)
         bare_optimizer = torch.optim.AdamW(
             bare_model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
         )
@@ -82,15 +100,9 @@ def main() -> None:
         counter = {"epoch": 0}
 
         def expreg_epoch(key) -> float:
-            data.loaders = loaders[key]
-            state = train.TrainerState(num_processes=1, epoch=counter["epoch"])
+            start_epoch(trainer, counter["epoch"], loaders[key], prepared[key])
             counter["epoch"] += 1
-            seconds = timed(
-                lambda: train.train_one_epoch(
-                    model, prepared[key], optimizer, scheduler, accelerator, data, cfg, state, Path(cache_dir), False
-                )
-            )
-            return n_train / seconds
+            return n_train / timed(trainer.train_one_epoch)
 
         def bare_epoch() -> float:
             counter["epoch"] += 1

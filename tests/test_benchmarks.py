@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -14,6 +15,43 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+
+
+def _private_expreg_uses(tree: ast.AST) -> list[str]:
+    """``from expreg... import _x`` and ``name._x`` where ``name`` was imported from expreg."""
+    expreg_names, found = set(), []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("expreg"):
+            for alias in node.names:
+                expreg_names.add(alias.asname or alias.name)
+                if alias.name.startswith("_"):
+                    found.append(f"from {node.module} import {alias.name}")
+        elif isinstance(node, ast.Import):
+            expreg_names.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("expreg"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            while isinstance(base, ast.Attribute):
+                base = base.value
+            if isinstance(base, ast.Name) and base.id in expreg_names:
+                found.append(ast.unparse(node))
+    return found
+
+
+def test_benchmarks_use_public_expreg_names_only():
+    """Benchmarks (and the scripts they run in subprocesses) call expreg's public functions only."""
+    found = []
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        trees = [tree]
+        for node in ast.walk(tree):  # embedded scripts (bench_scale.py): "imports --- body"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and "expreg" in node.value:
+                try:
+                    trees.append(ast.parse("\n".join(node.value.split("---"))))
+                except SyntaxError:
+                    pass
+        found += [f"{path.name}: {use}" for t in trees for use in _private_expreg_uses(t)]
+    assert not found
 
 
 def test_gpu_check_skips_cleanly_without_a_gpu():
