@@ -80,7 +80,15 @@ def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
 
 
 def gather_outputs(
-    forward, loader, accelerator=None, *, max_batches=None, desc="predict", with_labels=False, progress=True
+    forward,
+    loader,
+    accelerator=None,
+    *,
+    max_batches=None,
+    desc="predict",
+    with_labels=False,
+    progress=True,
+    inference_mode=True,
 ):
     """``forward(pixel_values)`` over every batch of ``loader``, gathered from all processes in dataset order.
 
@@ -92,6 +100,8 @@ def gather_outputs(
         max_batches: Stop after this many batches per process (dry runs): the rows returned are
             then the first ones of the dataset.
         progress: Show a progress bar (on the local main process).
+        inference_mode: ``torch.inference_mode`` (saved models); ``False``: ``torch.no_grad``, for the
+            model being trained, whose forward may cache tensors that a later backward needs.
 
     Returns:
         The outputs ``(num_samples, ...)`` as float32 numpy (and the labels with ``with_labels``),
@@ -102,7 +112,7 @@ def gather_outputs(
 
     outputs, labels = [], []
     main = progress and (accelerator is None or accelerator.is_local_main_process)
-    with torch.inference_mode():
+    with torch.inference_mode() if inference_mode else torch.no_grad():
         for i, batch in enumerate(progress_bar(loader, enabled=main, desc=desc, unit="batch")):
             if max_batches is not None and i >= max_batches:
                 break

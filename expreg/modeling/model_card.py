@@ -203,7 +203,7 @@ def _usage(image_size: int, num_genes: int) -> str:
     return f"""## How to use
 
 ```python
-import expreg.modeling.model  # registers the "expreg" model type with AutoModel
+import expreg.model  # registers the "expreg" model type with AutoModel
 from transformers import AutoModel
 
 model = AutoModel.from_pretrained("path/or/hub-id")

@@ -442,6 +442,7 @@ def evaluate(model, dataloader, accelerator, max_batches: int | None = None):
         max_batches=max_batches,
         desc="evaluate",
         with_labels=True,
+        inference_mode=False,
     )
     model.train()
     if max_batches is None and len(predictions) != len(dataloader.dataset):
