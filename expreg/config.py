@@ -19,6 +19,7 @@ import yaml
 MIXED_PRECISION = ("no", "fp16", "bf16")
 HEADS = ("linear", "mlp")
 DEMO_DATA = "demo"
+TARGET_TRANSFORMS = ("log1p_cpm", "log1p", "none")  # expreg.data.expression
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,11 @@ class DataConfig:
     bad_image_policy: str = "fail"
     image_cache: bool = False
     image_cache_dir: str | None = None
+    # targets from raw counts (an expression.h5ad written by expreg.prepare), genes chosen on the training split
+    expression_file: str | None = None
+    genes: str | None = None  # hvg:K, var:K, mean:K or a file of gene names
+    min_gene_detection: float = 0.1
+    target_transform: str = "log1p_cpm"
 
     def __post_init__(self) -> None:
         _check_choice("data.check_images", self.check_images, ("none", "exists", "decode"))
@@ -61,6 +67,14 @@ class DataConfig:
             raise ConfigError(f"data.color_jitter must be in [0, 1), got {self.color_jitter}")
         if not 0 <= self.hed_jitter < 1:
             raise ConfigError(f"data.hed_jitter must be in [0, 1), got {self.hed_jitter}")
+        _check_choice("data.target_transform", self.target_transform, TARGET_TRANSFORMS)
+        if not 0 <= self.min_gene_detection <= 1:
+            raise ConfigError(f"data.min_gene_detection must be in [0, 1], got {self.min_gene_detection}")
+        if (self.expression_file is None) != (self.genes is None):
+            raise ConfigError(
+                "data.expression_file and data.genes go together: the targets are computed from the raw counts of "
+                "the expression file for the genes chosen on the training split (e.g. data.genes=hvg:50)"
+            )
         if self.fold is not None and self.split_csv is None:
             raise ConfigError(
                 "data.fold needs data.split_csv: a fold file made with python -m expreg.splits --n_folds K"

@@ -12,10 +12,11 @@ the same numbers. Predictions become expression units in one place: ``ExpRegMode
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from expreg.progress import progress_bar
 
 
 class PredictError(RuntimeError):
@@ -69,14 +70,6 @@ def forward_tta(model, pixel_values, tta: bool):
         return model(pixel_values=pixel_values).predictions.float()
     views = dihedral_views(pixel_values)
     return sum(model(pixel_values=v).predictions.float() for v in views) / len(views)
-
-
-def progress_bar(iterable=None, *, enabled: bool = True, **kwargs):
-    """A tqdm bar (on one process per machine); in log files (no terminal) at most one line per 30 s."""
-    from tqdm.auto import tqdm
-
-    interactive = sys.stderr.isatty()
-    return tqdm(iterable, disable=not enabled, leave=False, mininterval=0.1 if interactive else 30, **kwargs)
 
 
 def gather_outputs(

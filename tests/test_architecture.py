@@ -1,7 +1,7 @@
 """The package's shape, checked from its source (no imports run): layers, import circles, sizes.
 
 Layers, bottom to top; a module imports only modules of its own layer or below (README, Layout):
-base (config, run_dir, seeding, formatting) < data/ < modeling/ < inference < evaluation/ <
+base (config, run_dir, seeding, formatting, progress) < data/ < ingest/ < modeling/ < inference < evaluation/ <
 training/ < commands (run_regression.py, expreg/<command>.py and the documented re-export paths).
 """
 
@@ -15,17 +15,21 @@ PACKAGE = REPO / "expreg"
 LAYERS = {
     "base": 0,
     "data": 1,
-    "modeling": 2,
-    "inference": 3,
-    "evaluation": 4,
-    "training": 5,
-    "commands": 6,
+    "ingest": 2,
+    "modeling": 3,
+    "inference": 4,
+    "evaluation": 5,
+    "training": 6,
+    "commands": 7,
 }
-BASE = {"expreg", "expreg.config", "expreg.run_dir", "expreg.seeding", "expreg.formatting"}
+BASE = {"expreg", "expreg.config", "expreg.run_dir", "expreg.seeding", "expreg.formatting", "expreg.progress"}
 # documented commands and import paths that re-export what moved (``from expreg.model import ...``)
 COMMANDS = {
     "run_regression",
-    *(f"expreg.{name}" for name in ("splits", "predict", "cv", "aggregate", "plots", "hub", "model", "metrics")),
+    *(
+        f"expreg.{name}"
+        for name in ("splits", "predict", "prepare", "cv", "aggregate", "plots", "hub", "model", "metrics")
+    ),
 }
 ACCELERATE_ALLOWED = {"training", "inference", "commands"}
 MAX_MODULE_LINES = 500

@@ -48,6 +48,10 @@ _EXPORTS = {
     "IMAGENET_MEAN": "transforms",
     "IMAGENET_STD": "transforms",
     # metadata
+    "expression_targets": "expression",
+    "choose_genes": "expression",
+    "GeneChoice": "expression",
+    "transform_counts": "expression",
     "Metadata": "metadata",
     "MetadataError": "metadata",
     "read_metadata": "metadata",

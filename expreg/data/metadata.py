@@ -284,6 +284,7 @@ def read_metadata(
     num_genes: int | None = None,
     check_images: str = "exists",
     for_prediction: bool = False,
+    targets_required: bool = True,
 ) -> Metadata:
     """Read and validate a metadata CSV.
 
@@ -295,6 +296,8 @@ def read_metadata(
         check_images: ``"exists"`` (default, cheap), ``"decode"`` (open every image) or ``"none"``.
         for_prediction: Only ``path`` is required; ``group_id`` and targets are optional (when
             targets are present they are checked as usual). Used by ``expreg.predict``.
+        targets_required: False: a CSV without ``y`` columns is accepted (its targets come from an
+            expression file, ``data.expression_file``).
 
     Returns:
         The validated table.
@@ -316,7 +319,7 @@ def read_metadata(
             f"{csv_path}: missing required column(s) {', '.join(missing)}; the header has: "
             f"{', '.join(list(frame.columns)[:12])}{' ...' if len(frame.columns) > 12 else ''}"
         )
-    if for_prediction and not any(TARGET_PATTERN.match(c) for c in frame.columns):
+    if (for_prediction or not targets_required) and not any(TARGET_PATTERN.match(c) for c in frame.columns):
         target_columns = []
     else:
         target_columns = _target_columns(csv_path, list(frame.columns), num_genes)

@@ -90,6 +90,8 @@ class _Folds:
     runs_dir: Path
     inputs: dict = field(default_factory=dict)
     finetune: FineTune | None = None
+    metadata: object = None  # with data.expression_file: the table without targets; each fold computes its own
+    fold_genes: dict = field(default_factory=dict)  # fold -> genes chosen on its training groups (expression file)
 
 
 def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: dict | None = None) -> dict:
@@ -120,7 +122,9 @@ def cross_validate(
     metadata_csv = resolve_metadata_csv(cfg.data.metadata_csv)
     cfg = replace(cfg, data=replace(cfg.data, metadata_csv=metadata_csv))
     d = cfg.data
-    metadata = read_metadata(d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images)
+    metadata = read_metadata(
+        d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images, targets_required=not d.expression_file
+    )
     n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
     folds = _Folds(
         cfg=cfg,
@@ -132,12 +136,16 @@ def cross_validate(
         folds_csv=folds_csv,
         runs_dir=out_dir / "runs",
         finetune=finetune,
+        metadata=metadata if d.expression_file else None,
     )
     folds.inputs = _shared_inputs(cfg, methods, list(folds.files))
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for k in range(n_folds):
         _score_fold(folds, k, methods, results)
-    summary = summarise(results, folds.genes, recipe_name, str(folds_csv), cfg.seed)
+    genes = folds.genes if folds.metadata is None else _genes_in_every_fold(folds.fold_genes)
+    summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)
+    if folds.metadata is not None:
+        summary["gene_selection"] = _gene_selection(cfg, folds.fold_genes, genes)
     write_json(out_dir / "cv_summary.json", summary)
     atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
     return summary
@@ -165,15 +173,14 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
     """Every method with fold ``k`` held out: appended to ``results[method]``, one printed line each."""
     test, train = folds.fold_of == k, folds.fold_of != k
     test_groups = sorted(set(folds.groups[test].tolist()))
+    cfg, targets, genes = _fold_targets(folds, k, train)
     for method in methods:
         start = time.perf_counter()
         if method == "finetune":
-            test_files = (list(folds.files[test]), folds.targets[test])
-            summary, per_gene, extra = folds.finetune(
-                folds.cfg, folds.folds_csv, k, folds.runs_dir, test_files, folds.genes
-            )
+            test_files = (list(folds.files[test]), targets[test])
+            summary, per_gene, extra = folds.finetune(cfg, folds.folds_csv, k, folds.runs_dir, test_files, genes)
         else:
-            summary, per_gene, extra = _fit_baseline(folds, method, train, test)
+            summary, per_gene, extra = _fit_baseline(folds, method, train, test, targets, genes)
         shared = folds.inputs.get(f"{method}_seconds", 0.0)
         seconds = time.perf_counter() - start + shared * test.mean()  # this fold's share of the extraction
         results[method].append(
@@ -182,13 +189,57 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
         print(f"fold {k} ({', '.join(test_groups)}) {method}: {_describe(summary)} [{seconds:.0f} s]")
 
 
-def _fit_baseline(folds: _Folds, method: str, train: np.ndarray, test: np.ndarray) -> tuple[dict, dict, dict]:
+def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, genes: list[str]):
     """Fit a baseline on the training rows, score it on the test rows: ``(summary, per-gene Spearman, extra)``."""
     x, fit = folds.inputs[method]
-    cfg, targets, groups = folds.cfg, folds.targets, folds.groups
+    cfg, groups = folds.cfg, folds.groups
     predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
-    metrics = compute_metrics(predictions, targets[test], folds.genes)
+    metrics = compute_metrics(predictions, targets[test], genes)
     return metrics.summary, {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}, extra
+
+
+def _fold_targets(folds: _Folds, k: int, fit: np.ndarray) -> tuple[RunConfig, np.ndarray, list[str]]:
+    """The recipe, targets and genes of fold ``k``: the shared ones, or (``data.expression_file``) genes
+    chosen on the fold's fit rows only (never its held-out groups), written to ``genes_fold<k>.txt``
+    and given to every method of the fold (the fine-tuning run reads that list)."""
+    if folds.metadata is None:
+        return folds.cfg, folds.targets, folds.genes
+    from expreg.data import expression_targets
+
+    d = folds.cfg.data
+    table, choice = expression_targets(
+        folds.metadata,
+        d.expression_file,
+        fit,
+        d.genes,
+        min_detection=d.min_gene_detection,
+        transform=d.target_transform,
+    )
+    genes_file = folds.folds_csv.parent / f"genes_fold{k}.txt"
+    atomic_write_text(genes_file, "\n".join(choice.genes) + "\n")
+    folds.fold_genes[k] = list(choice.genes)
+    print(f"fold {k}: {choice.describe()} -> {genes_file.name}")
+    cfg = replace(folds.cfg, data=replace(d, genes=str(genes_file)))
+    return cfg, table.targets().astype(np.float64), list(choice.genes)
+
+
+def _genes_in_every_fold(fold_genes: dict) -> list[str]:
+    """The genes chosen in every fold, in the first fold's order (the per-gene summaries cover these)."""
+    lists = list(fold_genes.values())
+    common = set(lists[0]).intersection(*lists[1:]) if lists else set()
+    return [g for g in (lists[0] if lists else []) if g in common]
+
+
+def _gene_selection(cfg, fold_genes: dict, common: list[str]) -> dict:
+    d = cfg.data
+    return {
+        "expression_file": d.expression_file,
+        "genes": d.genes,
+        "target_transform": d.target_transform,
+        "min_gene_detection": d.min_gene_detection,
+        "per_fold": {str(k): len(g) for k, g in fold_genes.items()},
+        "in_every_fold": len(common),
+    }
 
 
 def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
@@ -286,6 +337,14 @@ def render_markdown(summary: dict) -> str:
             ]
     if "mean" in methods:
         lines += ["", "The `mean` predictor is constant, so its correlations are undefined for every gene."]
+    if "gene_selection" in summary:
+        g = summary["gene_selection"]
+        lines += [
+            "",
+            f"Genes: chosen in each fold on its training groups only ({g['genes']}, {g['target_transform']} values, "
+            f"detected in >= {g['min_gene_detection']:g} of the training spots; lists in genes_fold<k>.txt); "
+            f"{g['in_every_fold']} genes were chosen in every fold: the per-gene means cover those.",
+        ]
     for method, m in methods.items():
         ranked = sorted(((g, v) for g, v in m["per_gene_spearman_mean"].items() if v is not None), key=lambda x: -x[1])
         if ranked:

@@ -59,8 +59,9 @@ def _split_protocol(cfg: dict, data: dict) -> str:
         grouping = f"Split on `group_id`, but some groups appear in two splits ({where})"
     else:
         grouping = "Patient-level (group-aware) split on `group_id`: no group appears in two splits"
+    genes = f" Targets: {data['gene_choice']}." if data.get("gene_choice") else ""
     return (
-        f"{grouping}. {how}. {groups}. "
+        f"{grouping}. {how}. {groups}.{genes} "
         f"Target normalisation (per-gene z-score) statistics come from the training split only."
     )
 
@@ -221,6 +222,14 @@ python -m expreg.predict --model path/or/hub-id --metadata_csv patches.csv --out
 
 
 def _limits(data: dict) -> str:
+    targets = (
+        "- The targets were computed from raw counts for genes chosen on the training split only (see above);\n"
+        "  predictions are in those units."
+        if data.get("gene_choice")
+        else "- The targets are whatever the training CSV held (e.g. log1p-normalised counts); predictions are\n"
+        "  in those units. Gene lists chosen on the whole dataset leak a little information into\n"
+        "  evaluation."
+    )
     return f"""## Intended use and limits
 
 - Research on the relation between tissue morphology and gene expression; **not for clinical
@@ -228,9 +237,7 @@ def _limits(data: dict) -> str:
 - Trained on {data["splits"].get("train", {}).get("groups", "?")} group(s) (e.g. patients) of one
   dataset. Expect lower accuracy on other tissues, scanners, stains, resolutions or
   spot/patch sizes; check on your own held-out patients first.
-- The targets are whatever the training CSV held (e.g. log1p-normalised counts); predictions are
-  in those units. Gene lists chosen on the whole dataset leak a little information into
-  evaluation.
+{targets}
 - Mean correlations hide per-gene differences: see the table above and the run's
   `per_gene_metrics.csv`.
 """

@@ -150,6 +150,7 @@ def data_fingerprint(cfg: RunConfig) -> dict:
     return {
         "metadata_csv": file_sha256(cfg.data.metadata_csv),
         "split_csv": file_sha256(cfg.data.split_csv) if cfg.data.split_csv else None,
+        **({"expression_file": file_sha256(cfg.data.expression_file)} if cfg.data.expression_file else {}),
     }
 
 
@@ -180,7 +181,11 @@ def check_resume_data(cfg: RunConfig, checkpoint: str, allow_change: bool, gene_
             "file are unchanged since the run started cannot be checked"
         )
     now = data_fingerprint(cfg)
-    names = {"metadata_csv": cfg.data.metadata_csv, "split_csv": cfg.data.split_csv}
+    names = {
+        "metadata_csv": cfg.data.metadata_csv,
+        "split_csv": cfg.data.split_csv,
+        "expression_file": cfg.data.expression_file,
+    }
     changed = [f"{key} {names[key]}" for key in now if key in saved and saved[key] != now[key]]
     if not changed:
         return None
@@ -239,6 +244,8 @@ def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None, ov
         ignore = {
             "data.metadata_csv",
             "data.split_csv",
+            "data.expression_file",
+            "data.genes",
             "logging.run_name",
             "logging.output_dir",
         } | RESUMABLE_OVERRIDES

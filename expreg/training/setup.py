@@ -16,11 +16,13 @@ from expreg.config import ConfigError, RunConfig, flatten
 from expreg.data import (
     UnreadableImageError,
     build_dataloaders,
-    build_split_datasets,
+    build_dataset_dict,
     compute_target_stats,
+    expression_targets,
     image_files,
     read_metadata,
     resolve_metadata_csv,
+    split_rows,
 )
 from expreg.modeling.model import ExpRegModel, build_model
 from expreg.run_dir import (
@@ -47,29 +49,48 @@ class RunData:
     split_table: object = None  # the split made by this run (written as split.csv), if any
     split_summary: str | None = None
     loaders: dict = field(default_factory=dict)
+    gene_choice: object = None  # expreg.data.expression.GeneChoice when the genes were chosen here
 
 
 def setup_data(cfg: RunConfig, accelerator) -> RunData:
     """Validate the metadata, fix the split (made in memory when not given), build the datasets.
 
     Resolves ``cfg.data.metadata_csv`` (the demo data set is generated once, by the main process)
-    and ``cfg.data.split_csv`` in place: ``cfg`` is the run's own copy. Returns the fields of the
-    run's ``RunData`` (its loaders are added by ``setup_loaders``).
+    and ``cfg.data.split_csv`` in place: ``cfg`` is the run's own copy. With
+    ``data.expression_file``, the targets are computed from raw counts for genes chosen on the
+    training rows only. Returns the run's ``RunData`` (its loaders are added by ``setup_loaders``).
     """
     d = cfg.data
     with accelerator.main_process_first():
         d.metadata_csv = resolve_metadata_csv(d.metadata_csv)
-        metadata = read_metadata(d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images)
+        metadata = read_metadata(
+            d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images, targets_required=not d.expression_file
+        )
     d.metadata_csv = str(metadata.csv_path)
     if d.split_csv is not None:
         d.split_csv = str(Path(d.split_csv).resolve())
     # the same on every process: a function of the CSV content and the seed
-    datasets, split = build_split_datasets(metadata, d.split_csv, fold=d.fold, seed=cfg.seed, val_frac=d.val_frac)
+    split = split_rows(metadata, d.split_csv, fold=d.fold, seed=cfg.seed, val_frac=d.val_frac)
+    choice = None
+    if d.expression_file:
+        d.expression_file = str(Path(d.expression_file).resolve())
+        metadata, choice = expression_targets(
+            metadata,
+            d.expression_file,
+            split.names == "train",
+            d.genes,
+            min_detection=d.min_gene_detection,
+            transform=d.target_transform,
+        )
+        logger.info(f"targets: {choice.describe()}")
+    datasets = build_dataset_dict(metadata, split.names, split_csv=d.split_csv, fold=d.fold)
     if "validation" not in datasets:
         raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
     stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)
     summary = split.summary.format() if split.summary is not None else None
-    return RunData(datasets, metadata.gene_names, stats, split_table=split.table, split_summary=summary)
+    return RunData(
+        datasets, metadata.gene_names, stats, split_table=split.table, split_summary=summary, gene_choice=choice
+    )
 
 
 def setup_model(cfg: RunConfig, gene_names: list[str], target_stats) -> ExpRegModel:
@@ -176,6 +197,8 @@ def write_run_files(cfg: RunConfig, data: RunData, run_dir: Path, is_main_proces
     """``log.txt``, the split made by the run, ``config_resolved.yaml`` and ``target_stats.json``."""
     if data.split_table is not None:
         cfg.data.split_csv = str(run_dir / "split.csv")
+    if data.gene_choice is not None:
+        cfg.data.genes = str(run_dir / "genes.txt")  # the resolved config names the exact list
     if not is_main_process:
         return
     log_to_file(run_dir)
@@ -184,6 +207,9 @@ def write_run_files(cfg: RunConfig, data: RunData, run_dir: Path, is_main_proces
 
         write_table(data.split_table, cfg.data.split_csv)
         logger.info(f"made a group-aware split from seed {cfg.seed} -> {cfg.data.split_csv}\n{data.split_summary}")
+    if data.gene_choice is not None:
+        atomic_write_text(run_dir / "genes.txt", "\n".join(data.gene_choice.genes) + "\n")
+        logger.info(f"chosen genes -> {run_dir / 'genes.txt'}")
     atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
     write_json(run_dir / "target_stats.json", {"gene_names": data.gene_names, **data.target_stats.to_dict()})
     write_json(run_dir / SPLIT_SUMMARY_FILE, split_summary(data.datasets))

@@ -25,8 +25,9 @@ from transformers import get_cosine_schedule_with_warmup
 
 from expreg.config import ConfigError, RunConfig
 from expreg.evaluation.metrics import compute_metrics
-from expreg.inference import gather_outputs, progress_bar
+from expreg.inference import gather_outputs
 from expreg.modeling.hub import HubError
+from expreg.progress import progress_bar
 from expreg.run_dir import (
     METRICS_FILE,
     write_json,

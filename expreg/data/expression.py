@@ -1,0 +1,251 @@
+"""Raw counts -> regression targets: the target transform, in one place for ``expreg.prepare`` and training.
+
+``log1p_cpm`` (the default): each spot's counts divided by its total over all measured genes,
+times 10,000, then ``log1p`` (scanpy's ``normalize_total(target_sum=1e4)`` + ``log1p``).
+``log1p``: ``log1p`` of the raw counts (HEST-Benchmark's targets). ``none``: the counts as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from expreg.config import TARGET_TRANSFORMS
+
+CPM_TARGET_SUM = 1e4
+
+
+def transform_counts(counts, columns, kind: str = "log1p_cpm") -> np.ndarray:
+    """Targets ``(spots, len(columns))`` (float32) of the count columns ``columns`` of ``counts``.
+
+    Args:
+        counts: Raw counts ``(spots, genes)``, a scipy sparse matrix or an array, over *all* the
+            genes measured (the library size of ``log1p_cpm`` is the spot's total).
+        columns: Column indices of the target genes; ``-1`` for a gene the sample did not measure
+            (its target is 0).
+        kind: One of ``TARGET_TRANSFORMS``.
+    """
+    if kind not in TARGET_TRANSFORMS:
+        raise ValueError(f"target transform {kind!r}: choose from {', '.join(TARGET_TRANSFORMS)}")
+    columns = np.asarray(columns, dtype=np.int64)
+    measured = columns >= 0
+    values = np.zeros((counts.shape[0], len(columns)), dtype=np.float64)
+    if measured.any():
+        picked = counts[:, columns[measured]]
+        values[:, measured] = picked.toarray() if hasattr(picked, "toarray") else np.asarray(picked)
+    if kind == "log1p_cpm":
+        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
+        scale = np.divide(CPM_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+        values = np.log1p(values * scale[:, None])
+    elif kind == "log1p":
+        values = np.log1p(values)
+    return values.astype(np.float32)
+
+
+GENE_METHODS = ("hvg", "var", "mean")
+HVG_BINS = 20  # scanpy's n_bins
+
+
+def parse_gene_spec(spec: str) -> tuple[str, int | None, str | None]:
+    """``"hvg:50"`` -> ``("hvg", 50, None)``; a file path -> ``("file", None, path)``."""
+    method, sep, k = spec.partition(":")
+    if sep and method in GENE_METHODS:
+        if not k.isdigit() or int(k) < 1:
+            raise ValueError(f"data.genes {spec!r}: the number after '{method}:' must be a positive integer")
+        return method, int(k), None
+    return "file", None, spec
+
+
+def detection_rate(counts) -> np.ndarray:
+    """Fraction of spots (rows) in which each gene (column) has a non-zero count."""
+    nonzero = (counts != 0).sum(axis=0) if hasattr(counts, "toarray") else (np.asarray(counts) != 0).sum(axis=0)
+    return np.asarray(nonzero, dtype=np.float64).reshape(-1) / max(counts.shape[0], 1)
+
+
+def seurat_dispersions(log_values: np.ndarray, n_bins: int = HVG_BINS) -> np.ndarray:
+    """Normalised dispersions of scanpy's ``highly_variable_genes(flavor="seurat")`` (one value per column).
+
+    ``log_values`` are log1p-transformed (spots x genes). As scanpy: back to linear scale with
+    ``expm1``; per gene mean and variance (ddof 1); dispersion = variance / mean, log; mean
+    log1p; genes binned into ``n_bins`` equal-width bins of mean; each dispersion z-scored within
+    its bin (a bin with one gene: dispersion / itself, i.e. 1). NaN for genes without a dispersion.
+    """
+    import pandas as pd
+
+    linear = np.expm1(np.asarray(log_values, dtype=np.float64))
+    mean = linear.mean(axis=0)
+    var = linear.var(axis=0, ddof=1) if linear.shape[0] > 1 else np.zeros_like(mean)
+    mean[mean == 0] = 1e-12
+    dispersion = var / mean
+    dispersion[dispersion == 0] = np.nan
+    dispersion = np.log(dispersion)
+    frame = pd.DataFrame({"means": np.log1p(mean), "dispersions": dispersion})
+    frame["bin"] = pd.cut(frame["means"], bins=n_bins)
+    stats = frame.groupby("bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
+    single = stats["dev"].isnull()
+    stats.loc[single, "dev"] = stats.loc[single, "avg"]
+    stats.loc[single, "avg"] = 0.0
+    per_gene = stats.loc[frame["bin"]].to_numpy(dtype=np.float64)
+    return (frame["dispersions"].to_numpy() - per_gene[:, 0]) / per_gene[:, 1]
+
+
+def rank_genes(values: np.ndarray, method: str) -> np.ndarray:
+    """Scores (higher = chosen first) of every column of the transformed training values."""
+    if method == "hvg":
+        return seurat_dispersions(values)
+    if method == "var":
+        return values.var(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros(values.shape[1])
+    return values.mean(axis=0)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the ``k`` highest scores (NaN last), highest first; ties keep column order."""
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")
+    return order[:k]
+
+
+@dataclass
+class GeneChoice:
+    """The genes a run predicts and how they were chosen (recorded in the run directory and model card)."""
+
+    genes: list[str]
+    spec: str  # data.genes as given: "hvg:50", "var:50", "mean:50" or a file
+    transform: str
+    min_detection: float
+    num_train_spots: int
+    train_groups: list[str]
+    excluded_rare: int = 0  # genes left out for detection below min_detection
+
+    def describe(self) -> str:
+        """One sentence for logs and model cards."""
+        how = f"listed in {self.spec}" if parse_gene_spec(self.spec)[0] == "file" else f"by {self.spec}"
+        rare = (
+            f", after leaving out {self.excluded_rare} gene(s) detected in < {self.min_detection:g} of them"
+            if self.excluded_rare
+            else ""
+        )
+        return (
+            f"{len(self.genes)} genes {how} on {self.num_train_spots} training spots of group(s) "
+            f"{', '.join(self.train_groups)} ({self.transform} values{rare})"
+        )
+
+
+def choose_genes(
+    train_counts, gene_names: list[str], spec: str, *, min_detection: float, transform: str, train_groups
+) -> GeneChoice:
+    """Choose the target genes from the training spots only (never from validation or test).
+
+    Args:
+        train_counts: Raw counts of the training spots ``(spots, genes)``.
+        gene_names: Names of the count columns.
+        spec: ``hvg:K`` (scanpy's Seurat-flavour highly variable genes), ``var:K`` (top variance),
+            ``mean:K`` (top mean), all on transformed values of the genes detected in at least
+            ``min_detection`` of the training spots; or a file with one gene name per line.
+    """
+    method, k, path = parse_gene_spec(spec)
+    common = {"spec": spec, "transform": transform, "min_detection": min_detection}
+    common |= {"num_train_spots": int(train_counts.shape[0]), "train_groups": sorted(set(map(str, train_groups)))}
+    if method == "file":
+        return GeneChoice(_genes_from_file(path, gene_names), **common)
+    if method == "hvg" and transform == "none":
+        raise ValueError("data.genes=hvg:K works on log values: set data.target_transform to log1p_cpm or log1p")
+    eligible = np.flatnonzero(detection_rate(train_counts) >= min_detection)
+    if len(eligible) < k:
+        raise ValueError(
+            f"data.genes={spec}: only {len(eligible)} genes are detected in >= {min_detection:g} of the "
+            f"{train_counts.shape[0]} training spots; lower data.min_gene_detection or K"
+        )
+    values = transform_counts(train_counts, eligible, transform)  # totals still over all genes
+    chosen = eligible[top_k(rank_genes(values.astype(np.float64), method), k)]
+    excluded = len(gene_names) - len(eligible)
+    return GeneChoice([gene_names[i] for i in chosen], excluded_rare=excluded, **common)
+
+
+def _genes_from_file(path, gene_names: list[str]) -> list[str]:
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"data.genes {path}: not hvg:K, var:K, mean:K or an existing file of gene names")
+    genes = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    known = set(gene_names)
+    unknown = [g for g in genes if g not in known]
+    if unknown or not genes:
+        raise ValueError(
+            f"data.genes {path}: {len(unknown)} gene(s) not in the expression file: {', '.join(unknown[:10])}"
+            if unknown
+            else f"data.genes {path}: no gene names"
+        )
+    return genes
+
+
+def expression_targets(
+    metadata, expression_file, is_train: np.ndarray, spec: str, *, min_detection: float, transform: str
+):
+    """The metadata with targets ``y0..`` computed from raw counts for genes chosen on the training rows.
+
+    Args:
+        metadata: A metadata table without target columns (``expreg.prepare``'s ``metadata.csv``).
+        expression_file: Its ``expression.h5ad`` (raw counts; rows matched by ``sample_id`` and
+            ``barcode``, else by ``path``).
+        is_train: Which metadata rows are training rows: the only rows genes are chosen on.
+
+    Returns:
+        ``(Metadata with y0..y{K-1} and the chosen gene names, GeneChoice)``.
+    """
+    from expreg.config import ConfigError
+    from expreg.data.h5ad import read_h5ad
+    from expreg.data.metadata import Metadata, MetadataError
+
+    if metadata.target_columns:
+        raise MetadataError(
+            f"{metadata.csv_path}: has target columns y0..; with data.expression_file the targets come from the "
+            "raw counts: use a metadata CSV without y columns (expreg.prepare without --genes)"
+        )
+    table = read_h5ad(expression_file)
+    counts = table.X[_aligned_rows(metadata, table.obs, expression_file)]
+    groups = metadata.frame["group_id"].to_numpy()[is_train]
+    try:
+        choice = choose_genes(
+            counts[is_train],
+            table.var_names,
+            spec,
+            min_detection=min_detection,
+            transform=transform,
+            train_groups=groups,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    index = {g: i for i, g in enumerate(table.var_names)}
+    targets = transform_counts(counts, [index[g] for g in choice.genes], transform)
+    frame = metadata.frame.copy()
+    columns = [f"y{k}" for k in range(len(choice.genes))]
+    frame[columns] = targets.astype(np.float64)
+    return Metadata(metadata.csv_path, frame, columns, list(choice.genes)), choice
+
+
+def _aligned_rows(metadata, obs, expression_file) -> np.ndarray:
+    """For every metadata row, its row in the expression file (an error names rows that have none)."""
+    from expreg.data.metadata import MetadataError, describe_rows
+
+    frame = metadata.frame
+    if {"sample_id", "barcode"} <= set(frame.columns) and {"sample_id", "barcode"} <= set(obs.columns):
+        keys = frame["sample_id"].astype(str) + "\t" + frame["barcode"].astype(str)
+        available = obs["sample_id"].astype(str) + "\t" + obs["barcode"].astype(str)
+        how = "sample_id and barcode"
+    elif "path" in obs.columns:
+        keys, available, how = frame["path"].astype(str), obs["path"].astype(str), "path"
+    else:
+        raise MetadataError(
+            f"{expression_file}: its obs has neither sample_id + barcode nor path columns to match the rows of "
+            f"{metadata.csv_path}"
+        )
+    position = {key: i for i, key in enumerate(available.to_numpy())}
+    rows = np.array([position.get(key, -1) for key in keys.to_numpy()], dtype=np.int64)
+    missing = np.flatnonzero(rows < 0)
+    if len(missing):
+        raise MetadataError(
+            f"{metadata.csv_path}: {describe_rows(missing + 2)}: no row with the same {how} in {expression_file}"
+        )
+    return rows

@@ -1,0 +1,208 @@
+"""Targets from raw counts: the transforms, gene choice on training rows only (scanpy's HVG as the
+reference), and the recipe keys data.expression_file / data.genes in a run and in cross-validation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import yaml
+
+from expreg.config import ConfigError, load_recipe
+from expreg.data.expression import choose_genes, detection_rate, expression_targets, transform_counts
+from expreg.data.h5ad import write_h5ad
+from expreg.data.metadata import read_metadata
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
+
+
+def test_transforms_match_their_definitions():
+    counts = sp.csr_matrix(np.array([[0, 3, 1], [4, 0, 0], [0, 0, 0]], dtype=np.int32))
+    cpm = transform_counts(counts, [1, 0, -1], "log1p_cpm")
+    np.testing.assert_allclose(cpm[0], np.log1p([3 / 4 * 1e4, 0, 0]), rtol=1e-6)
+    np.testing.assert_allclose(cpm[1], np.log1p([0, 1e4, 0]), rtol=1e-6)
+    assert (cpm[2] == 0).all()  # an empty spot: zeros, not NaN
+    np.testing.assert_allclose(transform_counts(counts, [1, 2], "log1p")[0], np.log1p([3, 1]), rtol=1e-6)
+    assert transform_counts(counts, [0, -1], "none").tolist() == [[0, 0], [4, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("case", ["log1p_cpm:10", "log1p_cpm:50", "log1p:10", "log1p:50"])
+def test_highly_variable_genes_match_scanpy(case):
+    """scanpy 1.11.5's highly_variable_genes(flavor="seurat") on the same counts (tests/data/make_hvg_reference.py)."""
+    reference = json.loads((DATA / "hvg_scanpy_reference.json").read_text())["cases"][case]
+    counts = sp.csr_matrix(np.load(DATA / "hvg_counts.npz")["counts"])
+    names = [f"g{i}" for i in range(counts.shape[1])]
+    transform, k = case.split(":")
+    choice = choose_genes(counts, names, f"hvg:{k}", min_detection=0.1, transform=transform, train_groups=["a"])
+    assert sorted(choice.genes) == reference["genes"]
+    assert [names[i] for i in np.flatnonzero(detection_rate(counts) >= 0.1)] == reference["eligible"]
+
+
+def test_var_and_mean_choose_the_top_genes_and_rare_genes_are_left_out():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson([1, 5, 20, 5, 0.01], size=(200, 5)).astype(np.int32)
+    counts[:, 3] *= rng.integers(0, 6, 200)  # gene 3: the most variable
+    names = ["a", "b", "c", "d", "rare"]
+    top_mean = choose_genes(
+        sp.csr_matrix(counts), names, "mean:2", min_detection=0.1, transform="none", train_groups=["x"]
+    )
+    assert top_mean.genes == ["c", "d"] and top_mean.excluded_rare == 1
+    top_var = choose_genes(
+        sp.csr_matrix(counts), names, "var:1", min_detection=0.1, transform="none", train_groups=["x"]
+    )
+    assert top_var.genes == ["d"]
+    with pytest.raises(ValueError, match="only 4 genes are detected"):
+        choose_genes(sp.csr_matrix(counts), names, "var:5", min_detection=0.1, transform="none", train_groups=["x"])
+    with pytest.raises(ValueError, match="log values"):
+        choose_genes(sp.csr_matrix(counts), names, "hvg:2", min_detection=0.1, transform="none", train_groups=["x"])
+
+
+def _expression_set(make_dataset, test_only_gene: bool = True) -> tuple[Path, Path]:
+    """A prepared-style data set: metadata.csv without targets + expression.h5ad of raw counts.
+
+    Counts follow the synthetic targets (so images predict them); "TESTONLY" varies wildly, but only
+    in group P04, and is flat elsewhere.
+    """
+    csv = make_dataset(num_groups=5, samples_per_group=8, num_genes=12)
+    frame = pd.read_csv(csv)
+    targets = frame[[f"y{k}" for k in range(12)]].to_numpy()
+    frame = frame.drop(columns=[f"y{k}" for k in range(12)])
+    frame["sample_id"] = frame["group_id"]
+    frame["barcode"] = [f"b{i}" for i in range(len(frame))]
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(np.exp(np.clip(targets, -3, 3)) * 20).astype(np.int32)
+    special = np.where(frame["group_id"] == "P04", rng.integers(0, 400, len(frame)), 5)[:, None]
+    counts = np.hstack([counts, special if test_only_gene else np.full_like(special, 5)])
+    genes = [f"GENE{k}" for k in range(12)] + ["TESTONLY"]
+    (csv.parent / "genes.txt").unlink()
+    frame.to_csv(csv, index=False)
+    obs = frame[["sample_id", "barcode", "group_id", "path"]].copy()
+    obs.index = [f"{s}:{b}" for s, b in zip(frame["sample_id"], frame["barcode"])]
+    write_h5ad(csv.parent / "expression.h5ad", sp.csr_matrix(counts), obs, genes)
+    return csv, csv.parent / "expression.h5ad"
+
+
+def test_genes_are_chosen_on_training_rows_only(make_dataset):
+    csv, h5ad = _expression_set(make_dataset)
+    metadata = read_metadata(csv, targets_required=False)
+    is_test = (metadata.frame["group_id"] == "P04").to_numpy()
+    table, choice = expression_targets(metadata, h5ad, ~is_test, "var:3", min_detection=0.1, transform="log1p")
+    assert "TESTONLY" not in choice.genes and choice.train_groups == ["P00", "P01", "P02", "P03"]
+    assert table.gene_names == choice.genes and table.targets().shape == (len(metadata.frame), 3)
+    everything = expression_targets(
+        metadata, h5ad, np.ones(len(is_test), bool), "var:3", min_detection=0.1, transform="log1p"
+    )
+    assert "TESTONLY" in everything[1].genes  # the same call with the test group in training picks it
+
+
+def test_rows_are_matched_by_sample_and_barcode_and_a_missing_one_is_named(make_dataset):
+    csv, h5ad = _expression_set(make_dataset)
+    frame = pd.read_csv(csv)
+    shuffled = frame.sample(frac=1.0, random_state=0)
+    shuffled.to_csv(csv, index=False)
+    metadata = read_metadata(csv, targets_required=False)
+    table, choice = expression_targets(
+        metadata, h5ad, np.ones(len(frame), bool), "mean:2", min_detection=0.1, transform="none"
+    )
+    original = read_metadata(csv, targets_required=False)
+    assert table.targets().shape[0] == len(original.frame)
+    shuffled.loc[shuffled.index[3], "barcode"] = "nowhere"
+    shuffled.to_csv(csv, index=False)
+    with pytest.raises(Exception, match=r"line 5: no row with the same sample_id and barcode"):
+        expression_targets(
+            read_metadata(csv, targets_required=False),
+            h5ad,
+            np.ones(len(frame), bool),
+            "mean:2",
+            min_detection=0.1,
+            transform="none",
+        )
+
+
+def test_recipe_keys_are_checked():
+    with pytest.raises(ConfigError, match="go together"):
+        load_recipe(None, ["data.expression_file=x.h5ad"])
+    with pytest.raises(ConfigError, match="target_transform"):
+        load_recipe(None, ["data.expression_file=x.h5ad", "data.genes=hvg:5", "data.target_transform=sqrt"])
+    with pytest.raises(ConfigError, match="min_gene_detection"):
+        load_recipe(None, ["data.expression_file=x.h5ad", "data.genes=hvg:5", "data.min_gene_detection=2"])
+
+
+def test_a_run_chooses_genes_on_its_training_split_and_records_them(make_dataset, tmp_path):
+    csv, h5ad = _expression_set(make_dataset)
+    split = pd.DataFrame({"path": pd.read_csv(csv)["path"], "group_id": pd.read_csv(csv)["group_id"]})
+    split["split"] = np.select(
+        [split["group_id"] == "P04", split["group_id"] == "P03"], ["test", "validation"], "train"
+    )
+    split.to_csv(tmp_path / "split.csv", index=False)
+    args = [
+        f"data.metadata_csv={csv}",
+        f"data.split_csv={tmp_path / 'split.csv'}",
+        f"data.expression_file={h5ad}",
+        "data.genes=var:4",
+        "data.target_transform=log1p",
+        f"logging.output_dir={tmp_path / 'runs'}",
+        "logging.run_name=expr",
+        "train.epochs=1",
+    ]
+    result = subprocess.run(
+        [sys.executable, str(REPO / "run_regression.py"), str(REPO / "recipes" / "tiny.yaml"), *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "expr"
+    genes = (run / "genes.txt").read_text().split()
+    assert len(genes) == 4 and "TESTONLY" not in genes
+    resolved = yaml.safe_load((run / "config_resolved.yaml").read_text())
+    assert resolved["data"]["genes"] == str(run / "genes.txt")
+    model_config = json.loads((run / "checkpoints" / "best" / "config.json").read_text())
+    assert model_config["gene_names"] == genes
+    card = (run / "checkpoints" / "best" / "README.md").read_text()
+    n_train = int((split["split"] == "train").sum())
+    chosen = f"genes chosen on the training split only: 4 genes by var:4 on {n_train} training spots of group(s) P00, P01, P02"
+    assert chosen in card
+    assert "held-out" in card.lower()
+    assert list(pd.read_csv(run / "predictions_test.csv").columns[2:]) == genes
+
+
+def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
+    from expreg.cv import main as cv_main
+
+    csv, h5ad = _expression_set(make_dataset)
+    out = tmp_path / "cv"
+    code = cv_main(
+        [
+            str(REPO / "recipes" / "tiny.yaml"),
+            "--n_folds",
+            "5",
+            "--methods",
+            "ridge,mean",
+            "--out_dir",
+            str(out),
+            f"data.metadata_csv={csv}",
+            f"data.expression_file={h5ad}",
+            "data.genes=var:3",
+            "data.target_transform=log1p",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    lists = {k: (out / f"genes_fold{k}.txt").read_text().split() for k in range(5)}
+    test_fold_of_p04 = next(f["fold"] for f in summary["methods"]["mean"]["folds"] if f["test_groups"] == ["P04"])
+    assert "TESTONLY" not in lists[test_fold_of_p04]  # held out: never chosen
+    assert all("TESTONLY" in genes for k, genes in lists.items() if k != test_fold_of_p04)
+    selection = summary["gene_selection"]
+    assert selection["per_fold"] == {str(k): 3 for k in range(5)}
+    common = set.intersection(*(set(g) for g in lists.values()))
+    assert selection["in_every_fold"] == len(common)
+    assert set(summary["methods"]["ridge"]["per_gene_spearman_mean"]) == common
+    assert "chosen in every fold" in (out / "cv_summary.md").read_text()

@@ -1,0 +1,357 @@
+"""``python -m expreg.prepare``: sections -> patches, metadata.csv, expression.h5ad, prepare.json.
+
+Synthetic Space Ranger samples made here (a textured image, a grid of spots, a 10x HDF5), plus the
+real HER2ST section C2 read from its Space Ranger folder and from its HEST-1k copy."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from PIL import Image
+
+from expreg.data.h5ad import read_h5ad
+from expreg.ingest.errors import IngestError
+from expreg.ingest.prepare import Options, prepare
+from expreg.prepare import main as prepare_main
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared/data/her2st_st"
+HEADER = "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres"
+
+
+def _image(size: tuple[int, int], seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+
+
+def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes, genes) -> None:
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g.create_dataset("barcodes", data=np.array([b.encode() for b in barcodes]))
+        g.create_dataset("data", data=counts.data.astype(np.int32))
+        g.create_dataset("indices", data=counts.indices.astype(np.int64))
+        g.create_dataset("indptr", data=counts.indptr.astype(np.int64))
+        g.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
+        feats = g.create_group("features")
+        feats.create_dataset("id", data=np.array([f"ID{n}".encode() for n in genes]))
+        feats.create_dataset("name", data=np.array([n.encode() for n in genes]))
+        feats.create_dataset("feature_type", data=np.array([b"Gene Expression"] * len(genes)))
+
+
+def make_sample(root: Path, name: str, seed: int = 0, genes=None, size=(240, 200), spot_px=55.0, outside=0) -> Path:
+    """``root/name/outs`` + ``root/name/name_fullres.png``: 20 spots on a grid (``outside`` of them near
+    the border, so that their patch leaves the image); 55-px spots, so 1 um/px with 55 um spots."""
+    genes = genes or [f"G{i}" for i in range(8)]
+    rng = np.random.default_rng(seed)
+    xy = [(40 + 40 * (k % 5), 40 + 40 * (k // 5)) for k in range(20)]
+    for k in range(outside):
+        xy[k] = (3, 3 + 9 * k)
+    barcodes = [f"{name}spot{k}" for k in range(20)]
+    counts = sp.csr_matrix(rng.poisson(3.0, (20, len(genes))).astype(np.int32))
+    outs = root / name / "outs"
+    (outs / "spatial").mkdir(parents=True)
+    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes)
+    rows = [f"{b},1,{k // 5},{k % 5},{y},{x}" for k, (b, (x, y)) in enumerate(zip(barcodes, xy))]
+    (outs / "spatial" / "tissue_positions.csv").write_text("\n".join([HEADER, *rows]) + "\n")
+    scalefactors = {"spot_diameter_fullres": spot_px, "tissue_hires_scalef": 0.5}
+    (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors))
+    pixels = _image(size, seed)
+    Image.fromarray(pixels).resize((size[0] // 2, size[1] // 2)).save(outs / "spatial" / "tissue_hires_image.png")
+    Image.fromarray(pixels).save(root / name / f"{name}_fullres.png")
+    return root / name
+
+
+def _sheet(tmp_path: Path, rows: list[dict]) -> Path:
+    path = tmp_path / "samples.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def _two_samples(tmp_path: Path, **kwargs) -> Path:
+    make_sample(tmp_path, "S1", seed=1, genes=["G0", "G1", "G2", "ONLY1"], **kwargs)
+    make_sample(tmp_path, "S2", seed=2, genes=["G0", "G1", "G2", "ONLY2"])
+    return _sheet(
+        tmp_path,
+        [
+            {"sample_id": "S1", "group_id": "P1", "path": "S1"},
+            {"sample_id": "S2", "group_id": "P2", "path": "S2/outs"},
+        ],
+    )
+
+
+def test_prepare_writes_patches_tables_and_a_record(tmp_path):
+    sheet = _two_samples(tmp_path)
+    summary = prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16))
+    out = tmp_path / "out"
+    meta = pd.read_csv(out / "metadata.csv")
+    assert list(meta.columns) == ["path", "group_id", "sample_id", "barcode", "x_px", "y_px", "um_per_px"]
+    assert len(meta) == 40 and set(meta["group_id"]) == {"P1", "P2"}
+    assert all((out / p).is_file() for p in meta["path"])
+    row = meta.iloc[3]  # S1 spot 3 at (160, 40): the patch is the 16-px crop around it (1 um/px, no resize)
+    source = np.asarray(Image.open(tmp_path / "S1" / "S1_fullres.png"))
+    patch = np.asarray(Image.open(out / row["path"]))
+    np.testing.assert_array_equal(patch, source[32:48, 152:168])
+    table = read_h5ad(out / "expression.h5ad")
+    assert table.X.shape == (40, 5) and table.var_names == ["G0", "G1", "G2", "ONLY1", "ONLY2"]
+    assert list(table.obs["barcode"]) == list(meta["barcode"]) and list(table.obs["sample_id"]) == list(
+        meta["sample_id"]
+    )
+    assert table.X[20:, 3].sum() == 0 and table.X[:20, 4].sum() == 0  # a gene a sample did not measure: no counts
+    np.testing.assert_allclose(table.obsm["spatial"], meta[["x_px", "y_px"]].to_numpy())
+    record = json.loads((out / "prepare.json").read_text())
+    assert record == json.loads(json.dumps(summary, default=str))
+    s1 = record["samples"][0]
+    assert s1["layout"] == "spaceranger" and s1["um_per_px"] == pytest.approx(1.0)
+    assert "--spot_diameter_um 55 um / spot_diameter_fullres 55 px" in s1["um_per_px_source"]
+    assert s1["spots_kept"] == 20 and record["patch"]["patch_px"] == 16
+    assert record["versions"]["tifffile"] and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_genes_give_transformed_targets_and_zeros_where_unmeasured(tmp_path, caplog):
+    sheet = _two_samples(tmp_path)
+    (tmp_path / "genes.txt").write_text("G1\nONLY1\n")
+    prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16, genes_file=str(tmp_path / "genes.txt")))
+    meta = pd.read_csv(tmp_path / "out" / "metadata.csv")
+    assert (tmp_path / "out" / "genes.txt").read_text().split() == ["G1", "ONLY1"]
+    table = read_h5ad(tmp_path / "out" / "expression.h5ad")
+    counts = table.X.toarray()
+    totals = counts[:20, [0, 1, 2, 3]].sum(axis=1)  # S1's own genes: its library size
+    np.testing.assert_allclose(meta["y0"][:20], np.log1p(counts[:20, 1] / totals * 1e4), rtol=1e-5)
+    assert (meta["y1"][20:] == 0).all()  # S2 never measured ONLY1
+    assert "sample S2 did not measure 1 of the --genes: ONLY1" in caplog.text
+    (tmp_path / "bad.txt").write_text("G1\nNOWHERE\n")
+    with pytest.raises(IngestError, match="1 gene\\(s\\) measured by no sample: NOWHERE"):
+        prepare(sheet, tmp_path / "out2", Options(patch_um=16, genes_file=str(tmp_path / "bad.txt")))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_scale_sources_in_order(tmp_path):
+    make_sample(tmp_path, "S1", spot_px=50.0)
+    rows = [{"sample_id": "S1", "group_id": "P1", "path": "S1"}]
+    summary = prepare(_sheet(tmp_path, rows), tmp_path / "a", Options(patch_um=16, patch_px=16, spot_diameter_um=100))
+    assert summary["samples"][0]["um_per_px"] == pytest.approx(2.0)  # 100 um / 50 px
+    rows[0]["spot_diameter_um"] = 55
+    summary = prepare(_sheet(tmp_path, rows), tmp_path / "b", Options(patch_um=16, patch_px=16, spot_diameter_um=100))
+    assert summary["samples"][0]["um_per_px"] == pytest.approx(1.1)
+    assert "sample sheet spot_diameter_um (line 2)" in summary["samples"][0]["um_per_px_source"]
+    rows[0]["um_per_px"] = 0.5
+    summary = prepare(_sheet(tmp_path, rows), tmp_path / "c", Options(patch_um=16, patch_px=16))
+    assert summary["samples"][0]["um_per_px"] == 0.5
+    assert summary["samples"][0]["um_per_px_source"] == "sample sheet um_per_px (line 2)"
+
+
+def test_spots_outside_the_image_are_dropped_and_counted_and_most_outside_is_an_error(tmp_path):
+    make_sample(tmp_path, "S1", outside=3)
+    rows = [{"sample_id": "S1", "group_id": "P1", "path": "S1"}]
+    summary = prepare(_sheet(tmp_path, rows), tmp_path / "out", Options(patch_um=16, patch_px=16))
+    assert summary["samples"][0]["spots_kept"] == 17
+    assert summary["samples"][0]["spots_dropped"] == {"patch outside the image": 3}
+    with pytest.raises(IngestError, match="20 of 20 spots have their 400 um patch outside"):
+        prepare(_sheet(tmp_path, rows), tmp_path / "big", Options(patch_um=400, patch_px=16))
+    assert not (tmp_path / "big").exists()
+
+
+def test_an_image_that_disagrees_with_the_scale_factors_is_an_error(tmp_path):
+    make_sample(tmp_path, "S1")
+    Image.fromarray(_image((300, 200), 0)).save(tmp_path / "other.png")  # wider than hires / scalef says
+    rows = [{"sample_id": "S1", "group_id": "P1", "path": "S1", "image": "other.png"}]
+    with pytest.raises(
+        IngestError, match=r"other.png is 300 x 200 px, but .*implies a full-resolution image of about 240 x 200"
+    ):
+        prepare(_sheet(tmp_path, rows), tmp_path / "out", Options(patch_um=16, patch_px=16))
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"sample_id": "S1", "path": "S1"}], "missing column\\(s\\) group_id"),
+        ([{"sample_id": "S1", "group_id": "P", "path": "S1", "um_per_px": "-1"}], "line 2, column 'um_per_px': '-1'"),
+        ([{"sample_id": "a/b", "group_id": "P", "path": "S1"}], "line 2, column 'sample_id': 'a/b' is not a portable"),
+        ([{"sample_id": "S1", "group_id": "P", "path": "S1"}] * 2, "line 3, column 'sample_id': 'S1' repeats line 2"),
+        ([{"sample_id": "S1", "group_id": "", "path": "S1"}], "line 2, column 'group_id': empty"),
+    ],
+)
+def test_bad_sample_sheets_name_line_and_column(tmp_path, rows, message):
+    make_sample(tmp_path, "S1")
+    with pytest.raises(IngestError, match=message):
+        prepare(_sheet(tmp_path, rows), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_scale_is_an_error_that_says_what_to_add(tmp_path):
+    from expreg.data.h5ad import write_h5ad
+
+    obs = pd.DataFrame(index=[f"b{i}" for i in range(4)])
+    spatial = np.array([[50.0, 50.0], [100, 50], [50, 100], [100, 100]])
+    write_h5ad(
+        tmp_path / "s.h5ad",
+        sp.csr_matrix(np.ones((4, 3), np.float32)),
+        obs,
+        ["a", "b", "c"],
+        obsm={"spatial": spatial},
+    )
+    Image.fromarray(_image((160, 160), 0)).save(tmp_path / "s.png")
+    rows = [{"sample_id": "S1", "group_id": "P1", "path": "s.h5ad", "image": "s.png"}]
+    with pytest.raises(IngestError, match="add a um_per_px column .* line 2"):
+        prepare(_sheet(tmp_path, rows), tmp_path / "out")
+    rows[0]["um_per_px"] = 1.0
+    summary = prepare(_sheet(tmp_path, rows), tmp_path / "out", Options(patch_um=20, patch_px=10))
+    assert summary["samples"][0]["layout"] == "h5ad" and summary["spots"] == 4
+
+
+def test_a_failure_half_way_leaves_nothing_and_outputs_are_never_overwritten(tmp_path, monkeypatch):
+    sheet = _two_samples(tmp_path)
+    from expreg.ingest import prepare as machinery
+
+    calls = {"n": 0}
+    original = machinery.cut_patch
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 25:  # in the second sample
+            raise OSError(28, "No space left on device")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(machinery, "cut_patch", failing)
+    with pytest.raises(OSError):
+        prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    monkeypatch.setattr(machinery, "cut_patch", original)
+    prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16))
+    with pytest.raises(IngestError, match="exists; choose another folder or pass --overwrite"):
+        prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16))
+    prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=8), overwrite=True)
+    assert Image.open(next((tmp_path / "out" / "patches" / "S1").iterdir())).size == (8, 8)
+
+
+def test_command_line_exit_codes(tmp_path, capsys):
+    sheet = _two_samples(tmp_path)
+    args = ["--samples", str(sheet), "--out_dir", str(tmp_path / "out"), "--patch_um", "16", "--patch_px", "16"]
+    assert prepare_main([*args, "--image_format", "jpeg"]) == 0
+    out = capsys.readouterr().out
+    assert "S1 (spaceranger): 20 spots, 1 um/px" in out and "wrote 40 patches" in out
+    assert next((tmp_path / "out" / "patches" / "S2").iterdir()).suffix == ".jpg"
+    assert prepare_main(args) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason="real HER2ST sections not available")
+def test_real_section_c2_from_space_ranger_and_from_hest_agree(tmp_path):
+    rows = [
+        {"sample_id": "C2", "group_id": "C", "path": str(REAL / "visium" / "C2"), "spot_diameter_um": 100},
+    ]
+    prepare(_sheet(tmp_path, rows), tmp_path / "visium", Options(patch_px=64))
+    (tmp_path / "h").mkdir()
+    rows = [{"sample_id": "C2", "group_id": "C", "path": str(REAL / "hest")}]
+    prepare(_sheet(tmp_path / "h", rows), tmp_path / "hest", Options(patch_px=64))
+    a, b = (pd.read_csv(tmp_path / name / "metadata.csv") for name in ("visium", "hest"))
+    assert list(a["barcode"]) == list(b["barcode"]) and len(a) == 187
+    np.testing.assert_allclose(a["um_per_px"], b["um_per_px"], rtol=1e-5)  # scalefactors vs HEST's estimate
+    x_a, x_b = (read_h5ad(tmp_path / name / "expression.h5ad") for name in ("visium", "hest"))
+    assert x_a.var_names == x_b.var_names and (x_a.X != x_b.X).nnz == 0
+    diffs = [
+        np.abs(
+            np.asarray(Image.open(tmp_path / "visium" / p), np.int16)
+            - np.asarray(Image.open(tmp_path / "hest" / q), np.int16)
+        ).mean()
+        for p, q in zip(a["path"][:40], b["path"][:40])
+    ]
+    assert max(diffs) < 6.0  # the same pixels, JPEG-compressed differently (full-res JPEG vs JPEG tiles)
+    shutil.rmtree(tmp_path / "visium")
+
+
+def test_python_dash_m_runs(tmp_path):
+    sheet = _two_samples(tmp_path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "expreg.prepare",
+            "--samples",
+            str(sheet),
+            "--out_dir",
+            str(tmp_path / "o"),
+            "--patch_um",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "o" / "prepare.json").is_file()
+
+
+def _hest_root(root: Path, wsi: bool = True, patches: bool = False) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A HEST-1k sample S1: st/S1.h5ad, metadata/S1.json (0.5 um/px) and a tiled pyramidal JPEG TIFF and/or
+    patches/S1.h5 (HEST's 224-px patches); returns (root, pixels, spot x/y)."""
+    import tifffile
+
+    from expreg.data.h5ad import write_h5ad
+
+    pixels = np.kron(_image((64, 48), 3), np.ones((8, 8, 1), np.uint8))  # 512 x 384, smooth enough for JPEG
+    xy = np.array([[100.0 + 60 * (k % 6), 100.0 + 60 * (k // 6)] for k in range(12)])
+    obs = pd.DataFrame({"in_tissue": np.ones(12, np.int64)}, index=[f"s{k}" for k in range(12)])
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(2.0, (12, 6)).astype(np.float32))
+    (root / "st").mkdir(parents=True)
+    write_h5ad(root / "st" / "S1.h5ad", counts, obs, [f"G{i}" for i in range(6)], obsm={"spatial": xy})
+    (root / "metadata").mkdir()
+    (root / "metadata" / "S1.json").write_text(json.dumps({"pixel_size_um_estimated": 0.5, "spot_diameter": 55.0}))
+    if wsi:
+        (root / "wsis").mkdir()
+        with tifffile.TiffWriter(root / "wsis" / "S1.tif") as tif:
+            tif.write(pixels, tile=(128, 128), compression="jpeg", photometric="rgb")
+            tif.write(pixels[::2, ::2], tile=(128, 128), compression="jpeg", photometric="rgb")
+    if patches:
+        (root / "patches").mkdir()
+        with h5py.File(root / "patches" / "S1.h5", "w") as f:
+            f.create_dataset("img", data=np.stack([np.full((224, 224, 3), 10 * k, np.uint8) for k in range(10)]))
+            f.create_dataset("coords", data=np.zeros((10, 2), np.int64))
+            f.create_dataset("barcode", data=np.array([[f"s{k}".encode()] for k in range(10)]))
+    return root, pixels, xy
+
+
+def test_hest_sample_with_a_tiled_wsi_and_its_metadata_scale(tmp_path):
+    import tifffile
+
+    root, pixels, xy = _hest_root(tmp_path / "hest")
+    rows = [{"sample_id": "S1", "group_id": "P1", "path": str(root)}]
+    summary = prepare(_sheet(tmp_path, rows), tmp_path / "out", Options(patch_um=32, patch_px=64))
+    s1 = summary["samples"][0]
+    assert s1["layout"] == "hest" and s1["um_per_px"] == 0.5 and "pixel_size_um_estimated" in s1["um_per_px_source"]
+    meta = pd.read_csv(tmp_path / "out" / "metadata.csv")
+    x, y = xy[7].astype(int)
+    patch = np.asarray(Image.open(tmp_path / "out" / meta["path"][7]), np.int16)  # 32 um = 64 px at level 0
+    decoded = tifffile.imread(root / "wsis" / "S1.tif", key=0).astype(np.int16)  # the JPEG tiles as stored
+    assert np.abs(patch - decoded[y - 32 : y + 32, x - 32 : x + 32]).max() <= 1
+    assert np.abs(patch - pixels[y - 32 : y + 32, x - 32 : x + 32]).mean() < 12.0  # and close to the source
+
+
+def test_hest_sample_with_patches_only(tmp_path):
+    root, _, _ = _hest_root(tmp_path / "hest", wsi=False, patches=True)
+    rows = [{"sample_id": "S1", "group_id": "P1", "path": str(root)}]
+    with pytest.raises(IngestError, match="pass --patch_um 112"):
+        prepare(_sheet(tmp_path, rows), tmp_path / "out", Options(patch_um=100))
+    summary = prepare(_sheet(tmp_path, rows), tmp_path / "out", Options(patch_px=32))
+    assert summary["samples"][0]["spots_kept"] == 10
+    assert summary["samples"][0]["spots_dropped"] == {"no patch in S1.h5": 2}
+    meta = pd.read_csv(tmp_path / "out" / "metadata.csv")
+    patch = np.asarray(Image.open(tmp_path / "out" / meta["path"][3]))
+    assert patch.shape == (32, 32, 3) and (patch == 30).all()
+
+
+def test_an_unreadable_image_is_named_and_nothing_is_written(tmp_path, capsys):
+    sheet = _two_samples(tmp_path)
+    (tmp_path / "S2" / "S2_fullres.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)  # truncated
+    code = prepare_main(["--samples", str(sheet), "--out_dir", str(tmp_path / "out"), "--patch_um", "16"])
+    assert code == 2 and "S2_fullres.png" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
