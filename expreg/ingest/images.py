@@ -369,3 +369,29 @@ def open_slide(path) -> Slide:
     if _head(path, 4) in _TIFF_MAGIC:
         return _open_tiff(path)
     return PlainSlide(path, _decode_plain(path))
+
+
+def image_size(path) -> tuple[int, int]:
+    """Level-0 ``(width, height)`` of an image, from its header (nothing is decoded).
+
+    For checks before any work (a plain 10k x 10k JPEG takes seconds to decode); the pixels are
+    read, and their errors raised, by ``open_slide``.
+    """
+    path = str(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    if _head(path, 4) in _TIFF_MAGIC:
+        with _open_tiff(path) as slide:
+            return tuple(slide.size)
+    from PIL import Image, UnidentifiedImageError
+
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a whole-section H&E is large, not a bomb
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise SlideError(
+            f"{path}: not a readable image ({type(err).__name__}: {err}; first bytes {_head(path)!r})"
+        ) from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous

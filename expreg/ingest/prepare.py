@@ -26,7 +26,7 @@ from expreg.data.h5ad import write_h5ad
 from expreg.ingest import hest_patches
 from expreg.ingest.errors import IngestError
 from expreg.ingest.geometry import check_image_size, resolve_scale
-from expreg.ingest.images import open_slide
+from expreg.ingest.images import image_size, open_slide
 from expreg.ingest.patches import PatchGeometry, cut_patch, inside, patch_box
 from expreg.ingest.readers import read_section
 from expreg.ingest.samples import read_sample_sheet
@@ -124,8 +124,7 @@ def _plan(spec, section, options: Options) -> SampleResult:
         result = SampleResult(spec, section, scale, (0, 0), None, keep, dropped={**section.dropped, **dropped})
         result.h5_rows = h5_rows
         return result
-    with open_slide(section.image) as slide:
-        size = tuple(slide.size)
+    size = image_size(section.image)  # the header only: the pixels are decoded once, when cutting
     check = check_image_size(spec, section, size)
     upsampling = scale.um_per_px / (options.patch_um / options.patch_px)
     if upsampling > UPSAMPLING_WARNING:
