@@ -206,3 +206,49 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
     assert selection["in_every_fold"] == len(common)
     assert set(summary["methods"]["ridge"]["per_gene_spearman_mean"]) == common
     assert "chosen in every fold" in (out / "cv_summary.md").read_text()
+
+
+def test_a_given_list_is_said_to_be_given_and_resume_keeps_the_choice(make_dataset, tmp_path):
+    csv, h5ad = _expression_set(make_dataset)
+    (tmp_path / "list.txt").write_text("GENE1\n# a comment\nGENE2\n")
+    metadata = read_metadata(csv, targets_required=False)
+    _, choice = expression_targets(
+        metadata,
+        h5ad,
+        np.ones(len(metadata.frame), bool),
+        str(tmp_path / "list.txt"),
+        min_detection=0.1,
+        transform="log1p",
+    )
+    assert choice.genes == ["GENE1", "GENE2"] and not choice.chosen_here
+    assert "not checked for leakage" in choice.describe()
+    (tmp_path / "list.json").write_text(json.dumps({"how": "2 genes by var:2 on 9 training spots"}))
+    _, choice = expression_targets(
+        metadata,
+        h5ad,
+        np.ones(len(metadata.frame), bool),
+        str(tmp_path / "list.txt"),
+        min_detection=0.1,
+        transform="log1p",
+    )
+    assert "chosen earlier: 2 genes by var:2 on 9 training spots" in choice.describe()
+    (tmp_path / "twice.txt").write_text("GENE1\nGENE1\n")
+    with pytest.raises(ConfigError, match="repeated gene name"):
+        expression_targets(
+            metadata,
+            h5ad,
+            np.ones(len(metadata.frame), bool),
+            str(tmp_path / "twice.txt"),
+            min_detection=0.1,
+            transform="log1p",
+        )
+
+
+def test_resume_refuses_another_gene_spec(tmp_path):
+    from expreg.training.checkpoint import _genes_differ
+
+    (tmp_path / "genes.json").write_text(json.dumps({"spec": "hvg:50"}))
+    saved = str(tmp_path / "genes.txt")
+    assert _genes_differ(tmp_path, saved, "hvg:50") == [] and _genes_differ(tmp_path, saved, saved) == []
+    assert "run chose its genes by 'hvg:50', recipe has 'var:50'" in _genes_differ(tmp_path, saved, "var:50")[0]
+    assert _genes_differ(tmp_path, None, None) == [] and _genes_differ(tmp_path, None, "hvg:5")

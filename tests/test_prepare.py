@@ -355,3 +355,36 @@ def test_an_unreadable_image_is_named_and_nothing_is_written(tmp_path, capsys):
     code = prepare_main(["--samples", str(sheet), "--out_dir", str(tmp_path / "out"), "--patch_um", "16"])
     assert code == 2 and "S2_fullres.png" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_scales_hires_images_and_gene_lists_are_named(tmp_path):
+    make_sample(tmp_path, "S1")
+    rows = [{"sample_id": "S1", "group_id": "P1", "path": "S1"}]
+    sheet = _sheet(tmp_path, rows)
+    scalefactors = tmp_path / "S1" / "outs" / "spatial" / "scalefactors_json.json"
+    scalefactors.write_text(json.dumps({"spot_diameter_fullres": -3, "tissue_hires_scalef": 0.5}))
+    with pytest.raises(IngestError, match="spot_diameter_fullres in scalefactors_json.json is -3, not a positive"):
+        prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16))
+    scalefactors.write_text(json.dumps({"spot_diameter_fullres": 55, "tissue_hires_scalef": 0.5}))
+    (tmp_path / "S1" / "outs" / "spatial" / "tissue_hires_image.png").write_bytes(b"not a png")
+    with pytest.raises(IngestError, match="tissue_hires_image.png: not a readable image"):
+        prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16))
+    (tmp_path / "latin1.txt").write_bytes("G1\ncaf\xe9\n".encode("latin-1"))
+    with pytest.raises(IngestError, match="latin1.txt: not a UTF-8 text file"):
+        prepare(sheet, tmp_path / "out", Options(genes_file=str(tmp_path / "latin1.txt")))
+    (tmp_path / "twice.txt").write_text("G1\n # a note\nG1\n")
+    with pytest.raises(IngestError, match="repeated gene name\\(s\\) G1"):
+        prepare(sheet, tmp_path / "out", Options(genes_file=str(tmp_path / "twice.txt")))
+    with pytest.raises(IngestError, match="positive, finite"):
+        prepare(sheet, tmp_path / "out", Options(patch_um=float("inf")))
+    assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_sets_the_old_output_aside_and_abandoned_temporary_folders_are_removed(tmp_path):
+    sheet = _two_samples(tmp_path)
+    abandoned = tmp_path / ".out.tmp-999999999"  # a killed run's folder (no such process)
+    (abandoned / "patches").mkdir(parents=True)
+    prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=16))
+    assert not abandoned.exists()
+    prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=8), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []

@@ -116,19 +116,31 @@ class GeneChoice:
     num_train_spots: int
     train_groups: list[str]
     excluded_rare: int = 0  # genes left out for detection below min_detection
+    provenance: str | None = None  # a given list: how it was chosen, when a <list>.json beside it says so
+
+    @property
+    def chosen_here(self) -> bool:
+        """Chosen by this call on its training rows (not a list given from outside)."""
+        return parse_gene_spec(self.spec)[0] != "file"
 
     def describe(self) -> str:
         """One sentence for logs and model cards."""
-        how = f"listed in {self.spec}" if parse_gene_spec(self.spec)[0] == "file" else f"by {self.spec}"
+        if not self.chosen_here:
+            origin = f"chosen earlier: {self.provenance}" if self.provenance else "not checked for leakage"
+            return f"{len(self.genes)} genes listed in {self.spec} ({origin}); {self.transform} values"
         rare = (
             f", after leaving out {self.excluded_rare} gene(s) detected in < {self.min_detection:g} of them"
             if self.excluded_rare
             else ""
         )
         return (
-            f"{len(self.genes)} genes {how} on {self.num_train_spots} training spots of group(s) "
+            f"{len(self.genes)} genes by {self.spec} on {self.num_train_spots} training spots of group(s) "
             f"{', '.join(self.train_groups)} ({self.transform} values{rare})"
         )
+
+    def record(self) -> dict:
+        """What ``<list>.json`` beside a written gene list holds (read back as ``provenance``)."""
+        return {"genes": self.genes, "spec": self.spec, "how": self.describe(), "transform": self.transform}
 
 
 def choose_genes(
@@ -147,7 +159,8 @@ def choose_genes(
     common = {"spec": spec, "transform": transform, "min_detection": min_detection}
     common |= {"num_train_spots": int(train_counts.shape[0]), "train_groups": sorted(set(map(str, train_groups)))}
     if method == "file":
-        return GeneChoice(_genes_from_file(path, gene_names), **common)
+        genes, provenance = _genes_from_file(path, gene_names)
+        return GeneChoice(genes, provenance=provenance, **common)
     if method == "hvg" and transform == "none":
         raise ValueError("data.genes=hvg:K works on log values: set data.target_transform to log1p_cpm or log1p")
     eligible = np.flatnonzero(detection_rate(train_counts) >= min_detection)
@@ -162,13 +175,32 @@ def choose_genes(
     return GeneChoice([gene_names[i] for i in chosen], excluded_rare=excluded, **common)
 
 
-def _genes_from_file(path, gene_names: list[str]) -> list[str]:
+def read_gene_list(path, what: str = "data.genes") -> list[str]:
+    """One gene name per line (blank lines and ``#`` comments skipped); repeats are an error."""
     from pathlib import Path
 
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"data.genes {path}: not hvg:K, var:K, mean:K or an existing file of gene names")
-    genes = [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        raise ValueError(f"{what} {path}: not hvg:K, var:K, mean:K or an existing file of gene names")
+    try:
+        lines = [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines()]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
+    genes = [line for line in lines if line and not line.startswith("#")]
+    repeated = sorted({g for g in genes if genes.count(g) > 1})
+    if repeated:
+        raise ValueError(f"{what} {path}: repeated gene name(s) {', '.join(repeated[:5])}")
+    return genes
+
+
+def _genes_from_file(path, gene_names: list[str]) -> tuple[list[str], str | None]:
+    """The genes of a list file (all in the expression file) and, from ``<list>.json`` beside it, how they were chosen."""
+    import json
+    from pathlib import Path
+
+    genes = read_gene_list(path)
+    record = Path(path).with_suffix(".json")
+    provenance = json.loads(record.read_text()).get("how") if record.is_file() else None
     known = set(gene_names)
     unknown = [g for g in genes if g not in known]
     if unknown or not genes:
@@ -177,7 +209,7 @@ def _genes_from_file(path, gene_names: list[str]) -> list[str]:
             if unknown
             else f"data.genes {path}: no gene names"
         )
-    return genes
+    return genes, provenance
 
 
 def expression_targets(

@@ -125,6 +125,17 @@ def cross_validate(
     metadata = read_metadata(
         d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images, targets_required=not d.expression_file
     )
+    if d.expression_file:  # bad expression input fails here, before out_dir exists (the choice is discarded)
+        from expreg.data import expression_targets
+
+        expression_targets(
+            metadata,
+            d.expression_file,
+            np.ones(len(metadata.frame), bool),
+            d.genes,
+            min_detection=d.min_gene_detection,
+            transform=d.target_transform,
+        )
     n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
     folds = _Folds(
         cfg=cfg,
@@ -217,6 +228,7 @@ def _fold_targets(folds: _Folds, k: int, fit: np.ndarray) -> tuple[RunConfig, np
     )
     genes_file = folds.folds_csv.parent / f"genes_fold{k}.txt"
     atomic_write_text(genes_file, "\n".join(choice.genes) + "\n")
+    write_json(genes_file.with_suffix(".json"), {**choice.record(), "fold": k})
     folds.fold_genes[k] = list(choice.genes)
     print(f"fold {k}: {choice.describe()} -> {genes_file.name}")
     cfg = replace(folds.cfg, data=replace(d, genes=str(genes_file)))

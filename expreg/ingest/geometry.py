@@ -11,6 +11,7 @@ spot coordinates would land in the wrong places.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from expreg.ingest.errors import IngestError
@@ -37,22 +38,35 @@ def resolve_scale(spec, section, spot_diameter_um: float) -> Scale:
     if spec.um_per_px is not None:
         return Scale(spec.um_per_px, f"sample sheet um_per_px (line {spec.line})")
     if section.um_per_px is not None:
-        return Scale(section.um_per_px, section.um_per_px_source or "the sample's metadata")
+        where = section.um_per_px_source or "the sample's metadata"
+        return Scale(_positive(section.um_per_px, spec, where), where)
     fullres = (section.scalefactors or {}).get("spot_diameter_fullres")
-    if fullres:
+    if fullres is not None:
+        fullres = _positive(fullres, spec, "spot_diameter_fullres in scalefactors_json.json")
         if spec.spot_diameter_um is not None:
             diameter, where = spec.spot_diameter_um, f"sample sheet spot_diameter_um (line {spec.line})"
         else:
             diameter, where = spot_diameter_um, "--spot_diameter_um"
         return Scale(
-            diameter / float(fullres),
-            f"{where} {diameter:g} um / spot_diameter_fullres {float(fullres):g} px (scalefactors_json.json)",
+            diameter / fullres,
+            f"{where} {diameter:g} um / spot_diameter_fullres {fullres:g} px (scalefactors_json.json)",
         )
     raise IngestError(
         f"sample {spec.sample_id} ({spec.path}): the image scale is unknown (no scalefactors_json.json with "
         f"spot_diameter_fullres, no HEST metadata); add a um_per_px column (µm per full-resolution pixel) to "
         f"the sample sheet, line {spec.line}"
     )
+
+
+def _positive(value, spec, where: str) -> float:
+    """``value`` as a positive, finite float, or an error naming the sample and where it came from."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number) or number <= 0:
+        raise IngestError(f"sample {spec.sample_id} ({spec.path}): {where} is {value!r}, not a positive number")
+    return number
 
 
 def check_image_size(spec, section, image_size: tuple[int, int]) -> str | None:
@@ -66,8 +80,12 @@ def check_image_size(spec, section, image_size: tuple[int, int]) -> str | None:
         return None
     from PIL import Image
 
-    with Image.open(section.hires_image) as hires:
-        hires_size = hires.size
+    scalef = _positive(scalef, spec, "tissue_hires_scalef in scalefactors_json.json")
+    try:
+        with Image.open(section.hires_image) as hires:
+            hires_size = hires.size
+    except (OSError, ValueError, SyntaxError) as err:
+        raise IngestError(f"{section.hires_image}: not a readable image ({type(err).__name__}: {err})") from err
     expected = [side / float(scalef) for side in hires_size]
     tolerance = [SIZE_TOLERANCE * e + 2.0 / float(scalef) for e in expected]
     if any(abs(actual - e) > t for actual, e, t in zip(image_size, expected, tolerance)):

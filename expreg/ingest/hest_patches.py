@@ -44,9 +44,12 @@ def patch_rows(section, patch_um: float) -> tuple[np.ndarray, np.ndarray, dict[s
 
 def read_patch(path: str, row: int, patch_px: int) -> Image.Image:
     """Patch ``row`` of a HEST ``.h5`` as an RGB image of ``patch_px`` x ``patch_px``."""
-    with h5py.File(path, "r") as f:
-        pixels = np.asarray(f["img"][row])
-    image = Image.fromarray(pixels[..., :3].astype(np.uint8), "RGB")
+    try:
+        with h5py.File(path, "r") as f:
+            pixels = np.asarray(f["img"][row])
+        image = Image.fromarray(pixels[..., :3].astype(np.uint8), "RGB")
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        raise IngestError(f"{path}: patch {row} unreadable ({type(err).__name__}: {err})") from err
     if image.size != (patch_px, patch_px):
         image = image.resize((patch_px, patch_px), Image.Resampling.LANCZOS)
     return image

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from expreg.data.expression import TARGET_TRANSFORMS, transform_counts
+from expreg.data.expression import TARGET_TRANSFORMS, read_gene_list, transform_counts
 from expreg.data.h5ad import write_h5ad
 from expreg.ingest import hest_patches
 from expreg.ingest.errors import IngestError
@@ -74,13 +75,14 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
     _check_options(options, out_dir, overwrite)
     start = time.perf_counter()
     specs = read_sample_sheet(samples_csv)
+    genes = _read_gene_list(options.genes_file) if options.genes_file else None
     sections = [read_section(spec.path, spec.sample_id, spec.image) for spec in specs]
     results = [_plan(spec, section, options) for spec, section in zip(specs, sections)]
-    genes = _read_gene_list(options.genes_file) if options.genes_file else None
     union = _gene_union(sections)
     if genes is not None:
         _check_genes(genes, sections, options.genes_file)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    _remove_abandoned(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for result in results:
@@ -88,13 +90,30 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
         summary = _write_tables(results, union, genes, options, tmp)
         summary.update(_summary(samples_csv, results, options, time.perf_counter() - start))
         (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if out_dir.exists():  # only with overwrite (checked above)
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
+
+
+def _remove_abandoned(out_dir: Path) -> None:
+    """Temporary folders of earlier runs for this ``out_dir`` whose process is gone (killed): removed."""
+    from expreg.run_dir import process_alive
+
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    """``tmp`` becomes ``out_dir``; an existing one (``--overwrite``) is set aside first and removed last."""
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
@@ -102,8 +121,9 @@ def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
         raise IngestError(f"--image_format {options.image_format!r}: choose png or jpeg")
     if options.target_transform not in TARGET_TRANSFORMS:
         raise IngestError(f"--target_transform {options.target_transform!r}: choose {', '.join(TARGET_TRANSFORMS)}")
-    if not options.patch_um > 0 or not options.patch_px > 0 or not options.spot_diameter_um > 0:
-        raise IngestError("--patch_um, --patch_px and --spot_diameter_um must be positive")
+    sizes = (options.patch_um, options.patch_px, options.spot_diameter_um)
+    if not all(math.isfinite(v) and v > 0 for v in sizes):
+        raise IngestError("--patch_um, --patch_px and --spot_diameter_um must be positive, finite numbers")
     if out_dir.exists() and not overwrite:
         raise IngestError(f"--out_dir {out_dir} exists; choose another folder or pass --overwrite")
 
@@ -190,15 +210,12 @@ def _gene_union(sections) -> list[str]:
 
 
 def _read_gene_list(path) -> list[str]:
-    path = Path(path)
-    if not path.is_file():
-        raise IngestError(f"--genes {path}: no such file")
-    genes = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    try:
+        genes = read_gene_list(path, "--genes")
+    except ValueError as err:
+        raise IngestError(str(err)) from err
     if not genes:
         raise IngestError(f"--genes {path}: no gene names")
-    repeated = sorted({g for g in genes if genes.count(g) > 1})
-    if repeated:
-        raise IngestError(f"--genes {path}: repeated gene name(s) {', '.join(repeated[:5])}")
     return genes
 
 

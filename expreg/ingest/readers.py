@@ -348,7 +348,10 @@ def _read_anndata(path: Path, sample_id: str, layout: str) -> Section:
         raise IngestError(str(err)) from err
     if "spatial" not in data.obsm:
         raise IngestError(f"{path}: no obsm['spatial'] (the spot centres x, y in full-resolution pixels)")
-    spatial = np.asarray(data.obsm["spatial"], dtype=np.float64)
+    try:
+        spatial = np.asarray(data.obsm["spatial"], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise IngestError(f"{path}: obsm['spatial'] is not numeric ({err})") from err
     if spatial.ndim != 2 or spatial.shape[1] < 2 or spatial.shape[0] != data.X.shape[0]:
         raise IngestError(f"{path}: obsm['spatial'] has shape {spatial.shape}; expected ({data.X.shape[0]}, 2)")
     bad = np.flatnonzero(~np.isfinite(spatial[:, :2]).all(axis=1))

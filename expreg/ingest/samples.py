@@ -85,7 +85,10 @@ def _row(sheet: Path, row: pd.Series, line: int) -> SampleSpec:
 
 
 def _resolve(sheet: Path, value: str) -> Path:
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError as err:  # ~unknownuser
+        raise IngestError(f"{sheet}: path {value!r}: {err}") from err
     return path if path.is_absolute() else (sheet.parent / path).resolve()
 
 

@@ -223,8 +223,7 @@ python -m expreg.predict --model path/or/hub-id --metadata_csv patches.csv --out
 
 def _limits(data: dict) -> str:
     targets = (
-        "- The targets were computed from raw counts for genes chosen on the training split only (see above);\n"
-        "  predictions are in those units."
+        "- The targets were computed from raw counts (see Targets above); predictions are in those units."
         if data.get("gene_choice")
         else "- The targets are whatever the training CSV held (e.g. log1p-normalised counts); predictions are\n"
         "  in those units. Gene lists chosen on the whole dataset leak a little information into\n"

@@ -254,6 +254,7 @@ def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None, ov
             for key, a, b in _diff(saved.to_dict(), requested.to_dict())
             if key not in ignore
         ]
+        diffs += _genes_differ(run_dir, saved.data.genes, requested.data.genes)
         if diffs:
             raise ConfigError(f"--resume: the recipe differs from the run's {CONFIG_FILE}: " + "; ".join(diffs))
     else:
@@ -267,6 +268,17 @@ def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None, ov
         section, name = key.split(".")
         raw[section][name] = value
     return config_from_dict(raw, "resumed config")
+
+
+def _genes_differ(run_dir: Path, saved: str | None, requested: str | None) -> list[str]:
+    """A recipe's ``data.genes`` must be what the run chose its genes by (``genes.json``) or its ``genes.txt``."""
+    if saved is None or requested in (None, saved):
+        return [] if requested == saved else [f"data.genes: run has {saved!r}, recipe has {requested!r}"]
+    record = run_dir / "genes.json"
+    spec = json.loads(record.read_text()).get("spec") if record.is_file() else None
+    if requested == spec or Path(requested).resolve() == Path(saved).resolve():
+        return []
+    return [f"data.genes: run chose its genes by {spec or saved!r}, recipe has {requested!r}"]
 
 
 def _diff(a: dict, b: dict, prefix: str = ""):

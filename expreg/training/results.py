@@ -237,5 +237,6 @@ def model_card(t, entry: dict, metrics, test=None) -> str:
         "shared_groups": shared,  # splits that share groups (a single training group gives up part of it)
     }
     if data.gene_choice is not None:
-        summary["gene_choice"] = f"genes chosen on the training split only: {data.gene_choice.describe()}"
+        how = "genes chosen on the training split only" if data.gene_choice.chosen_here else "genes given as a list"
+        summary["gene_choice"] = f"{how}: {data.gene_choice.describe()}"
     return render_model_card(cfg.to_dict(), best, metrics.per_gene_rows(), summary, test=test)

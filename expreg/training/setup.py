@@ -83,6 +83,7 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
             transform=d.target_transform,
         )
         logger.info(f"targets: {choice.describe()}")
+        _check_same_genes(accelerator, choice.genes)
     datasets = build_dataset_dict(metadata, split.names, split_csv=d.split_csv, fold=d.fold)
     if "validation" not in datasets:
         raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
@@ -91,6 +92,18 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
     return RunData(
         datasets, metadata.gene_names, stats, split_table=split.table, split_summary=summary, gene_choice=choice
     )
+
+
+def _check_same_genes(accelerator, genes: list[str]) -> None:
+    """Every process computed the choice on the same rows; refuse to train on lists that differ."""
+    if accelerator.num_processes == 1:
+        return
+    main = broadcast_object_list([list(genes)])[0]
+    if main != list(genes):
+        raise ConfigError(
+            f"process {accelerator.process_index} chose other genes than process 0 (a near-tie decided differently "
+            "on different hardware); choose them once with data.genes=<a file of names>"
+        )
 
 
 def setup_model(cfg: RunConfig, gene_names: list[str], target_stats) -> ExpRegModel:
@@ -209,6 +222,7 @@ def write_run_files(cfg: RunConfig, data: RunData, run_dir: Path, is_main_proces
         logger.info(f"made a group-aware split from seed {cfg.seed} -> {cfg.data.split_csv}\n{data.split_summary}")
     if data.gene_choice is not None:
         atomic_write_text(run_dir / "genes.txt", "\n".join(data.gene_choice.genes) + "\n")
+        write_json(run_dir / "genes.json", data.gene_choice.record())  # how they were chosen (read on --resume)
         logger.info(f"chosen genes -> {run_dir / 'genes.txt'}")
     atomic_write_text(run_dir / CONFIG_FILE, cfg.to_yaml())
     write_json(run_dir / "target_stats.json", {"gene_names": data.gene_names, **data.target_stats.to_dict()})
