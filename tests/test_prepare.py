@@ -33,7 +33,7 @@ def _image(size: tuple[int, int], seed: int) -> np.ndarray:
     return rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
 
 
-def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes, genes) -> None:
+def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes, genes, kinds=None) -> None:
     with h5py.File(path, "w") as f:
         g = f.create_group("matrix")
         g.create_dataset("barcodes", data=np.array([b.encode() for b in barcodes]))
@@ -44,7 +44,8 @@ def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes, genes) -> None:
         feats = g.create_group("features")
         feats.create_dataset("id", data=np.array([f"ID{n}".encode() for n in genes]))
         feats.create_dataset("name", data=np.array([n.encode() for n in genes]))
-        feats.create_dataset("feature_type", data=np.array([b"Gene Expression"] * len(genes)))
+        kinds = kinds or ["Gene Expression"] * len(genes)
+        feats.create_dataset("feature_type", data=np.array([k.encode() for k in kinds]))
 
 
 def make_sample(root: Path, name: str, seed: int = 0, genes=None, size=(240, 200), spot_px=55.0, outside=0) -> Path:
@@ -388,3 +389,20 @@ def test_overwrite_sets_the_old_output_aside_and_abandoned_temporary_folders_are
     assert not abandoned.exists()
     prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=8), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+
+def test_features_that_are_not_genes_are_left_out(tmp_path):
+    from expreg.ingest.readers import read_section
+
+    root = make_sample(tmp_path, "S1", genes=["G0", "G1", "CD3-protein", "G2"])
+    matrix = root / "outs" / "filtered_feature_bc_matrix.h5"
+    with h5py.File(matrix) as f:
+        counts = sp.csc_matrix(
+            (f["matrix/data"][...], f["matrix/indices"][...], f["matrix/indptr"][...]), shape=(4, 20)
+        )
+        barcodes = [b.decode() for b in f["matrix/barcodes"][...]]
+    kinds = ["Gene Expression", "Gene Expression", "Antibody Capture", "Gene Expression"]
+    _write_10x_h5(matrix, counts.T.tocsr(), barcodes, ["G0", "G1", "CD3-protein", "G2"], kinds)
+    section = read_section(root, "S1")
+    assert section.gene_names == ["G0", "G1", "G2"] and section.counts.shape == (20, 3)
+    assert any("left out 1 feature(s) that are not genes (Antibody Capture)" in w for w in section.warnings)

@@ -125,7 +125,10 @@ def _read_spaceranger(outs: Path, sample_id: str, layout: str) -> Section:
     names = {"spaceranger": "tissue_positions.csv", "spaceranger_v1": "tissue_positions_list.csv"}
     positions_file = outs / "spatial" / names[layout]
     positions = read_positions(positions_file, header=layout == "spaceranger")
-    matrix_file, (counts, barcodes, gene_names, gene_ids) = _read_counts(outs, sample_id)
+    matrix_file, (counts, barcodes, gene_names, gene_ids, kinds) = _read_counts(outs, sample_id)
+    counts, gene_names, gene_ids, feature_note = _gene_expression_only(
+        counts, gene_names, gene_ids, kinds, matrix_file
+    )
     keep, dropped = _join(barcodes, positions, matrix_file, positions_file)
     rows = positions.loc[barcodes[keep]]
     section = Section(
@@ -143,8 +146,23 @@ def _read_spaceranger(outs: Path, sample_id: str, layout: str) -> Section:
     hires = outs / "spatial" / "tissue_hires_image.png"
     section.hires_image = str(hires) if hires.is_file() else None
     section.image, note = _image_beside(outs.parent)
-    section.warnings += _finish(section, matrix_file) + ([note] if note else [])
+    section.warnings += _finish(section, matrix_file) + [n for n in (feature_note, note) if n]
     return section
+
+
+def _gene_expression_only(counts, names: list[str], ids: list[str], kinds, source: Path):
+    """Keep the "Gene Expression" features of a matrix that also holds others (CytAssist antibodies, CRISPR
+    guides): they are not genes and must not count in a spot's library size."""
+    if kinds is None:
+        return counts, names, ids, None
+    kinds = np.asarray([str(k) for k in kinds], dtype=object)
+    genes = kinds == "Gene Expression"
+    if genes.all() or not genes.any():
+        return counts, names, ids, None
+    others = sorted(set(kinds[~genes].tolist()))
+    note = f"{source}: left out {int((~genes).sum())} feature(s) that are not genes ({', '.join(others)})"
+    keep = np.flatnonzero(genes)
+    return counts[:, keep], [names[i] for i in keep], [ids[i] for i in keep], note
 
 
 def _read_counts(outs: Path, sample_id: str):
@@ -160,7 +178,8 @@ def _read_counts(outs: Path, sample_id: str):
 
 
 def read_10x_h5(path: Path):
-    """A 10x HDF5 (group ``matrix``: CSC features x barcodes) -> (CSR barcodes x features, barcodes, names, ids)."""
+    """A 10x HDF5 (group ``matrix``: CSC features x barcodes) -> (CSR barcodes x features, barcodes, names, ids,
+    feature types or None)."""
     item = "the file"
     try:
         with h5py.File(path, "r") as f:
@@ -175,6 +194,7 @@ def read_10x_h5(path: Path):
             item = "matrix/barcodes and features"
             barcodes = _decode(group["barcodes"][...])
             ids, names = _decode(group["features/id"][...]), _decode(group["features/name"][...])
+            kinds = _decode(group["features/feature_type"][...]) if "features/feature_type" in group else None
             item = "matrix/data, indices, indptr"
             data, indices, indptr = (group[k][...] for k in ("data", "indices", "indptr"))
             shape = tuple(int(s) for s in group["shape"][...])
@@ -192,11 +212,12 @@ def read_10x_h5(path: Path):
         counts = sp.csc_matrix((data, indices, indptr), shape=shape).T.tocsr()
     except ValueError as err:
         raise IngestError(f"{path}: matrix is not a valid CSC matrix: {_first_line(err)}") from err
-    return counts, barcodes, [str(n) for n in names], [str(i) for i in ids]
+    return counts, barcodes, [str(n) for n in names], [str(i) for i in ids], kinds
 
 
 def read_mex(folder: Path):
-    """A MEX folder (barcodes.tsv[.gz], features.tsv[.gz] or genes.tsv, matrix.mtx[.gz]) -> like ``read_10x_h5``."""
+    """A MEX folder (barcodes.tsv[.gz], features.tsv[.gz] or genes.tsv, matrix.mtx[.gz]) -> like ``read_10x_h5``
+    (feature types from the third column of features.tsv, when there is one)."""
     barcodes_file = _mex_file(folder, "barcodes.tsv")
     features_file = _mex_file(folder, "features.tsv", "genes.tsv")
     matrix_file = _mex_file(folder, "matrix.mtx")
@@ -204,6 +225,7 @@ def read_mex(folder: Path):
     features = _read_tsv(features_file)
     ids = features[0].to_numpy(dtype=object)
     names = features[1].to_numpy(dtype=object) if features.shape[1] > 1 else ids
+    kinds = features[2].to_numpy(dtype=object) if features.shape[1] > 2 else None
     try:
         with _open(matrix_file) as handle:
             matrix = sp.csr_matrix(scipy.io.mmread(handle))
@@ -214,7 +236,7 @@ def read_mex(folder: Path):
             f"{matrix_file}: the matrix is {matrix.shape[0]} x {matrix.shape[1]}, but {features_file.name} lists "
             f"{len(ids)} features and {barcodes_file.name} {len(barcodes)} barcodes"
         )
-    return matrix.T.tocsr(), barcodes, [str(n) for n in names], [str(i) for i in ids]
+    return matrix.T.tocsr(), barcodes, [str(n) for n in names], [str(i) for i in ids], kinds
 
 
 def _mex_file(folder: Path, *names: str) -> Path:
