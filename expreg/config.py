@@ -51,6 +51,9 @@ class DataConfig:
     genes: str | None = None  # hvg:K, var:K, mean:K or a file of gene names
     min_gene_detection: float = 0.1
     target_transform: str = "log1p_cpm"
+    # physical side of the patches in µm (stored in the model for whole-slide maps); read from the
+    # prepare.json beside an expreg.prepare metadata CSV, give it for hand-made CSVs
+    patch_um: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("data.check_images", self.check_images, ("none", "exists", "decode"))
@@ -68,6 +71,8 @@ class DataConfig:
         if not 0 <= self.hed_jitter < 1:
             raise ConfigError(f"data.hed_jitter must be in [0, 1), got {self.hed_jitter}")
         _check_choice("data.target_transform", self.target_transform, TARGET_TRANSFORMS)
+        if self.patch_um is not None:
+            _check_positive("data.patch_um", self.patch_um)
         if not 0 <= self.min_gene_detection <= 1:
             raise ConfigError(f"data.min_gene_detection must be in [0, 1], got {self.min_gene_detection}")
         if (self.expression_file is None) != (self.genes is None):

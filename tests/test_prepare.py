@@ -406,3 +406,38 @@ def test_features_that_are_not_genes_are_left_out(tmp_path):
     section = read_section(root, "S1")
     assert section.gene_names == ["G0", "G1", "G2"] and section.counts.shape == (20, 3)
     assert any("left out 1 feature(s) that are not genes (Antibody Capture)" in w for w in section.warnings)
+
+
+def test_a_model_trained_on_prepared_patches_knows_their_physical_size(tmp_path):
+    import yaml
+
+    from expreg.config import ConfigError
+    from expreg.training.setup import patch_geometry
+
+    sheet = _two_samples(tmp_path)
+    (tmp_path / "genes.txt").write_text("G0\nG1\nG2\n")
+    prepare(sheet, tmp_path / "out", Options(patch_um=16, patch_px=32, genes_file=str(tmp_path / "genes.txt")))
+    csv = tmp_path / "out" / "metadata.csv"
+    assert patch_geometry(csv, None) == (16.0, 32) and patch_geometry(csv, 16.0) == (16.0, 32)
+    with pytest.raises(ConfigError, match="data.patch_um=20, but .*prepare.json says the patches are 16 um"):
+        patch_geometry(csv, 20.0)
+    assert patch_geometry(tmp_path / "elsewhere.csv", 55.0) == (55.0, None)  # a hand-made CSV: the recipe's value
+    args = [
+        str(REPO / "run_regression.py"),
+        str(REPO / "recipes" / "tiny.yaml"),
+        f"data.metadata_csv={csv}",
+        f"logging.output_dir={tmp_path / 'runs'}",
+        "logging.run_name=geom",
+        "train.epochs=1",
+        "data.image_size=16",
+    ]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run = tmp_path / "runs" / "geom"
+    config = json.loads((run / "checkpoints" / "best" / "config.json").read_text())
+    assert config["patch_um"] == 16.0 and config["patch_px"] == 32 and config["image_size"] == 16
+    assert yaml.safe_load((run / "config_resolved.yaml").read_text())["data"]["patch_um"] == 16.0
+    assert (
+        "Patches of 16 µm, seen by the model at 16 px (1 µm per input pixel)"
+        in (run / "checkpoints" / "best" / "README.md").read_text()
+    )

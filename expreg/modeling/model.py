@@ -37,6 +37,10 @@ class ExpRegConfig(PretrainedConfig):
         image_size: Input side length used in training.
         image_mean: Normalisation mean of the input pixels.
         image_std: Normalisation std of the input pixels.
+        patch_um: Physical side of the training patches in µm (None: unknown); with ``image_size``
+            it gives the resolution the model was trained at (``patch_um / image_size`` µm per input
+            pixel), which whole-slide maps need.
+        patch_px: Side of the training patch files in pixels (None: unknown).
     """
 
     model_type = "expreg"
@@ -54,6 +58,8 @@ class ExpRegConfig(PretrainedConfig):
         image_size: int = 224,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
+        patch_um: float | None = None,
+        patch_px: int | None = None,
         **kwargs,
     ) -> None:
         self.backbone = backbone
@@ -67,6 +73,8 @@ class ExpRegConfig(PretrainedConfig):
         self.image_size = image_size
         self.image_mean = list(image_mean) if image_mean is not None else [0.485, 0.456, 0.406]
         self.image_std = list(image_std) if image_std is not None else [0.229, 0.224, 0.225]
+        self.patch_um = patch_um
+        self.patch_px = patch_px
         for name in ("gene_names", "target_mean", "target_std"):
             if len(getattr(self, name)) != num_genes:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for num_genes={num_genes}")

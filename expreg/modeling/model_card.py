@@ -144,7 +144,7 @@ Best and worst genes by validation Spearman:
 
 ## Data
 
-Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).
+Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).{_patches(cfg)}
 
 {_split_protocol(cfg, data)}
 
@@ -153,6 +153,17 @@ Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).
 {_usage(cfg["data"]["image_size"], data["num_genes"])}
 
 {_limits(data)}"""
+
+
+def _patches(cfg: dict) -> str:
+    """The physical size of the training patches, when known (what whole-slide maps need)."""
+    d = cfg["data"]
+    if d.get("patch_um") is None:
+        return ""
+    return (
+        f" Patches of {d['patch_um']:g} µm, seen by the model at {d['image_size']} px "
+        f"({d['patch_um'] / d['image_size']:.3g} µm per input pixel)."
+    )
 
 
 def _pretrained(m: dict) -> str:

@@ -6,6 +6,7 @@ before the run directory exists, so bad input leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class RunData:
     split_summary: str | None = None
     loaders: dict = field(default_factory=dict)
     gene_choice: object = None  # expreg.data.expression.GeneChoice when the genes were chosen here
+    patch_px: int | None = None  # side of the patch files (from prepare.json), when known
 
 
 def setup_data(cfg: RunConfig, accelerator) -> RunData:
@@ -89,9 +91,28 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
         raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
     stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)
     summary = split.summary.format() if split.summary is not None else None
-    return RunData(
+    data = RunData(
         datasets, metadata.gene_names, stats, split_table=split.table, split_summary=summary, gene_choice=choice
     )
+    d.patch_um, data.patch_px = patch_geometry(d.metadata_csv, d.patch_um)
+    return data
+
+
+def patch_geometry(metadata_csv, patch_um: float | None) -> tuple[float | None, int | None]:
+    """``(patch_um, patch_px)`` of the training patches: from the ``prepare.json`` that ``expreg.prepare``
+    wrote beside the metadata CSV, else ``data.patch_um`` (hand-made CSVs; ``patch_px`` unknown).
+    A recipe value that contradicts ``prepare.json`` is an error."""
+    record = Path(metadata_csv).parent / "prepare.json"
+    if not record.is_file():
+        return patch_um, None
+    try:
+        patch = json.loads(record.read_text())["patch"]
+        found_um, found_px = float(patch["patch_um"]), int(patch["patch_px"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{record}: no readable patch geometry ({type(err).__name__}: {err})") from err
+    if patch_um is not None and abs(patch_um - found_um) > 1e-6 * found_um:
+        raise ConfigError(f"data.patch_um={patch_um:g}, but {record} says the patches are {found_um:g} um")
+    return found_um, found_px
 
 
 def _check_same_genes(accelerator, genes: list[str]) -> None:
@@ -106,7 +127,7 @@ def _check_same_genes(accelerator, genes: list[str]) -> None:
         )
 
 
-def setup_model(cfg: RunConfig, gene_names: list[str], target_stats) -> ExpRegModel:
+def setup_model(cfg: RunConfig, gene_names: list[str], target_stats, patch_px: int | None = None) -> ExpRegModel:
     """The model of the recipe, carrying the genes and the training-split target statistics."""
     m = cfg.model
     return build_model(
@@ -121,6 +142,8 @@ def setup_model(cfg: RunConfig, gene_names: list[str], target_stats) -> ExpRegMo
         target_mean=target_stats.mean.tolist(),
         target_std=target_stats.std.tolist(),
         image_size=cfg.data.image_size,
+        **({"patch_um": cfg.data.patch_um} if cfg.data.patch_um is not None else {}),
+        **({"patch_px": patch_px} if patch_px is not None else {}),
     )
 
 

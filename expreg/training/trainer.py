@@ -119,7 +119,7 @@ class Trainer:
             )
         self.data = setup_data(cfg, accelerator)
         data_warning = self._check_resume_data()
-        self.model = setup_model(cfg, self.data.gene_names, self.data.target_stats)
+        self.model = setup_model(cfg, self.data.gene_names, self.data.target_stats, self.data.patch_px)
         image_cache = setup_image_cache(cfg, self.data, accelerator, self.dry_run)
         self.data.loaders = setup_loaders(cfg, self.data, self.model, accelerator.num_processes, image_cache)
         self.run_dir = setup_run_dir(cfg, accelerator, self.resume_from, self.dry_run)
