@@ -208,40 +208,26 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
     assert "chosen in every fold" in (out / "cv_summary.md").read_text()
 
 
+def _given(metadata, h5ad, gene_file):
+    """``expression_targets`` with a gene list file, every row a training row."""
+    return expression_targets(
+        metadata, h5ad, np.ones(len(metadata.frame), bool), gene_file, min_detection=0.1, transform="log1p"
+    )
+
+
 def test_a_given_list_is_said_to_be_given_and_resume_keeps_the_choice(make_dataset, tmp_path):
     csv, h5ad = _expression_set(make_dataset)
     (tmp_path / "list.txt").write_text("GENE1\n# a comment\nGENE2\n")
     metadata = read_metadata(csv, targets_required=False)
-    _, choice = expression_targets(
-        metadata,
-        h5ad,
-        np.ones(len(metadata.frame), bool),
-        str(tmp_path / "list.txt"),
-        min_detection=0.1,
-        transform="log1p",
-    )
+    _, choice = _given(metadata, h5ad, str(tmp_path / "list.txt"))
     assert choice.genes == ["GENE1", "GENE2"] and not choice.chosen_here
     assert "not checked for leakage" in choice.describe()
     (tmp_path / "list.json").write_text(json.dumps({"how": "2 genes by var:2 on 9 training spots"}))
-    _, choice = expression_targets(
-        metadata,
-        h5ad,
-        np.ones(len(metadata.frame), bool),
-        str(tmp_path / "list.txt"),
-        min_detection=0.1,
-        transform="log1p",
-    )
+    _, choice = _given(metadata, h5ad, str(tmp_path / "list.txt"))
     assert "chosen earlier: 2 genes by var:2 on 9 training spots" in choice.describe()
     (tmp_path / "twice.txt").write_text("GENE1\nGENE1\n")
     with pytest.raises(ConfigError, match="repeated gene name"):
-        expression_targets(
-            metadata,
-            h5ad,
-            np.ones(len(metadata.frame), bool),
-            str(tmp_path / "twice.txt"),
-            min_detection=0.1,
-            transform="log1p",
-        )
+        _given(metadata, h5ad, str(tmp_path / "twice.txt"))
 
 
 def test_resume_refuses_another_gene_spec(tmp_path):

@@ -42,14 +42,19 @@ def patch_rows(section, patch_um: float) -> tuple[np.ndarray, np.ndarray, dict[s
     return keep, rows[keep], dropped
 
 
-def read_patch(path: str, row: int, patch_px: int) -> Image.Image:
-    """Patch ``row`` of a HEST ``.h5`` as an RGB image of ``patch_px`` x ``patch_px``."""
+def read_patches(path: str, rows, patch_px: int):
+    """Patches ``rows`` of a HEST ``.h5`` (opened once), each an RGB image of ``patch_px`` x ``patch_px``."""
+    row = None
     try:
         with h5py.File(path, "r") as f:
-            pixels = np.asarray(f["img"][row])
-        image = Image.fromarray(pixels[..., :3].astype(np.uint8), "RGB")
+            for row in rows:
+                yield _patch_image(np.asarray(f["img"][int(row)]), patch_px)
     except (OSError, KeyError, ValueError, TypeError) as err:
         raise IngestError(f"{path}: patch {row} unreadable ({type(err).__name__}: {err})") from err
+
+
+def _patch_image(pixels: np.ndarray, patch_px: int) -> Image.Image:
+    image = Image.fromarray(pixels[..., :3].astype(np.uint8), "RGB")
     if image.size != (patch_px, patch_px):
         image = image.resize((patch_px, patch_px), Image.Resampling.LANCZOS)
     return image

@@ -183,22 +183,26 @@ def _cut(result: SampleResult, options: Options, tmp: Path) -> None:
         raise IngestError(f"sample {spec.sample_id}: barcodes collide once made file-name safe ({names[:3]} ...)")
     ext = IMAGE_FORMATS[options.image_format]
     kwargs = {"quality": JPEG_QUALITY} if ext == ".jpg" else {}
-    if section.image is None:  # HEST patches only
-        for name, row in zip(names, result.h5_rows):
-            relative = f"patches/{spec.sample_id}/{name}{ext}"
-            hest_patches.read_patch(section.patches_h5, int(row), options.patch_px).save(tmp / relative, **kwargs)
-            result.files.append(relative)
-        return
-    geom = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px)
-    with open_slide(section.image) as slide:
-        for row, name in progress_bar(list(zip(result.keep, names)), desc=f"patches {spec.sample_id}", unit="patch"):
-            patch = cut_patch(slide, section.x_px[row], section.y_px[row], geom)
-            relative = f"patches/{spec.sample_id}/{name}{ext}"
-            patch.save(tmp / relative, **kwargs)
-            result.files.append(relative)
+    patches = zip(names, _patches(result, options))
+    for name, patch in progress_bar(patches, total=len(names), desc=f"patches {spec.sample_id}", unit="patch"):
+        relative = f"patches/{spec.sample_id}/{name}{ext}"
+        patch.save(tmp / relative, **kwargs)
+        result.files.append(relative)
     logger.info(
         f"{spec.sample_id}: {len(result.files)} patches ({result.scale.um_per_px:.4g} um/px, {result.scale.source})"
     )
+
+
+def _patches(result: SampleResult, options: Options):
+    """The patch images of the kept spots, in order: cut from the image, or HEST's own (patches only)."""
+    section = result.section
+    if section.image is None:
+        yield from hest_patches.read_patches(section.patches_h5, result.h5_rows, options.patch_px)
+        return
+    geom = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px)
+    with open_slide(section.image) as slide:
+        for row in result.keep:
+            yield cut_patch(slide, section.x_px[row], section.y_px[row], geom)
 
 
 def _gene_union(sections) -> list[str]:
@@ -228,7 +232,8 @@ def _check_genes(genes: list[str], sections, path) -> None:
             f"{' ...' if len(unknown) > 10 else ''}"
         )
     for section in sections:
-        missing = [g for g in genes if g not in set(section.gene_names)]
+        own = set(section.gene_names)
+        missing = [g for g in genes if g not in own]
         if missing:
             logger.warning(
                 f"sample {section.sample_id} did not measure {len(missing)} of the --genes: {', '.join(missing[:10])}"
