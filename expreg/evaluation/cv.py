@@ -23,6 +23,10 @@ Written to ``--out_dir`` (default ``<logging.output_dir>/cv__<recipe>__<timestam
 ``folds.csv``, the fine-tuning run directories under ``runs/``, and ``cv_summary.json`` /
 ``cv_summary.md`` (per fold, mean ± std of mean Spearman and mean Pearson per method, the time
 each took, and per-gene mean Spearman across folds).
+
+With ``data.expression_file`` (targets from raw counts), each fold chooses its genes on its own
+training groups (``genes_fold<k>.txt``, with ``.json`` saying how), every method of the fold
+predicts that list, and the per-gene means cover the genes chosen in every fold.
 """
 
 from __future__ import annotations
