@@ -193,3 +193,11 @@ def replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)  # when final_dir was missing, .old (if any) is still the fallback until here
     if old.exists():
         shutil.rmtree(old)
+
+
+def remove_abandoned_tmp(out_dir: Path) -> None:
+    """Temporary siblings ``.<name>.<kind>-<pid>`` of ``out_dir`` whose process is gone (a killed run): removed."""
+    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -2,7 +2,7 @@
 
 Layers, bottom to top; a module imports only modules of its own layer or below (README, Layout):
 base (config, run_dir, seeding, formatting, progress) < data/ < ingest/ < modeling/ < inference < evaluation/ <
-training/ < commands (run_regression.py, expreg/<command>.py and the documented re-export paths).
+maps/ < training/ < commands (run_regression.py, expreg/<command>.py and the documented re-export paths).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ LAYERS = {
     "modeling": 3,
     "inference": 4,
     "evaluation": 5,
-    "training": 6,
-    "commands": 7,
+    "maps": 6,
+    "training": 7,
+    "commands": 8,
 }
 BASE = {"expreg", "expreg.config", "expreg.run_dir", "expreg.seeding", "expreg.formatting", "expreg.progress"}
 # documented commands and import paths that re-export what moved (``from expreg.model import ...``)
@@ -28,7 +29,7 @@ COMMANDS = {
     "run_regression",
     *(
         f"expreg.{name}"
-        for name in ("splits", "predict", "prepare", "cv", "aggregate", "plots", "hub", "model", "metrics")
+        for name in ("splits", "predict", "prepare", "map", "cv", "aggregate", "plots", "hub", "model", "metrics")
     ),
 }
 ACCELERATE_ALLOWED = {"training", "inference", "commands"}

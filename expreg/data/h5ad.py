@@ -199,14 +199,15 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None) -> No
 
     Args:
         path: Where to write (a ``.tmp`` sibling is written first, then renamed).
-        X: Spots x genes, any scipy sparse matrix or dense array; stored as CSR with its dtype.
+        X: Spots x genes: a scipy sparse matrix (stored as CSR) or a dense array (stored dense), with its dtype.
         obs: One row per spot; the index (as str) becomes the obs names.
         var_names: One name per gene (column of ``X``).
         obsm: Optional name -> array with one row per spot (e.g. ``"spatial"``: x, y).
         uns: Optional dict of str/number/bool/list/array/dict values.
     """
     path = Path(path)
-    X = sp.csr_matrix(X)
+    dense = not sp.issparse(X)
+    X = np.atleast_2d(np.asarray(X)) if dense else sp.csr_matrix(X)
     var_names = [str(v) for v in var_names]
     if X.shape != (len(obs), len(var_names)):
         raise ValueError(
@@ -219,7 +220,10 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None) -> No
     try:
         with h5py.File(tmp, "w") as f:
             _set_encoding(f, "anndata")
-            _write_csr(f, "X", X)
+            if dense:
+                _write_array(f, "X", X)
+            else:
+                _write_csr(f, "X", X)
             _write_dataframe(f, "obs", obs)
             _write_dataframe(f, "var", pd.DataFrame(index=pd.Index(var_names)))
             obsm_group = _dict_group(f, "obsm")

@@ -105,7 +105,7 @@ def inside(slide_size: tuple[int, int], box: tuple[int, int, int, int], max_outs
     return overlap_w * overlap_h >= (1.0 - max_outside) * w * h - 1e-9
 
 
-def _cut_box(slide: Slide, box: tuple[int, int, int, int], level: int, patch_px: int):
+def cut_box(slide: Slide, box: tuple[int, int, int, int], level: int, patch_px: int):
     """The level-0 ``box`` read from ``level`` and resampled to ``patch_px`` square (module docstring)."""
     from PIL import Image
 
@@ -133,7 +133,7 @@ def cut_patch(slide: Slide, x: float, y: float, geom: PatchGeometry, level: int 
     docstring says; parts outside the image are white.
     """
     chosen = slide.best_level(geom.downsample) if level is None else level
-    return _cut_box(slide, patch_box(x, y, geom), chosen, geom.patch_px)
+    return cut_box(slide, patch_box(x, y, geom), chosen, geom.patch_px)
 
 
 def iter_patches(
@@ -168,7 +168,7 @@ def iter_patches(
                 yield index, None, OUTSIDE
                 continue
             try:
-                image = _cut_box(slide, box, level, geom.patch_px)
+                image = cut_box(slide, box, level, geom.patch_px)
             except SlideError as exc:
                 if not logged:
                     logger.warning("%s (further unreadable regions of this slide are not logged)", exc)

@@ -32,6 +32,7 @@ from expreg.ingest.patches import PatchGeometry, cut_patch, inside, patch_box
 from expreg.ingest.readers import read_section
 from expreg.ingest.samples import read_sample_sheet
 from expreg.progress import progress_bar
+from expreg.run_dir import remove_abandoned_tmp
 
 logger = logging.getLogger("expreg")
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}
@@ -82,7 +83,7 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
     if genes is not None:
         _check_genes(genes, sections, options.genes_file)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    _remove_abandoned(out_dir)
+    remove_abandoned_tmp(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         for result in results:
@@ -95,16 +96,6 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return summary
-
-
-def _remove_abandoned(out_dir: Path) -> None:
-    """Temporary folders of earlier runs for this ``out_dir`` whose process is gone (killed): removed."""
-    from expreg.run_dir import process_alive
-
-    for folder in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:

@@ -41,6 +41,9 @@ class ExpRegConfig(PretrainedConfig):
             it gives the resolution the model was trained at (``patch_um / image_size`` µm per input
             pixel), which whole-slide maps need.
         patch_px: Side of the training patch files in pixels (None: unknown).
+        target_transform: How the targets were made from raw counts (``"log1p_cpm"``, ``"log1p"``,
+            ``"none"``) when training computed them from an expression file; None: unknown (targets
+            given in a CSV). ``expreg.map --measured`` transforms measured counts the same way.
     """
 
     model_type = "expreg"
@@ -60,6 +63,7 @@ class ExpRegConfig(PretrainedConfig):
         image_std: list[float] | None = None,
         patch_um: float | None = None,
         patch_px: int | None = None,
+        target_transform: str | None = None,
         **kwargs,
     ) -> None:
         self.backbone = backbone
@@ -75,6 +79,7 @@ class ExpRegConfig(PretrainedConfig):
         self.image_std = list(image_std) if image_std is not None else [0.229, 0.224, 0.225]
         self.patch_um = patch_um
         self.patch_px = patch_px
+        self.target_transform = target_transform
         for name in ("gene_names", "target_mean", "target_std"):
             if len(getattr(self, name)) != num_genes:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for num_genes={num_genes}")

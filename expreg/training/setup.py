@@ -144,6 +144,7 @@ def setup_model(cfg: RunConfig, gene_names: list[str], target_stats, patch_px: i
         image_size=cfg.data.image_size,
         **({"patch_um": cfg.data.patch_um} if cfg.data.patch_um is not None else {}),
         **({"patch_px": patch_px} if patch_px is not None else {}),
+        **({"target_transform": cfg.data.target_transform} if cfg.data.expression_file else {}),
     )
 
 

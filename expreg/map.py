@@ -1,0 +1,120 @@
+"""python -m expreg.map --model results/<run>/checkpoints/best --slide section.tif --out_dir maps/section
+    [--um_per_px 0.5] [--stride_um 112] [--genes ERBB2,CD74] [--measured <prepare output or sample>] [--tta]
+
+Command: a trained model and a whole H&E image -> predicted expression over the tissue ("virtual
+spatial transcriptomics"): ``predictions.h5ad`` / ``.csv``, ``thumbnail.png``, ``maps/<gene>.png``,
+``overview.png`` and ``summary.json``; with ``--measured``, the comparison at the measured spots
+(``spot_metrics.json``, ``measured_vs_predicted.csv`` / ``.png``). Machinery: ``expreg.maps``. Also
+installed as ``expreg-map``; ``accelerate launch -m expreg.map ...`` splits the tiles over processes.
+Exit codes: 0 done; 2 bad input (named; nothing is written, except the thumbnail and mask when no
+tissue is found); 1 another failure (nothing is left half-written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="expreg-map", description="Predict a whole slide's spatial expression map.")
+    p.add_argument("--model", required=True, help="checkpoints/best folder, run directory or hub model id")
+    p.add_argument("--slide", required=True, help="the H&E image: JPEG, PNG, plain or tiled pyramidal TIFF (SVS)")
+    p.add_argument("--out_dir", required=True, help="folder to create (never overwritten without --overwrite)")
+    p.add_argument(
+        "--um_per_px", type=float, help="µm per level-0 pixel (default: --measured's scale, then the TIFF's tags)"
+    )
+    p.add_argument("--stride_um", type=float, help="distance between tiles in µm (default: the model's patch size)")
+    p.add_argument(
+        "--genes", help="comma-separated genes to draw (default: all; the overview: top 12 by spatial variance)"
+    )
+    p.add_argument(
+        "--measured", help="the section's expreg.prepare output folder, or its Space Ranger / HEST / .h5ad sample"
+    )
+    p.add_argument("--sample_id", help="with --measured: which sample of a prepare folder (or HEST id) this slide is")
+    p.add_argument(
+        "--spot_diameter_um",
+        type=float,
+        default=55.0,
+        help="with a Space Ranger --measured: spot µm (55 Visium, 100 ST)",
+    )
+    p.add_argument(
+        "--target_transform",
+        choices=["log1p_cpm", "log1p", "none"],
+        help="with --measured, for a model that does not record it",
+    )
+    p.add_argument("--mask", help="tissue mask image of the slide (any size, same aspect; non-zero = tissue)")
+    p.add_argument("--min_tissue", type=float, default=0.5, help="least tissue fraction of a kept tile (default 0.5)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 dihedral views (8x slower)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading tiles (default 2)")
+    p.add_argument("--thumbnail_px", type=int, default=2048, help="longer side of the thumbnail (mask, pictures)")
+    p.add_argument("--overview_genes", type=int, default=12, help="genes in overview.png (default 12)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
+    return p.parse_args(argv)
+
+
+def _options(args):
+    from expreg.maps.plan import MapOptions
+
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    keys = set(MapOptions.__dataclass_fields__) - {"genes"}
+    return MapOptions(genes=genes, **{k: v for k, v in vars(args).items() if k in keys})
+
+
+def _report(summary: dict, out_dir: str) -> None:
+    print(
+        f"mapped {summary['tiles']:,} tiles ({summary['tissue_area_mm2']:.1f} mm² of tissue) x {summary['genes']} genes "
+        f"in {summary['seconds_predict']:.1f} s ({summary['tiles_per_s']} tiles/s, {summary['processes']} process(es)) "
+        f"-> {out_dir}"
+    )
+    measured = summary.get("measured")
+    if measured:
+        print(
+            f"{measured['what']}: mean Spearman {measured['spearman_mean']:.4f}, mean Pearson "
+            f"{measured['pearson_mean']:.4f} ({measured['num_genes']} genes; spot_metrics.json)"
+        )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+    from expreg.inference import PredictError, load_model
+    from expreg.maps.plan import MapError, plan_map
+    from expreg.maps.run import check_out_dir, make_map
+    from expreg.maps.tiles import TileReadError
+
+    try:
+        options = _options(args)
+        check_out_dir(Path(args.out_dir).resolve(), args.overwrite)
+        plan = plan_map(options, load_model(args.model))
+    except (MapError, PredictError) as err:
+        print(f"expreg-map: error: {err}", file=sys.stderr)
+        return 2
+    from expreg.training.launch import build_accelerator, unconnected_launch_error
+
+    accelerator = build_accelerator()
+    problem = unconnected_launch_error(accelerator)
+    try:
+        if problem:
+            raise MapError(problem)
+        summary = make_map(plan, accelerator)
+    except (MapError, TileReadError) as err:
+        from expreg.data import error_message
+
+        print(f"expreg-map: error: {error_message(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"expreg-map: error: {err}; nothing was written to {args.out_dir}", file=sys.stderr)
+        return 1
+    finally:
+        plan.slide.close()
+    if summary is not None:
+        _report(summary, args.out_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
