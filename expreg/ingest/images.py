@@ -26,6 +26,8 @@ import numpy as np
 
 PLAIN_MAX_PIXELS = 1_500_000_000  # a plain image is decoded whole: ~4.5 GB of RGB at this size
 LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than wanted still counts (odd sizes halve inexactly)
+THUMBNAIL_REDUCE = 4  # a tiled level this many times the thumbnail's side is reduced band by band
+THUMBNAIL_BAND_BYTES = 64 * 2**20  # uint8 RGB pixels read at once by that reduction
 ASPECT_TOLERANCE = 0.01  # relative, plus 2 px of rounding, for a page to count as a pyramid level
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -99,7 +101,12 @@ class Slide:
         return best
 
     def thumbnail(self, max_side: int) -> np.ndarray:
-        """The whole image with its longer side ``max_side`` (never enlarged), from the smallest level >= it."""
+        """The whole image with its longer side ``max_side`` (never enlarged), from the smallest level >= it.
+
+        A tiled level more than ``THUMBNAIL_REDUCE`` times the thumbnail's side (a slide without a
+        deep pyramid) is read in bands of rows, each block-averaged by a whole factor as it comes, so
+        memory stays at one band (``THUMBNAIL_BAND_BYTES``) plus the result, never the whole level.
+        """
         from PIL import Image
 
         level = 0
@@ -107,12 +114,35 @@ class Slide:
             if max(w, h) >= max_side:
                 level = candidate
         w, h = self.level_sizes[level]
-        pixels = self.read_level(level, 0, 0, w, h)
         factor = max_side / max(w, h)
+        reduce = int(1 / factor) if factor < 1 else 1
+        if self.tiled and reduce >= THUMBNAIL_REDUCE:
+            pixels = self._reduced_level(level, reduce // 2)
+        else:
+            pixels = self.read_level(level, 0, 0, w, h)
         if factor >= 1:
             return pixels
         size = (max(1, _round(w * factor)), max(1, _round(h * factor)))
         return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
+
+    def _reduced_level(self, level: int, block: int) -> np.ndarray:
+        """``level`` block-averaged by ``block`` (edge blocks averaged over the pixels they have), band by band."""
+        w, h = self.level_sizes[level]
+        rows = max(block, THUMBNAIL_BAND_BYTES // (3 * w) // block * block)
+        out_w = -(-w // block)
+        bands = []
+        for y in range(0, h, rows):
+            band = self.read_level(level, 0, y, w, min(rows, h - y)).astype(np.float32)
+            bh = band.shape[0]
+            padded = np.zeros((-(-bh // block) * block, out_w * block, 3), dtype=np.float32)
+            padded[:bh, :w] = band
+            weight = np.zeros(padded.shape[:2], dtype=np.float32)
+            weight[:bh, :w] = 1
+            shape = (padded.shape[0] // block, block, out_w, block)
+            total = padded.reshape(*shape, 3).sum(axis=(1, 3))
+            count = weight.reshape(shape).sum(axis=(1, 3))[:, :, None]
+            bands.append(np.clip(total / count + 0.5, 0, 255).astype(np.uint8))
+        return np.concatenate(bands)
 
     def close(self) -> None:
         """Release the file (a closed slide cannot be read)."""
