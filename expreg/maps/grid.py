@@ -46,12 +46,18 @@ class TileGrid:
 
     @property
     def centre_x(self) -> np.ndarray:
-        """Level-0 x of every tile's centre (float)."""
-        return self.x0 + self.box_px / 2
+        """Level-0 x of every tile's centre pixel, placed as ``expreg.prepare`` places a spot in its patch.
+
+        That is ``x0 + box_px // 2`` (the middle pixel; for an even side the one right of the
+        middle), so ``expreg.ingest.patches.patch_box(centre_x, centre_y, geometry)`` gives back
+        the tile's box exactly.
+        """
+        return self.x0 + self.box_px // 2
 
     @property
     def centre_y(self) -> np.ndarray:
-        return self.y0 + self.box_px / 2
+        """Level-0 y of every tile's centre pixel (as ``centre_x``)."""
+        return self.y0 + self.box_px // 2
 
     def names(self) -> list[str]:
         """``tile_<row>_<col>`` of every kept tile (the obs names of ``predictions.h5ad``)."""

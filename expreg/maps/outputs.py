@@ -124,6 +124,8 @@ def write_measured(folder: Path, plan, spots, metrics, measured: np.ndarray, pre
     write_table_csv(folder / "measured_vs_predicted.csv", header, rows)
     write_per_gene_metrics(folder / "per_gene_spot_metrics.csv", metrics.per_gene_rows())
     drawn = _best_and_worst(metrics)
+    if not drawn:  # no gene varies at the spots (every Spearman undefined): nothing to draw
+        return drawn
     pictures.measured_vs_predicted(
         folder / "measured_vs_predicted.png",
         plan.thumbnail,

@@ -16,8 +16,10 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from expreg.ingest.images import Slide, SlideError, open_slide
-from expreg.ingest.patches import PatchGeometry
+from expreg.ingest.patches import PatchGeometry, inside, patch_box
 from expreg.ingest.resolution import tiff_um_per_px
 from expreg.maps.grid import TileGrid, make_grid
 from expreg.maps.measured import MeasuredError, MeasuredSpots, read_measured
@@ -26,6 +28,7 @@ from expreg.maps.tissue import MaskError, TissueMask, detect_tissue, read_mask
 logger = logging.getLogger("expreg")
 SCALE_TOLERANCE = 0.02
 UPSAMPLING_WARNING = 1.5
+MIN_SPOTS = 3  # measured spots inside the slide needed for a comparison
 
 
 class MapError(ValueError):
@@ -142,7 +145,10 @@ def _target_transform(options: MapOptions, model) -> str | None:
 
 
 def _tissue(options: MapOptions, slide: Slide) -> tuple[object, TissueMask]:
-    thumbnail = slide.thumbnail(options.thumbnail_px)
+    try:
+        thumbnail = slide.thumbnail(options.thumbnail_px)
+    except SlideError as err:  # a corrupt tile on the level the thumbnail is read from
+        raise MapError(f"--slide {err} (while reading the thumbnail)") from err
     scale = (slide.size[0] / thumbnail.shape[1], slide.size[1] / thumbnail.shape[0])
     if options.mask:
         return thumbnail, read_mask(options.mask, thumbnail.shape[:2], slide.size)
@@ -194,17 +200,43 @@ def plan_map(options: MapOptions, model) -> MapPlan:
         raise
 
 
+def _measured(options: MapOptions, slide: Slide, genes: list[str]) -> MeasuredSpots | None:
+    if not options.measured:
+        return None
+    try:
+        measured = read_measured(options.measured, slide.path, slide.size, options.sample_id, options.spot_diameter_um)
+    except MeasuredError as err:
+        raise MapError(str(err)) from err
+    if not set(genes) & set(measured.gene_names):
+        raise MapError(
+            f"--measured {measured.source}: it measured none of the model's {len(genes)} genes "
+            f"({', '.join(genes[:5])}{' ...' if len(genes) > 5 else ''}), so there is nothing to compare"
+        )
+    return measured
+
+
+def spots_inside(measured: MeasuredSpots, slide_size, geometry: PatchGeometry) -> np.ndarray:
+    """Rows of the measured spots whose patch lies wholly inside the slide (as ``expreg.prepare`` keeps them)."""
+    boxes = (patch_box(x, y, geometry) for x, y in zip(measured.x_px, measured.y_px))
+    return np.array([i for i, box in enumerate(boxes) if inside(slide_size, box)], dtype=np.int64)
+
+
+def _check_spots_inside(measured: MeasuredSpots, slide: Slide, geometry: PatchGeometry) -> None:
+    kept = len(spots_inside(measured, slide.size, geometry))
+    if kept < MIN_SPOTS:
+        raise MapError(
+            f"--measured {measured.source}: only {kept} of {len(measured.x_px)} spots have their "
+            f"{geometry.patch_um:g} µm patch inside the {slide.size[0]} x {slide.size[1]} px slide (at "
+            f"{geometry.um_per_px:.4g} µm/px); at least {MIN_SPOTS} are needed to compare"
+        )
+
+
 def _plan_on_slide(options, model, slide, patch, genes, drawn, kind) -> MapPlan:
-    measured = None
-    if options.measured:
-        try:
-            measured = read_measured(
-                options.measured, slide.path, slide.size, options.sample_id, options.spot_diameter_um
-            )
-        except MeasuredError as err:
-            raise MapError(str(err)) from err
+    measured = _measured(options, slide, genes)
     um_per_px, source, warnings = _scale(options, slide, measured)
     geometry = PatchGeometry(patch[0], patch[1], um_per_px)
+    if measured is not None:
+        _check_spots_inside(measured, slide, geometry)
     stride_um = options.stride_um or patch[0]
     upsampling = um_per_px / (patch[0] / patch[1])
     if upsampling > UPSAMPLING_WARNING:

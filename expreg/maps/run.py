@@ -19,9 +19,9 @@ import numpy as np
 
 from expreg.evaluation.metrics import compute_metrics
 from expreg.inference import predict_loader
-from expreg.ingest.patches import inside, patch_box
+from expreg.ingest.patches import patch_box
 from expreg.maps import outputs
-from expreg.maps.plan import MapPlan, NoTissueError
+from expreg.maps.plan import MapPlan, NoTissueError, spots_inside
 from expreg.maps.tiles import SlideTiles
 from expreg.run_dir import remove_abandoned_tmp, replace_dir, write_json
 
@@ -46,22 +46,18 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
 
 
 def _measured_spots(plan: MapPlan) -> dict:
-    """The measured spots whose patch lies inside the slide (as prepare keeps them)."""
+    """The measured spots whose patch lies inside the slide (as prepare keeps them; at least 3, checked by the plan)."""
     spots = plan.measured
-    boxes = [patch_box(x, y, plan.geometry) for x, y in zip(spots.x_px, spots.y_px)]
-    keep = np.array([i for i, box in enumerate(boxes) if inside(plan.slide.size, box)], dtype=np.int64)
-    if len(keep) < 3:
-        raise NoTissueError(
-            f"--measured {spots.source}: only {len(keep)} of {len(boxes)} spots have their patch inside the slide"
-        )
+    keep = spots_inside(spots, plan.slide.size, plan.geometry)
+    boxes = [patch_box(spots.x_px[i], spots.y_px[i], plan.geometry) for i in keep]
     return {
         "rows": keep,
         "barcode": spots.barcodes[keep].tolist(),
         "x_px": spots.x_px[keep],
         "y_px": spots.y_px[keep],
-        "x0": np.array([boxes[i][0] for i in keep]),
-        "y0": np.array([boxes[i][1] for i in keep]),
-        "dropped": len(boxes) - len(keep),
+        "x0": np.array([box[0] for box in boxes], dtype=np.int64),
+        "y0": np.array([box[1] for box in boxes], dtype=np.int64),
+        "dropped": len(spots.x_px) - len(keep),
     }
 
 
