@@ -48,6 +48,20 @@ def gene_file_name(gene: str) -> str:
     return _UNSAFE.sub("_", gene) or "gene"
 
 
+def map_file_names(genes: list[str]) -> dict[str, str]:
+    """``<gene>.png`` for each gene, file-system safe; names that collide once made safe get ``-2``, ``-3``..."""
+    names, used = {}, set()
+    for gene in genes:
+        stem = candidate = gene_file_name(gene)
+        n = 1
+        while candidate.lower() in used:  # case-insensitive file systems too
+            n += 1
+            candidate = f"{stem}-{n}"
+        used.add(candidate.lower())
+        names[gene] = f"{candidate}.png"
+    return names
+
+
 def write_tiles(folder: Path, plan, expression: np.ndarray, info: dict) -> None:
     """``predictions.h5ad`` and ``predictions.csv`` (module docstring)."""
     grid = plan.grid
@@ -93,9 +107,13 @@ def write_pictures(folder: Path, plan, expression: np.ndarray, progress: bool = 
     column = {g: k for k, g in enumerate(plan.genes)}
     args = (plan.thumbnail, plan.slide.size, plan.grid)
     (folder / "maps").mkdir(exist_ok=True)
-    for gene in progress_bar(plan.drawn, enabled=progress, desc="gene maps", unit="map"):
-        path = folder / "maps" / f"{gene_file_name(gene)}.png"
-        pictures.gene_map(path, *args, expression[:, column[gene]], gene, unit(plan), map_title(plan))
+    maps = pictures.GeneMaps(*args, unit(plan), map_title(plan))
+    names = map_file_names(plan.drawn)
+    try:
+        for gene in progress_bar(plan.drawn, enabled=progress, desc="gene maps", unit="map"):
+            maps.draw(folder / "maps" / names[gene], expression[:, column[gene]], gene)
+    finally:
+        maps.close()
     if plan.options.genes:
         chosen, why = plan.drawn[: plan.options.overview_genes], "the genes asked for (--genes)"
     else:

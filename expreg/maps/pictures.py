@@ -88,9 +88,20 @@ def _aspect(view) -> float:
     return min(1.6, max(0.6, (view[1] - view[0]) / max(view[3] - view[2], 1.0)))
 
 
+BACKGROUND_PX = 1000  # longest side of the thumbnail crop drawn under a picture
+
+
 def _background(ax, thumbnail: np.ndarray, slide_size: tuple[int, int], view) -> None:
+    """The pale thumbnail cropped to ``view`` (level-0 box) and reduced to ``BACKGROUND_PX``, under the data."""
+    from PIL import Image
+
     width, height = slide_size
-    ax.imshow(_pale(thumbnail), extent=(0, width, height, 0), interpolation="bilinear")
+    sx, sy = thumbnail.shape[1] / width, thumbnail.shape[0] / height
+    x0, x1 = int(view[0] * sx), min(thumbnail.shape[1], int(np.ceil(view[1] * sx)) + 1)
+    y0, y1 = int(view[2] * sy), min(thumbnail.shape[0], int(np.ceil(view[3] * sy)) + 1)
+    crop = Image.fromarray(_pale(thumbnail[y0:y1, x0:x1]))
+    crop.thumbnail((BACKGROUND_PX, BACKGROUND_PX), Image.Resampling.LANCZOS)
+    ax.imshow(np.asarray(crop), extent=(x0 / sx, x1 / sx, y1 / sy, y0 / sy), interpolation="bilinear")
     ax.set_xlim(view[0], view[1])
     ax.set_ylim(view[3], view[2])
     ax.set_xticks([])
@@ -131,19 +142,28 @@ def spot_radius(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.median(distances[:, 1])) * 0.45
 
 
-def gene_map(path: Path, thumbnail, slide_size, grid: TileGrid, values, gene: str, unit: str, title: str) -> None:
-    """One gene's predicted map over the thumbnail, with a colour bar and the gene's name."""
-    plt = _pyplot()
-    view = view_box(slide_size, grid)
-    fig, ax = plt.subplots(figsize=(7.0 * _aspect(view) + 1.4, 7.6), layout="constrained")
-    _background(ax, thumbnail, slide_size, view)
-    image = _paint_tiles(ax, grid, values)
-    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
-    bar.set_label(f"predicted {unit}")
-    ax.set_title(gene, fontsize=15, fontweight="bold")
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+class GeneMaps:
+    """One figure drawn once (background, colour bar) and saved per gene with its values: ``draw(path, values, gene)``."""
+
+    def __init__(self, thumbnail, slide_size, grid: TileGrid, unit: str, title: str):
+        plt = _pyplot()
+        self.grid, self.plt = grid, plt
+        view = view_box(slide_size, grid)
+        self.fig, self.ax = plt.subplots(figsize=(7.0 * _aspect(view) + 1.4, 7.6), layout="constrained")
+        _background(self.ax, thumbnail, slide_size, view)
+        self.image = _paint_tiles(self.ax, grid, np.zeros(len(grid)))
+        self.bar = self.fig.colorbar(self.image, ax=self.ax, fraction=0.04, pad=0.02)
+        self.bar.set_label(f"predicted {unit}")
+        self.fig.suptitle(title, fontsize=9)
+
+    def draw(self, path: Path, values, gene: str) -> None:
+        self.image.set_data(np.ma.masked_invalid(self.grid.raster(values)))
+        self.image.set_clim(*_limits(np.asarray(values, dtype=float)))
+        self.ax.set_title(gene, fontsize=15, fontweight="bold")
+        self.fig.savefig(path, dpi=110)
+
+    def close(self) -> None:
+        self.plt.close(self.fig)
 
 
 def overview(path: Path, thumbnail, slide_size, grid: TileGrid, matrix, genes: list[str], unit: str, title: str):
