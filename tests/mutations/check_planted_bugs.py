@@ -6,7 +6,8 @@
 For each bug: copy the working tree to a temporary folder, apply the one-line change, run the
 fast-tier tests named for it there (``PYTHONPATH`` points at the copy, so subprocesses use the
 planted code too) and report ``caught`` (a test failed) or ``MISSED``. The checkout itself is
-never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug.
+never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug and four
+bugs of whole-slide maps (issue 14).
 """
 
 from __future__ import annotations
@@ -76,6 +77,30 @@ BUGS = {
         "                gathered = accelerator.gather_for_metrics(gathered)\n",
         "                gathered = accelerator.gather(gathered)\n",
         ["tests/test_train.py::test_two_processes_evaluate_like_one"],
+    ),
+    "map_tiles_not_in_expression_units": (
+        "expreg/maps/run.py",
+        "return plan.model.to_expression(normalised.astype(np.float64))",
+        "return normalised.astype(np.float64)",
+        ["tests/test_map.py::test_outputs_hold_the_predictions_in_expression_units_with_their_positions"],
+    ),
+    "map_tile_centre_half_a_pixel_off": (
+        "expreg/maps/grid.py",
+        "return self.x0 + self.box_px // 2",
+        "return self.x0 + self.box_px / 2",
+        ["tests/test_map.py::test_a_tile_centre_is_where_prepare_would_centre_a_patch"],
+    ),
+    "map_spots_measured_with_another_transform": (
+        "expreg/maps/run.py",
+        "targets, missing = plan.measured.targets(plan.genes, plan.target_transform)",
+        'targets, missing = plan.measured.targets(plan.genes, "log1p")',
+        ["tests/test_map.py::test_spot_predictions_and_metrics_agree_with_predict_on_the_prepared_patches"],
+    ),
+    "map_tiles_read_from_level_0": (
+        "expreg/maps/plan.py",
+        "slide.best_level(geometry.downsample),",
+        "0,",
+        ["tests/test_map.py::test_a_tiled_slide_is_read_from_the_level_of_the_model_never_whole_at_level_0"],
     ),
 }
 
