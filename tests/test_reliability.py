@@ -76,7 +76,9 @@ def wait_for_marker(process: subprocess.Popen, marker: str, timeout: float = 120
 
 
 @pytest.mark.parametrize(
-    "point", ["step:3", "save:4", "save:6"], ids=["during-a-step", "during-save", "during-epoch-end-save"]
+    "point",
+    ["step:3", "save:4", pytest.param("save:6", marks=pytest.mark.slow)],  # the slow tier: the fast one's budget
+    ids=["during-a-step", "during-save", "during-epoch-end-save"],
 )
 def test_sigkill_then_resume_equals_uninterrupted(reference, data_csv, point):
     out = reference.parent
@@ -95,7 +97,9 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, data_csv, point):
     assert_same_run(reference, out / name)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT], ids=["SIGTERM", "SIGINT"]
+)
 def test_signal_saves_a_checkpoint_and_exits_nonzero(reference, data_csv, signum):
     out = reference.parent
     name = f"signalled_{signum.name}"
@@ -111,6 +115,7 @@ def test_signal_saves_a_checkpoint_and_exits_nonzero(reference, data_csv, signum
     assert_same_run(reference, out / name)
 
 
+@pytest.mark.slow  # subprocess runs: in the slow tier to keep the fast one under 10 minutes
 def test_resume_falls_back_to_the_previous_checkpoint_of_an_interrupted_swap(reference, data_csv, tmp_path):
     train(tmp_path, "swap", f"data.metadata_csv={data_csv}", *COMMON, "train.stop_after_steps=3")
     checkpoints = tmp_path / "swap" / "checkpoints"
@@ -138,6 +143,7 @@ def test_nonfinite_loss_stops_with_step_and_paths_and_keeps_the_checkpoint(data_
     assert metrics(tmp_path / "nan_skip")["status"] == "finished"
 
 
+@pytest.mark.slow  # subprocess runs: in the slow tier to keep the fast one under 10 minutes
 def test_a_skipped_batch_that_ends_an_accumulation_window_drops_the_whole_step(data_csv, tmp_path):
     """nonfinite_loss_policy=skip with accumulation: the README's promise, on the weights themselves."""
     # test_vit: no BatchNorm, whose running statistics every forward pass updates, step or not
@@ -299,6 +305,7 @@ class _Planted:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.slow  # subprocess runs: in the slow tier to keep the fast one under 10 minutes
 def test_resume_refuses_a_checkpoint_that_would_run_code(data_csv, tmp_path):
     """A malicious pickle planted in checkpoints/last: --resume stops, and the code never runs."""
     import pickle

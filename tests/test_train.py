@@ -174,7 +174,7 @@ def test_same_seed_same_run(reference_run, data_csv):
     assert_same_run(reference_run, out / "again")
 
 
-@pytest.mark.parametrize("stop_step", [3, 8], ids=["mid-epoch-1", "mid-epoch-2"])
+@pytest.mark.parametrize("stop_step", [3, pytest.param(8, marks=pytest.mark.slow)], ids=["mid-epoch-1", "mid-epoch-2"])
 def test_stop_and_resume_equals_uninterrupted(reference_run, data_csv, stop_step):
     out = reference_run.parent
     name = f"stopped{stop_step}"
@@ -402,6 +402,7 @@ def test_resume_needs_the_same_number_of_processes(data_csv, tmp_path):
     assert result.returncode == 2 and "trained with 2 process(es), this launch has 1" in result.stderr
 
 
+@pytest.mark.slow  # subprocess runs: in the slow tier to keep the fast one under 10 minutes
 def test_resume_refuses_changed_data_unless_allowed(data_csv, tmp_path):
     """A changed metadata CSV would silently change the rows and target statistics half-way through."""
     import shutil
