@@ -6,8 +6,8 @@ spatial transcriptomics"): ``predictions.h5ad`` / ``.csv``, ``thumbnail.png``, `
 ``overview.png`` and ``summary.json``; with ``--measured``, the comparison at the measured spots
 (``spot_metrics.json``, ``measured_vs_predicted.csv`` / ``.png``). Machinery: ``expreg.maps``. Also
 installed as ``expreg-map``; ``accelerate launch -m expreg.map ...`` splits the tiles over processes.
-Exit codes: 0 done; 2 bad input (named; nothing is written, except the thumbnail and mask when no
-tissue is found); 1 another failure (nothing is left half-written).
+Exit codes: 0 done; 2 bad input (named; nothing is written, except ``thumbnail.png``, ``mask.png`` and
+``no_tissue.json`` when no tissue is found); 1 another failure (nothing is left half-written).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
     try:
         options = _options(args)
-        check_out_dir(Path(args.out_dir).resolve(), args.overwrite)
+        check_out_dir(Path(args.out_dir).resolve(), args.overwrite, (args.slide, args.model, args.measured, args.mask))
         plan = plan_map(options, load_model(args.model))
     except (MapError, PredictError) as err:
         print(f"expreg-map: error: {err}", file=sys.stderr)

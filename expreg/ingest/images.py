@@ -26,8 +26,8 @@ import numpy as np
 
 PLAIN_MAX_PIXELS = 1_500_000_000  # a plain image is decoded whole: ~4.5 GB of RGB at this size
 LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than wanted still counts (odd sizes halve inexactly)
-THUMBNAIL_REDUCE = 4  # a tiled level this many times the thumbnail's side is reduced band by band
-THUMBNAIL_BAND_BYTES = 64 * 2**20  # uint8 RGB pixels read at once by that reduction
+THUMBNAIL_REDUCE = 4  # from this reduction on, a tiled level is block-averaged by half of it (then resized)
+THUMBNAIL_BAND_BYTES = 32 * 2**20  # uint8 RGB pixels read at once by that reduction
 ASPECT_TOLERANCE = 0.01  # relative, plus 2 px of rounding, for a page to count as a pyramid level
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -103,9 +103,11 @@ class Slide:
     def thumbnail(self, max_side: int) -> np.ndarray:
         """The whole image with its longer side ``max_side`` (never enlarged), from the smallest level >= it.
 
-        A tiled level more than ``THUMBNAIL_REDUCE`` times the thumbnail's side (a slide without a
-        deep pyramid) is read in bands of rows, each block-averaged by a whole factor as it comes, so
-        memory stays at one band (``THUMBNAIL_BAND_BYTES``) plus the result, never the whole level.
+        A tiled level at least twice the thumbnail's side (a slide without a deep pyramid) is read in
+        bands of rows, each block-averaged by a whole factor as it comes (half the reduction from
+        ``THUMBNAIL_REDUCE`` on, so that the final resize still filters), so memory stays at one band
+        of ``THUMBNAIL_BAND_BYTES`` and its float32 copies (about 9x that) plus the result, never the
+        whole level.
         """
         from PIL import Image
 
@@ -116,8 +118,8 @@ class Slide:
         w, h = self.level_sizes[level]
         factor = max_side / max(w, h)
         reduce = int(1 / factor) if factor < 1 else 1
-        if self.tiled and reduce >= THUMBNAIL_REDUCE:
-            pixels = self._reduced_level(level, reduce // 2)
+        if self.tiled and reduce >= 2:
+            pixels = self._reduced_level(level, reduce // 2 if reduce >= THUMBNAIL_REDUCE else reduce)
         else:
             pixels = self.read_level(level, 0, 0, w, h)
         if factor >= 1:

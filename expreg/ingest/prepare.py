@@ -254,8 +254,8 @@ def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
                     "group_id": r.spec.group_id,
                     "sample_id": r.spec.sample_id,
                     "barcode": [str(b) for b in section.barcodes[r.keep]],
-                    "x_px": np.round(section.x_px[r.keep], 2),
-                    "y_px": np.round(section.y_px[r.keep], 2),
+                    "x_px": section.x_px[r.keep],  # unrounded: patches are cut around these
+                    "y_px": section.y_px[r.keep],
                     "um_per_px": r.scale.um_per_px,
                 }
             )
@@ -276,9 +276,20 @@ def _write_tables(results, union: list[str], genes, options: Options, tmp: Path)
     obs = frame[["sample_id", "group_id", "barcode", "x_px", "y_px", "path"]].copy()
     obs.index = [f"{s}:{b}" for s, b in zip(frame["sample_id"], frame["barcode"])]
     spatial = frame[["x_px", "y_px"]].to_numpy(dtype=np.float64)
-    uns = {"patch_um": options.patch_um, "patch_px": options.patch_px, "expreg_prepare": "raw counts"}
+    uns = {
+        "patch_um": options.patch_um,
+        "patch_px": options.patch_px,
+        "expreg_prepare": "raw counts",
+        # the union's genes a sample did not measure (its zeros there are not measurements)
+        "genes_not_measured": {r.spec.sample_id: _unmeasured(r.section, union) for r in results},
+    }
     write_h5ad(tmp / "expression.h5ad", counts, obs, union, obsm={"spatial": spatial}, uns=uns)
     return {"spots": len(frame), "genes_measured": len(union), "target_genes": len(genes) if genes else None}
+
+
+def _unmeasured(section, union: list[str]) -> list[str]:
+    own = set(section.gene_names)
+    return [g for g in union if g not in own]
 
 
 def _targets(results, genes: list[str], kind: str) -> np.ndarray:

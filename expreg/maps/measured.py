@@ -112,6 +112,11 @@ def _from_prepared(folder: Path, slide_path, sample_id) -> MeasuredSpots:
     except (ValueError, KeyError, TypeError) as err:
         reason = f"{type(err).__name__}: {err}"
         raise MeasuredError(f"{folder / 'prepare.json'}: not an expreg.prepare record ({reason})") from err
+    if image_size == (0, 0):
+        raise MeasuredError(
+            f"--measured {folder}: sample {sample['sample_id']} was prepared from HEST patches only, without a "
+            "whole-slide image, so its spots cannot be placed on a slide; give its HEST-1k folder as --measured"
+        )
     try:
         table = read_h5ad(folder / "expression.h5ad")
     except H5adError as err:
@@ -125,18 +130,33 @@ def _from_prepared(folder: Path, slide_path, sample_id) -> MeasuredSpots:
     if len(rows) == 0:
         raise MeasuredError(f"{folder / 'expression.h5ad'}: no spots of sample {sample['sample_id']}")
     obs = table.obs.iloc[rows]
+    genes, warnings = _sample_genes(table, str(sample["sample_id"]), folder)
+    columns = [i for i, g in enumerate(table.var_names) if g in genes]
     return MeasuredSpots(
         sample_id=str(sample["sample_id"]),
         barcodes=obs["barcode"].astype(str).to_numpy(),
         x_px=obs["x_px"].to_numpy(dtype=np.float64),
         y_px=obs["y_px"].to_numpy(dtype=np.float64),
-        counts=table.X[rows],
-        gene_names=list(table.var_names),
+        counts=table.X[rows][:, columns],
+        gene_names=[table.var_names[i] for i in columns],
         um_per_px=um_per_px,
         scale_source=f"{folder / 'prepare.json'} (sample {sample['sample_id']}: {sample.get('um_per_px_source')})",
         image_size=image_size,
         source=f"expreg.prepare output {folder}, sample {sample['sample_id']}",
+        warnings=warnings,
     )
+
+
+def _sample_genes(table, sample_id: str, folder: Path) -> tuple[set[str], list[str]]:
+    """The genes this sample measured: the file's genes less those prepare recorded as not measured by it."""
+    record = table.uns.get("genes_not_measured")
+    if not isinstance(record, dict):
+        return set(table.var_names), [
+            f"{folder / 'expression.h5ad'} does not record which genes each sample measured (written by an older "
+            "expreg.prepare): genes measured only by other samples count as zeros here; prepare it again to fix"
+        ]
+    missing = record.get(sample_id, [])
+    return set(table.var_names) - {str(g) for g in np.asarray(missing).ravel().tolist()}, []
 
 
 def _from_sample(path: Path, sample_id, spot_diameter_um: float) -> MeasuredSpots:

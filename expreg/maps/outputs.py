@@ -32,7 +32,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def unit(plan) -> str:
-    return UNITS.get(getattr(plan.model.config, "target_transform", None), UNITS[None])
+    return UNITS.get(getattr(plan.model.config, "target_transform", None) or plan.target_transform, UNITS[None])
 
 
 def map_title(plan) -> str:

@@ -29,6 +29,8 @@ logger = logging.getLogger("expreg")
 SCALE_TOLERANCE = 0.02
 UPSAMPLING_WARNING = 1.5
 MIN_SPOTS = 3  # measured spots inside the slide needed for a comparison
+MAX_THUMBNAIL_PX = 8192  # the thumbnail (mask, pictures) is held in memory whole
+MAX_GRID_TILES = 20_000_000  # grid positions (tissue or not) held in memory while choosing tiles
 
 
 class MapError(ValueError):
@@ -135,7 +137,13 @@ def _scale(options: MapOptions, slide: Slide, measured: MeasuredSpots | None) ->
 def _target_transform(options: MapOptions, model) -> str | None:
     if options.measured is None:
         return None
-    kind = options.target_transform or getattr(model.config, "target_transform", None)
+    recorded = getattr(model.config, "target_transform", None)
+    if options.target_transform and recorded and options.target_transform != recorded:
+        raise MapError(
+            f"--target_transform {options.target_transform}: the model records that its targets were "
+            f"{recorded}; the measured counts must be transformed the same way (leave the flag out)"
+        )
+    kind = options.target_transform or recorded
     if kind is None:
         raise MapError(
             "--measured: the model does not record how its targets were made from counts (it was trained on "
@@ -179,8 +187,10 @@ def check_options(options: MapOptions) -> None:
             raise MapError(f"{flag} must be a positive number, got {value}")
     if not 0 <= options.min_tissue <= 1:
         raise MapError(f"--min_tissue must be in [0, 1], got {options.min_tissue}")
-    if options.batch_size < 1 or options.num_workers < 0 or options.thumbnail_px < 64 or options.overview_genes < 1:
-        raise MapError("--batch_size and --overview_genes must be >= 1, --num_workers >= 0, --thumbnail_px >= 64")
+    if options.batch_size < 1 or options.num_workers < 0 or options.overview_genes < 1:
+        raise MapError("--batch_size and --overview_genes must be >= 1, --num_workers >= 0")
+    if not 64 <= options.thumbnail_px <= MAX_THUMBNAIL_PX:
+        raise MapError(f"--thumbnail_px must be in [64, {MAX_THUMBNAIL_PX}], got {options.thumbnail_px}")
     if options.target_transform is not None and options.measured is None:
         raise MapError("--target_transform only applies with --measured")
 
@@ -247,7 +257,13 @@ def _plan_on_slide(options, model, slide, patch, genes, drawn, kind) -> MapPlan:
         thumbnail, tissue = _tissue(options, slide)
     except MaskError as err:
         raise MapError(str(err)) from err
-    grid = make_grid(slide.size, geometry.box_px, stride_um / um_per_px, tissue, options.min_tissue)
+    stride_px = stride_um / um_per_px
+    positions = (slide.size[0] / stride_px + 1) * (slide.size[1] / stride_px + 1)
+    if positions > MAX_GRID_TILES:
+        raise MapError(
+            f"--stride_um {stride_um:g}: {positions:,.0f} grid positions on this slide; choose a larger stride"
+        )
+    grid = make_grid(slide.size, geometry.box_px, stride_px, tissue, options.min_tissue)
     for warning in warnings + (measured.warnings if measured else []):
         logger.warning(warning)
     return MapPlan(

@@ -79,23 +79,34 @@ def _spot_comparison(plan: MapPlan, accelerator):
     return spots, targets[:, measured_cols], predicted[:, measured_cols], metrics
 
 
-def check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """A finished map is replaced only with ``overwrite``; a no-tissue diagnostic folder always may be."""
+def check_out_dir(out_dir: Path, overwrite: bool, inputs=()) -> None:
+    """A finished map is replaced only with ``overwrite``, never one that holds an input; a no-tissue
+    diagnostic folder always may be; the folder beside it must be writable (checked before any work)."""
     from expreg.maps.plan import MapError
 
-    if not out_dir.exists() or overwrite:
-        return
-    if not out_dir.is_dir():
-        raise MapError(f"--out_dir {out_dir} exists and is not a folder")
-    contents = {p.name for p in out_dir.iterdir()}
-    if contents and not contents <= DIAGNOSTIC_FILES:
-        raise MapError(f"--out_dir {out_dir} exists; choose another folder or pass --overwrite")
+    for given in inputs:
+        if given and Path(given).exists() and Path(given).resolve().is_relative_to(out_dir):
+            raise MapError(f"--out_dir {out_dir} holds the input {given}; it would be replaced: choose another folder")
+    if out_dir.exists() and not overwrite:
+        if not out_dir.is_dir():
+            raise MapError(f"--out_dir {out_dir} exists and is not a folder")
+        contents = {p.name for p in out_dir.iterdir()}
+        if contents and not contents <= DIAGNOSTIC_FILES:
+            raise MapError(f"--out_dir {out_dir} exists; choose another folder or pass --overwrite")
+    probe = out_dir.parent / f".{out_dir.name}.probe-{os.getpid()}"
+    try:
+        probe.mkdir(parents=True)
+        probe.rmdir()
+    except OSError as err:
+        raise MapError(f"--out_dir {out_dir}: cannot write beside it ({err.strerror or err})") from err
 
 
 def write_no_tissue(plan: MapPlan, out_dir: Path) -> None:
-    """The thumbnail, the mask and why, so the user can see what was found; then the ``NoTissueError``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs.write_diagnostics(out_dir, plan)
+    """The thumbnail, the mask and why (a folder of their own, replacing ``out_dir``); then the ``NoTissueError``."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    outputs.write_diagnostics(tmp, plan)
     why = {
         "error": "no tile has enough tissue",
         "mask": plan.tissue.source,
@@ -103,7 +114,8 @@ def write_no_tissue(plan: MapPlan, out_dir: Path) -> None:
         "min_tissue": plan.options.min_tissue,
         "tile_um": plan.geometry.patch_um,
     }
-    write_json(out_dir / "no_tissue.json", why)
+    write_json(tmp / "no_tissue.json", why)
+    replace_dir(tmp, out_dir)
     raise NoTissueError(
         f"{plan.slide.path}: no {plan.geometry.patch_um:g} µm tile has {plan.options.min_tissue:.0%} tissue "
         f"({plan.tissue.source}, {plan.tissue.fraction:.2%} of the slide is tissue); see {out_dir}/thumbnail.png and "

@@ -81,8 +81,11 @@ def _clean(raw: np.ndarray, radius: int) -> np.ndarray:
     """Closing, hole filling and the removal of small pieces (module docstring)."""
     from scipy import ndimage
 
-    structure = np.ones((2 * radius + 1, 2 * radius + 1), dtype=bool) if radius > 0 else None
-    mask = ndimage.binary_closing(raw, structure=structure, border_value=0) if structure is not None else raw
+    mask = raw
+    if radius > 0:  # padded with the edge, so tissue running off the slide is not eroded at the border
+        structure = np.ones((2 * radius + 1, 2 * radius + 1), dtype=bool)
+        padded = np.pad(raw, radius, mode="edge")
+        mask = ndimage.binary_closing(padded, structure=structure, border_value=0)[radius:-radius, radius:-radius]
     mask = ndimage.binary_fill_holes(mask)
     labels, count = ndimage.label(mask)
     if count == 0:
@@ -107,6 +110,7 @@ def read_mask(path, shape: tuple[int, int], slide_size: tuple[int, int]) -> Tiss
     """A mask image resized (nearest) to ``shape`` ``(rows, cols)``; it must have the slide's aspect ratio."""
     from PIL import Image, UnidentifiedImageError
 
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # a level-0-sized mask is large, not a bomb
     try:
         with Image.open(path) as image:
             image.load()
@@ -114,6 +118,8 @@ def read_mask(path, shape: tuple[int, int], slide_size: tuple[int, int]) -> Tiss
             grey = image.convert("L")
     except (FileNotFoundError, UnidentifiedImageError, OSError, ValueError) as err:
         raise MaskError(f"--mask {path}: not a readable image ({type(err).__name__}: {err})") from err
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     slide_aspect, mask_aspect = slide_size[0] / slide_size[1], size[0] / size[1]
     if abs(mask_aspect / slide_aspect - 1) > ASPECT_TOLERANCE:
         raise MaskError(
