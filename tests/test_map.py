@@ -140,14 +140,14 @@ def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes, genes) -> None:
         feats.create_dataset("feature_type", data=np.array([b"Gene Expression"] * len(genes)))
 
 
-def make_spaceranger(root: Path, name: str = "S1", seed: int = 3) -> tuple[Path, sp.csr_matrix]:
+def make_spaceranger(root: Path, name: str = "S1", seed: int = 3, genes=MEASURED_GENES) -> tuple[Path, sp.csr_matrix]:
     """``root/name/outs`` and ``root/name/name_fullres.png`` (900 x 580 px): 20 spots of 55 px (1 um/px)."""
     rng = np.random.default_rng(seed)
     barcodes = [f"{name}spot{k}" for k in range(len(SPOTS_XY))]
-    counts = sp.csr_matrix(rng.poisson(rng.uniform(1, 8, len(MEASURED_GENES)), (20, len(MEASURED_GENES))))
+    counts = sp.csr_matrix(rng.poisson(rng.uniform(1, 8, len(genes)), (20, len(genes))))
     outs = root / name / "outs"
     (outs / "spatial").mkdir(parents=True)
-    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, MEASURED_GENES)
+    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes)
     rows = [f"{b},1,{k // 5},{k % 5},{y},{x}" for k, (b, (x, y)) in enumerate(zip(barcodes, SPOTS_XY))]
     (outs / "spatial" / "tissue_positions.csv").write_text("\n".join([HEADER, *rows]) + "\n")
     scalefactors = {"spot_diameter_fullres": 55.0, "tissue_hires_scalef": 0.5}
@@ -738,3 +738,60 @@ def test_a_tile_centre_is_where_prepare_would_centre_a_patch(box):
     assert len(grid) > 50
     for x0, y0, cx, cy in zip(grid.x0, grid.y0, grid.centre_x, grid.centre_y):
         assert patch_box(cx, cy, geometry) == (x0, y0, box, box)
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+def test_a_target_transform_that_contradicts_the_model_is_refused(tmp_path, model_dir, section, capsys):
+    out = tmp_path / "out"
+    args = ["--measured", str(section["prepared"]), "--target_transform", "log1p"]
+    assert main(map_args(model_dir, section["image"], out, *args)) == 2
+    assert "the model records that its targets were log1p_cpm" in capsys.readouterr().err
+    assert nothing_written(out)
+
+
+def test_overwriting_a_map_with_a_slide_without_tissue_leaves_only_the_diagnostics(tmp_path, model_dir, png_slide):
+    out = tmp_path / "out"
+    assert main(map_args(model_dir, png_slide, out, "--um_per_px", "1")) == 0
+    blank = tmp_path / "blank.png"
+    Image.fromarray(glass(500, 400)).save(blank)
+    assert main(map_args(model_dir, blank, out, "--um_per_px", "1", "--overwrite")) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["mask.png", "no_tissue.json", "thumbnail.png"]
+
+
+def test_an_out_dir_that_holds_an_input_is_never_replaced(tmp_path, model_dir, pixels, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    slide = out / "slide.png"
+    Image.fromarray(pixels).save(slide)
+    assert main(map_args(model_dir, slide, out, "--um_per_px", "1", "--overwrite")) == 2
+    assert "holds the input" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["slide.png"]
+
+
+def test_genes_only_another_sample_measured_are_left_out_not_scored_as_zeros(tmp_path, work):
+    """A prepare folder holds the union of its samples' genes: S1's zeros for S2's gene GX are no measurement."""
+    s1, _ = make_spaceranger(tmp_path / "sr", "S1", seed=3)
+    s2, _ = make_spaceranger(tmp_path / "sr", "S2", seed=4, genes=[*MEASURED_GENES, "GX"])
+    (tmp_path / "sheet.csv").write_text(f"sample_id,group_id,path\nS1,P1,{s1}\nS2,P2,{s2}\n")
+    prepare(tmp_path / "sheet.csv", tmp_path / "prepared", Options(patch_um=PATCH_UM, patch_px=PATCH_PX))
+    model = save_model(tmp_path / "gx", genes=[*GENES, "GX"])
+    out = tmp_path / "out"
+    args = ["--measured", str(tmp_path / "prepared"), "--sample_id", "S1"]
+    assert main(map_args(model, s1 / "S1_fullres.png", out, *args, genes=None)) == 0
+    record = json.loads((out / "spot_metrics.json").read_text())
+    assert record["genes_not_measured"] == ["GX"] and record["num_genes"] == len(GENES)
+    assert [r["gene"] for r in record["per_gene"]] == GENES
+    assert (
+        main(map_args(model, s2 / "S2_fullres.png", tmp_path / "out2", *args[:2], "--sample_id", "S2", genes=None))
+        == 0
+    )
+    assert json.loads((tmp_path / "out2" / "spot_metrics.json").read_text())["num_genes"] == len(GENES) + 1
+
+
+def test_tissue_running_off_the_slide_is_not_eroded_at_the_border():
+    thumb = np.full((60, 80, 3), 250, np.uint8)
+    thumb[10:, 40:] = (180, 80, 160)  # tissue to the right and bottom edges
+    mask = detect_tissue(thumb, (1.0, 1.0)).mask
+    assert mask[10:, 40:].all() and not mask[:8].any() and not mask[:, :38].any()
