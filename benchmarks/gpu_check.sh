@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# GPU check (issue 7): bf16 / fp16 mixed-precision training throughput of resnet50 at 224 px
-# through expreg against a bare loop on the same GPU, without and with channels_last, and the
-# data pipeline's images/s with all CPU cores; prints one table. Under 8 minutes on one GPU.
-# Without a CUDA GPU it says so and exits 0.
+# GPU check, one table each:
+#  1. (issue 7) bf16 / fp16 mixed-precision training throughput of resnet50 at 224 px through expreg
+#     against a bare loop on the same GPU, without and with channels_last, and the data pipeline's
+#     images/s with all CPU cores (bench_gpu.py; at most 8 minutes);
+#  2. (issue 14) whole-slide maps: expreg.map's tiles/s against a bare inference_mode loop over the
+#     same tiles already on the GPU, resnet50 at 224 px, 0, 4 and all-core DataLoader workers, on a
+#     synthetic 30,000² px tiled TIFF written once under $TMPDIR (bench_map.py; at most 2.5 minutes).
+# About 10 minutes on one GPU. Without a CUDA GPU it says so and exits 0; a part that fails or
+# runs out of time is named and makes the script exit 1 after the other part has run.
 #
 #   bash benchmarks/gpu_check.sh [extra bench_gpu.py options, e.g. --metadata_csv CSV]
 set -euo pipefail
@@ -14,4 +19,14 @@ if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() el
 fi
 "$PYTHON" -c 'import torch; print("gpu_check:", torch.cuda.get_device_name(0), "| torch", torch.__version__, "| CUDA", torch.version.cuda)'
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-exec timeout 480 "$PYTHON" benchmarks/bench_gpu.py "$@"
+failed=""
+echo "gpu_check: 1. mixed-precision training (bench_gpu.py)"
+timeout 480 "$PYTHON" benchmarks/bench_gpu.py "$@" || failed="$failed bench_gpu.py(exit $?)"
+echo "gpu_check: 2. whole-slide map (bench_map.py)"
+timeout 150 "$PYTHON" benchmarks/bench_map.py --device cuda --backbone resnet50 --image_size 224 \
+    --batch_size 256 --size 30000 --tissue_fraction 0.2 --workers 0 4 "$(nproc)" --repeats 2 \
+    --draw_genes 4 --skip_rss --work_dir "${TMPDIR:-/tmp}/expreg-gpu-check" || failed="$failed bench_map.py(exit $?)"
+if [ -n "$failed" ]; then
+    echo "gpu_check: failed (exit 124 = timed out):$failed"
+    exit 1
+fi

@@ -78,3 +78,24 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu():
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert all(float(c) > 0 for c in cells[2:])
     assert "data pipeline alone" in result.stdout
+
+
+@pytest.mark.slow
+def test_map_benchmark_runs_end_to_end_in_quick_mode(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_map.py"), "--quick", "--work_dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "pixels: SlideTiles == cut_box" in out
+    ratios = [float(line.split("= ")[1].split()[0]) for line in out.splitlines() if " / bare = " in line]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)  # 0 and 1 workers
+    assert "peak RSS of python -m expreg.map, one level" in out
+    assert all(
+        any(f.name.startswith(f"map_10000px_tissue0.1_{kind}") for f in tmp_path.iterdir())
+        for kind in ("pyramid", "onelevel")
+    )

@@ -38,7 +38,7 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
     config, options = plan.model.config, plan.options
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
     tiles = SlideTiles(
-        plan.slide.path, x0, y0, plan.geometry.box_px, plan.geometry.patch_px, plan.level, transform, names
+        plan.slide.path, x0, y0, plan.geometry.box_px, plan.geometry.patch_px, plan.level, transform, names, plan.slide
     )
     loader = DataLoader(tiles, batch_size=options.batch_size, num_workers=options.num_workers)
     normalised = predict_loader(plan.model, loader, accelerator, tta=options.tta, desc=desc)
