@@ -101,6 +101,7 @@ def main(argv=None) -> int:
         if problem:
             raise MapError(problem)
         summary = make_map(plan, accelerator)
+        accelerator.end_training()  # every rank: ends the process group before exit (no teardown abort)
     except (MapError, TileReadError) as err:
         from expreg.data import error_message
 

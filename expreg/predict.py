@@ -109,6 +109,7 @@ def main(argv=None) -> int:
     except UnreadableImageError as err:
         print(f"expreg-predict: error: {error_message(err)}", file=sys.stderr)
         return 2
+    accelerator.end_training()  # every rank: ends the process group before exit (no teardown abort)
     if not accelerator.is_main_process:
         return 0
     genes = list(model.config.gene_names)

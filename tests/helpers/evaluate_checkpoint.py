@@ -55,6 +55,7 @@ def main() -> None:
                 }
             )
         )
+    accelerator.end_training()  # end the process group before exit: a teardown at exit can abort under load
 
 
 if __name__ == "__main__":
