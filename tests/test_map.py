@@ -12,12 +12,12 @@ import os
 import subprocess
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
 import tifffile
+from helpers.spaceranger import write_10x_h5
 from PIL import Image
 
 from expreg.data.expression import transform_counts
@@ -126,20 +126,6 @@ def write_slide(kind: str, path_stem: Path, pixels: np.ndarray) -> Path:
     return path
 
 
-def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes, genes) -> None:
-    with h5py.File(path, "w") as f:
-        g = f.create_group("matrix")
-        g.create_dataset("barcodes", data=np.array([b.encode() for b in barcodes]))
-        g.create_dataset("data", data=counts.data.astype(np.int32))
-        g.create_dataset("indices", data=counts.indices.astype(np.int64))
-        g.create_dataset("indptr", data=counts.indptr.astype(np.int64))
-        g.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
-        feats = g.create_group("features")
-        feats.create_dataset("id", data=np.array([f"ID{n}".encode() for n in genes]))
-        feats.create_dataset("name", data=np.array([n.encode() for n in genes]))
-        feats.create_dataset("feature_type", data=np.array([b"Gene Expression"] * len(genes)))
-
-
 def make_spaceranger(root: Path, name: str = "S1", seed: int = 3, genes=MEASURED_GENES) -> tuple[Path, sp.csr_matrix]:
     """``root/name/outs`` and ``root/name/name_fullres.png`` (900 x 580 px): 20 spots of 55 px (1 um/px)."""
     rng = np.random.default_rng(seed)
@@ -147,7 +133,7 @@ def make_spaceranger(root: Path, name: str = "S1", seed: int = 3, genes=MEASURED
     counts = sp.csr_matrix(rng.poisson(rng.uniform(1, 8, len(genes)), (20, len(genes))))
     outs = root / name / "outs"
     (outs / "spatial").mkdir(parents=True)
-    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes)
+    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes)
     rows = [f"{b},1,{k // 5},{k % 5},{y},{x}" for k, (b, (x, y)) in enumerate(zip(barcodes, SPOTS_XY))]
     (outs / "spatial" / "tissue_positions.csv").write_text("\n".join([HEADER, *rows]) + "\n")
     scalefactors = {"spot_diameter_fullres": 55.0, "tissue_hires_scalef": 0.5}

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from helpers.spaceranger import write_10x_h5
 from PIL import Image
 
 from expreg.data.h5ad import read_h5ad
@@ -33,21 +34,6 @@ def _image(size: tuple[int, int], seed: int) -> np.ndarray:
     return rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
 
 
-def _write_10x_h5(path: Path, counts: sp.csr_matrix, barcodes, genes, kinds=None) -> None:
-    with h5py.File(path, "w") as f:
-        g = f.create_group("matrix")
-        g.create_dataset("barcodes", data=np.array([b.encode() for b in barcodes]))
-        g.create_dataset("data", data=counts.data.astype(np.int32))
-        g.create_dataset("indices", data=counts.indices.astype(np.int64))
-        g.create_dataset("indptr", data=counts.indptr.astype(np.int64))
-        g.create_dataset("shape", data=np.array([counts.shape[1], counts.shape[0]], dtype=np.int32))
-        feats = g.create_group("features")
-        feats.create_dataset("id", data=np.array([f"ID{n}".encode() for n in genes]))
-        feats.create_dataset("name", data=np.array([n.encode() for n in genes]))
-        kinds = kinds or ["Gene Expression"] * len(genes)
-        feats.create_dataset("feature_type", data=np.array([k.encode() for k in kinds]))
-
-
 def make_sample(root: Path, name: str, seed: int = 0, genes=None, size=(240, 200), spot_px=55.0, outside=0) -> Path:
     """``root/name/outs`` + ``root/name/name_fullres.png``: 20 spots on a grid (``outside`` of them near
     the border, so that their patch leaves the image); 55-px spots, so 1 um/px with 55 um spots."""
@@ -60,7 +46,7 @@ def make_sample(root: Path, name: str, seed: int = 0, genes=None, size=(240, 200
     counts = sp.csr_matrix(rng.poisson(3.0, (20, len(genes))).astype(np.int32))
     outs = root / name / "outs"
     (outs / "spatial").mkdir(parents=True)
-    _write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes)
+    write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes)
     rows = [f"{b},1,{k // 5},{k % 5},{y},{x}" for k, (b, (x, y)) in enumerate(zip(barcodes, xy))]
     (outs / "spatial" / "tissue_positions.csv").write_text("\n".join([HEADER, *rows]) + "\n")
     scalefactors = {"spot_diameter_fullres": spot_px, "tissue_hires_scalef": 0.5}
@@ -402,7 +388,7 @@ def test_features_that_are_not_genes_are_left_out(tmp_path):
         )
         barcodes = [b.decode() for b in f["matrix/barcodes"][...]]
     kinds = ["Gene Expression", "Gene Expression", "Antibody Capture", "Gene Expression"]
-    _write_10x_h5(matrix, counts.T.tocsr(), barcodes, ["G0", "G1", "CD3-protein", "G2"], kinds)
+    write_10x_h5(matrix, counts.T.tocsr(), barcodes, ["G0", "G1", "CD3-protein", "G2"], kinds)
     section = read_section(root, "S1")
     assert section.gene_names == ["G0", "G1", "G2"] and section.counts.shape == (20, 3)
     assert any("left out 1 feature(s) that are not genes (Antibody Capture)" in w for w in section.warnings)

@@ -84,6 +84,7 @@ class MapPlan:
     measured: MeasuredSpots | None = None
     target_transform: str | None = None
     warnings: list[str] = field(default_factory=list)
+    spot_rows: np.ndarray | None = None  # the measured spots whose patch lies inside the slide
 
 
 def _model_geometry(model, source: str) -> tuple[float, int]:
@@ -231,22 +232,23 @@ def spots_inside(measured: MeasuredSpots, slide_size, geometry: PatchGeometry) -
     return np.array([i for i, box in enumerate(boxes) if inside(slide_size, box)], dtype=np.int64)
 
 
-def _check_spots_inside(measured: MeasuredSpots, slide: Slide, geometry: PatchGeometry) -> None:
-    kept = len(spots_inside(measured, slide.size, geometry))
+def _spots_inside_or_error(measured: MeasuredSpots, slide: Slide, geometry: PatchGeometry) -> np.ndarray:
+    rows = spots_inside(measured, slide.size, geometry)
+    kept = len(rows)
     if kept < MIN_SPOTS:
         raise MapError(
             f"--measured {measured.source}: only {kept} of {len(measured.x_px)} spots have their "
             f"{geometry.patch_um:g} µm patch inside the {slide.size[0]} x {slide.size[1]} px slide (at "
             f"{geometry.um_per_px:.4g} µm/px); at least {MIN_SPOTS} are needed to compare"
         )
+    return rows
 
 
 def _plan_on_slide(options, model, slide, patch, genes, drawn, kind) -> MapPlan:
     measured = _measured(options, slide, genes)
     um_per_px, source, warnings = _scale(options, slide, measured)
     geometry = PatchGeometry(patch[0], patch[1], um_per_px)
-    if measured is not None:
-        _check_spots_inside(measured, slide, geometry)
+    spot_rows = _spots_inside_or_error(measured, slide, geometry) if measured is not None else None
     stride_um = options.stride_um or patch[0]
     upsampling = um_per_px / (patch[0] / patch[1])
     if upsampling > UPSAMPLING_WARNING:
@@ -282,4 +284,5 @@ def _plan_on_slide(options, model, slide, patch, genes, drawn, kind) -> MapPlan:
         measured,
         kind,
         warnings,
+        spot_rows,
     )

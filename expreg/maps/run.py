@@ -21,7 +21,7 @@ from expreg.evaluation.metrics import compute_metrics
 from expreg.inference import predict_loader
 from expreg.ingest.patches import patch_box
 from expreg.maps import outputs
-from expreg.maps.plan import MapPlan, NoTissueError, spots_inside
+from expreg.maps.plan import MapPlan, NoTissueError
 from expreg.maps.tiles import SlideTiles
 from expreg.run_dir import remove_abandoned_tmp, replace_dir, write_json
 
@@ -48,7 +48,7 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
 def _measured_spots(plan: MapPlan) -> dict:
     """The measured spots whose patch lies inside the slide (as prepare keeps them; at least 3, checked by the plan)."""
     spots = plan.measured
-    keep = spots_inside(spots, plan.slide.size, plan.geometry)
+    keep = plan.spot_rows
     boxes = [patch_box(spots.x_px[i], spots.y_px[i], plan.geometry) for i in keep]
     return {
         "rows": keep,
