@@ -18,6 +18,8 @@ import yaml
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 HEADS = ("linear", "mlp")
+POOLINGS = ("avg", "cls", "cls+mean")  # expreg.modeling.encoders
+TRAIN_MODES = ("finetune", "frozen", "linear_probe")
 DEMO_DATA = "demo"
 TARGET_TRANSFORMS = ("log1p_cpm", "log1p", "none")  # expreg.data.expression
 
@@ -94,9 +96,11 @@ class ModelConfig:
     head: str = "linear"
     head_hidden_dim: int = 256
     dropout: float = 0.0
+    pooling: str = "avg"  # avg, cls (a ViT's class token) or cls+mean (both, as Virchow2)
 
     def __post_init__(self) -> None:
         _check_choice("model.head", self.head, HEADS)
+        _check_choice("model.pooling", self.pooling, POOLINGS)
         _check_positive("model.head_hidden_dim", self.head_hidden_dim)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -139,7 +143,7 @@ class TrainConfig:
                 f"train.max_grad_norm must be a finite number > 0, or null for no clipping; got {self.max_grad_norm}"
             )
         _check_choice("train.nonfinite_loss_policy", self.nonfinite_loss_policy, ("fail", "skip"))
-        _check_choice("train.mode", self.mode, ("finetune", "linear_probe"))
+        _check_choice("train.mode", self.mode, TRAIN_MODES)
         if self.push_to_hub and not self.hub_model_id:
             raise ConfigError("train.push_to_hub needs train.hub_model_id (e.g. my-org/expreg-model)")
         for name in ("checkpointing_steps", "early_stopping_patience", "max_steps_per_epoch", "stop_after_steps"):
@@ -166,6 +170,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.train.mode == "linear_probe" and self.model.head != "linear":
             raise ConfigError("train.mode=linear_probe fits a linear head: set model.head=linear")
+        if self.train.mode == "frozen" and (self.data.color_jitter or self.data.hed_jitter):
+            raise ConfigError(
+                "train.mode=frozen trains on embeddings computed once: colour and stain jitter cannot be applied to "
+                "them; set data.color_jitter=0 and data.hed_jitter=0 (data.augment_dihedral is supported)"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -50,3 +50,11 @@ def fmt_mean_std_of_all(values, missing: str = "n/a") -> str:
     if not values or any(is_missing(v) for v in values):
         return missing
     return fmt_mean_std(*mean_std(values))
+
+
+def fmt_bytes(count: float) -> str:
+    """``2_600_000`` -> ``"2.6 MB"`` (decimal units, as disk sizes are sold)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"

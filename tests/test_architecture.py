@@ -1,8 +1,8 @@
 """The package's shape, checked from its source (no imports run): layers, import circles, sizes.
 
 Layers, bottom to top; a module imports only modules of its own layer or below (README, Layout):
-base (config, run_dir, seeding, formatting, progress) < data/ < ingest/ < modeling/ < inference < evaluation/ <
-maps/ < training/ < commands (run_regression.py, expreg/<command>.py and the documented re-export paths).
+base (config, run_dir, seeding, formatting, progress) < data/ < ingest/ < modeling/ < inference, embeddings <
+evaluation/ < maps/ < training/ < commands (run_regression.py, expreg/<command>.py and the documented re-export paths).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ LAYERS = {
     "ingest": 2,
     "modeling": 3,
     "inference": 4,
+    "embeddings": 4,
     "evaluation": 5,
     "maps": 6,
     "training": 7,
@@ -32,7 +33,7 @@ COMMANDS = {
         for name in ("splits", "predict", "prepare", "map", "cv", "aggregate", "plots", "hub", "model", "metrics")
     ),
 }
-ACCELERATE_ALLOWED = {"training", "inference", "commands"}
+ACCELERATE_ALLOWED = {"training", "inference", "embeddings", "commands"}
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 

@@ -108,8 +108,8 @@ def test_backbone_weights_from_a_save_pretrained_folder(tmp_path):
     for key, value in source.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value), key
     assert model.head.out_features == 3  # only the backbone is taken
-    with pytest.raises(RuntimeError, match="does not match 'test_vit'"):
-        build_model("test_vit", 3, pretrained_path=str(tmp_path / "saved"))
+    other = build_model("test_vit", 3, pretrained_path=str(tmp_path / "saved"))  # the folder names the encoder
+    assert other.config.backbone == "test_resnet" and other.config.backbone_config["architecture"] == "test_resnet"
     (tmp_path / "empty").mkdir()
     with pytest.raises(RuntimeError, match="not a save_pretrained folder"):
         build_model("test_resnet", 3, pretrained_path=str(tmp_path / "empty"))

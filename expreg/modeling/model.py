@@ -13,13 +13,16 @@ keeps timm's own initialisation and ``_init_weights`` only rebuilds non-persiste
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
+
+from expreg.modeling.encoders import ModelError, check_pooling, create_backbone, pool, pooled_features
+
+__all__ = ["ExpRegConfig", "ExpRegModel", "ExpRegOutput", "ModelError", "build_model", "create_backbone"]
 
 
 class ExpRegConfig(PretrainedConfig):
@@ -44,6 +47,13 @@ class ExpRegConfig(PretrainedConfig):
         target_transform: How the targets were made from raw counts (``"log1p_cpm"``, ``"log1p"``,
             ``"none"``) when training computed them from an expression file; None: unknown (targets
             given in a CSV). ``expreg.map --measured`` transforms measured counts the same way.
+        backbone_config: What rebuilds the backbone with no network (``expreg.modeling.encoders``):
+            ``{"architecture", "model_args", "pretrained_cfg"}``; None in models saved before it existed.
+        pooling: ``"avg"``, ``"cls"`` or ``"cls+mean"`` (``expreg.modeling.encoders.pool``); None: the
+            backbone's own timm pooling (models saved before it existed).
+        image_interpolation: The encoder's own resize interpolation (from its ``pretrained_cfg``), recorded
+            for reference; expreg resizes bilinearly, and not at all when the patches have the input size.
+        encoder_source: Where the encoder's weights came from (a timm name, ``hf-hub:`` id or local folder).
     """
 
     model_type = "expreg"
@@ -64,6 +74,10 @@ class ExpRegConfig(PretrainedConfig):
         patch_um: float | None = None,
         patch_px: int | None = None,
         target_transform: str | None = None,
+        backbone_config: dict | None = None,
+        pooling: str | None = None,
+        image_interpolation: str | None = None,
+        encoder_source: str | None = None,
         **kwargs,
     ) -> None:
         self.backbone = backbone
@@ -80,6 +94,10 @@ class ExpRegConfig(PretrainedConfig):
         self.patch_um = patch_um
         self.patch_px = patch_px
         self.target_transform = target_transform
+        self.backbone_config = backbone_config
+        self.pooling = pooling
+        self.image_interpolation = image_interpolation
+        self.encoder_source = encoder_source
         for name in ("gene_names", "target_mean", "target_std"):
             if len(getattr(self, name)) != num_genes:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for num_genes={num_genes}")
@@ -100,84 +118,6 @@ class ExpRegOutput(ModelOutput):
     predictions: torch.FloatTensor | None = None
 
 
-class ModelError(RuntimeError):
-    """A backbone or its weights cannot be created or loaded (unknown name, offline, bad file)."""
-
-
-def _create_timm_model(name: str, image_size: int, **kwargs) -> nn.Module:
-    """``timm.create_model``, built for ``image_size`` where the architecture has a fixed input size (ViTs)."""
-    import timm
-
-    try:
-        return timm.create_model(name, img_size=image_size, **kwargs)
-    except TypeError as err:  # most CNNs take any input size and have no img_size argument
-        if "img_size" not in str(err):
-            raise
-    return timm.create_model(name, **kwargs)
-
-
-def create_backbone(config: ExpRegConfig, pretrained: bool = False, pretrained_path: str | None = None) -> nn.Module:
-    """A headless timm backbone (``num_classes=0``: pooled features) for ``config.image_size`` inputs.
-
-    Raises:
-        ModelError: Unknown backbone, or pretrained weights that cannot be obtained (e.g.
-            offline), with what to do.
-    """
-    import timm
-
-    if pretrained_path is not None and Path(pretrained_path).is_dir():
-        return _backbone_from_saved_model(config, Path(pretrained_path))
-    kwargs: dict = {"num_classes": 0}
-    if pretrained_path is not None:
-        kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
-        pretrained = True
-    try:
-        return _create_timm_model(config.backbone, config.image_size, pretrained=pretrained, **kwargs)
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ModelError(
-                f"unknown timm backbone {config.backbone!r} (timm {timm.__version__}); "
-                "see timm.list_models() for names"
-            ) from err
-        if not pretrained:
-            raise
-        raise _weights_error(config.backbone, pretrained_path, err) from err
-    except (OSError, ValueError) as err:  # hub offline / unreachable, missing local file
-        if not pretrained:
-            raise
-        raise _weights_error(config.backbone, pretrained_path, err) from err
-
-
-def _backbone_from_saved_model(config: ExpRegConfig, folder: Path) -> nn.Module:
-    """The backbone weights of an expreg ``save_pretrained`` folder (e.g. another run's checkpoints/best)."""
-    from safetensors.torch import load_file
-
-    weights_file = folder / "model.safetensors"
-    if not weights_file.is_file():
-        raise ModelError(f"{folder}: not a save_pretrained folder (no model.safetensors)")
-    prefix = "backbone."
-    state = {k[len(prefix) :]: v for k, v in load_file(str(weights_file)).items() if k.startswith(prefix)}
-    if not state:
-        raise ModelError(f"{weights_file}: no backbone weights (keys starting with {prefix!r})")
-    backbone = _create_timm_model(config.backbone, config.image_size, pretrained=False, num_classes=0)
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ModelError(
-            f"{weights_file}: its backbone does not match {config.backbone!r}: {str(err).splitlines()[0]}"
-        ) from err
-    return backbone
-
-
-def _weights_error(backbone: str, path: str | None, err: Exception) -> ModelError:
-    if path is not None:
-        return ModelError(f"could not load local weights {path} for backbone {backbone!r}: {err}")
-    return ModelError(
-        f"could not fetch pretrained weights for {backbone!r} ({type(err).__name__}: {err}). Without network "
-        "access, set model.pretrained_path=/path/to/weights (a timm checkpoint file) or model.pretrained=false."
-    )
-
-
 class ExpRegPreTrainedModel(PreTrainedModel):
     config_class = ExpRegConfig
     base_model_prefix = "expreg"
@@ -196,7 +136,8 @@ class ExpRegModel(ExpRegPreTrainedModel):
     def __init__(self, config: ExpRegConfig, backbone: nn.Module | None = None) -> None:
         super().__init__(config)
         self.backbone = backbone if backbone is not None else create_backbone(config)
-        features = self.backbone.num_features
+        check_pooling(self.backbone, config.pooling)
+        features = pooled_features(self.backbone, config.pooling)
         self.dropout = nn.Dropout(config.dropout)
         if config.head == "mlp":
             self.head = nn.Sequential(
@@ -219,7 +160,15 @@ class ExpRegModel(ExpRegPreTrainedModel):
         Returns:
             ``ExpRegOutput`` with ``predictions`` and, given labels, ``loss`` (MSE, computed in float32).
         """
-        predictions = self.head(self.dropout(self.backbone(pixel_values)))
+        return self.forward_head(self.embed(pixel_values), labels)
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The pooled encoder embedding ``(batch_size, features)`` that the head reads."""
+        return pool(self.backbone, pixel_values, self.config.pooling)
+
+    def forward_head(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> ExpRegOutput:
+        """The head on embeddings (``embed``'s output): what ``train.mode=frozen`` trains on cached embeddings."""
+        predictions = self.head(self.dropout(features))
         loss = None
         if labels is not None:
             loss = nn.functional.mse_loss(predictions.float(), labels.float())
@@ -247,15 +196,31 @@ def build_model(
     pretrained_path: str | None = None,
     **config_kwargs,
 ) -> ExpRegModel:
-    """A new model for training; loads pretrained backbone weights when asked."""
+    """A new model for training; loads pretrained backbone weights when asked.
+
+    The config records what rebuilds the backbone offline (``backbone_config``) and, unless given,
+    the encoder's own preprocessing (mean, std, interpolation from timm's data config).
+    """
+    import timm
+
     config = ExpRegConfig(backbone=backbone, num_genes=num_genes, **config_kwargs)
     backbone_module = create_backbone(config, pretrained, pretrained_path)
-    if "image_mean" not in config_kwargs:  # the backbone's own normalisation, from timm's data config
-        import timm
-
-        data_config = timm.data.resolve_model_data_config(backbone_module)
+    spec = backbone_module.expreg_spec
+    config.backbone_config = spec
+    config.backbone = spec["architecture"] if _is_path_source(backbone, pretrained_path) else backbone
+    config.encoder_source = str(pretrained_path) if pretrained_path is not None else backbone
+    data_config = timm.data.resolve_model_data_config(backbone_module)
+    if "image_mean" not in config_kwargs:  # the backbone's own normalisation
         config.image_mean, config.image_std = list(data_config["mean"]), list(data_config["std"])
+    config.image_interpolation = data_config.get("interpolation")
     return ExpRegModel(config, backbone=backbone_module)
+
+
+def _is_path_source(backbone: str, pretrained_path: str | None) -> bool:
+    """A local folder names the encoder: the config records its architecture, not the path."""
+    from pathlib import Path
+
+    return backbone.startswith("local-dir:") or (pretrained_path is not None and Path(pretrained_path).is_dir())
 
 
 AutoConfig.register("expreg", ExpRegConfig)

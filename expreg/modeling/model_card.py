@@ -102,6 +102,11 @@ def _training_method(t: dict) -> str:
             "linear probe: frozen backbone embeddings -> standardise -> PCA -> ridge (strength by inner "
             "group k-fold on the training groups), stored as the linear head"
         )
+    if t.get("mode") == "frozen":
+        return (
+            f"frozen encoder: the head trained on cached embeddings (computed once, encoder unchanged) with AdamW, "
+            f"lr {t['lr']}, weight decay {t['weight_decay']}, cosine schedule, warmup {t['warmup_ratio']}"
+        )
     return (
         f"fine-tuning with AdamW, lr {t['lr']}, weight decay {t['weight_decay']}, cosine schedule, "
         f"warmup {t['warmup_ratio']}"

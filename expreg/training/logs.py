@@ -48,6 +48,12 @@ def log_start(trainer, batches_per_epoch: int, total_steps: int) -> None:
     if cfg.train.mode == "linear_probe":
         logger.info(f"mode linear_probe: frozen {cfg.model.backbone} embeddings -> standardise -> PCA -> ridge")
     else:
+        if cfg.train.mode == "frozen":
+            logger.info(f"mode frozen: {cfg.model.backbone} embeddings cached, the {cfg.model.head} head trains")
+            for store in data.embedding_stores:
+                logger.info(
+                    f"embedding store: {store.folder} ({len(store):,} images x {store.num_features:,} features)"
+                )
         logger.info(
             f"effective batch size {effective} = {cfg.data.batch_size} (micro) x {cfg.train.grad_accum_steps} "
             f"(accumulation) x {world} (processes); {batches_per_epoch} batches per process per epoch, "

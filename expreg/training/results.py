@@ -148,6 +148,10 @@ def score_best(t, max_batches: int | None) -> dict:
     accelerator, data = t.accelerator, t.data
     accelerator.wait_for_everyone()  # the main process wrote checkpoints/best
     model = ExpRegModel.from_pretrained(t.run_dir / "checkpoints" / "best")
+    if t.cfg.train.mode == "frozen":  # its loaders hold the embeddings its saved encoder made
+        from expreg.training.frozen import FrozenHead
+
+        model = FrozenHead(model)
     scores = {}
     for split in ("validation", "test"):
         if split not in data.datasets:

@@ -52,6 +52,7 @@ class RunData:
     loaders: dict = field(default_factory=dict)
     gene_choice: object = None  # expreg.data.expression.GeneChoice when the genes were chosen here
     patch_px: int | None = None  # side of the patch files (from prepare.json), when known
+    embedding_stores: list = field(default_factory=list)  # train.mode=frozen: the stores its loaders read
 
 
 def setup_data(cfg: RunConfig, accelerator) -> RunData:
@@ -138,6 +139,7 @@ def setup_model(cfg: RunConfig, gene_names: list[str], target_stats, patch_px: i
         head=m.head,
         head_hidden_dim=m.head_hidden_dim,
         dropout=m.dropout,
+        pooling=m.pooling,
         gene_names=gene_names,
         target_mean=target_stats.mean.tolist(),
         target_std=target_stats.std.tolist(),

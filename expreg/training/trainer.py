@@ -36,6 +36,7 @@ from expreg.run_dir import (
 )
 from expreg.seeding import seed_everything
 from expreg.training import checkpoint, results
+from expreg.training.frozen import FrozenHead, setup_frozen_loaders
 from expreg.training.interrupts import (
     Interrupted,
     StopRequested,
@@ -120,8 +121,11 @@ class Trainer:
         self.data = setup_data(cfg, accelerator)
         data_warning = self._check_resume_data()
         self.model = setup_model(cfg, self.data.gene_names, self.data.target_stats, self.data.patch_px)
-        image_cache = setup_image_cache(cfg, self.data, accelerator, self.dry_run)
-        self.data.loaders = setup_loaders(cfg, self.data, self.model, accelerator.num_processes, image_cache)
+        if cfg.train.mode == "frozen":  # every image embedded once, before the run directory exists
+            self.data.loaders = setup_frozen_loaders(cfg, self.data, self.model, accelerator)
+        else:
+            image_cache = setup_image_cache(cfg, self.data, accelerator, self.dry_run)
+            self.data.loaders = setup_loaders(cfg, self.data, self.model, accelerator.num_processes, image_cache)
         self.run_dir = setup_run_dir(cfg, accelerator, self.resume_from, self.dry_run)
         write_run_files(cfg, self.data, self.run_dir, accelerator.is_main_process)
         if data_warning:
@@ -137,8 +141,8 @@ class Trainer:
     def _setup_optimization(self) -> None:
         """AdamW and the cosine schedule, prepared with accelerate; the state of ``resume_from``; trackers."""
         cfg, accelerator = self.cfg, self.accelerator
-        model = self.model
-        if cfg.train.channels_last:
+        model = FrozenHead(self.model) if cfg.train.mode == "frozen" else self.model  # frozen: only the head trains
+        if cfg.train.channels_last and cfg.train.mode != "frozen":
             model = model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.model, self.optimizer, self.train_dl, self.val_dl = accelerator.prepare(

@@ -1,0 +1,150 @@
+"""``train.mode=frozen``: the head trained on cached encoder embeddings by the same loop as fine-tuning.
+
+The encoder (``model.backbone``, any timm name, ``hf-hub:`` id or local foundation-model folder,
+``model.pooling``) never changes, so every image is embedded once, into the embedding store
+(``expreg.embeddings``), before the run directory exists; the loop then trains the head
+(``FrozenHead``: the model's dropout and linear or MLP head, shared with it) on rows of that
+store, with the same optimizer, schedule, early stopping, checkpoints, exact resume and
+several-process sharding as fine-tuning. ``checkpoints/best`` is a complete ``ExpRegModel``
+(encoder + head), which ``expreg.predict`` and ``expreg.map`` use on images unchanged.
+
+Augmentation: with ``data.augment_dihedral=true`` the training images are embedded in all 8
+dihedral views (8 stores) and each epoch uses a seeded view per sample; evaluation uses the
+image as it is. Colour and stain jitter cannot be cached (``RunConfig`` refuses them).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from expreg.data import image_files
+from expreg.embeddings import NUM_VIEWS, ensure_embeddings
+
+logger = logging.getLogger("expreg")
+
+
+class FrozenHead(nn.Module):
+    """The trainable part of an ``ExpRegModel`` on embeddings: ``forward(pixel_values=embeddings, labels)``.
+
+    Holds the model's own ``dropout`` and ``head`` modules (training this trains the model's head);
+    ``config``, ``to_expression`` and ``save_pretrained`` are the full model's.
+    """
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.dropout = model.dropout
+        self.head = model.head
+        object.__setattr__(self, "full_model", model)  # not a submodule: its encoder is not trained or checkpointed
+
+    @property
+    def config(self):
+        return self.full_model.config
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        return self.full_model.forward_head(pixel_values, labels)
+
+    def to_expression(self, predictions):
+        return self.full_model.to_expression(predictions)
+
+    def save_pretrained(self, *args, **kwargs):
+        return self.full_model.save_pretrained(*args, **kwargs)
+
+
+class EmbeddingRows:
+    """A map-style dataset of a split's embedding rows, fetched a batch at a time (``__getitems__``).
+
+    Yields the batches the training loop expects: ``pixel_values`` (the embeddings), normalised
+    ``labels``, ``path`` and ``skipped`` (always 0: every image was embedded).
+    """
+
+    def __init__(self, views: list[np.ndarray], labels: np.ndarray, paths: list[str], seed: int) -> None:
+        self.views, self.labels, self.paths, self.seed = views, labels.astype(np.float32), paths, seed
+        self.epoch_views = np.zeros(len(paths), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The view of each sample in ``epoch`` (seeded; all 0 with one view)."""
+        from expreg.seeding import derive_seed
+
+        if len(self.views) > 1:
+            rng = np.random.default_rng(derive_seed(self.seed, epoch, "frozen-views"))
+            self.epoch_views = rng.integers(0, len(self.views), size=len(self.paths))
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        index = np.asarray(indices, dtype=np.int64)
+        rows = np.empty((len(index), self.views[0].shape[1]), dtype=np.float32)
+        for view in np.unique(self.epoch_views[index]):
+            chosen = self.epoch_views[index] == view
+            rows[chosen] = self.views[view][index[chosen]]
+        return {
+            "pixel_values": torch.from_numpy(rows),
+            "labels": torch.from_numpy(self.labels[index]),
+            "path": [self.paths[i] for i in index],
+            "skipped": 0,
+        }
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])
+
+
+def _as_batch(batch: dict) -> dict:
+    return batch
+
+
+def setup_frozen_loaders(cfg, data, model, accelerator) -> dict:
+    """Embed every split's images into the store (all processes share the work), then the loaders.
+
+    Returns:
+        The loaders ``build_dataloaders`` would return (``train``, ``validation``, ``test``,
+        ``train_sampler``, ``train_transform``), over embedding rows.
+    """
+    from torch.utils.data import DataLoader
+
+    from expreg.data.loaders import EpochBatchSampler
+
+    d = cfg.data
+    everything = [p for part in data.datasets.values() for p in image_files(part)]
+    store = _store(cfg, model, everything, 0, accelerator)
+    data.embedding_stores.append(store)
+    loaders: dict = {}
+    for name, part in data.datasets.items():
+        files = image_files(part)
+        views = [store.get(files)]
+        if name == "train" and d.augment_dihedral:
+            stores = [_store(cfg, model, files, v, accelerator) for v in range(1, NUM_VIEWS)]
+            data.embedding_stores += stores
+            views += [s.get(files) for s in stores]
+        labels = data.target_stats.normalize(np.asarray(part["labels"], dtype=np.float32))
+        rows = EmbeddingRows(views, labels, list(part["path"]), cfg.seed)
+        if name == "train":
+            sampler = EpochBatchSampler(len(rows), d.batch_size, cfg.seed, accelerator.num_processes)
+            loaders["train"] = DataLoader(rows, batch_sampler=sampler, collate_fn=_as_batch)
+            loaders["train_sampler"], loaders["train_transform"] = sampler, rows
+        else:
+            batch = d.eval_batch_size or d.batch_size
+            loaders[name] = DataLoader(rows, batch_size=batch, shuffle=False, collate_fn=_as_batch)
+    return loaders
+
+
+def _store(cfg, model, files: list[str], view: int, accelerator):
+    if view == 1:
+        logger.info(
+            "data.augment_dihedral=true: the training images are embedded in all 8 dihedral views (8x the "
+            "embedding time, once); set data.augment_dihedral=false to embed each image once"
+        )
+    return ensure_embeddings(
+        model,
+        files,
+        view=view,
+        accelerator=accelerator,
+        cache_root=cfg.data.image_cache_dir,
+        batch_size=cfg.data.eval_batch_size or max(cfg.data.batch_size, 64),
+        num_workers=cfg.data.num_workers,
+        progress=accelerator.is_local_main_process,
+    )
