@@ -1,9 +1,14 @@
-"""python -m expreg.cv RECIPE [--n_folds K] [--methods M,...] [--out_dir DIR] [section.key=value ...]
+"""python -m expreg.cv RECIPE [--n_folds K | --hest_task DIR] [--methods M,...] [--out_dir DIR] [section.key=value ...]
 
 Patient-level cross-validation in one command (machinery: ``expreg.evaluation.cv``), e.g.
 
     python -m expreg.cv recipes/her2st.yaml data.metadata_csv=../shared/data/her2st_dev/metadata.csv
     python -m expreg.cv recipes/demo.yaml --n_folds 4 --methods finetune,ridge,mean
+    python -m expreg.cv recipes/her2st.yaml --hest_task bench_data/IDC --methods linear_probe,ridge,mean
+
+``--hest_task`` runs on a HEST-Benchmark task folder instead of the recipe's data: its samples,
+its folds (``splits/test_<i>.csv``) and its targets (log1p of the counts of its genes), read by
+``expreg.ingest.hest_bench`` and materialised once into ``$EXPREG_CACHE/hest_tasks``.
 
 See ``expreg.evaluation.cv`` for what each method does and what is written. The ``finetune``
 method trains through ``expreg.training.folds.finetune_fold``, bound here to the recipe's
@@ -20,7 +25,15 @@ from pathlib import Path
 
 from expreg.config import ConfigError, load_recipe
 from expreg.data import MetadataError
-from expreg.evaluation.cv import METHODS, check_config, cross_validate, output_dir, parse_methods, render_markdown
+from expreg.evaluation.cv import (
+    DEFAULT_METHODS,
+    METHODS,
+    check_config,
+    cross_validate,
+    output_dir,
+    parse_methods,
+    render_markdown,
+)
 from expreg.run_dir import RunDirError
 
 
@@ -30,14 +43,20 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--n_folds", type=int, help="group folds (default: leave-one-group-out up to 10 groups, else 5)"
     )
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {', '.join(METHODS)}"
+    )
     parser.add_argument("--out_dir", help="where to write (default <logging.output_dir>/cv__<recipe>__<timestamp>)")
+    parser.add_argument(
+        "--hest_task",
+        help="a HEST-Benchmark task folder (bench_data/<TASK>): its samples, folds and genes replace the recipe's data",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for run_regression.py")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     try:
         methods = parse_methods(args.methods)
         cfg = load_recipe(args.recipe, args.overrides)
-        check_config(cfg, methods)
+        check_config(cfg, methods, args.hest_task, args.n_folds)
         return _run(cfg, args, methods, output_dir(cfg, args.recipe, args.out_dir))
     except (ConfigError, MetadataError, RunDirError) as err:
         print(f"expreg.cv: error: {err}", file=sys.stderr)
@@ -51,7 +70,9 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
 
     try:
         accelerator, finetune = _finetune(cfg, methods)
-        summary = cross_validate(cfg, Path(args.recipe).name, args.n_folds, methods, out_dir, finetune)
+        summary = cross_validate(
+            cfg, Path(args.recipe).name, args.n_folds, methods, out_dir, finetune, hest_task=args.hest_task
+        )
         if accelerator is not None:
             accelerator.end_training()
     except Interrupted as err:
@@ -68,7 +89,7 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
 
 def _finetune(cfg, methods: list[str]):
     """``(accelerator, finetune)``: the fine-tuning of a fold bound to the recipe's accelerator, or ``(None, None)``."""
-    if "finetune" not in methods:
+    if not {"finetune", "frozen"} & set(methods):
         return None, None
     from expreg.training.folds import finetune_fold
     from expreg.training.launch import build_accelerator, unconnected_launch_error

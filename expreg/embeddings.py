@@ -147,7 +147,10 @@ def ensure_embeddings(
     identity = store_identity(model, files, view)
     folder = store_folder(identity, cache_root)
     if not _all_see(folder, accelerator):
-        embeddings = _embed(model, files, view, accelerator, batch_size, num_workers, progress, folder)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # a run draws the same random numbers whether it built a store or not
+            embeddings = _embed(model, files, view, accelerator, batch_size, num_workers, progress, folder)
         if accelerator is None or accelerator.is_main_process:
             _write(folder, files, embeddings, identity)
         if accelerator is not None:
@@ -186,7 +189,7 @@ def _embed(model, files, view, accelerator, batch_size, num_workers, progress, f
             lambda pixel_values: model.embed(dihedral_view(pixel_values, view) if view else pixel_values),
             loader,
             accelerator,
-            desc=f"embedding ({model.config.backbone_config['architecture'] if model.config.backbone_config else model.config.backbone}, view {view})",
+            desc=f"embedding ({folder.name.rsplit('-', 1)[0]})",
             progress=progress,
         )
     finally:

@@ -162,12 +162,12 @@ def predict_files(
 
 
 def embed_files(model, files: list[str], batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
-    """Embeddings ``(len(files), num_features)`` of ``model.backbone`` (eval mode, in this process, float64)."""
+    """Embeddings ``(len(files), features)`` of the model's encoder (``model.embed``; eval mode, in this process, float64)."""
     loader = image_loader(model, files, batch_size, num_workers)
     was_training = model.training
     model.eval()
     try:
-        embeddings = gather_outputs(model.backbone, loader, desc="embed", progress=len(files) >= 200)
+        embeddings = gather_outputs(model.embed, loader, desc="embed", progress=len(files) >= 200)
     finally:
         model.train(was_training)
     return embeddings.astype(np.float64)

@@ -99,3 +99,24 @@ def test_map_benchmark_runs_end_to_end_in_quick_mode(tmp_path):
         any(f.name.startswith(f"map_10000px_tissue0.1_{kind}") for f in tmp_path.iterdir())
         for kind in ("pyramid", "onelevel")
     )
+
+
+@pytest.mark.slow
+def test_embeddings_benchmark_runs_end_to_end_in_quick_mode():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_embeddings.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "resnet18: 512 features; store rows == bare loop rows" in out
+    ratios = [float(line.split("= ")[1].split()[0]) for line in out.splitlines() if "ensure_embeddings / " in line]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios)  # against both bare loops
+    rows = [line for line in out.splitlines() if line.startswith(("| linear |", "| mlp |"))]
+    assert len(rows) == 2  # one batch size, both heads
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,12 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
     folds = pd.read_csv(out / "folds.csv")
     assert folds.groupby("group_id")["fold"].nunique().max() == 1 and set(folds["fold"]) == {0, 1}
     summary = json.loads((out / "cv_summary.json").read_text())
-    assert set(summary["methods"]) == {"finetune", "linear_probe", "ridge", "mean"}
+    assert list(summary["methods"]) == ["finetune", "linear_probe", "linear_probe_hest", "ridge", "mean"]
     assert summary["methods"]["linear_probe"]["folds"][0]["pca_components"] <= 256
+    hest = summary["methods"]["linear_probe_hest"]  # HEST-Benchmark's probe beside ours, same folds
+    for f in hest["folds"]:  # about 20 training rows < 256: PCA keeps one per row, alpha follows HEST's formula
+        assert f["pca_components"] == f["num_fit_samples"] < 256 and f["alpha"] == 100 / (f["pca_components"] * 50)
+    assert hest["pearson_std_ddof0"] == pytest.approx(np.std([f["pearson_mean"] for f in hest["folds"]]))
     for m in summary["methods"].values():
         assert [f["fold"] for f in m["folds"]] == [0, 1]
         for f in m["folds"]:  # the same held-out groups for every method
@@ -126,6 +131,7 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
         assert not set(split["group_id"]) & set(folds.loc[folds["fold"] == k, "group_id"])
     markdown = (out / "cv_summary.md").read_text()
     assert "| ridge | 0 |" in markdown and "| finetune |" in markdown and "±" in markdown
+    assert "| linear_probe_hest | 0 |" in markdown and "`linear_probe_hest` is HEST-Benchmark's own probe" in markdown
     assert "undefined" in markdown and "Test-time augmentation" in markdown
     finetune = summary["methods"]["finetune"]
     tta = [f["tta_spearman_mean"] for f in finetune["folds"]]
@@ -133,6 +139,17 @@ def test_cross_validation_runs_every_method_on_the_same_group_folds(make_dataset
     assert f"mean Spearman {np.mean(tta):.4f} vs {finetune['spearman_mean']:.4f} without" in markdown
     assert cv_main([str(REPO / "recipes" / "tiny.yaml"), f"data.metadata_csv={csv}", "--out_dir", str(out)]) == 2
     assert "never overwritten" in capsys.readouterr().err
+
+
+def test_the_linear_probe_brings_hests_probe_along():
+    from expreg.config import ConfigError
+    from expreg.evaluation.cv import parse_methods
+
+    assert parse_methods("ridge,linear_probe,mean") == ["ridge", "linear_probe", "linear_probe_hest", "mean"]
+    assert parse_methods("linear_probe_hest, mean") == ["linear_probe_hest", "mean"]
+    assert parse_methods("linear_probe,linear_probe") == ["linear_probe", "linear_probe_hest"]
+    with pytest.raises(ConfigError, match="unknown probe"):
+        parse_methods("probe")
 
 
 def test_single_training_group_validates_on_its_own_samples(make_dataset, tmp_path):
@@ -423,3 +440,22 @@ def test_the_whole_cross_validation_is_reproducible(make_dataset, tmp_path):
     for fold in summaries[0]["methods"]["finetune"]["folds"]:
         m = json.loads((tmp_path / "first" / "runs" / f"finetune__fold{fold['fold']}" / "metrics.json").read_text())
         assert (m["test_spearman_mean"], m["test_pearson_mean"]) == (fold["spearman_mean"], fold["pearson_mean"])
+
+
+def test_frozen_heads_and_both_probes_share_one_embedding_store(make_dataset, tmp_path, capsys):
+    """``--methods frozen,linear_probe``: every fold's frozen-head run and both probes read the same store."""
+    csv = make_dataset(num_groups=4, samples_per_group=10)
+    out, cache = tmp_path / "cv", tmp_path / "cache"
+    common = [str(REPO / "recipes" / "tiny.yaml"), f"data.metadata_csv={csv}", f"data.image_cache_dir={cache}"]
+    settings = [*common, "train.epochs=2", "data.augment_dihedral=false", "data.hed_jitter=0.1"]
+    assert cv_main([*settings, "--n_folds", "2", "--methods", "frozen,linear_probe", "--out_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(list((cache / "embeddings").iterdir())) == 1  # built once, by the probes, then read by both folds' runs
+    assert len(re.findall(r"embedded [\d,]+ images", printed)) == 1
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert list(summary["methods"]) == ["frozen", "linear_probe", "linear_probe_hest"]
+    for k, fold in enumerate(summary["methods"]["frozen"]["folds"]):
+        run = json.loads((out / "runs" / f"frozen__fold{k}" / "metrics.json").read_text())
+        assert fold["spearman_mean"] == run["test_spearman_mean"] and "tta_spearman_mean" not in fold
+        resolved = (out / "runs" / f"frozen__fold{k}" / "config_resolved.yaml").read_text()
+        assert "mode: frozen" in resolved and "hed_jitter: 0.0" in resolved  # jitter cannot apply to cached embeddings

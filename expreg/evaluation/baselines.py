@@ -156,17 +156,12 @@ def embed_images(
     batch_size: int = 64,
     num_workers: int = 0,
 ) -> np.ndarray:
-    """Frozen backbone embeddings ``(num_images, num_features)`` (timm pooled features, eval mode)."""
+    """Frozen backbone embeddings ``(num_images, num_features)`` (timm pooled features, eval mode), computed
+    here without the embedding store (``expreg.embeddings``, which the probes of ``expreg.cv`` read)."""
+    from expreg.inference import embed_files
     from expreg.modeling.model import build_model
 
     model = build_model(backbone, 1, pretrained=pretrained, pretrained_path=pretrained_path, image_size=image_size)
-    return embed_with(model, image_paths, batch_size=batch_size, num_workers=num_workers)
-
-
-def embed_with(model, image_paths: list[str], batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
-    """Embeddings of ``model.backbone`` for images, with the model's evaluation transform (``embed_files``)."""
-    from expreg.inference import embed_files
-
     return embed_files(model, image_paths, batch_size=batch_size, num_workers=num_workers)
 
 

@@ -12,9 +12,17 @@ there are at most 10 groups) and each method:
   ``metrics.json``'s ``test_*``, the numbers reported here), then the 8-view TTA is added.
   Training is not done here: ``cross_validate`` is given it as ``finetune`` (the command binds
   ``expreg.training.folds.finetune_fold`` to its accelerator);
+- ``frozen`` (asked for by name; not in the default list): the same training run with
+  ``train.mode=frozen`` (the head trained on cached embeddings of the recipe's encoder; colour and
+  stain jitter are turned off for it, since cached embeddings cannot be jittered); no TTA;
 - ``linear_probe``: as in HEST-Benchmark, frozen embeddings of the recipe's backbone (its
   pretrained or local weights when the recipe asks for them, else random init) -> standardise ->
-  PCA (256 or fewer components) -> ridge, all fitted on the training groups;
+  PCA (256 or fewer components) -> ridge (strength by an inner group k-fold), all fitted on the
+  training groups;
+- ``linear_probe_hest`` (added whenever ``linear_probe`` is asked for, or alone): HEST-Benchmark's
+  own probe (``expreg.evaluation.hest_probe``: StandardScaler -> PCA(256) -> ``Ridge(alpha=100 /
+  (components x genes), fit_intercept=False, solver="lsqr")``) on the same embeddings and folds,
+  so HEST's numbers can be reproduced beside expreg's probe (the embedding time counts in both);
 - ``ridge``: ridge regression on 62 colour/texture features per patch, the ridge strength
   chosen by an inner group k-fold on the training groups;
 - ``mean``: the training mean (its correlations are undefined, reported as such).
@@ -23,6 +31,12 @@ Written to ``--out_dir`` (default ``<logging.output_dir>/cv__<recipe>__<timestam
 ``folds.csv``, the fine-tuning run directories under ``runs/``, and ``cv_summary.json`` /
 ``cv_summary.md`` (per fold, mean ± std of mean Spearman and mean Pearson per method, the time
 each took, and per-gene mean Spearman across folds).
+
+With ``hest_task`` (``--hest_task bench_data/IDC``), the data, the folds and the targets are a
+HEST-Benchmark task's (``expreg.ingest.hest_bench``: materialised once into the cache; fold k
+holds out ``splits/test_<k>.csv``; the group of a row is its test split's samples joined with
+``+``); its genes were chosen by HEST-Benchmark on all samples, held-out ones included, which the
+summary and the printed output say.
 
 With ``data.expression_file`` (targets from raw counts), each fold chooses its genes on its own
 training groups (``genes_fold<k>.txt``, with ``.json`` saying how), every method of the fold
@@ -41,34 +55,50 @@ import numpy as np
 from expreg.config import ConfigError, RunConfig
 from expreg.data import read_metadata, resolve_metadata_csv
 from expreg.data.splits import make_fold_table, write_table
+from expreg.evaluation.cv_report import UNDEFINED, describe, render_markdown, summarise  # noqa: F401 - re-exported
+from expreg.evaluation.hest_probe import PROBE_NAME, std_ddof0
 from expreg.evaluation.metrics import compute_metrics
-from expreg.formatting import fmt_float, fmt_mean_std, mean_std
-from expreg.run_dir import atomic_write_text, file_sha256, write_json
+from expreg.run_dir import atomic_write_text, write_json
 
-METHODS = ("finetune", "linear_probe", "ridge", "mean")
-UNDEFINED = "undefined"  # how a missing (undefined) correlation is written
+METHODS = ("finetune", "frozen", "linear_probe", "linear_probe_hest", "ridge", "mean")
+DEFAULT_METHODS = ("finetune", "linear_probe", "linear_probe_hest", "ridge", "mean")
+TRAINED = ("finetune", "frozen")  # methods that are training runs (expreg.training.folds.finetune_fold)
+HEST_PROBE = PROBE_NAME
 
-# finetune(cfg, folds_csv, fold, runs_dir, (test files, test targets), genes) -> (summary, per-gene Spearman, extra)
+# finetune(cfg, folds_csv, fold, runs_dir, (test files, test targets), genes, mode=...) -> (summary, per-gene
+# Spearman, extra); mode is "finetune" or "frozen" (train.mode of the fold run)
 FineTune = Callable[..., tuple[dict, dict, dict]]
 
 
 def parse_methods(text: str) -> list[str]:
-    """``"finetune,ridge"`` -> ``["finetune", "ridge"]``; ``ConfigError`` for an unknown method or none."""
-    methods = [m.strip() for m in text.split(",") if m.strip()]
+    """``"finetune,ridge"`` -> ``["finetune", "ridge"]``; ``ConfigError`` for an unknown method or none.
+
+    ``linear_probe`` brings ``linear_probe_hest`` with it (HEST-Benchmark's probe on the same embeddings).
+    """
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(
             f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
         )
+    if "linear_probe" in methods and HEST_PROBE not in methods:
+        methods.insert(methods.index("linear_probe") + 1, HEST_PROBE)
     return methods
 
 
-def check_config(cfg, methods: list[str]) -> None:
-    """``ConfigError`` when the recipe sets what cross-validation decides itself."""
+def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds: int | None = None) -> None:
+    """``ConfigError`` when the recipe (or ``--n_folds``) sets what cross-validation (or the HEST task) decides."""
     if cfg.data.split_csv is not None or cfg.data.fold is not None:
         raise ConfigError("expreg.cv makes its own group folds: do not set data.split_csv or data.fold")
-    if cfg.train.stop_after_steps is not None and "finetune" in methods:
+    if cfg.train.stop_after_steps is not None and set(TRAINED) & set(methods):
         raise ConfigError("train.stop_after_steps: every fold of expreg.cv trains to the end; unset it")
+    if hest_task is not None and n_folds is not None:
+        raise ConfigError("--n_folds: a HEST-Benchmark task brings its own folds (splits/test_<i>.csv); drop it")
+    if hest_task is not None and cfg.data.expression_file is not None:
+        raise ConfigError(
+            "--hest_task: the task gives the targets (log1p of its counts for its genes); "
+            "unset data.expression_file and data.genes"
+        )
 
 
 def output_dir(cfg, recipe: str, out_dir: str | None) -> Path:
@@ -112,19 +142,84 @@ def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: 
 
 
 def cross_validate(
-    cfg, recipe_name: str, n_folds: int | None, methods: list[str], out_dir: Path, finetune: FineTune | None = None
+    cfg,
+    recipe_name: str,
+    n_folds: int | None,
+    methods: list[str],
+    out_dir: Path,
+    finetune: FineTune | None = None,
+    hest_task: str | None = None,
 ) -> dict:
     """Run every method on every fold; returns the summary (also written to ``out_dir``).
 
     ``finetune`` trains and scores one fold (``expreg.training.folds.finetune_fold`` bound to an
-    accelerator); it is needed when ``methods`` holds ``"finetune"``. Deterministic: the same
-    recipe, seed and data give the same numbers (every random step is seeded from ``cfg.seed``,
-    the randomly initialised backbone of the linear probe included).
+    accelerator); it is needed when ``methods`` holds ``"finetune"``. ``hest_task``: a
+    HEST-Benchmark task folder whose samples, folds and targets replace the recipe's data (see the
+    module docstring). Deterministic: the same recipe, seed and data give the same numbers (every
+    random step is seeded from ``cfg.seed``, the randomly initialised backbone of the linear probe
+    included).
     """
-    if "finetune" in methods and finetune is None:
-        raise ConfigError("cross_validate: method finetune needs finetune= (expreg.training.folds.finetune_fold)")
-    metadata_csv = resolve_metadata_csv(cfg.data.metadata_csv)
-    cfg = replace(cfg, data=replace(cfg.data, metadata_csv=metadata_csv))
+    if set(TRAINED) & set(methods) and finetune is None:
+        raise ConfigError(
+            "cross_validate: methods finetune and frozen need finetune= (expreg.training.folds.finetune_fold)"
+        )
+    cfg, metadata, task = _read_data(cfg, hest_task)
+    if task is None:
+        n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
+        targets = metadata.targets().astype(np.float64)
+    else:
+        n_folds, folds_csv, fold_of = _write_task_folds(metadata, task, out_dir)
+        # the float64 values as written (log1p of the counts, as HEST computes them), not Metadata's float32
+        targets = metadata.frame[metadata.target_columns].to_numpy(dtype=np.float64)
+    folds = _Folds(
+        cfg=cfg,
+        files=np.array(metadata.image_paths()),
+        targets=targets,
+        groups=metadata.frame["group_id"].to_numpy(),
+        genes=metadata.gene_names,
+        fold_of=fold_of,
+        folds_csv=folds_csv,
+        runs_dir=out_dir / "runs",
+        finetune=finetune,
+        metadata=metadata if cfg.data.expression_file else None,
+    )
+    folds.inputs = _shared_inputs(cfg, methods, list(folds.files))
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for k in range(n_folds):
+        _score_fold(folds, k, methods, results)
+    genes = folds.genes if folds.metadata is None else _genes_in_every_fold(folds.fold_genes)
+    summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)
+    if folds.metadata is not None:
+        summary["gene_selection"] = _gene_selection(cfg, folds.fold_genes, genes)
+    if task is not None:
+        summary["hest_task"] = task.record()
+    if HEST_PROBE in summary["methods"]:  # HEST-Benchmark's own spread: np.std over splits (ddof=0)
+        hest = summary["methods"][HEST_PROBE]
+        hest["pearson_std_ddof0"] = std_ddof0([f["pearson_mean"] for f in hest["folds"]])
+    write_json(out_dir / "cv_summary.json", summary)
+    atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
+    return summary
+
+
+def _read_data(cfg, hest_task: str | None):
+    """``(cfg, metadata, materialised task or None)``: the recipe's data, or the HEST task's in its place.
+
+    Bad input (metadata, expression file, task folder) fails here, before ``out_dir`` exists.
+    """
+    task = None
+    if hest_task is not None:
+        from expreg.ingest.hest_bench import materialise_task
+
+        task = materialise_task(hest_task)
+        t = task.task
+        print(
+            f"HEST-Benchmark task {t.name}: {len(t.samples)} samples, {len(t.splits)} folds (splits/test_<i>.csv), "
+            f"{len(t.genes)} genes ({t.gene_file.name}); {'reusing' if task.reused else 'built'} {task.folder}\n"
+            f"NOTE: {task.record()['gene_leak']}"
+        )
+        data = replace(cfg.data, metadata_csv=str(task.metadata_csv), gene_names_file=str(task.genes_file))
+        cfg = replace(cfg, data=replace(data, num_genes=None))
+    cfg = replace(cfg, data=replace(cfg.data, metadata_csv=resolve_metadata_csv(cfg.data.metadata_csv)))
     d = cfg.data
     metadata = read_metadata(
         d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images, targets_required=not d.expression_file
@@ -140,30 +235,25 @@ def cross_validate(
             min_detection=d.min_gene_detection,
             transform=d.target_transform,
         )
-    n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
-    folds = _Folds(
-        cfg=cfg,
-        files=np.array(metadata.image_paths()),
-        targets=metadata.targets().astype(np.float64),
-        groups=metadata.frame["group_id"].to_numpy(),
-        genes=metadata.gene_names,
-        fold_of=fold_of,
-        folds_csv=folds_csv,
-        runs_dir=out_dir / "runs",
-        finetune=finetune,
-        metadata=metadata if d.expression_file else None,
-    )
-    folds.inputs = _shared_inputs(cfg, methods, list(folds.files))
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    for k in range(n_folds):
-        _score_fold(folds, k, methods, results)
-    genes = folds.genes if folds.metadata is None else _genes_in_every_fold(folds.fold_genes)
-    summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)
-    if folds.metadata is not None:
-        summary["gene_selection"] = _gene_selection(cfg, folds.fold_genes, genes)
-    write_json(out_dir / "cv_summary.json", summary)
-    atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
-    return summary
+    return cfg, metadata, task
+
+
+def _write_task_folds(metadata, task, out_dir: Path) -> tuple[int, Path, np.ndarray]:
+    """The HEST task's folds (fold k holds out ``splits/test_<k>.csv``) -> ``out_dir/folds.csv``."""
+    import pandas as pd
+
+    table = pd.read_csv(task.folds_csv, dtype=str, keep_default_na=False)
+    table["fold"] = table["fold"].astype(int)
+    out_dir.mkdir(parents=True, exist_ok=False)
+    folds_csv = write_table(table, out_dir / "folds.csv")
+    lines = [f"{len(task.task.splits)} folds of HEST-Benchmark task {task.task.name} -> {folds_csv}"]
+    for k, (_, test_csv) in enumerate(task.task.splits):
+        rows = table["fold"] == k
+        lines.append(
+            f"  fold {k}: held out {table.loc[rows, 'group_id'].iloc[0]} ({int(rows.sum())} patches, {test_csv.name})"
+        )
+    print("\n".join(lines))
+    return len(task.task.splits), folds_csv, table.set_index("path").loc[metadata.frame["path"], "fold"].to_numpy()
 
 
 def _write_folds(metadata, n_folds: int | None, seed: int, out_dir: Path) -> tuple[int, Path, np.ndarray]:
@@ -191,9 +281,11 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
     cfg, targets, genes = _fold_targets(folds, k, train)
     for method in methods:
         start = time.perf_counter()
-        if method == "finetune":
+        if method in TRAINED:
             test_files = (list(folds.files[test]), targets[test])
-            summary, per_gene, extra = folds.finetune(cfg, folds.folds_csv, k, folds.runs_dir, test_files, genes)
+            summary, per_gene, extra = folds.finetune(
+                cfg, folds.folds_csv, k, folds.runs_dir, test_files, genes, mode=method
+            )
         else:
             summary, per_gene, extra = _fit_baseline(folds, method, train, test, targets, genes)
         shared = folds.inputs.get(f"{method}_seconds", 0.0)
@@ -201,7 +293,7 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
         results[method].append(
             {"fold": k, "test_groups": test_groups, **_fold_result(summary, per_gene, seconds, extra)}
         )
-        print(f"fold {k} ({', '.join(test_groups)}) {method}: {_describe(summary)} [{seconds:.0f} s]")
+        print(f"fold {k} ({', '.join(test_groups)}) {method}: {describe(summary)} [{seconds:.0f} s]")
 
 
 def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, genes: list[str]):
@@ -261,110 +353,48 @@ def _gene_selection(cfg, fold_genes: dict, common: list[str]) -> dict:
 def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
     """Per-image inputs computed once for all folds (colour/texture features, frozen embeddings), and
     the fit function of each baseline: ``fit(x_train, y_train, groups_train, x_test, seed)``."""
-    from expreg.evaluation.baselines import embed_images, extract_features, linear_probe, mean_fit, ridge_baseline
-    from expreg.seeding import seed_everything
+    from expreg.evaluation.baselines import extract_features, linear_probe, mean_fit, ridge_baseline
+    from expreg.evaluation.hest_probe import hest_linear_probe
 
     inputs: dict = {"mean": (np.zeros((len(files), 0)), mean_fit)}  # the mean needs no input
     if "ridge" in methods:
         start = time.perf_counter()
         inputs["ridge"] = (extract_features(files), ridge_baseline)
         inputs["ridge_seconds"] = time.perf_counter() - start
-    if "linear_probe" in methods:
+    probes = [m for m in ("linear_probe", HEST_PROBE) if m in methods]
+    if probes:  # one embedding array for both probes, from the embedding store (built once, reused)
         start = time.perf_counter()
-        seed_everything(cfg.seed)  # a randomly initialised backbone must be the same one every time
-        m = cfg.model
-        embeddings = embed_images(
-            files,
-            m.backbone,
-            cfg.data.image_size,
-            pretrained=m.pretrained,
-            pretrained_path=m.pretrained_path,
-            num_workers=cfg.data.num_workers,
-        )
-        inputs["linear_probe"] = (embeddings, linear_probe)
-        inputs["linear_probe_seconds"] = time.perf_counter() - start
+        embeddings = probe_embeddings(cfg, files)
+        seconds = time.perf_counter() - start
+        fits = {"linear_probe": linear_probe, HEST_PROBE: hest_linear_probe}
+        for method in probes:  # each probe's time includes the embedding it needs
+            inputs[method], inputs[f"{method}_seconds"] = (embeddings, fits[method]), seconds
     return inputs
 
 
-def _describe(summary: dict) -> str:
-    spearman, pearson = (fmt_float(summary[k], missing=UNDEFINED) for k in ("spearman_mean", "pearson_mean"))
-    return f"held-out mean Spearman {spearman} | mean Pearson {pearson} | {summary['num_samples']} samples"
+def probe_embeddings(cfg, files: list[str]) -> np.ndarray:
+    """Frozen embeddings ``(len(files), features)`` (float64) of the recipe's encoder, from the embedding store.
 
+    The encoder is the recipe's (``model.backbone``, ``model.pretrained`` / ``model.pretrained_path``,
+    ``model.pooling``, ``data.image_size``); a randomly initialised one is seeded from ``cfg.seed``, so
+    it is the same one, and the same store, every time.
+    """
+    from expreg.embeddings import ensure_embeddings
+    from expreg.modeling.model import build_model
+    from expreg.seeding import seed_everything
 
-def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, folds_csv: str, seed: int) -> dict:
-    methods = {}
-    for method, folds in results.items():
-        s_mean, s_std = mean_std([f["spearman_mean"] for f in folds])
-        p_mean, p_std = mean_std([f["pearson_mean"] for f in folds])
-        per_gene = {g: mean_std([f["per_gene_spearman"][g] for f in folds])[0] for g in genes}
-        methods[method] = {
-            "spearman_mean": s_mean,
-            "spearman_std": s_std,
-            "pearson_mean": p_mean,
-            "pearson_std": p_std,
-            "seconds_total": round(sum(f["seconds"] for f in folds), 1),
-            "per_gene_spearman_mean": per_gene,
-            "folds": folds,
-        }
-    return {
-        "recipe": recipe,
-        "folds_csv": folds_csv,
-        "folds_csv_sha256": file_sha256(folds_csv),
-        "seed": seed,
-        "methods": methods,
-    }
-
-
-def render_markdown(summary: dict) -> str:
-    methods = summary["methods"]
-    lines = [
-        f"# Cross-validation: {summary['recipe']}",
-        "",
-        f"Folds: `{summary['folds_csv']}` (seed {summary['seed']}).",
-        "",
-    ]
-    lines += [
-        "| method | fold | test groups | test samples | mean Spearman | mean Pearson | time (s) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method, m in methods.items():
-        for f in m["folds"]:
-            lines.append(
-                f"| {method} | {f['fold']} | {', '.join(f['test_groups'])} | {f['num_test_samples']} "
-                f"| {fmt_float(f['spearman_mean'], missing=UNDEFINED)} | {fmt_float(f['pearson_mean'], missing=UNDEFINED)} | {f['seconds']:.0f} |"
-            )
-    lines += [
-        "",
-        "| method | mean Spearman (mean ± std over folds) | mean Pearson | total time (s) |",
-        "|---|---|---|---|",
-    ]
-    for method, m in methods.items():
-        spearman = fmt_mean_std(m["spearman_mean"], m["spearman_std"], UNDEFINED)
-        pearson = fmt_mean_std(m["pearson_mean"], m["pearson_std"], UNDEFINED)
-        lines.append(f"| {method} | {spearman} | {pearson} | {m['seconds_total']:.0f} |")
-    if "finetune" in methods:
-        tta = mean_std([f["tta_spearman_mean"] for f in methods["finetune"]["folds"]])[0]
-        plain = methods["finetune"]["spearman_mean"]
-        if tta is not None and plain is not None:
-            lines += [
-                "",
-                f"Test-time augmentation (mean over the 8 dihedral views) for `finetune`: mean Spearman "
-                f"{tta:.4f} vs {plain:.4f} without ({tta - plain:+.4f}).",
-            ]
-    if "mean" in methods:
-        lines += ["", "The `mean` predictor is constant, so its correlations are undefined for every gene."]
-    if "gene_selection" in summary:
-        g = summary["gene_selection"]
-        lines += [
-            "",
-            f"Genes: chosen in each fold on its training groups only ({g['genes']}, {g['target_transform']} values, "
-            f"detected in >= {g['min_gene_detection']:g} of the training spots; lists in genes_fold<k>.txt); "
-            f"{g['in_every_fold']} genes were chosen in every fold: the per-gene means cover those.",
-        ]
-    for method, m in methods.items():
-        ranked = sorted(((g, v) for g, v in m["per_gene_spearman_mean"].items() if v is not None), key=lambda x: -x[1])
-        if ranked:
-            best = ", ".join(f"{g} {v:.3f}" for g, v in ranked[:5])
-            worst = ", ".join(f"{g} {v:.3f}" for g, v in ranked[-5:])
-            lines += ["", f"**{method}**, per-gene Spearman averaged over folds: best {best}; worst {worst}."]
-    return "\n".join(lines) + "\n"
+    seed_everything(cfg.seed)
+    m, d = cfg.model, cfg.data
+    model = build_model(
+        m.backbone,
+        1,
+        pretrained=m.pretrained,
+        pretrained_path=m.pretrained_path,
+        pooling=m.pooling,
+        image_size=d.image_size,
+    )
+    store = ensure_embeddings(
+        model, files, cache_root=d.image_cache_dir, batch_size=d.eval_batch_size or 64, num_workers=d.num_workers
+    )
+    print(f"embeddings: {store.folder} ({len(store):,} images x {store.num_features:,} features)")
+    return store.get(files).astype(np.float64)

@@ -148,16 +148,21 @@ def load_encoder_folder(folder: str | Path, image_size: int) -> nn.Module:
     load_spec = {**spec, "pretrained_cfg": {**spec["pretrained_cfg"], "file": str(weights_file(folder))}}
     try:
         backbone = _build(spec["architecture"], image_size, load_spec, pretrained=True)
-    except RuntimeError as err:
-        details = [line.strip() for line in str(err).splitlines() if line.strip()]
-        raise ModelError(
-            f"{weights_file(folder)}: the weights do not fit {spec['architecture']} as config.json builds it "
-            f"(model_args {spec['model_args']}): {'; '.join(details[1:4] or details[:1])}"
-        ) from err
-    except (OSError, ValueError) as err:
-        raise ModelError(f"{weights_file(folder)}: cannot read the weights ({type(err).__name__}: {err})") from err
+    except Exception as err:  # noqa: BLE001 - torch, safetensors and pickle errors have no common base
+        raise _folder_weights_error(folder, spec, err) from err
     logger.info(f"encoder {spec['architecture']} loaded offline from {folder}")
     return _with_spec(backbone, spec)
+
+
+def _folder_weights_error(folder: Path, spec: dict, err: Exception) -> ModelError:
+    path = weights_file(folder)
+    details = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if isinstance(err, RuntimeError) and "state_dict" in str(err):  # torch's load_state_dict names the tensors
+        return ModelError(
+            f"{path}: the weights do not fit {spec['architecture']} as config.json builds it "
+            f"(model_args {spec['model_args']}): {'; '.join(details[1:4] or details[:1])}"
+        )
+    return ModelError(f"{path}: cannot read the weights ({type(err).__name__}: {details[0] if details else ''})")
 
 
 def _build(name: str, image_size: int, spec: dict | None, pretrained: bool, **kwargs) -> nn.Module:

@@ -18,8 +18,12 @@ from expreg.training.interrupts import TrainingError
 from expreg.training.trainer import run
 
 
-def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, genes, *, accelerator):
+def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, genes, *, accelerator, mode="finetune"):
     """Train with ``fold`` held out; the run scores its best model on the fold (``metrics.json``'s ``test_*``).
+
+    ``mode="frozen"``: the run trains only the head on cached embeddings (``train.mode=frozen``; the
+    recipe's colour and stain jitter, which cannot apply to cached embeddings, are turned off for it),
+    and the 8-view TTA score is left out (it would run the whole encoder 8 times per image).
 
     Args:
         cfg: The recipe (not changed: the fold run gets a copy pointing at ``folds_csv`` and ``fold``).
@@ -33,10 +37,13 @@ def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, g
     """
     fold_cfg = copy.deepcopy(cfg)
     fold_cfg.data.split_csv, fold_cfg.data.fold = str(folds_csv), fold
-    fold_cfg.logging.output_dir, fold_cfg.logging.run_name = str(runs_dir), f"finetune__fold{fold}"
+    fold_cfg.logging.output_dir, fold_cfg.logging.run_name = str(runs_dir), f"{mode}__fold{fold}"
+    fold_cfg.train.mode = mode
+    if mode == "frozen":
+        fold_cfg.data.color_jitter = fold_cfg.data.hed_jitter = 0.0
     result = run(fold_cfg, accelerator)
     accelerator.free_memory()
-    run_dir = runs_dir / f"finetune__fold{fold}"
+    run_dir = runs_dir / f"{mode}__fold{fold}"
     if result["status"] != "finished" or "test_spearman_mean" not in result:
         raise TrainingError(f"{run_dir}: the fold run ended with status {result['status']!r}, without held-out scores")
     summary = {
@@ -45,16 +52,16 @@ def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, g
         "num_genes_undefined_spearman": result["num_genes_undefined_test_spearman"],
         "num_samples": result["num_test_samples"],
     }
-    tta = _tta_metrics(cfg, run_dir, test_files, genes, accelerator)
+    tta = _tta_metrics(cfg, run_dir, test_files, genes, accelerator) if mode == "finetune" else None
     used = json.loads((run_dir / SPLIT_SUMMARY_FILE).read_text())
     extra = {
         "fit_groups": sorted(set(used["train"]["groups"]) | set(used["validation"]["groups"])),  # training + selection
         "num_fit_samples": used["train"]["samples"] + used["validation"]["samples"],
         "best_epoch": result["best_epoch"],
         "best_val_spearman_mean": result["best_val_spearman_mean"],  # model selection, not a held-out score
-        "tta_spearman_mean": tta.spearman_mean,  # the same model, averaged over the 8 dihedral views
-        "tta_pearson_mean": tta.pearson_mean,
     }
+    if tta is not None:  # the same model, averaged over the 8 dihedral views
+        extra.update(tta_spearman_mean=tta.spearman_mean, tta_pearson_mean=tta.pearson_mean)
     return summary, result["test_per_gene_spearman"], extra
 
 

@@ -124,11 +124,18 @@ def setup_frozen_loaders(cfg, data, model, accelerator) -> dict:
         rows = EmbeddingRows(views, labels, list(part["path"]), cfg.seed)
         if name == "train":
             sampler = EpochBatchSampler(len(rows), d.batch_size, cfg.seed, accelerator.num_processes)
-            loaders["train"] = DataLoader(rows, batch_sampler=sampler, collate_fn=_as_batch)
+            # the loaders' own generators: iterating them never draws from the global RNG (dropout), so a
+            # resumed run draws what the uninterrupted one did (as the image loaders of expreg.data.loaders)
+            loaders["train"] = DataLoader(
+                rows, batch_sampler=sampler, collate_fn=_as_batch, generator=sampler.generator
+            )
             loaders["train_sampler"], loaders["train_transform"] = sampler, rows
         else:
             batch = d.eval_batch_size or d.batch_size
-            loaders[name] = DataLoader(rows, batch_size=batch, shuffle=False, collate_fn=_as_batch)
+            generator = torch.Generator().manual_seed(cfg.seed)
+            loaders[name] = DataLoader(
+                rows, batch_size=batch, shuffle=False, collate_fn=_as_batch, generator=generator
+            )
     return loaders
 
 

@@ -1,7 +1,8 @@
 """``train.mode=linear_probe``: the head fitted in closed form on frozen embeddings instead of trained.
 
 HEST-Benchmark's probe (standardise -> PCA -> ridge, ``expreg.evaluation.baselines``) folded into one
-linear layer, so the result is a complete ``ExpRegModel`` in the same run directory, scored and
+linear layer, fitted on the embeddings of the embedding store (``expreg.embeddings``: computed once, shared
+with ``train.mode=frozen`` and ``expreg.cv``), so the result is a complete ``ExpRegModel`` in the same run directory, scored and
 saved like a fine-tuned one. One process; nothing to resume.
 """
 
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 from expreg.data import image_files
-from expreg.evaluation.baselines import embed_with, linear_probe_affine
+from expreg.embeddings import ensure_embeddings
+from expreg.evaluation.baselines import linear_probe_affine
 
 logger = logging.getLogger("expreg")
 
@@ -27,7 +29,17 @@ def fit_linear_probe(trainer) -> tuple[float, float, np.ndarray]:
     cfg, accelerator, data = trainer.cfg, trainer.accelerator, trainer.data
     train = data.datasets["train"]
     batch_size = cfg.data.eval_batch_size or cfg.data.batch_size
-    embeddings = embed_with(trainer.model, image_files(train), batch_size, cfg.data.num_workers)
+    files = image_files(train)
+    everything = [p for part in data.datasets.values() for p in image_files(part)]  # the store expreg.cv also uses
+    store = ensure_embeddings(
+        trainer.model,
+        everything,
+        cache_root=cfg.data.image_cache_dir,
+        batch_size=batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+    logger.info(f"embedding store: {store.folder}")
+    embeddings = store.get(files).astype(np.float64)
     targets = data.target_stats.normalize(np.asarray(train["labels"], dtype=np.float64))
     groups = np.asarray(train["group_id"], dtype=object)
     weights, bias, info = linear_probe_affine(embeddings, targets, groups, seed=cfg.seed)

@@ -1,0 +1,120 @@
+"""The report of ``expreg.evaluation.cv``: the summary of every method over the folds (``cv_summary.json``)
+and its Markdown rendering (``cv_summary.md``), with the notes a reader needs for some rows."""
+
+from __future__ import annotations
+
+from expreg.evaluation.hest_probe import PROBE_NAME as HEST_PROBE
+from expreg.evaluation.hest_probe import describe_hest_probe
+from expreg.formatting import fmt_float, fmt_mean_std, mean_std
+from expreg.run_dir import file_sha256
+
+UNDEFINED = "undefined"  # how a missing (undefined) correlation is written
+
+
+def describe(summary: dict) -> str:
+    spearman, pearson = (fmt_float(summary[k], missing=UNDEFINED) for k in ("spearman_mean", "pearson_mean"))
+    return f"held-out mean Spearman {spearman} | mean Pearson {pearson} | {summary['num_samples']} samples"
+
+
+def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, folds_csv: str, seed: int) -> dict:
+    methods = {}
+    for method, folds in results.items():
+        s_mean, s_std = mean_std([f["spearman_mean"] for f in folds])
+        p_mean, p_std = mean_std([f["pearson_mean"] for f in folds])
+        per_gene = {g: mean_std([f["per_gene_spearman"][g] for f in folds])[0] for g in genes}
+        methods[method] = {
+            "spearman_mean": s_mean,
+            "spearman_std": s_std,
+            "pearson_mean": p_mean,
+            "pearson_std": p_std,
+            "seconds_total": round(sum(f["seconds"] for f in folds), 1),
+            "per_gene_spearman_mean": per_gene,
+            "folds": folds,
+        }
+    return {
+        "recipe": recipe,
+        "folds_csv": folds_csv,
+        "folds_csv_sha256": file_sha256(folds_csv),
+        "seed": seed,
+        "methods": methods,
+    }
+
+
+def render_markdown(summary: dict) -> str:
+    methods = summary["methods"]
+    lines = [
+        f"# Cross-validation: {summary['recipe']}",
+        "",
+        f"Folds: `{summary['folds_csv']}` (seed {summary['seed']}).",
+        "",
+    ]
+    lines += _hest_task_notes(summary)
+    lines += [
+        "| method | fold | test groups | test samples | mean Spearman | mean Pearson | time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method, m in methods.items():
+        for f in m["folds"]:
+            lines.append(
+                f"| {method} | {f['fold']} | {', '.join(f['test_groups'])} | {f['num_test_samples']} "
+                f"| {fmt_float(f['spearman_mean'], missing=UNDEFINED)} | {fmt_float(f['pearson_mean'], missing=UNDEFINED)} | {f['seconds']:.0f} |"
+            )
+    lines += [
+        "",
+        "| method | mean Spearman (mean ± std over folds) | mean Pearson | total time (s) |",
+        "|---|---|---|---|",
+    ]
+    for method, m in methods.items():
+        spearman = fmt_mean_std(m["spearman_mean"], m["spearman_std"], UNDEFINED)
+        pearson = fmt_mean_std(m["pearson_mean"], m["pearson_std"], UNDEFINED)
+        lines.append(f"| {method} | {spearman} | {pearson} | {m['seconds_total']:.0f} |")
+    lines += _method_notes(summary)
+    for method, m in methods.items():
+        ranked = sorted(((g, v) for g, v in m["per_gene_spearman_mean"].items() if v is not None), key=lambda x: -x[1])
+        if ranked:
+            best = ", ".join(f"{g} {v:.3f}" for g, v in ranked[:5])
+            worst = ", ".join(f"{g} {v:.3f}" for g, v in ranked[-5:])
+            lines += ["", f"**{method}**, per-gene Spearman averaged over folds: best {best}; worst {worst}."]
+    return "\n".join(lines) + "\n"
+
+
+def _hest_task_notes(summary: dict) -> list[str]:
+    """Where the data, folds and targets of a HEST-Benchmark task came from, and the leak of its gene list."""
+    if "hest_task" not in summary:
+        return []
+    t = summary["hest_task"]
+    return [
+        f"Data: HEST-Benchmark task `{t['task']}` (`{t['source']}`, materialised in `{t['materialised']}`): "
+        f"its own folds (fold k holds out `splits/test_<k>.csv`), its {len(t['genes'])} genes "
+        f"(`{t['genes_file']}`) and its targets ({t['targets']}).",
+        "",
+        f"**Gene leak:** {t['gene_leak']}",
+        "",
+    ]
+
+
+def _method_notes(summary: dict) -> list[str]:
+    """What a reader needs to read some rows: TTA, the constant mean, per-fold genes, HEST's probe."""
+    methods, lines = summary["methods"], []
+    if "finetune" in methods:
+        tta = mean_std([f["tta_spearman_mean"] for f in methods["finetune"]["folds"]])[0]
+        plain = methods["finetune"]["spearman_mean"]
+        if tta is not None and plain is not None:
+            lines += [
+                "",
+                f"Test-time augmentation (mean over the 8 dihedral views) for `finetune`: mean Spearman "
+                f"{tta:.4f} vs {plain:.4f} without ({tta - plain:+.4f}).",
+            ]
+    if "mean" in methods:
+        lines += ["", "The `mean` predictor is constant, so its correlations are undefined for every gene."]
+    if "gene_selection" in summary:
+        g = summary["gene_selection"]
+        lines += [
+            "",
+            f"Genes: chosen in each fold on its training groups only ({g['genes']}, {g['target_transform']} values, "
+            f"detected in >= {g['min_gene_detection']:g} of the training spots; lists in genes_fold<k>.txt); "
+            f"{g['in_every_fold']} genes were chosen in every fold: the per-gene means cover those.",
+        ]
+    if HEST_PROBE in methods:
+        lines += ["", describe_hest_probe(methods)]
+    return lines
