@@ -161,3 +161,19 @@ def test_local_dir_backbone_name_is_the_same_as_pretrained_path(tmp_path):
     by_name = build_model(f"local-dir:{tmp_path / 'enc'}", 3, image_size=32, gene_names=GENES).eval()
     assert weights_digest(by_name.backbone) == weights_digest(by_path.backbone)
     assert by_name.config.backbone == TINY_VIT
+
+
+def test_a_model_saved_before_backbone_config_existed_still_loads(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("test_vit", 3, image_size=32, gene_names=GENES).eval()  # timm's own (token) pooling
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("backbone_config", "pooling", "image_interpolation", "encoder_source"):
+        config.pop(key)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = ExpRegModel.from_pretrained(tmp_path).eval()
+    assert old.config.pooling is None and old.config.backbone_config is None
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(old(x).predictions, model(x).predictions, rtol=0, atol=0)
+        torch.testing.assert_close(old.embed(x), old.backbone(x))  # pooled as timm pools it, as before

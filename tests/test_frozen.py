@@ -117,3 +117,14 @@ def test_two_processes_share_the_stores_and_resume_exactly(frozen_setup, tmp_pat
     one = ExpRegModel.from_pretrained(root / "runs" / "reference" / "checkpoints" / "best")
     two = ExpRegModel.from_pretrained(tmp_path / "ddp" / "checkpoints" / "best")
     assert weights_digest(one.backbone) == weights_digest(two.backbone)  # the same frozen encoder
+
+
+def test_the_same_encoder_folder_can_be_fine_tuned(frozen_setup):
+    root, settings, _ = frozen_setup
+    finetune = [s for s in settings if not s.startswith(("train.mode", "train.epochs"))] + ["train.epochs=1"]
+    train(root / "runs", "finetuned", *finetune, "train.mode=finetune")
+    tuned = ExpRegModel.from_pretrained(root / "runs" / "finetuned" / "checkpoints" / "best")
+    frozen = ExpRegModel.from_pretrained(root / "runs" / "reference" / "checkpoints" / "best")
+    assert tuned.config.backbone_config == frozen.config.backbone_config  # the same encoder, rebuilt offline
+    assert weights_digest(tuned.backbone) != weights_digest(frozen.backbone)  # and this time it was trained
+    assert metrics(root / "runs" / "finetuned")["status"] == "finished"
