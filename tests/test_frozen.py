@@ -128,3 +128,12 @@ def test_the_same_encoder_folder_can_be_fine_tuned(frozen_setup):
     assert tuned.config.backbone_config == frozen.config.backbone_config  # the same encoder, rebuilt offline
     assert weights_digest(tuned.backbone) != weights_digest(frozen.backbone)  # and this time it was trained
     assert metrics(root / "runs" / "finetuned")["status"] == "finished"
+
+
+def test_a_dry_run_embeds_only_the_rows_it_reads(frozen_setup, tmp_path):
+    root, settings, _ = frozen_setup
+    dry = [s for s in settings if not s.startswith("data.image_cache_dir")] + [f"data.image_cache_dir={tmp_path}"]
+    result = train(tmp_path / "runs", "dry", *dry, "--dry_run")
+    assert "dry run: only the rows it reads are embedded (train 24, validation 11)" in result.stdout
+    info = json.loads(next((tmp_path / "embeddings").glob("*view0*/info.json")).read_text())
+    assert info["num_images"] == 35  # batch 8 x 3 steps, and the 11 validation rows (< 2 batches of 8)

@@ -57,12 +57,16 @@ class FrozenHead(nn.Module):
 class EmbeddingRows:
     """A map-style dataset of a split's embedding rows, fetched a batch at a time (``__getitems__``).
 
-    Yields the batches the training loop expects: ``pixel_values`` (the embeddings), normalised
-    ``labels``, ``path`` and ``skipped`` (always 0: every image was embedded).
+    ``views[v]`` is the (memory-mapped) array of view ``v`` and ``rows[v][i]`` the row of sample ``i``
+    in it: nothing is loaded into memory beyond the batch being read. Yields the batches the training
+    loop expects: ``pixel_values`` (the embeddings), normalised ``labels``, ``path`` and ``skipped``
+    (always 0: every image was embedded).
     """
 
-    def __init__(self, views: list[np.ndarray], labels: np.ndarray, paths: list[str], seed: int) -> None:
+    def __init__(self, views, labels: np.ndarray, paths: list[str], seed: int, rows=None) -> None:
         self.views, self.labels, self.paths, self.seed = views, labels.astype(np.float32), paths, seed
+        identity = np.arange(len(paths), dtype=np.int64)
+        self.rows = rows if rows is not None else [identity] * len(views)
         self.epoch_views = np.zeros(len(paths), dtype=np.int64)
 
     def __len__(self) -> int:
@@ -78,12 +82,12 @@ class EmbeddingRows:
 
     def __getitems__(self, indices: list[int]) -> dict:
         index = np.asarray(indices, dtype=np.int64)
-        rows = np.empty((len(index), self.views[0].shape[1]), dtype=np.float32)
+        batch = np.empty((len(index), self.views[0].shape[1]), dtype=np.float32)
         for view in np.unique(self.epoch_views[index]):
             chosen = self.epoch_views[index] == view
-            rows[chosen] = self.views[view][index[chosen]]
+            batch[chosen] = self.views[view][self.rows[view][index[chosen]]]
         return {
-            "pixel_values": torch.from_numpy(rows),
+            "pixel_values": torch.from_numpy(batch),
             "labels": torch.from_numpy(self.labels[index]),
             "path": [self.paths[i] for i in index],
             "skipped": 0,
@@ -97,46 +101,62 @@ def _as_batch(batch: dict) -> dict:
     return batch
 
 
-def setup_frozen_loaders(cfg, data, model, accelerator) -> dict:
+def setup_frozen_loaders(cfg, data, model, accelerator, dry_run_steps: int | None = None) -> dict:
     """Embed every split's images into the store (all processes share the work), then the loaders.
+
+    ``dry_run_steps`` (a dry run): each split is first cut to the rows the dry run reads (that many
+    training steps, 2 evaluation batches per process), so that only those are embedded.
 
     Returns:
         The loaders ``build_dataloaders`` would return (``train``, ``validation``, ``test``,
         ``train_sampler``, ``train_transform``), over embedding rows.
     """
-    from torch.utils.data import DataLoader
-
-    from expreg.data.loaders import EpochBatchSampler
-
     d = cfg.data
+    if dry_run_steps:
+        _cut_for_dry_run(cfg, data, accelerator.num_processes, dry_run_steps)
     everything = [p for part in data.datasets.values() for p in image_files(part)]
     store = _store(cfg, model, everything, 0, accelerator)
     data.embedding_stores.append(store)
     loaders: dict = {}
     for name, part in data.datasets.items():
         files = image_files(part)
-        views = [store.get(files)]
+        stores = [store]
         if name == "train" and d.augment_dihedral:
-            stores = [_store(cfg, model, files, v, accelerator) for v in range(1, NUM_VIEWS)]
-            data.embedding_stores += stores
-            views += [s.get(files) for s in stores]
+            stores += [_store(cfg, model, files, v, accelerator) for v in range(1, NUM_VIEWS)]
+            data.embedding_stores += stores[1:]
         labels = data.target_stats.normalize(np.asarray(part["labels"], dtype=np.float32))
-        rows = EmbeddingRows(views, labels, list(part["path"]), cfg.seed)
-        if name == "train":
-            sampler = EpochBatchSampler(len(rows), d.batch_size, cfg.seed, accelerator.num_processes)
-            # the loaders' own generators: iterating them never draws from the global RNG (dropout), so a
-            # resumed run draws what the uninterrupted one did (as the image loaders of expreg.data.loaders)
-            loaders["train"] = DataLoader(
-                rows, batch_sampler=sampler, collate_fn=_as_batch, generator=sampler.generator
-            )
-            loaders["train_sampler"], loaders["train_transform"] = sampler, rows
-        else:
-            batch = d.eval_batch_size or d.batch_size
-            generator = torch.Generator().manual_seed(cfg.seed)
-            loaders[name] = DataLoader(
-                rows, batch_size=batch, shuffle=False, collate_fn=_as_batch, generator=generator
-            )
+        views, rows = [s.array for s in stores], [s.rows(files) for s in stores]
+        dataset = EmbeddingRows(views, labels, list(part["path"]), cfg.seed, rows=rows)
+        loaders.update(_loaders(name, dataset, cfg, accelerator.num_processes))
     return loaders
+
+
+def _loaders(name: str, dataset: EmbeddingRows, cfg, num_processes: int) -> dict:
+    """The split's loader, with their own generators: iterating them never draws from the global RNG
+    (dropout), so a resumed run draws what the uninterrupted one did (as ``expreg.data.loaders``)."""
+    from torch.utils.data import DataLoader
+
+    from expreg.data.loaders import EpochBatchSampler
+
+    d = cfg.data
+    if name == "train":
+        sampler = EpochBatchSampler(len(dataset), d.batch_size, cfg.seed, num_processes)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=_as_batch, generator=sampler.generator)
+        return {"train": loader, "train_sampler": sampler, "train_transform": dataset}
+    generator = torch.Generator().manual_seed(cfg.seed)
+    batch = d.eval_batch_size or d.batch_size
+    return {name: DataLoader(dataset, batch_size=batch, shuffle=False, collate_fn=_as_batch, generator=generator)}
+
+
+def _cut_for_dry_run(cfg, data, num_processes: int, steps: int) -> None:
+    d = cfg.data
+    keep = {"train": steps * d.batch_size * cfg.train.grad_accum_steps * num_processes}
+    for name, part in data.datasets.items():
+        n = min(len(part), keep.get(name, 2 * (d.eval_batch_size or d.batch_size) * num_processes))
+        data.datasets[name] = part.select(range(n))
+    logger.info(
+        f"dry run: only the rows it reads are embedded ({', '.join(f'{k} {len(v)}' for k, v in data.datasets.items())})"
+    )
 
 
 def _store(cfg, model, files: list[str], view: int, accelerator):

@@ -49,7 +49,10 @@ def log_start(trainer, batches_per_epoch: int, total_steps: int) -> None:
         logger.info(f"mode linear_probe: frozen {cfg.model.backbone} embeddings -> standardise -> PCA -> ridge")
     else:
         if cfg.train.mode == "frozen":
-            logger.info(f"mode frozen: {cfg.model.backbone} embeddings cached, the {cfg.model.head} head trains")
+            encoder = data.embedding_stores[0].info["architecture"]
+            logger.info(
+                f"mode frozen: {encoder} embeddings cached (model.pooling={cfg.model.pooling}), the {cfg.model.head} head trains"
+            )
             for store in data.embedding_stores:
                 logger.info(
                     f"embedding store: {store.folder} ({len(store):,} images x {store.num_features:,} features)"

@@ -211,15 +211,21 @@ def setup_loaders(cfg: RunConfig, data, model: ExpRegModel, num_processes: int, 
     )
 
 
-def setup_run_dir(cfg: RunConfig, accelerator, resume_from: str | None, dry_run: bool) -> Path:
-    """Create the run directory on the main process and share its path with the others."""
+def setup_run_dir(
+    cfg: RunConfig, accelerator, resume_from: str | None, dry_run: bool, backbone: str | None = None
+) -> Path:
+    """Create the run directory on the main process and share its path with the others.
+
+    ``backbone``: the name default run names start with (the model's, e.g. the architecture of a
+    local encoder folder); default ``model.backbone``.
+    """
     if resume_from:
         return Path(resume_from).resolve().parent.parent
     name = None
     if accelerator.is_main_process:
         explicit = cfg.logging.run_name is not None
         name = cfg.logging.run_name or default_run_name(
-            cfg.model.backbone,
+            backbone or cfg.model.backbone,
             cfg.data.batch_size,
             cfg.train.grad_accum_steps,
             accelerator.num_processes,

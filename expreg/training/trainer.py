@@ -122,11 +122,13 @@ class Trainer:
         data_warning = self._check_resume_data()
         self.model = setup_model(cfg, self.data.gene_names, self.data.target_stats, self.data.patch_px)
         if cfg.train.mode == "frozen":  # every image embedded once, before the run directory exists
-            self.data.loaders = setup_frozen_loaders(cfg, self.data, self.model, accelerator)
+            self.data.loaders = setup_frozen_loaders(
+                cfg, self.data, self.model, accelerator, DRY_RUN_STEPS if self.dry_run else None
+            )
         else:
             image_cache = setup_image_cache(cfg, self.data, accelerator, self.dry_run)
             self.data.loaders = setup_loaders(cfg, self.data, self.model, accelerator.num_processes, image_cache)
-        self.run_dir = setup_run_dir(cfg, accelerator, self.resume_from, self.dry_run)
+        self.run_dir = setup_run_dir(cfg, accelerator, self.resume_from, self.dry_run, self.model.config.backbone)
         write_run_files(cfg, self.data, self.run_dir, accelerator.is_main_process)
         if data_warning:
             logger.warning(data_warning)
