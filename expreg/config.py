@@ -97,13 +97,31 @@ class ModelConfig:
     head_hidden_dim: int = 256
     dropout: float = 0.0
     pooling: str = "avg"  # avg, cls (a ViT's class token) or cls+mean (both, as Virchow2)
+    encoder_args: str | None = None  # JSON object added to the encoder's timm arguments
 
     def __post_init__(self) -> None:
         _check_choice("model.head", self.head, HEADS)
         _check_choice("model.pooling", self.pooling, POOLINGS)
+        self.encoder_kwargs()  # checked now
         _check_positive("model.head_hidden_dim", self.head_hidden_dim)
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def encoder_kwargs(self) -> dict:
+        """``model.encoder_args`` as a dict (``{}`` when unset); ``ConfigError`` unless it is a JSON object."""
+        import json
+
+        if self.encoder_args is None:
+            return {}
+        try:
+            value = json.loads(self.encoder_args)
+        except json.JSONDecodeError as err:
+            raise ConfigError(
+                f'model.encoder_args must be a JSON object, e.g. \'{{"act_layer": "silu"}}\': {err}'
+            ) from err
+        if not isinstance(value, dict):
+            raise ConfigError(f"model.encoder_args must be a JSON object (name: value), got {self.encoder_args!r}")
+        return value
 
 
 @dataclass
@@ -210,6 +228,10 @@ def _convert(name: str, value, annotation):
     nulls = ("null", "~", "") if annotation is str else _NULLS  # "none" is a real value of report_to
     if value is None or (isinstance(value, str) and value.strip().lower() in nulls):
         raise ConfigError(f"{name} cannot be null or empty")
+    if name == "model.encoder_args" and isinstance(value, dict):  # a mapping in the recipe: kept as JSON text
+        import json
+
+        return json.dumps(value, sort_keys=True)
     if annotation is str and isinstance(value, bool):
         if value is False and name in _FALSE_MEANS:
             return _FALSE_MEANS[name]  # YAML 1.1 reads an unquoted `no` / `off` as False

@@ -177,3 +177,44 @@ def test_a_model_saved_before_backbone_config_existed_still_loads(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(old(x).predictions, model(x).predictions, rtol=0, atol=0)
         torch.testing.assert_close(old.embed(x), old.backbone(x))  # pooled as timm pools it, as before
+
+
+def test_encoder_args_complete_a_folder_whose_model_card_passes_layers_in_code(tmp_path):
+    """Virchow2 / UNI2-h: config.json lacks ``mlp_layer=SwiGLUPacked, act_layer=SiLU``, which their cards pass in code."""
+    import timm.layers
+
+    from expreg.config import ConfigError, load_recipe
+
+    args = {**_args(), "mlp_ratio": 5.3375}
+    torch.manual_seed(0)
+    source = timm.create_model(TINY_VIT, num_classes=0, mlp_layer=timm.layers.SwiGLUPacked, act_layer="silu", **args)
+    save_timm_folder(tmp_path / "enc", model_args=args)  # config.json as such cards ship it...
+    from safetensors.torch import save_file
+
+    save_file(source.state_dict(), str(tmp_path / "enc" / "model.safetensors"))  # ...with SwiGLU weights
+    with pytest.raises(ModelError, match=r"size mismatch for blocks\.0\.mlp\.fc2\.weight"):
+        _build(tmp_path / "enc")
+    layers = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}
+    model = _build(tmp_path / "enc", encoder_args=layers)
+    assert weights_digest(model.backbone) == weights_digest(source)
+    assert model.config.backbone_config["model_args"]["mlp_layer"] == "swiglu_packed"  # recorded, as text
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = ExpRegModel.from_pretrained(tmp_path / "saved").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).predictions, model(x).predictions, rtol=0, atol=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  encoder_args: {mlp_layer: swiglu_packed, act_layer: silu}\n")
+    assert load_recipe(recipe).model.encoder_kwargs() == layers  # a YAML mapping, or JSON text on the command line
+    with pytest.raises(ConfigError, match="model.encoder_args must be a JSON object"):
+        load_recipe(None, ["model.encoder_args=[1, 2]"])
+    with pytest.raises(ModelError, match="mlp_layer 'swishy': not one of"):
+        _build(tmp_path / "enc", encoder_args={"mlp_layer": "swishy"})
+
+
+def test_a_vit_folder_at_another_input_size_gets_its_position_embedding_resampled(tmp_path):
+    source = save_timm_folder(tmp_path / "enc")  # 32-px inputs: 16 patch tokens
+    model = build_model("resnet18", 3, pretrained_path=str(tmp_path / "enc"), image_size=48)
+    assert model.backbone.pos_embed.shape[1] == 5 + 36 and source.pos_embed.shape[1] == 5 + 16
+    assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    assert model.embed(torch.randn(1, 3, 48, 48)).shape == (1, 32)

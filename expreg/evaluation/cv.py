@@ -390,6 +390,7 @@ def probe_embeddings(cfg, files: list[str]) -> np.ndarray:
         1,
         pretrained=m.pretrained,
         pretrained_path=m.pretrained_path,
+        encoder_args=m.encoder_kwargs(),
         pooling=m.pooling,
         image_size=d.image_size,
     )

@@ -41,12 +41,17 @@ class ModelError(RuntimeError):
     """A backbone or its weights cannot be created or loaded (unknown name, offline, bad file)."""
 
 
-def create_backbone(config, pretrained: bool = False, pretrained_path: str | None = None) -> nn.Module:
+def create_backbone(
+    config, pretrained: bool = False, pretrained_path: str | None = None, encoder_args: dict | None = None
+) -> nn.Module:
     """A headless timm backbone (``num_classes=0``) for ``config.image_size`` inputs.
 
     ``config.backbone_config`` (a saved model's record) rebuilds it offline; a ``pretrained_path``
     folder is either a timm model folder (``config.json`` + weights) or an expreg ``save_pretrained``
-    folder (its backbone weights are taken). The backbone gets ``expreg_spec``: the record to save.
+    folder (its backbone weights are taken). ``encoder_args`` (``model.encoder_args``) are added to
+    the architecture's arguments (a timm folder's ``model_args`` or a timm name's), e.g. the
+    ``mlp_layer``/``act_layer`` that Virchow2's and UNI2-h's model cards pass in code; they are
+    recorded with the rest. The backbone gets ``expreg_spec``: the record to save.
 
     Raises:
         ModelError: Unknown backbone, a folder that is not a model, weights that do not fit, or
@@ -57,10 +62,10 @@ def create_backbone(config, pretrained: bool = False, pretrained_path: str | Non
         return _with_spec(_build(spec["architecture"], config.image_size, spec, pretrained=False), spec)
     folder = _local_folder(config.backbone, pretrained_path)
     if folder is not None and (folder / "config.json").is_file() and _is_timm_folder(folder):
-        return load_encoder_folder(folder, config.image_size)
+        return load_encoder_folder(folder, config.image_size, encoder_args)
     if folder is not None and folder.is_dir():
         return _backbone_from_saved_model(config, folder)
-    return _from_timm_name(config, pretrained, pretrained_path)
+    return _from_timm_name(config, pretrained, pretrained_path, encoder_args or {})
 
 
 def _local_folder(backbone: str, pretrained_path: str | None) -> Path | None:
@@ -136,7 +141,7 @@ def _clean_spec(architecture: str, model_args: dict, pretrained_cfg: dict) -> di
     return {"architecture": architecture, "model_args": dict(model_args or {}), "pretrained_cfg": cfg}
 
 
-def load_encoder_folder(folder: str | Path, image_size: int) -> nn.Module:
+def load_encoder_folder(folder: str | Path, image_size: int, encoder_args: dict | None = None) -> nn.Module:
     """Build a timm model folder's encoder offline and load its weights through timm (its checkpoint
     filter adapts e.g. a ViT's position embedding to ``image_size``; the classifier is dropped).
 
@@ -145,6 +150,7 @@ def load_encoder_folder(folder: str | Path, image_size: int) -> nn.Module:
     """
     folder = Path(folder)
     spec = folder_spec(folder)
+    spec["model_args"].update(encoder_args or {})
     load_spec = {**spec, "pretrained_cfg": {**spec["pretrained_cfg"], "file": str(weights_file(folder))}}
     try:
         backbone = _build(spec["architecture"], image_size, load_spec, pretrained=True)
@@ -170,7 +176,7 @@ def _build(name: str, image_size: int, spec: dict | None, pretrained: bool, **kw
     has a fixed input size (ViTs); most CNNs take any size and have no ``img_size`` argument."""
     import timm
 
-    args = {**(spec or {}).get("model_args", {}), "num_classes": 0, **kwargs}
+    args = _resolve_layers({**(spec or {}).get("model_args", {}), "num_classes": 0, **kwargs})
     if spec:
         args["pretrained_cfg"] = dict(spec.get("pretrained_cfg") or {})
     try:
@@ -181,15 +187,38 @@ def _build(name: str, image_size: int, spec: dict | None, pretrained: bool, **kw
     return timm.create_model(name, pretrained=pretrained, **args)
 
 
+# names a config.json or model.encoder_args may give for timm's MLP blocks (classes cannot be JSON)
+MLP_LAYERS = {
+    "mlp": "Mlp",
+    "swiglu": "SwiGLU",
+    "swiglu_packed": "SwiGLUPacked",
+    "glu_mlp": "GluMlp",
+    "gated_mlp": "GatedMlp",
+}
+
+
+def _resolve_layers(args: dict) -> dict:
+    """``mlp_layer`` given by name becomes timm's class (``act_layer`` / ``norm_layer`` names timm resolves itself)."""
+    import timm.layers
+
+    name = args.get("mlp_layer")
+    if not isinstance(name, str):
+        return args
+    key = name.lower().replace("-", "_")
+    if key not in MLP_LAYERS and name not in MLP_LAYERS.values():
+        raise ModelError(f"mlp_layer {name!r}: not one of {', '.join(MLP_LAYERS)}")
+    return {**args, "mlp_layer": getattr(timm.layers, MLP_LAYERS.get(key, name))}
+
+
 def _with_spec(backbone: nn.Module, spec: dict) -> nn.Module:
     backbone.expreg_spec = spec
     return backbone
 
 
-def _from_timm_name(config, pretrained: bool, pretrained_path: str | None) -> nn.Module:
+def _from_timm_name(config, pretrained: bool, pretrained_path: str | None, encoder_args: dict) -> nn.Module:
     import timm
 
-    kwargs: dict = {}
+    kwargs: dict = dict(encoder_args)
     if pretrained_path is not None:
         kwargs["pretrained_cfg_overlay"] = {"file": str(pretrained_path)}
         pretrained = True
@@ -207,7 +236,9 @@ def _from_timm_name(config, pretrained: bool, pretrained_path: str | None) -> nn
         if not pretrained and not config.backbone.startswith(HUB_PREFIX):
             raise
         raise _weights_error(config.backbone, pretrained_path, err) from err
-    return _with_spec(backbone, _spec_of(config.backbone, backbone))
+    spec = _spec_of(config.backbone, backbone)
+    spec["model_args"].update(encoder_args)
+    return _with_spec(backbone, spec)
 
 
 def _spec_of(name: str, backbone: nn.Module) -> dict:

@@ -194,17 +194,19 @@ def build_model(
     *,
     pretrained: bool = False,
     pretrained_path: str | None = None,
+    encoder_args: dict | None = None,
     **config_kwargs,
 ) -> ExpRegModel:
     """A new model for training; loads pretrained backbone weights when asked.
 
+    ``encoder_args`` are added to the backbone's architecture arguments (``create_backbone``).
     The config records what rebuilds the backbone offline (``backbone_config``) and, unless given,
     the encoder's own preprocessing (mean, std, interpolation from timm's data config).
     """
     import timm
 
     config = ExpRegConfig(backbone=backbone, num_genes=num_genes, **config_kwargs)
-    backbone_module = create_backbone(config, pretrained, pretrained_path)
+    backbone_module = create_backbone(config, pretrained, pretrained_path, encoder_args)
     spec = backbone_module.expreg_spec
     config.backbone_config = spec
     config.backbone = spec["architecture"] if _is_path_source(backbone, pretrained_path) else backbone

@@ -136,6 +136,7 @@ def setup_model(cfg: RunConfig, gene_names: list[str], target_stats, patch_px: i
         len(gene_names),
         pretrained=m.pretrained,
         pretrained_path=m.pretrained_path,
+        encoder_args=m.encoder_kwargs(),
         head=m.head,
         head_hidden_dim=m.head_hidden_dim,
         dropout=m.dropout,

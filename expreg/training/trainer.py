@@ -103,6 +103,7 @@ class Trainer:
         self.data: RunData | None = None
         self.state = checkpoint.TrainerState(num_processes=accelerator.num_processes)
         self.model = self.optimizer = self.scheduler = self.train_dl = self.val_dl = None
+        self._said_early_stop = False
 
     # ----------------------------------------------------------------------------------------
     # setup
@@ -359,7 +360,9 @@ class Trainer:
     def _early_stopped(self) -> bool:
         patience = self.cfg.train.early_stopping_patience
         if patience and self.state.bad_epochs >= patience:
-            logger.info(f"early stopping: no improvement in {self.state.bad_epochs} epochs")
+            if not self._said_early_stop:  # asked twice at the end of the last epoch: say it once
+                logger.info(f"early stopping: no improvement in {self.state.bad_epochs} epochs")
+                self._said_early_stop = True
             return True
         return False
 
