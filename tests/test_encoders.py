@@ -144,6 +144,9 @@ def test_weights_of_another_shape_name_the_tensor(tmp_path):
     _write_config(folder, model_args=_args())  # config.json says 32 wide; the weights are 48 wide
     with pytest.raises(ModelError, match=r"model.safetensors: the weights do not fit .*size mismatch for \S+"):
         _build(folder)
+    save_timm_folder(tmp_path / "no_layer_scale")  # timm alone would leave the missing tensors at random init
+    with pytest.raises(ModelError, match="tensors the model has but the file lacks: blocks.0.ls1.gamma"):
+        _build(tmp_path / "no_layer_scale", encoder_args={"init_values": 1e-5})
     (folder / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelError, match="model.safetensors"):
         _build(folder)

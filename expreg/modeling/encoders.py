@@ -142,8 +142,13 @@ def _clean_spec(architecture: str, model_args: dict, pretrained_cfg: dict) -> di
 
 
 def load_encoder_folder(folder: str | Path, image_size: int, encoder_args: dict | None = None) -> nn.Module:
-    """Build a timm model folder's encoder offline and load its weights through timm (its checkpoint
-    filter adapts e.g. a ViT's position embedding to ``image_size``; the classifier is dropped).
+    """Build a timm model folder's encoder offline and load its weights, strictly.
+
+    timm's checkpoint filter for the architecture adapts the weights (e.g. a ViT's position
+    embedding resampled to ``image_size``); the classifier is dropped. Every other tensor of the
+    model must be in the file with its shape, and the file may hold nothing else: timm's own
+    loading, when the classifier is dropped, would keep a missing tensor at its random
+    initialisation without an error.
 
     Raises:
         ModelError: Not a timm folder, or weights that do not fit (the message names the tensors).
@@ -151,24 +156,67 @@ def load_encoder_folder(folder: str | Path, image_size: int, encoder_args: dict 
     folder = Path(folder)
     spec = folder_spec(folder)
     spec["model_args"].update(encoder_args or {})
-    load_spec = {**spec, "pretrained_cfg": {**spec["pretrained_cfg"], "file": str(weights_file(folder))}}
+    path = weights_file(folder)
     try:
-        backbone = _build(spec["architecture"], image_size, load_spec, pretrained=True)
-    except Exception as err:  # noqa: BLE001 - torch, safetensors and pickle errors have no common base
-        raise _folder_weights_error(folder, spec, err) from err
-    logger.info(f"encoder {spec['architecture']} loaded offline from {folder}")
+        backbone = _build(spec["architecture"], image_size, spec, pretrained=False)
+    except (TypeError, ValueError, RuntimeError, AssertionError) as err:
+        raise ModelError(
+            f"{folder / 'config.json'}: timm cannot build {spec['architecture']} with {spec['model_args']}: {err}"
+        ) from err
+    state = _filtered(_read_weights(path), backbone, spec, path)
+    _check_tensors(backbone, state, spec, path)
+    backbone.load_state_dict(state, strict=True)
+    logger.info(f"encoder {spec['architecture']} loaded offline from {folder} ({len(state)} tensors)")
     return _with_spec(backbone, spec)
 
 
-def _folder_weights_error(folder: Path, spec: dict, err: Exception) -> ModelError:
-    path = weights_file(folder)
-    details = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if isinstance(err, RuntimeError) and "state_dict" in str(err):  # torch's load_state_dict names the tensors
-        return ModelError(
-            f"{path}: the weights do not fit {spec['architecture']} as config.json builds it "
-            f"(model_args {spec['model_args']}): {'; '.join(details[1:4] or details[:1])}"
-        )
-    return ModelError(f"{path}: cannot read the weights ({type(err).__name__}: {details[0] if details else ''})")
+def _read_weights(path: Path) -> dict:
+    from timm.models import load_state_dict
+
+    try:
+        return load_state_dict(str(path))
+    except Exception as err:  # noqa: BLE001 - safetensors, pickle and zip errors have no common base
+        details = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = f"{type(err).__name__}: {details[0] if details else ''}"
+        raise ModelError(f"{path}: cannot read the weights ({reason})") from err
+
+
+def _filtered(state: dict, backbone: nn.Module, spec: dict, path: Path) -> dict:
+    """timm's checkpoint filter of the architecture, then without the classifier the folder's model had."""
+    import importlib
+
+    import timm
+
+    module = importlib.import_module(timm.models.model_entrypoint(spec["architecture"]).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, backbone)
+        except Exception as err:  # noqa: BLE001 - filters raise shape errors of any kind
+            raise ModelError(
+                f"{path}: the weights do not fit {spec['architecture']}: {type(err).__name__}: {err}"
+            ) from err
+    classifier = spec["pretrained_cfg"].get("classifier") or ("head", "fc", "classifier")
+    heads = tuple(f"{h}." for h in ((classifier,) if isinstance(classifier, str) else classifier))
+    own = backbone.state_dict()
+    return {k: v for k, v in state.items() if k in own or not k.startswith(heads)}
+
+
+def _check_tensors(backbone: nn.Module, state: dict, spec: dict, path: Path) -> None:
+    """``ModelError`` naming the first tensors whose shape differs, that are missing, or that are extra."""
+    own = backbone.state_dict()
+    built = f"{spec['architecture']} as config.json (and model.encoder_args) build it, model_args {spec['model_args']}"
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ModelError(
+                f"{path}: the weights do not fit {built}: size mismatch for {key}: {tuple(value.shape)} in the "
+                f"file, {tuple(own[key].shape)} in the model"
+            )
+    missing, extra = set(own) - set(state), set(state) - set(own)
+    for kind, keys in (("the model has but the file lacks", missing), ("the file has but the model lacks", extra)):
+        if keys:
+            listed = ", ".join(sorted(keys)[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+            raise ModelError(f"{path}: the weights do not fit {built}: tensors {kind}: {listed}")
 
 
 def _build(name: str, image_size: int, spec: dict | None, pretrained: bool, **kwargs) -> nn.Module:
