@@ -13,7 +13,7 @@ its folds (``splits/test_<i>.csv``) and its targets (log1p of the counts of its 
 See ``expreg.evaluation.cv`` for what each method does and what is written. The ``finetune``
 method trains through ``expreg.training.folds.finetune_fold``, bound here to the recipe's
 accelerator. Exit codes: 0 done; 1 failed (training error, unreadable image, I/O error); 2 bad
-recipe, arguments or metadata; 128+N stopped by signal N.
+recipe, arguments, metadata or encoder folder; 128+N stopped by signal N.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from expreg.evaluation.cv import (
     parse_methods,
     render_markdown,
 )
+from expreg.modeling.encoders import ModelError
 from expreg.run_dir import RunDirError
 
 
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
         cfg = load_recipe(args.recipe, args.overrides)
         check_config(cfg, methods, args.hest_task, args.n_folds)
         return _run(cfg, args, methods, output_dir(cfg, args.recipe, args.out_dir))
-    except (ConfigError, MetadataError, RunDirError) as err:
+    except (ConfigError, MetadataError, RunDirError, ModelError) as err:
         print(f"expreg.cv: error: {err}", file=sys.stderr)
         return 2
 
@@ -81,6 +82,9 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
     except (TrainingError, UnreadableImageError, OSError) as err:
         print(f"expreg.cv: error: {error_message(err)}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
         return 1
+    except ModelError as err:  # weights that do not fit the encoder (read once embedding starts)
+        print(f"expreg.cv: error: {err}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
+        return 2
     print()
     print(render_markdown(summary))
     print(f"wrote {out_dir / 'cv_summary.json'} and {out_dir / 'cv_summary.md'}")

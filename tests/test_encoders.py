@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -221,3 +222,20 @@ def test_a_vit_folder_at_another_input_size_gets_its_position_embedding_resample
     assert model.backbone.pos_embed.shape[1] == 5 + 36 and source.pos_embed.shape[1] == 5 + 16
     assert torch.equal(model.backbone.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     assert model.embed(torch.randn(1, 3, 48, 48)).shape == (1, 32)
+
+
+def test_commands_refuse_a_broken_encoder_folder_before_writing_anything(tmp_path, dataset_csv, capsys):
+    from expreg.cv import main as cv_main
+
+    save_timm_folder(tmp_path / "enc")
+    (tmp_path / "enc" / "model.safetensors").unlink()
+    recipe = str(Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml")
+    overrides = [f"data.metadata_csv={dataset_csv}", f"model.pretrained_path={tmp_path / 'enc'}"]
+    out = tmp_path / "cv"
+    assert cv_main([recipe, *overrides, "--methods", "linear_probe", "--out_dir", str(out)]) == 2
+    assert "enc: no weights (model.safetensors or pytorch_model.bin)" in capsys.readouterr().err
+    assert not out.exists()
+    from test_train import train
+
+    result = train(tmp_path / "runs", "broken", *overrides, "train.mode=frozen", expect_ok=False)
+    assert result.returncode == 2 and "no weights" in result.stderr and not (tmp_path / "runs").exists()

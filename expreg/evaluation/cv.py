@@ -99,6 +99,14 @@ def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds:
             "--hest_task: the task gives the targets (log1p of its counts for its genes); "
             "unset data.expression_file and data.genes"
         )
+    _check_encoder_folder(cfg)
+
+
+def _check_encoder_folder(cfg) -> None:
+    """A local encoder folder that is not one fails now, before anything is written (``ModelError``)."""
+    from expreg.modeling.encoders import check_local_encoder
+
+    check_local_encoder(cfg.model.backbone, cfg.model.pretrained_path)
 
 
 def output_dir(cfg, recipe: str, out_dir: str | None) -> Path:

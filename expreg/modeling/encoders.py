@@ -68,6 +68,18 @@ def create_backbone(
     return _from_timm_name(config, pretrained, pretrained_path, encoder_args or {})
 
 
+def check_local_encoder(backbone: str, pretrained_path: str | None) -> None:
+    """The cheap checks of a local encoder folder (files, config, architecture), for commands to run before
+    they write anything; ``ModelError`` as ``create_backbone`` would raise it. Weights are not read."""
+    folder = _local_folder(backbone, pretrained_path)
+    if folder is None:
+        return
+    if (folder / "config.json").is_file() and _is_timm_folder(folder):
+        folder_spec(folder)
+    elif not (folder / "model.safetensors").is_file():
+        raise ModelError(f"{folder}: not a save_pretrained folder (no model.safetensors); {_LAYOUT}")
+
+
 def _local_folder(backbone: str, pretrained_path: str | None) -> Path | None:
     if pretrained_path is not None and Path(pretrained_path).is_dir():
         return Path(pretrained_path)
