@@ -185,11 +185,13 @@ def resolve_model_dir(model: str) -> str:
 
 def load_model(model: str):
     """``ExpRegModel.from_pretrained`` with a clear error for unreachable hub ids (e.g. offline)."""
-    from expreg.modeling.model import ExpRegModel
+    from expreg.modeling.model import ExpRegModel, ModelError
 
     source = resolve_model_dir(model)
     try:
         return ExpRegModel.from_pretrained(source).eval()
+    except ModelError as err:  # its backbone cannot be rebuilt (e.g. an architecture this timm lacks)
+        raise PredictError(f"could not load model {model!r}: {err}") from err
     except (OSError, ValueError) as err:
         raise PredictError(
             f"could not load model {model!r}: {type(err).__name__}: {str(err).splitlines()[0]}. A local folder "
