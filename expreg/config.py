@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -212,6 +213,14 @@ def _check_positive(name: str, value) -> None:
 
 
 _NULLS = ("none", "null", "~", "")
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml_number(value):
+    """YAML 1.1 reads ``1e-5`` (no dot) as text: such a value of a mapping becomes the number it spells."""
+    return float(value) if isinstance(value, str) and _NUMBER.match(value.strip()) else value
+
+
 _FALSE_MEANS = {"train.mixed_precision": "no", "logging.report_to": "none"}
 
 
@@ -231,7 +240,7 @@ def _convert(name: str, value, annotation):
     if name == "model.encoder_args" and isinstance(value, dict):  # a mapping in the recipe: kept as JSON text
         import json
 
-        return json.dumps(value, sort_keys=True)
+        return json.dumps({k: _yaml_number(v) for k, v in value.items()}, sort_keys=True)
     if annotation is str and isinstance(value, bool):
         if value is False and name in _FALSE_MEANS:
             return _FALSE_MEANS[name]  # YAML 1.1 reads an unquoted `no` / `off` as False

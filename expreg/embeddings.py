@@ -83,12 +83,18 @@ def dihedral_view(pixel_values, view: int):
     horizontal flip when ``view`` is odd (the order of ``expreg.inference.dihedral_views``)."""
     import torch
 
+    if view == 0:
+        return pixel_values
     rotated = torch.rot90(pixel_values, view // 2, dims=(2, 3))
     return torch.flip(rotated, dims=(3,)) if view % 2 else rotated
 
 
-def store_identity(model, files: list[str], view: int = 0) -> dict:
-    """Everything that makes the numbers of a store (see the module docstring)."""
+def store_identity(model, files: list[str], view: int = 0, weights_sha256: str | None = None) -> dict:
+    """Everything that makes the numbers of a store (see the module docstring). ``weights_sha256``:
+    the encoder's ``weights_digest``, when the caller has it already (it reads every weight)."""
+    import timm
+    import torch
+
     from expreg.modeling.encoders import weights_digest
 
     config = model.config
@@ -98,7 +104,9 @@ def store_identity(model, files: list[str], view: int = 0) -> dict:
         "architecture": spec["architecture"],
         "model_args": spec.get("model_args", {}),
         "pooling": config.pooling,
-        "weights_sha256": weights_digest(model.backbone),
+        "weights_sha256": weights_sha256 or weights_digest(model.backbone),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
         "image_size": config.image_size,
         "image_mean": list(config.image_mean),
         "image_std": list(config.image_std),
@@ -126,67 +134,81 @@ def ensure_embeddings(
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
+    weights_sha256: str | None = None,
 ) -> EmbeddingStore:
     """Open the store of these images under this encoder and view, building it first when there is none.
 
     Args:
         model: An ``ExpRegModel``; its encoder (``embed``) runs in eval mode, fp32, on the
-            accelerator's device. Its head plays no part.
+            accelerator's device (this process's device without one). Its head plays no part.
         files: Image paths (any order; duplicates once); every one must be readable.
         view: 0-7, the dihedral view embedded (``dihedral_view``).
-        accelerator: Shares the building over its processes (every process must call this);
-            None: this process alone.
+        accelerator: Shares the building over its processes (every process must call this). The
+            main process decides the store's folder, whether it exists and whether there is space,
+            and writes it; with several machines the cache folder must be one they share.
+        weights_sha256: The encoder's ``weights_digest`` when already known (saves reading every weight).
 
     Raises:
-        EmbeddingStoreError: Not enough disk space, or the cache folder cannot be written.
+        EmbeddingStoreError: Not enough disk space, or the cache folder cannot be written (on every process).
         UnreadableImageError: An image cannot be read (named).
     """
     if not 0 <= view < NUM_VIEWS:
         raise ValueError(f"view must be in 0..{NUM_VIEWS - 1}, got {view}")
     files = sorted({os.path.abspath(f) for f in files})
-    identity = store_identity(model, files, view)
-    folder = store_folder(identity, cache_root)
-    if not _all_see(folder, accelerator):
+    main = accelerator is None or accelerator.is_main_process
+    plan = _plan(model, files, view, cache_root, weights_sha256) if main else None
+    folder, identity, exists, problem = _from_main(plan, accelerator)
+    if problem:
+        raise EmbeddingStoreError(problem)
+    if not exists:
         import torch
 
         with torch.random.fork_rng(devices=[]):  # a run draws the same random numbers whether it built a store or not
             embeddings = _embed(model, files, view, accelerator, batch_size, num_workers, progress, folder)
-        if accelerator is None or accelerator.is_main_process:
-            _write(folder, files, embeddings, identity)
-        if accelerator is not None:
-            accelerator.wait_for_everyone()
+        problem = _write(folder, files, embeddings, identity) if main else None
+        problem = _from_main(problem, accelerator)
+        if problem:
+            raise EmbeddingStoreError(problem)
     return EmbeddingStore(folder)
 
 
-def _all_see(folder: Path, accelerator) -> bool:
-    """Whether the store exists, as the main process sees it (every process then does the same)."""
-    exists = (folder / INFO_FILE).is_file()
+def _plan(model, files: list[str], view: int, cache_root, weights_sha256) -> tuple:
+    """The main process's ``(folder, identity, exists, problem)``; a size estimate is printed before a build."""
+    from expreg.modeling.encoders import pooled_features
+
+    identity = store_identity(model, files, view, weights_sha256)
+    folder = store_folder(identity, cache_root)
+    if (folder / INFO_FILE).is_file():
+        return folder, identity, True, None
+    width = pooled_features(model.backbone, model.config.pooling)
+    return folder, identity, False, _announce(folder, len(files), width, view)
+
+
+def _from_main(value, accelerator):
+    """``value`` as the main process has it, on every process."""
     if accelerator is None or accelerator.num_processes == 1:
-        return exists
+        return value
     from accelerate.utils import broadcast_object_list
 
-    return bool(broadcast_object_list([exists])[0])
+    return broadcast_object_list([value])[0]
 
 
 def _embed(model, files, view, accelerator, batch_size, num_workers, progress, folder) -> np.ndarray:
     """``(len(files), features)`` float32 embeddings, every process's shard gathered in order."""
     from expreg.inference import gather_outputs, image_loader
-    from expreg.modeling.encoders import pooled_features
 
     main = accelerator is None or accelerator.is_main_process
-    width = pooled_features(model.backbone, model.config.pooling)
-    if main:
-        _announce(folder, len(files), width, view)
     was_training = model.training
     model.eval()
     loader = image_loader(model, files, batch_size, num_workers)
     if accelerator is not None:
         model.to(accelerator.device)
         loader = accelerator.prepare_data_loader(loader)
+    device = next(model.parameters()).device  # without an accelerator: wherever the caller put the model
     start = time.perf_counter()
     try:
         embeddings = gather_outputs(
-            lambda pixel_values: model.embed(dihedral_view(pixel_values, view) if view else pixel_values),
+            lambda pixel_values: model.embed(dihedral_view(pixel_values.to(device), view)),
             loader,
             accelerator,
             desc=f"embedding ({folder.name.rsplit('-', 1)[0]})",
@@ -204,13 +226,16 @@ def _embed(model, files, view, accelerator, batch_size, num_workers, progress, f
     return embeddings.astype(np.float32, copy=False)
 
 
-def _announce(folder: Path, num_images: int, width: int, view: int) -> None:
-    """Print the size estimate; ``EmbeddingStoreError`` when the disk has not got the space to spare."""
+def _announce(folder: Path, num_images: int, width: int, view: int) -> str | None:
+    """Print the size estimate; the problem when the disk has not got the space to spare (or no folder)."""
     needed = num_images * width * 4 + num_images * 200  # float32 rows + the paths
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder.parent).free
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder.parent).free
+    except OSError as err:
+        return f"cannot make the embedding store folder {folder.parent}: {err}; set EXPREG_CACHE"
     if needed > MAX_DISK_FRACTION * free:
-        raise EmbeddingStoreError(
+        return (
             f"the embedding store needs about {fmt_bytes(needed)} in {folder.parent}, which has {fmt_bytes(free)} "
             "free: set EXPREG_CACHE to a larger disk"
         )
@@ -219,16 +244,17 @@ def _announce(folder: Path, num_images: int, width: int, view: int) -> None:
         f"{fmt_bytes(needed)} -> {folder}",
         flush=True,
     )
+    return None
 
 
-def _write(folder: Path, files: list[str], embeddings: np.ndarray, identity: dict) -> None:
-    """Write into a staging folder of this process, then rename it to ``folder`` (atomic)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(folder.parent)
+def _write(folder: Path, files: list[str], embeddings: np.ndarray, identity: dict) -> str | None:
+    """Write into a staging folder of this process, then rename it to ``folder`` (atomic); the problem, if any."""
     staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned_staging(folder.parent)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         np.save(staging / EMBEDDINGS_FILE, embeddings)
         (staging / PATHS_FILE).write_text(json.dumps(files))
         info = {**identity, "num_features": int(embeddings.shape[1]), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -239,9 +265,10 @@ def _write(folder: Path, files: list[str], embeddings: np.ndarray, identity: dic
             if not (folder / INFO_FILE).is_file():  # anything but "another process built it meanwhile"
                 raise
     except OSError as err:
-        raise EmbeddingStoreError(f"cannot write the embedding store {folder}: {err}; set EXPREG_CACHE") from err
+        return f"cannot write the embedding store {folder}: {err}; set EXPREG_CACHE to a writable folder with space"
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return None
 
 
 def _remove_abandoned_staging(stores_dir: Path) -> None:

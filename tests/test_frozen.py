@@ -51,7 +51,9 @@ def test_the_head_trains_on_cached_embeddings_and_the_saved_model_is_complete(fr
     m = metrics(run)
     assert m["status"] == "finished" and m["epochs_done"] == 3 and m["best_val_spearman_mean"] is not None
     stores = sorted((root / "cache" / "embeddings").iterdir())
-    assert len(stores) == 8  # all images in view 0, the training images in views 1-7
+    assert len(stores) == 8  # every image of the run in each of the 8 views
+    recorded = json.loads((run / "embedding_stores.json").read_text())
+    assert recorded["stores"] == [str(s) for s in sorted(stores, key=lambda p: int(p.name.split("-view")[1][0]))]
     assert result.stdout.count("embedding store: ") >= 8 and "8x the embedding time" in result.stdout
     log = (run / "log.txt").read_text()
     assert "mode frozen" in log and f"embedding store: {stores[0]}" in log  # where they are, in the run's log
@@ -82,6 +84,20 @@ def test_stop_and_resume_equals_uninterrupted_and_reuses_the_stores(frozen_setup
     resumed = resume(out / "stopped" / "checkpoints" / "last")
     assert not re.search(r"embedded [\d,]+ images", resumed.stdout)
     assert_same_run(out / "reference", out / "stopped")
+
+
+def test_resume_refuses_another_encoder(frozen_setup, tmp_path):
+    import shutil
+
+    root, settings, _ = frozen_setup
+    shutil.copytree(root / "encoder", tmp_path / "encoder")
+    mine = [s for s in settings if not s.startswith("model.pretrained_path")]
+    mine.append(f"model.pretrained_path={tmp_path / 'encoder'}")
+    train(tmp_path / "runs", "stopped", *mine, "train.stop_after_steps=3")
+    save_timm_folder(tmp_path / "encoder", seed=8)  # the folder's weights change meanwhile
+    result = resume(tmp_path / "runs" / "stopped" / "checkpoints" / "last", expect_ok=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the encoder differs from the one this run's head was trained on (weights_sha256 changed" in result.stderr
 
 
 def test_jitter_cannot_be_cached():

@@ -59,7 +59,10 @@ def create_backbone(
     """
     spec = getattr(config, "backbone_config", None)
     if spec and pretrained_path is None and not pretrained:
-        return _with_spec(_build(spec["architecture"], config.image_size, spec, pretrained=False), spec)
+        try:
+            return _with_spec(_build(spec["architecture"], config.image_size, spec, pretrained=False), spec)
+        except (RuntimeError, TypeError, ValueError) as err:  # e.g. an architecture this timm does not have
+            raise ModelError(f"cannot rebuild the saved backbone {spec['architecture']!r}: {err}") from err
     folder = _local_folder(config.backbone, pretrained_path)
     if folder is not None and (folder / "config.json").is_file() and _is_timm_folder(folder):
         return load_encoder_folder(folder, config.image_size, encoder_args)
@@ -296,6 +299,10 @@ def _from_timm_name(config, pretrained: bool, pretrained_path: str | None, encod
         if not pretrained and not config.backbone.startswith(HUB_PREFIX):
             raise
         raise _weights_error(config.backbone, pretrained_path, err) from err
+    except TypeError as err:  # e.g. a model.encoder_args name the architecture does not take
+        raise ModelError(
+            f"timm cannot build {config.backbone!r} with model.encoder_args {encoder_args}: {err}"
+        ) from err
     spec = _spec_of(config.backbone, backbone)
     spec["model_args"].update(encoder_args)
     return _with_spec(backbone, spec)
@@ -329,7 +336,7 @@ def _backbone_from_saved_model(config, folder: Path) -> nn.Module:
         backbone.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelError(
-            f"{weights}: its backbone does not match {config.backbone!r}: {str(err).splitlines()[0]}"
+            f"{weights}: its backbone does not fit the architecture its config.json records: {str(err).splitlines()[0]}"
         ) from err
     return _with_spec(backbone, saved or _spec_of(config.backbone, backbone))
 
@@ -350,10 +357,15 @@ def _weights_error(backbone: str, path: str | None, err: Exception) -> ModelErro
 
 
 def native_pooling(backbone: nn.Module) -> str | None:
-    """The pooling the timm backbone does itself, in our names (None: another kind)."""
+    """The pooling a token model (a ViT) does itself, in our names; None for others (CNNs pool by their head)."""
     pool = getattr(backbone, "global_pool", None)
     pool = getattr(pool, "pool_type", pool)
     return _TIMM_POOL.get(pool) if isinstance(pool, str) else None
+
+
+def _token_model(backbone: nn.Module) -> bool:
+    """A model whose features are tokens with a class/register prefix count (timm's ViT family)."""
+    return _prefix_tokens(backbone) is not None
 
 
 def check_pooling(backbone: nn.Module, pooling: str | None) -> None:
@@ -362,10 +374,6 @@ def check_pooling(backbone: nn.Module, pooling: str | None) -> None:
         return
     if pooling not in POOLINGS:
         raise ModelError(f"model.pooling must be one of {', '.join(POOLINGS)}; got {pooling!r}")
-    if pooling == "avg" and _prefix_tokens(backbone) is None:
-        raise ModelError(
-            f"model.pooling=avg: {type(backbone).__name__} has its own pooling ({native_pooling(backbone)})"
-        )
     if pooling in ("cls", "cls+mean") and getattr(backbone, "cls_token", None) is None:
         raise ModelError(
             f"model.pooling={pooling} needs a class token (a ViT); {type(backbone).__name__} has none: use avg"
@@ -384,16 +392,24 @@ def pooled_features(backbone: nn.Module, pooling: str | None) -> int:
 
 
 def pool(backbone: nn.Module, pixel_values: torch.Tensor, pooling: str | None) -> torch.Tensor:
-    """``(batch, pooled_features)`` embeddings of ``pixel_values``."""
-    if pooling is None or pooling == native_pooling(backbone):
+    """``(batch, pooled_features)`` embeddings of ``pixel_values``.
+
+    The backbone's own forward where it already pools as asked: always for ``None``, for a model
+    that is not a token model (a CNN's global average pool, wherever its timm class keeps it), and
+    for a ViT whose timm pooling is the one asked for. Otherwise from a ViT's tokens: the class
+    token and the mean of the patch tokens (class and register tokens left out), each through the
+    ViT's ``fc_norm`` when it has one (timm ViTs built for average pooling normalise after pooling).
+    """
+    if pooling is None or pooling == native_pooling(backbone) or not _token_model(backbone):
         return backbone(pixel_values)
-    tokens = backbone.forward_features(pixel_values)  # (B, N, D), after the final norm
-    patch_mean = tokens[:, _prefix_tokens(backbone) :].mean(dim=1)
+    tokens = backbone.forward_features(pixel_values)  # (B, N, D)
+    norm = getattr(backbone, "fc_norm", None) or nn.Identity()
+    patch_mean = norm(tokens[:, _prefix_tokens(backbone) :].mean(dim=1))
     if pooling == "avg":
         return patch_mean
     if pooling == "cls":
-        return tokens[:, 0]
-    return torch.cat([tokens[:, 0], patch_mean], dim=1)
+        return norm(tokens[:, 0])
+    return torch.cat([norm(tokens[:, 0]), patch_mean], dim=1)
 
 
 def weights_digest(module: nn.Module) -> str:

@@ -23,6 +23,7 @@ from torch import nn
 
 from expreg.data import image_files
 from expreg.embeddings import NUM_VIEWS, ensure_embeddings
+from expreg.modeling.encoders import weights_digest
 
 logger = logging.getLogger("expreg")
 
@@ -114,16 +115,15 @@ def setup_frozen_loaders(cfg, data, model, accelerator, dry_run_steps: int | Non
     d = cfg.data
     if dry_run_steps:
         _cut_for_dry_run(cfg, data, accelerator.num_processes, dry_run_steps)
+    # every view over every image of the run: the same stores for every split, fold and later run
     everything = [p for part in data.datasets.values() for p in image_files(part)]
-    store = _store(cfg, model, everything, 0, accelerator)
-    data.embedding_stores.append(store)
+    digest = weights_digest(model.backbone) if accelerator.is_main_process else None  # read once, not per store
+    views = range(NUM_VIEWS) if d.augment_dihedral else range(1)
+    data.embedding_stores = [_store(cfg, model, everything, v, accelerator, digest) for v in views]
     loaders: dict = {}
     for name, part in data.datasets.items():
         files = image_files(part)
-        stores = [store]
-        if name == "train" and d.augment_dihedral:
-            stores += [_store(cfg, model, files, v, accelerator) for v in range(1, NUM_VIEWS)]
-            data.embedding_stores += stores[1:]
+        stores = data.embedding_stores if name == "train" else data.embedding_stores[:1]
         labels = data.target_stats.normalize(np.asarray(part["labels"], dtype=np.float32))
         views, rows = [s.array for s in stores], [s.rows(files) for s in stores]
         dataset = EmbeddingRows(views, labels, list(part["path"]), cfg.seed, rows=rows)
@@ -159,11 +159,11 @@ def _cut_for_dry_run(cfg, data, num_processes: int, steps: int) -> None:
     )
 
 
-def _store(cfg, model, files: list[str], view: int, accelerator):
+def _store(cfg, model, files: list[str], view: int, accelerator, weights_sha256: str | None):
     if view == 1:
         logger.info(
-            "data.augment_dihedral=true: the training images are embedded in all 8 dihedral views (8x the "
-            "embedding time, once); set data.augment_dihedral=false to embed each image once"
+            "data.augment_dihedral=true: the images are embedded in all 8 dihedral views (8x the embedding time, "
+            "once); set data.augment_dihedral=false to embed each image once"
         )
     return ensure_embeddings(
         model,
@@ -174,4 +174,32 @@ def _store(cfg, model, files: list[str], view: int, accelerator):
         batch_size=cfg.data.eval_batch_size or max(cfg.data.batch_size, 64),
         num_workers=cfg.data.num_workers,
         progress=accelerator.is_local_main_process,
+        weights_sha256=weights_sha256,
     )
+
+
+STORES_FILE = "embedding_stores.json"
+
+
+def record_stores(run_dir, stores: list, resuming: bool, is_main_process: bool) -> None:
+    """``<run>/embedding_stores.json``: the stores the run reads (folder and identity). On ``--resume`` the
+    encoder must be the one the run started with: its head was trained on those embeddings."""
+    import json
+    from pathlib import Path
+
+    from expreg.config import ConfigError
+    from expreg.run_dir import write_json
+
+    path = Path(run_dir) / STORES_FILE
+    keys = ("architecture", "model_args", "pooling", "weights_sha256", "image_size", "image_mean", "image_std")
+    now = {k: stores[0].info[k] for k in keys}
+    if resuming and path.is_file():
+        before = json.loads(path.read_text())["encoder"]
+        changed = [k for k in keys if before.get(k) != now[k]]
+        if changed:
+            raise ConfigError(
+                f"--resume: the encoder differs from the one this run's head was trained on ({', '.join(changed)} "
+                f"changed; {path}); resume with the same encoder, or start a new run"
+            )
+    if is_main_process:
+        write_json(path, {"encoder": now, "stores": [str(s.folder) for s in stores]})

@@ -36,7 +36,7 @@ from expreg.run_dir import (
 )
 from expreg.seeding import seed_everything
 from expreg.training import checkpoint, results
-from expreg.training.frozen import FrozenHead, setup_frozen_loaders
+from expreg.training.frozen import FrozenHead, record_stores, setup_frozen_loaders
 from expreg.training.interrupts import (
     Interrupted,
     StopRequested,
@@ -131,6 +131,10 @@ class Trainer:
             self.data.loaders = setup_loaders(cfg, self.data, self.model, accelerator.num_processes, image_cache)
         self.run_dir = setup_run_dir(cfg, accelerator, self.resume_from, self.dry_run, self.model.config.backbone)
         write_run_files(cfg, self.data, self.run_dir, accelerator.is_main_process)
+        if cfg.train.mode == "frozen":
+            record_stores(
+                self.run_dir, self.data.embedding_stores, bool(self.resume_from), accelerator.is_main_process
+            )
         if data_warning:
             logger.warning(data_warning)
         if cfg.train.mode != "linear_probe":
