@@ -72,7 +72,14 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
     try:
         accelerator, finetune = _finetune(cfg, methods)
         summary = cross_validate(
-            cfg, Path(args.recipe).name, args.n_folds, methods, out_dir, finetune, hest_task=args.hest_task
+            cfg,
+            Path(args.recipe).name,
+            args.n_folds,
+            methods,
+            out_dir,
+            finetune,
+            hest_task=args.hest_task,
+            accelerator=accelerator,
         )
         if accelerator is not None:
             accelerator.end_training()
@@ -92,8 +99,9 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
 
 
 def _finetune(cfg, methods: list[str]):
-    """``(accelerator, finetune)``: the fine-tuning of a fold bound to the recipe's accelerator, or ``(None, None)``."""
-    if not {"finetune", "frozen"} & set(methods):
+    """``(accelerator, finetune)``: the recipe's accelerator when a method runs a model (training runs, and the
+    probes' embeddings, built on its device), and the training of a fold bound to it (or None)."""
+    if not {"finetune", "frozen", "linear_probe", "linear_probe_hest"} & set(methods):
         return None, None
     from expreg.training.folds import finetune_fold
     from expreg.training.launch import build_accelerator, unconnected_launch_error
@@ -102,7 +110,8 @@ def _finetune(cfg, methods: list[str]):
     problem = unconnected_launch_error(accelerator)
     if problem:
         raise ConfigError(problem)
-    return accelerator, functools.partial(finetune_fold, accelerator=accelerator)
+    trains = {"finetune", "frozen"} & set(methods)
+    return accelerator, functools.partial(finetune_fold, accelerator=accelerator) if trains else None
 
 
 if __name__ == "__main__":

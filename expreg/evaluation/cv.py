@@ -157,6 +157,7 @@ def cross_validate(
     out_dir: Path,
     finetune: FineTune | None = None,
     hest_task: str | None = None,
+    accelerator=None,
 ) -> dict:
     """Run every method on every fold; returns the summary (also written to ``out_dir``).
 
@@ -191,7 +192,7 @@ def cross_validate(
         finetune=finetune,
         metadata=metadata if cfg.data.expression_file else None,
     )
-    folds.inputs = _shared_inputs(cfg, methods, list(folds.files))
+    folds.inputs = _shared_inputs(cfg, methods, list(folds.files), accelerator)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for k in range(n_folds):
         _score_fold(folds, k, methods, results)
@@ -358,7 +359,7 @@ def _gene_selection(cfg, fold_genes: dict, common: list[str]) -> dict:
     }
 
 
-def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
+def _shared_inputs(cfg, methods: list[str], files: list[str], accelerator=None) -> dict:
     """Per-image inputs computed once for all folds (colour/texture features, frozen embeddings), and
     the fit function of each baseline: ``fit(x_train, y_train, groups_train, x_test, seed)``."""
     from expreg.evaluation.baselines import extract_features, linear_probe, mean_fit, ridge_baseline
@@ -372,7 +373,7 @@ def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
     probes = [m for m in ("linear_probe", HEST_PROBE) if m in methods]
     if probes:  # one embedding array for both probes, from the embedding store (built once, reused)
         start = time.perf_counter()
-        embeddings = probe_embeddings(cfg, files)
+        embeddings = probe_embeddings(cfg, files, accelerator)
         seconds = time.perf_counter() - start
         fits = {"linear_probe": linear_probe, HEST_PROBE: hest_linear_probe}
         for method in probes:  # each probe's time includes the embedding it needs
@@ -380,8 +381,10 @@ def _shared_inputs(cfg, methods: list[str], files: list[str]) -> dict:
     return inputs
 
 
-def probe_embeddings(cfg, files: list[str]) -> np.ndarray:
+def probe_embeddings(cfg, files: list[str], accelerator=None) -> np.ndarray:
     """Frozen embeddings ``(len(files), features)`` (float64) of the recipe's encoder, from the embedding store.
+
+    ``accelerator``: the store is built on its device(s), shared by its processes (None: this process, CPU).
 
     The encoder is the recipe's (``model.backbone``, ``model.pretrained`` / ``model.pretrained_path``,
     ``model.pooling``, ``data.image_size``); a randomly initialised one is seeded from ``cfg.seed``, so
@@ -403,7 +406,13 @@ def probe_embeddings(cfg, files: list[str]) -> np.ndarray:
         image_size=d.image_size,
     )
     store = ensure_embeddings(
-        model, files, cache_root=d.image_cache_dir, batch_size=d.eval_batch_size or 64, num_workers=d.num_workers
+        model,
+        files,
+        accelerator=accelerator,
+        cache_root=d.image_cache_dir,
+        batch_size=d.eval_batch_size or 64,
+        num_workers=d.num_workers,
+        progress=accelerator is None or accelerator.is_local_main_process,
     )
     print(f"embeddings: {store.folder} ({len(store):,} images x {store.num_features:,} features)")
     return store.get(files).astype(np.float64)

@@ -6,7 +6,7 @@ defaults of its ``BenchmarkConfig`` / ``bench_config/bench_config.yaml``: ``dimr
 ``src/hest/bench/trainer.py`` (``train_test_reg``):
 
 - ``Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=256, random_state=seed))])``
-  fitted on the training embeddings; both sides transformed, then turned into ``torch.Tensor``
+  fitted on the training embeddings, in float32 as HEST's are (torch embeddings); both sides transformed, then turned into ``torch.Tensor``
   (rounded to float32; sklearn's ``check_array`` does not recognise the torch dtype and fits the
   ridge in float64 on those rounded values, as done here);
 - ``Ridge(solver="lsqr", alpha=100 / (X_train.shape[1] * y_train.shape[1]), random_state=seed,
@@ -72,7 +72,8 @@ def hest_linear_probe(
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
-    emb_train, emb_test = np.asarray(emb_train), np.asarray(emb_test)
+    # HEST's embeddings are float32 (torch), so its scaler and PCA fit in float32: the same here
+    emb_train, emb_test = np.asarray(emb_train, dtype=np.float32), np.asarray(emb_test, dtype=np.float32)
     y_train = np.asarray(y_train, dtype=np.float64)
     n_components = hest_components(*emb_train.shape, latent_dim) if len(emb_train) > 1 else 0
     if n_components < 1:  # nothing to fit (HEST stops with an error): the training mean, correlations undefined

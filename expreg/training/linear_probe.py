@@ -34,6 +34,7 @@ def fit_linear_probe(trainer) -> tuple[float, float, np.ndarray]:
     store = ensure_embeddings(
         trainer.model,
         everything,
+        accelerator=accelerator,
         cache_root=cfg.data.image_cache_dir,
         batch_size=batch_size,
         num_workers=cfg.data.num_workers,
