@@ -239,3 +239,26 @@ def test_commands_refuse_a_broken_encoder_folder_before_writing_anything(tmp_pat
 
     result = train(tmp_path / "runs", "broken", *overrides, "train.mode=frozen", expect_ok=False)
     assert result.returncode == 2 and "no weights" in result.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("backbone", ["test_convnext", "test_efficientnet", "test_maxvit"])
+def test_avg_pooling_of_models_that_pool_in_their_head_is_their_own(backbone):
+    """ConvNeXt, EfficientNet, MaxViT keep their global pool elsewhere than ``global_pool``: ``avg`` is theirs."""
+    torch.manual_seed(0)
+    model = build_model(backbone, 3, image_size=64, pooling="avg").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(x), model.backbone(x), rtol=0, atol=0)
+    with pytest.raises(ModelError, match="needs a class token"):
+        build_model(backbone, 3, image_size=64, pooling="cls+mean")
+
+
+def test_cls_pooling_of_a_vit_built_for_average_pooling_is_normalised(tmp_path):
+    args = {**_args(), "global_pool": "avg"}  # timm then normalises after pooling (fc_norm), not before
+    save_timm_folder(tmp_path / "enc", model_args=args)
+    model = _build(tmp_path / "enc", pooling="cls")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = model.backbone.forward_features(x)
+        torch.testing.assert_close(model.embed(x), model.backbone.fc_norm(tokens[:, 0]))
+        torch.testing.assert_close(_build(tmp_path / "enc", pooling="avg").embed(x), model.backbone(x))
