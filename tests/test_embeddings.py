@@ -18,9 +18,9 @@ from expreg.modeling.model import build_model
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _model(seed: int = 0, image_size: int = 16, **kwargs):
+def _model(seed: int = 0, image_size: int = 16, backbone: str = "test_resnet", **kwargs):
     torch.manual_seed(seed)
-    return build_model("test_resnet", 3, image_size=image_size, **kwargs).eval()
+    return build_model(backbone, 3, image_size=image_size, **kwargs).eval()
 
 
 def _files(csv: Path) -> list[str]:
@@ -49,9 +49,11 @@ class _Counting:
 
 def test_built_once_then_read_from_the_memory_map(dataset_csv, tmp_path, capsys):
     files = _files(dataset_csv)
-    model = _model()
+    model = _model().train()  # as a training run hands it over: the store is still made in eval mode
     seen = _Counting(model)
     store = ensure_embeddings(model, files, cache_root=tmp_path, batch_size=8)
+    assert model.training  # and the model is given back as it came
+    model.eval()
     out = capsys.readouterr().out
     assert f"embedding store: {len(files)} images x {store.num_features} features (float32, view 0) = about" in out
     assert seen.images == len(files)
@@ -73,8 +75,11 @@ def test_each_part_of_the_identity_makes_its_own_store(dataset_csv, tmp_path):
         "other images": ensure_embeddings(_model(), files[:-1], cache_root=tmp_path).folder,
         "other mean": ensure_embeddings(_model(image_mean=[0.5] * 3), files, cache_root=tmp_path).folder,
     }
+    vit = {pooling: _model(backbone="test_vit", image_size=32, pooling=pooling) for pooling in ("avg", "cls")}
+    for name, model in vit.items():  # the same weights, pooled two ways
+        folders[f"vit {name}"] = ensure_embeddings(model, files, cache_root=tmp_path).folder
     assert ensure_embeddings(_model(), files, cache_root=tmp_path).folder == base  # same seed: same weights
-    assert len({base, *folders.values()}) == 6, folders
+    assert len({base, *folders.values()}) == 8, folders
     os.utime(files[0], ns=(1, 1))  # an image changed on disk
     assert ensure_embeddings(_model(), files, cache_root=tmp_path).folder != base
 

@@ -7,7 +7,8 @@ For each bug: copy the working tree to a temporary folder, apply the one-line ch
 fast-tier tests named for it there (``PYTHONPATH`` points at the copy, so subprocesses use the
 planted code too) and report ``caught`` (a test failed) or ``MISSED``. The checkout itself is
 never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug and four
-bugs of whole-slide maps (issue 14).
+bugs of whole-slide maps (issue 14), and four of
+foundation-model encoders and the embedding store (issue 15).
 """
 
 from __future__ import annotations
@@ -101,6 +102,30 @@ BUGS = {
         "slide.best_level(geometry.downsample),",
         "0,",
         ["tests/test_map.py::test_a_tiled_slide_is_read_from_the_level_of_the_model_never_whole_at_level_0"],
+    ),
+    "vit_mean_counts_register_tokens_as_patches": (
+        "expreg/modeling/encoders.py",
+        "patch_mean = norm(tokens[:, _prefix_tokens(backbone) :].mean(dim=1))",
+        "patch_mean = norm(tokens[:, 1:].mean(dim=1))",
+        ["tests/test_encoders.py::test_pooling_of_a_vit_with_register_tokens"],
+    ),
+    "frozen_rows_read_in_dataset_order_not_store_order": (
+        "expreg/training/frozen.py",
+        "batch[chosen] = self.views[view][self.rows[view][index[chosen]]]",
+        "batch[chosen] = self.views[view][index[chosen]]",
+        ["tests/test_frozen.py::test_the_head_trains_on_cached_embeddings_and_the_saved_model_is_complete"],
+    ),
+    "store_identity_without_pooling": (
+        "expreg/embeddings.py",
+        '"pooling": config.pooling,',
+        "",
+        ["tests/test_embeddings.py::test_each_part_of_the_identity_makes_its_own_store"],
+    ),
+    "store_embedded_in_training_mode": (
+        "expreg/embeddings.py",
+        "    model.eval()\n",
+        "\n",
+        ["tests/test_embeddings.py::test_built_once_then_read_from_the_memory_map"],
     ),
 }
 
