@@ -124,64 +124,85 @@ def store_folder(identity: dict, cache_root: str | os.PathLike | None = None) ->
     return root / "embeddings" / f"{name}-view{identity['view']}-{digest}"
 
 
-def ensure_embeddings(
+def ensure_embeddings(model, files: list[str], *, view: int = 0, **kwargs) -> EmbeddingStore:
+    """Open the store of these images under this encoder and view, building it first when there is none
+    (``ensure_embedding_views`` with one view; the same arguments)."""
+    return ensure_embedding_views(model, files, views=(view,), **kwargs)[0]
+
+
+def ensure_embedding_views(
     model,
     files: list[str],
     *,
-    view: int = 0,
+    views=(0,),
     accelerator=None,
     cache_root: str | os.PathLike | None = None,
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
     weights_sha256: str | None = None,
-) -> EmbeddingStore:
-    """Open the store of these images under this encoder and view, building it first when there is none.
+) -> list[EmbeddingStore]:
+    """The stores of these images under this encoder, one per view, building the missing ones in one pass
+    (each image decoded once for all its views).
 
     Args:
         model: An ``ExpRegModel``; its encoder (``embed``) runs in eval mode, fp32, on the
             accelerator's device (this process's device without one). Its head plays no part.
         files: Image paths (any order; duplicates once); every one must be readable.
-        view: 0-7, the dihedral view embedded (``dihedral_view``).
+        views: Dihedral views (0-7, ``dihedral_view``) to embed.
         accelerator: Shares the building over its processes (every process must call this). The
-            main process decides the store's folder, whether it exists and whether there is space,
-            and writes it; with several machines the cache folder must be one they share.
+            main process decides the stores' folders, which exist and whether there is space, and
+            writes them; with several machines the cache folder must be one they share.
         weights_sha256: The encoder's ``weights_digest`` when already known (saves reading every weight).
 
     Raises:
         EmbeddingStoreError: Not enough disk space, or the cache folder cannot be written (on every process).
         UnreadableImageError: An image cannot be read (named).
     """
-    if not 0 <= view < NUM_VIEWS:
-        raise ValueError(f"view must be in 0..{NUM_VIEWS - 1}, got {view}")
+    views = list(views)
+    if not views or any(not 0 <= v < NUM_VIEWS for v in views):
+        raise ValueError(f"views must be in 0..{NUM_VIEWS - 1}, got {views}")
     files = sorted({os.path.abspath(f) for f in files})
     main = accelerator is None or accelerator.is_main_process
-    plan = _plan(model, files, view, cache_root, weights_sha256) if main else None
-    folder, identity, exists, problem = _from_main(plan, accelerator)
+    plans = _plan(model, files, views, cache_root, weights_sha256) if main else None
+    plans, problem = _from_main(plans, accelerator)
     if problem:
         raise EmbeddingStoreError(problem)
-    if not exists:
+    missing = [p for p in plans if not p["exists"]]
+    if missing:
         import torch
 
         with torch.random.fork_rng(devices=[]):  # a run draws the same random numbers whether it built a store or not
-            embeddings = _embed(model, files, view, accelerator, batch_size, num_workers, progress, folder)
-        problem = _write(folder, files, embeddings, identity) if main else None
-        problem = _from_main(problem, accelerator)
+            embeddings = _embed(
+                model, files, [p["view"] for p in missing], accelerator, batch_size, num_workers, progress
+            )
+        problems = (
+            [_write(p["folder"], files, embeddings[:, i], p["identity"]) for i, p in enumerate(missing)]
+            if main
+            else None
+        )
+        problem = next((p for p in _from_main(problems, accelerator) if p), None)
         if problem:
             raise EmbeddingStoreError(problem)
-    return EmbeddingStore(folder)
+    return [EmbeddingStore(p["folder"]) for p in plans]
 
 
-def _plan(model, files: list[str], view: int, cache_root, weights_sha256) -> tuple:
-    """The main process's ``(folder, identity, exists, problem)``; a size estimate is printed before a build."""
-    from expreg.modeling.encoders import pooled_features
+def _plan(model, files: list[str], views: list[int], cache_root, weights_sha256) -> tuple[list[dict], str | None]:
+    """The main process's plan: per view its folder, identity and whether it exists; and the problem, if
+    any. The size estimate of what will be built is printed first."""
+    from expreg.modeling.encoders import pooled_features, weights_digest
 
-    identity = store_identity(model, files, view, weights_sha256)
-    folder = store_folder(identity, cache_root)
-    if (folder / INFO_FILE).is_file():
-        return folder, identity, True, None
+    weights_sha256 = weights_sha256 or weights_digest(model.backbone)
+    plans = []
+    for view in views:
+        identity = store_identity(model, files, view, weights_sha256)
+        folder = store_folder(identity, cache_root)
+        plans.append({"view": view, "folder": folder, "identity": identity, "exists": (folder / INFO_FILE).is_file()})
+    missing = [p for p in plans if not p["exists"]]
+    if not missing:
+        return plans, None
     width = pooled_features(model.backbone, model.config.pooling)
-    return folder, identity, False, _announce(folder, len(files), width, view)
+    return plans, _announce([p["folder"] for p in missing], len(files), width, [p["view"] for p in missing])
 
 
 def _from_main(value, accelerator):
@@ -193,8 +214,10 @@ def _from_main(value, accelerator):
     return broadcast_object_list([value])[0]
 
 
-def _embed(model, files, view, accelerator, batch_size, num_workers, progress, folder) -> np.ndarray:
-    """``(len(files), features)`` float32 embeddings, every process's shard gathered in order."""
+def _embed(model, files, views, accelerator, batch_size, num_workers, progress) -> np.ndarray:
+    """``(len(files), len(views), features)`` float32 embeddings, every process's shard gathered in order."""
+    import torch
+
     from expreg.inference import gather_outputs, image_loader
 
     main = accelerator is None or accelerator.is_main_process
@@ -205,15 +228,15 @@ def _embed(model, files, view, accelerator, batch_size, num_workers, progress, f
         model.to(accelerator.device)
         loader = accelerator.prepare_data_loader(loader)
     device = next(model.parameters()).device  # without an accelerator: wherever the caller put the model
+
+    def forward(pixel_values):
+        pixel_values = pixel_values.to(device)
+        return torch.stack([model.embed(dihedral_view(pixel_values, v)) for v in views], dim=1)
+
     start = time.perf_counter()
     try:
-        embeddings = gather_outputs(
-            lambda pixel_values: model.embed(dihedral_view(pixel_values.to(device), view)),
-            loader,
-            accelerator,
-            desc=f"embedding ({folder.name.rsplit('-', 1)[0]})",
-            progress=progress,
-        )
+        label = f"embedding (view{'s' if len(views) > 1 else ''} {', '.join(map(str, views))})"
+        embeddings = gather_outputs(forward, loader, accelerator, desc=label, progress=progress)
     finally:
         model.train(was_training)
     if embeddings is None or len(embeddings) != len(files):
@@ -222,26 +245,29 @@ def _embed(model, files, view, accelerator, batch_size, num_workers, progress, f
         )
     if main:
         seconds = time.perf_counter() - start
-        print(f"embedded {len(files):,} images in {seconds:.1f} s ({len(files) / max(seconds, 1e-9):.1f} images/s)")
+        rate = len(files) * len(views) / max(seconds, 1e-9)
+        print(f"embedded {len(files):,} images x {len(views)} view(s) in {seconds:.1f} s ({rate:.1f} embeddings/s)")
     return embeddings.astype(np.float32, copy=False)
 
 
-def _announce(folder: Path, num_images: int, width: int, view: int) -> str | None:
+def _announce(folders: list[Path], num_images: int, width: int, views: list[int]) -> str | None:
     """Print the size estimate; the problem when the disk has not got the space to spare (or no folder)."""
-    needed = num_images * width * 4 + num_images * 200  # float32 rows + the paths
+    parent = folders[0].parent
+    needed = len(views) * (num_images * width * 4 + num_images * 200)  # float32 rows + the paths
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(folder.parent).free
+        parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(parent).free
     except OSError as err:
-        return f"cannot make the embedding store folder {folder.parent}: {err}; set EXPREG_CACHE"
+        return f"cannot make the embedding store folder {parent}: {err}; set EXPREG_CACHE"
     if needed > MAX_DISK_FRACTION * free:
         return (
-            f"the embedding store needs about {fmt_bytes(needed)} in {folder.parent}, which has {fmt_bytes(free)} "
+            f"the embedding store needs about {fmt_bytes(needed)} in {parent}, which has {fmt_bytes(free)} "
             "free: set EXPREG_CACHE to a larger disk"
         )
+    where = str(folders[0]) if len(folders) == 1 else f"{len(folders)} stores in {parent}"
     print(
-        f"embedding store: {num_images:,} images x {width:,} features (float32, view {view}) = about "
-        f"{fmt_bytes(needed)} -> {folder}",
+        f"embedding store: {num_images:,} images x {width:,} features (float32, view{'s' if len(views) > 1 else ''} "
+        f"{', '.join(map(str, views))}) = about {fmt_bytes(needed)} -> {where}",
         flush=True,
     )
     return None

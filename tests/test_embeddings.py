@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from expreg.embeddings import EmbeddingStoreError, dihedral_view, ensure_embeddings
+from expreg.embeddings import EmbeddingStoreError, dihedral_view, ensure_embedding_views, ensure_embeddings
 from expreg.inference import dihedral_views, image_loader
 from expreg.modeling.model import build_model
 
@@ -93,6 +93,12 @@ def test_a_view_is_the_rotated_and_flipped_image(dataset_csv, tmp_path):
     store = ensure_embeddings(model, files, view=5, cache_root=tmp_path)
     np.testing.assert_allclose(store.get(files), _direct(model, files, view=5), rtol=1e-5, atol=1e-6)
     assert store.info["view"] == 5
+    seen = _Counting(model)
+    stores = ensure_embedding_views(model, files, views=[2, 5, 7], cache_root=tmp_path)  # one pass for the two missing
+    assert [s.info["view"] for s in stores] == [2, 5, 7] and stores[1].folder == store.folder
+    assert seen.images == 2 * len(files)  # view 5 existed; each image decoded once for views 2 and 7
+    for s in stores:
+        np.testing.assert_allclose(s.get(files), _direct(model, files, view=s.info["view"]), rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_images_and_a_full_disk_are_clear_errors(dataset_csv, tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from expreg.data import image_files
-from expreg.embeddings import NUM_VIEWS, ensure_embeddings
+from expreg.embeddings import NUM_VIEWS, ensure_embedding_views
 from expreg.modeling.encoders import weights_digest
 
 logger = logging.getLogger("expreg")
@@ -112,14 +112,12 @@ def setup_frozen_loaders(cfg, data, model, accelerator, dry_run_steps: int | Non
         The loaders ``build_dataloaders`` would return (``train``, ``validation``, ``test``,
         ``train_sampler``, ``train_transform``), over embedding rows.
     """
-    d = cfg.data
     if dry_run_steps:
         _cut_for_dry_run(cfg, data, accelerator.num_processes, dry_run_steps)
     # every view over every image of the run: the same stores for every split, fold and later run
     everything = [p for part in data.datasets.values() for p in image_files(part)]
     digest = weights_digest(model.backbone) if accelerator.is_main_process else None  # read once, not per store
-    views = range(NUM_VIEWS) if d.augment_dihedral else range(1)
-    data.embedding_stores = [_store(cfg, model, everything, v, accelerator, digest) for v in views]
+    data.embedding_stores = _stores(cfg, model, everything, accelerator, digest)
     loaders: dict = {}
     for name, part in data.datasets.items():
         files = image_files(part)
@@ -159,16 +157,18 @@ def _cut_for_dry_run(cfg, data, num_processes: int, steps: int) -> None:
     )
 
 
-def _store(cfg, model, files: list[str], view: int, accelerator, weights_sha256: str | None):
-    if view == 1:
+def _stores(cfg, model, files: list[str], accelerator, weights_sha256: str | None) -> list:
+    """View 0, and with ``data.augment_dihedral`` the 7 other dihedral views, of every image (one pass)."""
+    views = range(NUM_VIEWS) if cfg.data.augment_dihedral else range(1)
+    if cfg.data.augment_dihedral:
         logger.info(
-            "data.augment_dihedral=true: the images are embedded in all 8 dihedral views (8x the embedding time, "
-            "once); set data.augment_dihedral=false to embed each image once"
+            "data.augment_dihedral=true: the images are embedded in all 8 dihedral views (8x the encoder's work, "
+            "once; each image decoded once); set data.augment_dihedral=false to embed each image once"
         )
-    return ensure_embeddings(
+    return ensure_embedding_views(
         model,
         files,
-        view=view,
+        views=views,
         accelerator=accelerator,
         cache_root=cfg.data.image_cache_dir,
         batch_size=cfg.data.eval_batch_size or max(cfg.data.batch_size, 64),
