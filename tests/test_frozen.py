@@ -87,6 +87,7 @@ def test_stop_and_resume_equals_uninterrupted_and_reuses_the_stores(frozen_setup
     assert_same_run(out / "reference", out / "stopped")
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_encoder(frozen_setup, tmp_path):
     import shutil
 
@@ -136,6 +137,7 @@ def test_two_processes_share_the_stores_and_resume_exactly(frozen_setup, tmp_pat
     assert weights_digest(one.backbone) == weights_digest(two.backbone)  # the same frozen encoder
 
 
+@pytest.mark.slow
 def test_the_same_encoder_folder_can_be_fine_tuned(frozen_setup):
     root, settings, _ = frozen_setup
     finetune = [s for s in settings if not s.startswith(("train.mode", "train.epochs"))] + ["train.epochs=1"]
@@ -147,6 +149,7 @@ def test_the_same_encoder_folder_can_be_fine_tuned(frozen_setup):
     assert metrics(root / "runs" / "finetuned")["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_dry_run_embeds_only_the_rows_it_reads(frozen_setup, tmp_path):
     root, settings, _ = frozen_setup
     dry = [s for s in settings if not s.startswith("data.image_cache_dir")] + [f"data.image_cache_dir={tmp_path}"]

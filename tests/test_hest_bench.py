@@ -183,6 +183,7 @@ def test_cv_on_a_hest_task_uses_its_folds_targets_and_both_probes(hest_task, cac
     assert f"`linear_probe_hest` {hest['pearson_mean']:.4f} vs `linear_probe` {ours['pearson_mean']:.4f}" in markdown
 
 
+@pytest.mark.slow
 def test_cv_finetunes_on_a_hest_task_reusing_the_materialised_folder(hest_task, cache, tmp_path, capsys):
     root, _ = hest_task
     assert _cv(root, tmp_path / "a", "--methods", "mean") == 0
