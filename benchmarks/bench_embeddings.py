@@ -232,10 +232,11 @@ def embedding_sides(args, backbone: str, files: list[str], accelerator, quiet: Q
             lambda: store_embeddings(model, files, accelerator, b, args.workers)
         ),
     }
-    values = alternate({name: quiet.wrap(name, fn) for name, fn in sides.items()}, args.repeats, warmup=False)
+    sides = {f"{backbone}: {name}": quiet.wrap(f"{backbone}: {name}", fn) for name, fn in sides.items()}
+    values = alternate(sides, args.repeats, warmup=False)
     print(f"{backbone}, {config.image_size} px, batch {b}, {args.workers} workers, {len(files):,} images; images/s")
     for name, vals in values.items():
-        report({name: vals}, "img/s")
+        report({name.split(": ", 1)[1]: vals}, "img/s")
         print(quiet_line(quiet, name, vals, "img/s"))
     return values
 
@@ -487,7 +488,8 @@ def print_results(args, embedding: dict, heads: dict, quiet: Quiet) -> None:
         names = list(values)
         for name in names[:2]:
             print(
-                f"{backbone}: ensure_embeddings / {name} = {median(values[names[2]]) / median(values[name]):.2f} "
+                f"{backbone}: ensure_embeddings / {name.split(': ', 1)[1]} = "
+                f"{median(values[names[2]]) / median(values[name]):.2f} "
                 f"(medians; {quiet_ratio(quiet, names[2], values, name)}) (target >= 0.9)"
             )
 
