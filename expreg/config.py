@@ -54,6 +54,9 @@ class DataConfig:
     genes: str | None = None  # hvg:K, var:K, mean:K or a file of gene names
     min_gene_detection: float = 0.1
     target_transform: str = "log1p_cpm"
+    # a listed or chosen gene that some sample never measured: an error (False), or its targets there left out
+    # of the loss and the metrics (True); never counted as zeros
+    allow_unmeasured_genes: bool = False
     # physical side of the patches in µm (stored in the model for whole-slide maps); read from the
     # prepare.json beside an expreg.prepare metadata CSV, give it for hand-made CSVs
     patch_um: float | None = None

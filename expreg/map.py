@@ -35,10 +35,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--sample_id", help="with --measured: which sample of a prepare folder (or HEST id) this slide is")
     p.add_argument(
+        "--spot_pitch_um",
+        type=float,
+        help="with a Space Ranger / HEST / .h5ad --measured: centre-to-centre spot distance in µm (default: "
+        "100 for a hexagonal Visium lattice, 200 for a square ST one; the scale is fitted from the lattice)",
+    )
+    p.add_argument(
         "--spot_diameter_um",
         type=float,
-        default=55.0,
-        help="with a Space Ranger --measured: spot µm (55 Visium, 100 ST)",
+        help="with a Space Ranger --measured, instead of the lattice: spot µm / spot_diameter_fullres",
     )
     p.add_argument(
         "--target_transform",
@@ -76,6 +81,9 @@ def _report(summary: dict, out_dir: str) -> None:
             f"{measured['what']}: mean Spearman {measured['spearman_mean']:.4f}, mean Pearson "
             f"{measured['pearson_mean']:.4f} ({measured['num_genes']} genes; spot_metrics.json)"
         )
+    print(f"scale: {summary['um_per_px']:.4g} µm/px from {summary['um_per_px_source']}")
+    for warning in summary.get("warnings") or []:
+        print(f"warning: {warning}")
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,5 @@
 """python -m expreg.prepare --samples samples.csv --out_dir data/my_set [--genes genes.txt] [--patch_um 112]
-    [--patch_px 224] [--spot_diameter_um 55] [--image_format png|jpeg] [--target_transform log1p_cpm]
+    [--patch_px 224] [--spot_pitch_um 100] [--image_format png|jpeg] [--target_transform log1p_cpm]
 
 Command: Space Ranger / HEST-1k / AnnData sections with full-resolution H&E images -> patches at a
 stated physical size, ``metadata.csv``, ``expression.h5ad`` (raw counts) and ``prepare.json``
@@ -23,17 +23,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--samples",
         required=True,
-        help="sample sheet: sample_id, group_id, path [, image, um_per_px, spot_diameter_um]",
+        help="sample sheet: sample_id, group_id, path [, image, um_per_px, spot_pitch_um, spot_diameter_um]",
     )
     parser.add_argument("--out_dir", required=True, help="folder to create (never overwritten without --overwrite)")
     parser.add_argument("--genes", help="gene names, one per line: also write their targets y0.. and genes.txt")
     parser.add_argument("--patch_um", type=float, default=112.0, help="patch side in µm (default 112)")
     parser.add_argument("--patch_px", type=int, default=224, help="patch side in pixels (default 224: 0.5 µm/px)")
     parser.add_argument(
+        "--spot_pitch_um",
+        type=float,
+        help="centre-to-centre spot distance in µm; the scale is fitted from the spot lattice (default: 100 for a "
+        "hexagonal Visium lattice, 200 for a square ST one; the sheet's spot_pitch_um or um_per_px win)",
+    )
+    parser.add_argument(
         "--spot_diameter_um",
         type=float,
-        default=55.0,
-        help="spot diameter in µm for the scale from scalefactors_json.json (default 55: Visium; original ST arrays: 100)",
+        help="instead of the lattice: spot diameter in µm / spot_diameter_fullres of scalefactors_json.json "
+        "(not recommended: 10x define that field as a theoretical 65 µm spot; the log says which source won)",
     )
     parser.add_argument("--image_format", choices=["png", "jpeg"], default="png", help="patch files (default png)")
     parser.add_argument(
@@ -56,6 +62,7 @@ def main(argv=None) -> int:
     options = Options(
         patch_um=args.patch_um,
         patch_px=args.patch_px,
+        spot_pitch_um=args.spot_pitch_um,
         spot_diameter_um=args.spot_diameter_um,
         image_format=args.image_format,
         genes_file=args.genes,

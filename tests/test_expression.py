@@ -26,11 +26,12 @@ DATA = Path(__file__).parent / "data"
 def test_transforms_match_their_definitions():
     counts = sp.csr_matrix(np.array([[0, 3, 1], [4, 0, 0], [0, 0, 0]], dtype=np.int32))
     cpm = transform_counts(counts, [1, 0, -1], "log1p_cpm")
-    np.testing.assert_allclose(cpm[0], np.log1p([3 / 4 * 1e4, 0, 0]), rtol=1e-6)
-    np.testing.assert_allclose(cpm[1], np.log1p([0, 1e4, 0]), rtol=1e-6)
-    assert (cpm[2] == 0).all()  # an empty spot: zeros, not NaN
+    np.testing.assert_allclose(cpm[0], np.log1p([3 / 4 * 1e4, 0, np.nan]), rtol=1e-6)
+    np.testing.assert_allclose(cpm[1], np.log1p([0, 1e4, np.nan]), rtol=1e-6)
+    assert (cpm[2, :2] == 0).all()  # an empty spot: zeros, not NaN
+    assert np.isnan(cpm[:, 2]).all()  # a gene the sample did not measure (-1): NaN, never a measured zero
     np.testing.assert_allclose(transform_counts(counts, [1, 2], "log1p")[0], np.log1p([3, 1]), rtol=1e-6)
-    assert transform_counts(counts, [0, -1], "none").tolist() == [[0, 0], [4, 0], [0, 0]]
+    np.testing.assert_array_equal(transform_counts(counts, [0, -1], "none"), [[0, np.nan], [4, np.nan], [0, np.nan]])
 
 
 @pytest.mark.parametrize("case", ["log1p_cpm:10", "log1p_cpm:50", "log1p:10", "log1p:50"])
@@ -238,3 +239,19 @@ def test_resume_refuses_another_gene_spec(tmp_path):
     assert _genes_differ(tmp_path, saved, "hvg:50") == [] and _genes_differ(tmp_path, saved, saved) == []
     assert "run chose its genes by 'hvg:50', recipe has 'var:50'" in _genes_differ(tmp_path, saved, "var:50")[0]
     assert _genes_differ(tmp_path, None, None) == [] and _genes_differ(tmp_path, None, "hvg:5")
+
+
+def test_gene_choice_divides_by_each_spots_total_over_all_genes():
+    """log1p_cpm while choosing genes: library sizes over every gene, the rare ones left out of the choice included."""
+    names = ["A", "B", "RARE"]
+    counts = np.array([[10, 1, 100_000], [4, 6, 0], [4, 6, 0], [4, 6, 0]], dtype=np.int32)
+    eligible = counts[:, :2].astype(np.float64)
+
+    def top_mean(totals):  # the gene of highest mean log1p(counts per 10,000), by hand
+        return names[int(np.argmax(np.log1p(eligible * 1e4 / totals[:, None]).mean(axis=0)))]
+
+    by_hand = top_mean(counts.sum(axis=1).astype(np.float64))
+    assert by_hand == "B" and top_mean(eligible.sum(axis=1)) == "A"  # the library size decides this choice
+    for matrix in (counts, sp.csr_matrix(counts)):
+        choice = choose_genes(matrix, names, "mean:1", min_detection=0.5, transform="log1p_cpm", train_groups=["x"])
+        assert choice.genes == [by_hand] and choice.excluded_rare == 1  # RARE: in 1 of 4 spots, never chosen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from PIL import Image
 
 from expreg.cv import main as cv_main
 from expreg.data.h5ad import write_h5ad
@@ -134,6 +136,25 @@ def test_materialised_task_is_reused_and_rebuilt_when_inputs_change(hest_task, c
         not changed.reused and changed.folder != first.folder and changed.genes_file.read_text().split() == GENES[:4]
     )
     assert sorted(p.name for p in cache.iterdir()) == sorted([first.folder.name, changed.folder.name])  # no leftovers
+
+
+def test_a_task_file_rewritten_at_the_same_size_is_materialised_again(hest_task, cache):
+    root, _ = hest_task
+    first = materialise_task(root, progress=False)
+    patches = root / "patches" / "S1.h5"
+    size, mtime = patches.stat().st_size, patches.stat().st_mtime_ns
+    with h5py.File(patches, "r+") as f:  # new pixels written in place: the same number of bytes
+        new_pixels = 255 - f["img"][...]
+        f["img"][...] = new_pixels
+    os.utime(patches, ns=(mtime + 5_000_000_000, mtime + 5_000_000_000))
+    assert patches.stat().st_size == size and patches.stat().st_mtime_ns != mtime
+    again = materialise_task(root, progress=False)
+    assert not again.reused and again.folder != first.folder  # a new build, not the old folder
+    paths = pd.read_csv(again.metadata_csv).query("sample_id == 'S1'")["path"].tolist()
+    assert len(paths) == SAMPLES["S1"]
+    for row in (0, 3):
+        with Image.open(again.folder / paths[row]) as image:
+            np.testing.assert_array_equal(np.asarray(image), new_pixels[row])  # the patches as they are now
 
 
 def _cv(root: Path, out: Path, *extra: str) -> int:

@@ -375,8 +375,9 @@ def test_plain_h5ad_layout(tmp_path):
     section = read_section(path, "S1", image=image)
     assert section.layout == "h5ad" and section.image == str(image) and len(section.barcodes) == N_MATRIX - 2
     assert len(section.warnings) == 1 and "not integers" in section.warnings[0]
-    assert section.scalefactors == scalefactors  # scanpy's uns["spatial"][library]; the image array is left out
-    assert read_h5ad(path).uns["spatial"]["lib1"]["images"] == {}
+    assert section.scalefactors == scalefactors  # scanpy's uns["spatial"][library]
+    hires = read_h5ad(path).uns["spatial"]["lib1"]["images"]["hires"]  # read whole: nothing in uns is dropped
+    assert isinstance(hires, np.ndarray) and hires.shape == (120, 120, 3)
     assert any(w.startswith("image:") for w in read_section(path, "S1").warnings)
 
 

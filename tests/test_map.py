@@ -41,7 +41,9 @@ SLIDE_W, SLIDE_H = 1024, 768
 TISSUE_RECT = (120, 160, 904, 608)  # x0, y0, x1, y1
 KINDS_TILES = 28
 SAMPLE_W, SAMPLE_H = 900, 580  # the Space Ranger section: 8 x 5 tiles of 112 px at 1 um/px
-SPOTS_XY = [(150 + 150 * (k % 5), 140 + 100 * (k // 5)) for k in range(20)]
+# a square lattice 100 px apart: a miniature ST array at 1 um/px with the 100 um pitch the tests state
+SPOTS_XY = [(150 + 100 * (k % 5), 140 + 100 * (k // 5)) for k in range(20)]
+SPOT_PITCH_UM = 100.0
 HEADER = "barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres"
 
 
@@ -127,7 +129,8 @@ def write_slide(kind: str, path_stem: Path, pixels: np.ndarray) -> Path:
 
 
 def make_spaceranger(root: Path, name: str = "S1", seed: int = 3, genes=MEASURED_GENES) -> tuple[Path, sp.csr_matrix]:
-    """``root/name/outs`` and ``root/name/name_fullres.png`` (900 x 580 px): 20 spots of 55 px (1 um/px)."""
+    """``root/name/outs`` and ``root/name/name_fullres.png`` (900 x 580 px): 20 spots of 50 px on a square
+    lattice 100 px apart (1 um/px at ``SPOT_PITCH_UM``)."""
     rng = np.random.default_rng(seed)
     barcodes = [f"{name}spot{k}" for k in range(len(SPOTS_XY))]
     counts = sp.csr_matrix(rng.poisson(rng.uniform(1, 8, len(genes)), (20, len(genes))))
@@ -136,7 +139,7 @@ def make_spaceranger(root: Path, name: str = "S1", seed: int = 3, genes=MEASURED
     write_10x_h5(outs / "filtered_feature_bc_matrix.h5", counts, barcodes, genes)
     rows = [f"{b},1,{k // 5},{k % 5},{y},{x}" for k, (b, (x, y)) in enumerate(zip(barcodes, SPOTS_XY))]
     (outs / "spatial" / "tissue_positions.csv").write_text("\n".join([HEADER, *rows]) + "\n")
-    scalefactors = {"spot_diameter_fullres": 55.0, "tissue_hires_scalef": 0.5}
+    scalefactors = {"spot_diameter_fullres": 50.0, "tissue_hires_scalef": 0.5}
     (outs / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors))
     pixels = tissue_pixels(SAMPLE_W, SAMPLE_H, (60, 60, 840, 520), seed)
     Image.fromarray(pixels).resize((SAMPLE_W // 2, SAMPLE_H // 2)).save(outs / "spatial" / "tissue_hires_image.png")
@@ -228,7 +231,11 @@ def section(work):
     """A Space Ranger section and its expreg.prepare output (112 um patches of 64 px, PNG)."""
     sample, counts = make_spaceranger(work / "sr")
     (work / "sheet.csv").write_text(f"sample_id,group_id,path\nS1,P1,{sample}\n")
-    prepare(work / "sheet.csv", work / "prepared", Options(patch_um=PATCH_UM, patch_px=PATCH_PX))
+    prepare(
+        work / "sheet.csv",
+        work / "prepared",
+        Options(patch_um=PATCH_UM, patch_px=PATCH_PX, spot_pitch_um=SPOT_PITCH_UM),
+    )
     return {"sample": sample, "counts": counts, "prepared": work / "prepared", "image": sample / "S1_fullres.png"}
 
 
@@ -337,7 +344,7 @@ def test_scale_from_the_flag_the_tags_or_the_measured_section_and_the_flag_wins(
     assert plan.geometry.um_per_px == 0.8 and plan.scale_source == "--um_per_px"
     assert len(plan.warnings) == 1 and "(MPP) gives 0.5 µm/px, but 0.8 from --um_per_px is used" in plan.warnings[0]
     assert "but 0.8 from --um_per_px is used" in caplog.text
-    # --measured: the scale prepare used (1 um/px, 55 um spots of 55 px) beats the slide's tags (0.9)
+    # --measured: the scale prepare used (1 um/px, its lattice at a 100 um pitch) beats the slide's tags (0.9)
     tagged = tmp_path / "tagged.tif"
     tifffile.imwrite(
         tagged,
@@ -354,8 +361,13 @@ def test_scale_from_the_flag_the_tags_or_the_measured_section_and_the_flag_wins(
     plan = _plan(model, tagged, tmp_path / "o", measured=str(section["prepared"]), um_per_px=1.2)
     assert plan.geometry.um_per_px == 1.2 and len(plan.warnings) == 2  # the flag beats both, both disagree
     assert "prepare.json" in plan.warnings[0] and "gives 1 µm/px, but 1.2 from --um_per_px" in plan.warnings[0]
-    plan = _plan(model, section["image"], tmp_path / "o", measured=str(section["sample"]))
-    assert plan.geometry.um_per_px == pytest.approx(1.0) and "spot_diameter" in plan.scale_source
+    plan = _plan(model, section["image"], tmp_path / "o", measured=str(section["sample"]), spot_pitch_um=100.0)
+    assert (
+        plan.geometry.um_per_px == pytest.approx(1.0) and "square ST lattice: --spot_pitch_um 100" in plan.scale_source
+    )
+    assert plan.warnings == []
+    plan = _plan(model, section["image"], tmp_path / "o", measured=str(section["sample"]))  # the ST default: 200 um
+    assert plan.geometry.um_per_px == pytest.approx(2.0) and "the standard 200 um pitch" in plan.scale_source
 
 
 @pytest.mark.parametrize("tags", [{}, {"resolution": (72, 72), "resolutionunit": "INCH"}])
@@ -535,7 +547,7 @@ def test_spot_predictions_and_metrics_agree_with_predict_on_the_prepared_patches
     assert json.loads((out / "summary.json").read_text())["um_per_px_source"].startswith(str(prepared))
     # the Space Ranger folder itself: the same spots, scale and predictions
     direct = tmp_path / "direct"
-    args = ["--measured", str(section["sample"]), "--spot_diameter_um", "55"]
+    args = ["--measured", str(section["sample"]), "--spot_pitch_um", str(SPOT_PITCH_UM)]
     assert main(map_args(model_dir, section["image"], direct, *args)) == 0
     again = pd.read_csv(direct / "measured_vs_predicted.csv").set_index("barcode").loc[meta["barcode"]]
     np.testing.assert_allclose(again.to_numpy(), table.to_numpy(), rtol=1e-5, atol=1e-6)
@@ -761,7 +773,11 @@ def test_genes_only_another_sample_measured_are_left_out_not_scored_as_zeros(tmp
     s1, _ = make_spaceranger(tmp_path / "sr", "S1", seed=3)
     s2, _ = make_spaceranger(tmp_path / "sr", "S2", seed=4, genes=[*MEASURED_GENES, "GX"])
     (tmp_path / "sheet.csv").write_text(f"sample_id,group_id,path\nS1,P1,{s1}\nS2,P2,{s2}\n")
-    prepare(tmp_path / "sheet.csv", tmp_path / "prepared", Options(patch_um=PATCH_UM, patch_px=PATCH_PX))
+    prepare(
+        tmp_path / "sheet.csv",
+        tmp_path / "prepared",
+        Options(patch_um=PATCH_UM, patch_px=PATCH_PX, spot_pitch_um=SPOT_PITCH_UM),
+    )
     model = save_model(tmp_path / "gx", genes=[*GENES, "GX"])
     out = tmp_path / "out"
     args = ["--measured", str(tmp_path / "prepared"), "--sample_id", "S1"]

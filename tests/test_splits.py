@@ -46,6 +46,22 @@ def test_seed_changes_the_assignment():
         assert sum(v == "validation" for v in s.values()) == 4
 
 
+def test_the_split_command_uses_its_seed(make_dataset, tmp_path):
+    """Through ``expreg.splits``: the file is the seed's ``assign_splits``, other seeds give other splits."""
+    csv = make_dataset(num_groups=10, samples_per_group=4)
+    sizes = pd.read_csv(csv)["group_id"].value_counts().sort_index()
+    groups = np.array(sizes.index, dtype=object)
+    fractions = {"train": 0.6, "validation": 0.2, "test": 0.2}
+    made = {}
+    for seed in (0, 1, 2, 3, 0):
+        out = tmp_path / f"seed{seed}.csv"
+        assert _run(csv, out, "--seed", seed, "--val_frac", 0.2, "--test_frac", 0.2, "--overwrite") == 0
+        by_group = pd.read_csv(out).groupby("group_id")["split"].first().to_dict()
+        assert by_group == assign_splits(groups, sizes.to_numpy(), fractions, seed)  # this seed's split
+        assert made.setdefault(seed, by_group) == by_group  # the same seed: the same split
+    assert len({tuple(sorted(v.items())) for v in made.values()}) >= 3  # other seeds: other splits
+
+
 def test_uneven_groups_come_as_close_as_whole_groups_allow():
     groups = np.array(["a", "b", "c", "d"], dtype=object)
     sizes = np.array([50, 30, 15, 5])

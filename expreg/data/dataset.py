@@ -241,6 +241,7 @@ class TargetStats:
     """Per-gene mean and standard deviation of the training targets (z-score normalisation).
 
     Genes with zero standard deviation in training get std 1 so that they pass through unscaled.
+    Targets that were not measured (NaN, ``data.allow_unmeasured_genes``) are left out.
     """
 
     mean: np.ndarray
@@ -249,6 +250,9 @@ class TargetStats:
     @classmethod
     def from_labels(cls, labels) -> TargetStats:
         labels = np.asarray(labels, dtype=np.float64)
+        if np.isnan(labels).any():
+            std = np.nanstd(labels, axis=0)
+            return cls(mean=np.nanmean(labels, axis=0), std=np.where(std > 0, std, 1.0))
         std = labels.std(axis=0)
         return cls(mean=labels.mean(axis=0), std=np.where(std > 0, std, 1.0))
 

@@ -7,7 +7,7 @@ times 10,000, then ``log1p`` (scanpy's ``normalize_total(target_sum=1e4)`` + ``l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,7 +23,7 @@ def transform_counts(counts, columns, kind: str = "log1p_cpm") -> np.ndarray:
         counts: Raw counts ``(spots, genes)``, a scipy sparse matrix or an array, over *all* the
             genes measured (the library size of ``log1p_cpm`` is the spot's total).
         columns: Column indices of the target genes; ``-1`` for a gene the sample did not measure
-            (its target is 0).
+            (its target is NaN: not measured is not a measured zero).
         kind: One of ``TARGET_TRANSFORMS``.
     """
     if kind not in TARGET_TRANSFORMS:
@@ -40,6 +40,7 @@ def transform_counts(counts, columns, kind: str = "log1p_cpm") -> np.ndarray:
         values = np.log1p(values * scale[:, None])
     elif kind == "log1p":
         values = np.log1p(values)
+    values[:, ~measured] = np.nan
     return values.astype(np.float32)
 
 
@@ -117,6 +118,11 @@ class GeneChoice:
     train_groups: list[str]
     excluded_rare: int = 0  # genes left out for detection below min_detection
     provenance: str | None = None  # a given list: how it was chosen, when a <list>.json beside it says so
+    # genes left out because a training sample never measured them: sample -> how many (their zeros are no data)
+    excluded_unmeasured: dict[str, int] = field(default_factory=dict)
+    num_excluded_unmeasured: int = 0
+    # chosen genes some sample did not measure (data.allow_unmeasured_genes): sample -> genes; masked, never zeros
+    masked_unmeasured: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def chosen_here(self) -> bool:
@@ -125,26 +131,56 @@ class GeneChoice:
 
     def describe(self) -> str:
         """One sentence for logs and model cards."""
+        masked = self._masked_note()
         if not self.chosen_here:
             origin = f"chosen earlier: {self.provenance}" if self.provenance else "not checked for leakage"
-            return f"{len(self.genes)} genes listed in {self.spec} ({origin}); {self.transform} values"
-        rare = (
-            f", after leaving out {self.excluded_rare} gene(s) detected in < {self.min_detection:g} of them"
-            if self.excluded_rare
-            else ""
-        )
+            return f"{len(self.genes)} genes listed in {self.spec} ({origin}); {self.transform} values{masked}"
+        notes = []
+        if self.num_excluded_unmeasured:
+            by_sample = ", ".join(f"{s}: {n}" for s, n in sorted(self.excluded_unmeasured.items()))
+            notes.append(
+                f"leaving out {self.num_excluded_unmeasured} gene(s) not measured by every training sample "
+                f"({by_sample})"
+            )
+        if self.excluded_rare:
+            notes.append(f"leaving out {self.excluded_rare} gene(s) detected in < {self.min_detection:g} of them")
+        rare = f", after {' and '.join(notes)}" if notes else ""
         return (
             f"{len(self.genes)} genes by {self.spec} on {self.num_train_spots} training spots of group(s) "
-            f"{', '.join(self.train_groups)} ({self.transform} values{rare})"
+            f"{', '.join(self.train_groups)} ({self.transform} values{rare}){masked}"
         )
+
+    def _masked_note(self) -> str:
+        if not self.masked_unmeasured:
+            return ""
+        parts = [
+            f"{s}: {', '.join(g[:5])}{' ...' if len(g) > 5 else ''}" for s, g in sorted(self.masked_unmeasured.items())
+        ]
+        return f"; not measured, left out of the loss and the metrics: {'; '.join(parts)}"
 
     def record(self) -> dict:
         """What ``<list>.json`` beside a written gene list holds (read back as ``provenance``)."""
-        return {"genes": self.genes, "spec": self.spec, "how": self.describe(), "transform": self.transform}
+        return {
+            "genes": self.genes,
+            "spec": self.spec,
+            "how": self.describe(),
+            "transform": self.transform,
+            "excluded_not_measured_by_every_training_sample": self.num_excluded_unmeasured,
+            "excluded_not_measured_per_sample": dict(sorted(self.excluded_unmeasured.items())),
+            "excluded_rare": self.excluded_rare,
+            "masked_not_measured": dict(sorted(self.masked_unmeasured.items())),
+        }
 
 
 def choose_genes(
-    train_counts, gene_names: list[str], spec: str, *, min_detection: float, transform: str, train_groups
+    train_counts,
+    gene_names: list[str],
+    spec: str,
+    *,
+    min_detection: float,
+    transform: str,
+    train_groups,
+    not_measured: dict[str, np.ndarray] | None = None,
 ) -> GeneChoice:
     """Choose the target genes from the training spots only (never from validation or test).
 
@@ -153,7 +189,10 @@ def choose_genes(
         gene_names: Names of the count columns.
         spec: ``hvg:K`` (scanpy's Seurat-flavour highly variable genes), ``var:K`` (top variance),
             ``mean:K`` (top mean), all on transformed values of the genes detected in at least
-            ``min_detection`` of the training spots; or a file with one gene name per line.
+            ``min_detection`` of the training spots and measured by every training sample; or a
+            file with one gene name per line.
+        not_measured: Training sample -> the count columns it never measured (its zeros there are
+            no data): never eligible.
     """
     method, k, path = parse_gene_spec(spec)
     common = {"spec": spec, "transform": transform, "min_detection": min_detection}
@@ -163,16 +202,29 @@ def choose_genes(
         return GeneChoice(genes, provenance=provenance, **common)
     if method == "hvg" and transform == "none":
         raise ValueError("data.genes=hvg:K works on log values: set data.target_transform to log1p_cpm or log1p")
-    eligible = np.flatnonzero(detection_rate(train_counts) >= min_detection)
+    measured = np.ones(len(gene_names), dtype=bool)
+    for columns in (not_measured or {}).values():
+        measured[np.asarray(columns, dtype=np.int64)] = False
+    detected = detection_rate(train_counts) >= min_detection
+    eligible = np.flatnonzero(detected & measured)
     if len(eligible) < k:
+        unmeasured = (
+            f" and measured by every training sample ({int((~measured).sum())} are not)" if not measured.all() else ""
+        )
         raise ValueError(
             f"data.genes={spec}: only {len(eligible)} genes are detected in >= {min_detection:g} of the "
-            f"{train_counts.shape[0]} training spots; lower data.min_gene_detection or K"
+            f"{train_counts.shape[0]} training spots{unmeasured}; lower data.min_gene_detection or K"
         )
     values = transform_counts(train_counts, eligible, transform)  # totals still over all genes
     chosen = eligible[top_k(rank_genes(values.astype(np.float64), method), k)]
-    excluded = len(gene_names) - len(eligible)
-    return GeneChoice([gene_names[i] for i in chosen], excluded_rare=excluded, **common)
+    excluded = {s: len(c) for s, c in (not_measured or {}).items() if len(c)}
+    return GeneChoice(
+        [gene_names[i] for i in chosen],
+        excluded_rare=int((measured & ~detected).sum()),
+        excluded_unmeasured=excluded,
+        num_excluded_unmeasured=int((~measured).sum()),
+        **common,
+    )
 
 
 def read_gene_list(path, what: str = "data.genes") -> list[str]:
@@ -213,9 +265,22 @@ def _genes_from_file(path, gene_names: list[str]) -> tuple[list[str], str | None
 
 
 def expression_targets(
-    metadata, expression_file, is_train: np.ndarray, spec: str, *, min_detection: float, transform: str
+    metadata,
+    expression_file,
+    is_train: np.ndarray,
+    spec: str,
+    *,
+    min_detection: float,
+    transform: str,
+    allow_unmeasured: bool = False,
 ):
     """The metadata with targets ``y0..`` computed from raw counts for genes chosen on the training rows.
+
+    A gene a sample never measured (``uns["genes_not_measured"]``, written by ``expreg.prepare``) is
+    never counted as zero: it is not eligible for ``hvg/var/mean`` when a training sample lacks it,
+    and a chosen or listed gene that any sample of the rows lacks is an error naming the sample,
+    unless ``allow_unmeasured`` (``data.allow_unmeasured_genes``): then those targets are NaN, which
+    the loss and the metrics leave out.
 
     Args:
         metadata: A metadata table without target columns (``expreg.prepare``'s ``metadata.csv``).
@@ -236,7 +301,11 @@ def expression_targets(
             "raw counts: use a metadata CSV without y columns (expreg.prepare without --genes)"
         )
     table = read_h5ad(expression_file)
-    counts = table.X[_aligned_rows(metadata, table.obs, expression_file)]
+    rows = _aligned_rows(metadata, table.obs, expression_file)
+    counts = table.X[rows]
+    samples = table.obs["sample_id"].astype(str).to_numpy()[rows] if "sample_id" in table.obs.columns else None
+    not_measured = _not_measured(table, samples, expression_file)
+    train_samples = sorted(set(samples[is_train])) if samples is not None else []
     groups = metadata.frame["group_id"].to_numpy()[is_train]
     try:
         choice = choose_genes(
@@ -246,15 +315,77 @@ def expression_targets(
             min_detection=min_detection,
             transform=transform,
             train_groups=groups,
+            not_measured={s: not_measured[s] for s in train_samples if s in not_measured},
         )
     except ValueError as err:
         raise ConfigError(str(err)) from err
     index = {g: i for i, g in enumerate(table.var_names)}
-    targets = transform_counts(counts, [index[g] for g in choice.genes], transform)
+    columns = [index[g] for g in choice.genes]
+    targets = transform_counts(counts, columns, transform)
+    choice.masked_unmeasured = _mask_unmeasured(
+        targets, samples, is_train, not_measured, columns, choice, allow_unmeasured, expression_file
+    )
     frame = metadata.frame.copy()
-    columns = [f"y{k}" for k in range(len(choice.genes))]
-    frame[columns] = targets.astype(np.float64)
-    return Metadata(metadata.csv_path, frame, columns, list(choice.genes)), choice
+    names = [f"y{k}" for k in range(len(choice.genes))]
+    frame[names] = targets.astype(np.float64)
+    return Metadata(metadata.csv_path, frame, names, list(choice.genes)), choice
+
+
+def _not_measured(table, samples, expression_file) -> dict[str, np.ndarray]:
+    """Sample -> the count columns it never measured, from ``uns["genes_not_measured"]``."""
+    import logging
+
+    record = table.uns.get("genes_not_measured")
+    if not isinstance(record, dict):
+        if samples is not None and len(set(samples)) > 1:
+            logging.getLogger("expreg").warning(
+                f"{expression_file} does not record which genes each sample measured (written by an older "
+                "expreg.prepare): a gene measured only by other samples counts as zeros; prepare it again to fix"
+            )
+        return {}
+    index = {g: i for i, g in enumerate(table.var_names)}
+    found = {}
+    for sample, names in record.items():
+        names = [str(g) for g in np.asarray(names).ravel().tolist()]
+        found[str(sample)] = np.array([index[g] for g in names if g in index], dtype=np.int64)
+    return found
+
+
+def _mask_unmeasured(targets, samples, is_train, not_measured, columns, choice, allow, expression_file):
+    """Targets of genes a sample did not measure -> NaN (``allow``), else an error naming the samples."""
+    from expreg.config import ConfigError
+
+    if samples is None or not not_measured:
+        return {}
+    masked, problems = {}, []
+    for sample in sorted(set(samples)):
+        lacking = set(not_measured.get(sample, np.array([], np.int64)).tolist())
+        missing = [k for k, c in enumerate(columns) if c in lacking]
+        if not missing:
+            continue
+        rows = samples == sample
+        role = (
+            "training" if is_train[rows].all() else "held-out" if not is_train[rows].any() else "training and held-out"
+        )
+        genes = [choice.genes[k] for k in missing]
+        problems.append(
+            f"sample {sample} ({role} rows) did not measure {', '.join(genes[:10])}{' ...' if len(genes) > 10 else ''}"
+        )
+        masked[sample] = genes
+        targets[np.ix_(rows, np.asarray(missing))] = np.nan
+    if problems and not allow:
+        raise ConfigError(
+            f"data.genes={choice.spec}: {'; '.join(problems)} ({expression_file} records it in "
+            "uns['genes_not_measured']); their zeros are not measurements: leave those genes out of the list, or set "
+            "data.allow_unmeasured_genes=true to leave those targets out of the loss and the metrics"
+        )
+    never = [c for k, c in enumerate(choice.genes) if is_train.any() and not np.isfinite(targets[is_train, k]).any()]
+    if never:
+        raise ConfigError(
+            f"data.genes={choice.spec}: no training sample measured {', '.join(never[:10])}: such a gene cannot be "
+            "learned; leave it out of the list"
+        )
+    return masked
 
 
 def _aligned_rows(metadata, obs, expression_file) -> np.ndarray:

@@ -1,8 +1,9 @@
 """AnnData ``.h5ad`` files read and written with ``h5py`` alone (``anndata`` needs pandas < 3).
 
-Owns ``read_h5ad`` (X, obs, var names, obsm and a
-best-effort uns of any AnnData file: the current encoded layout, dense or CSR/CSC ``X``, plus the
-pre-0.7 compound-dataset ``obs``/``var``) and ``write_h5ad``, which writes the layout and the
+Owns ``read_h5ad`` (X, obs, var names, obsm and uns of any AnnData file: the current encoded
+layout, dense or CSR/CSC ``X``, plus the pre-0.7 compound-dataset ``obs``/``var``; every array of
+``uns`` is read whatever its size, and an item of an encoding this reader does not know is named in
+``H5ad.skipped`` and logged as a warning, never dropped without a word) and ``write_h5ad``, which writes the layout and the
 ``encoding-type``/``encoding-version`` attributes exactly as anndata 0.10-0.12 does, so that
 ``anndata.read_h5ad`` and scanpy read the file: ``X`` a ``csr_matrix`` group, ``obs``/``var``
 ``dataframe`` groups (strings as variable-length UTF-8 ``string-array``, numbers and booleans as
@@ -13,6 +14,7 @@ pre-0.7 compound-dataset ``obs``/``var``) and ``write_h5ad``, which writes the l
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +26,7 @@ import scipy.sparse as sp
 
 from expreg.data.metadata import MetadataError
 
-# Arrays in uns larger than this (images, embeddings) are left out of the best-effort uns.
-_UNS_MAX_ELEMENTS = 10_000
+logger = logging.getLogger("expreg")
 _ENCODINGS = {
     "anndata": "0.1.0",
     "dict": "0.1.0",
@@ -54,6 +55,7 @@ class H5ad:
     obsm: dict[str, np.ndarray] = field(default_factory=dict)
     uns: dict = field(default_factory=dict)
     var: pd.DataFrame | None = None
+    skipped: list[str] = field(default_factory=list)  # items of an encoding this reader does not know
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -64,7 +66,7 @@ def read_h5ad(path) -> H5ad:
     path = Path(path)
     if not path.is_file():
         raise H5adError(f"{path}: no such file (expected an AnnData .h5ad file)")
-    item = "the file"
+    item, skipped = "the file", []
     try:
         with h5py.File(path, "r") as f:
             if "X" not in f:
@@ -72,13 +74,21 @@ def read_h5ad(path) -> H5ad:
             item = "X"
             X = _read_matrix(f["X"], path)
             item = "obs"
-            obs = _read_dataframe(f["obs"], path) if "obs" in f else pd.DataFrame(index=_range_index(X.shape[0]))
+            obs = (
+                _read_dataframe(f["obs"], path, skipped)
+                if "obs" in f
+                else pd.DataFrame(index=_range_index(X.shape[0]))
+            )
             item = "var"
-            var = _read_dataframe(f["var"], path) if "var" in f else pd.DataFrame(index=_range_index(X.shape[1]))
+            var = (
+                _read_dataframe(f["var"], path, skipped)
+                if "var" in f
+                else pd.DataFrame(index=_range_index(X.shape[1]))
+            )
             item = "obsm"
-            obsm = _read_obsm(f["obsm"]) if "obsm" in f else {}
+            obsm = _read_obsm(f["obsm"], skipped) if "obsm" in f else {}
             item = "uns"
-            uns = _read_uns(f["uns"]) if "uns" in f else {}
+            uns = _read_uns(f["uns"], skipped) if "uns" in f else {}
     except H5adError:
         raise
     except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -88,7 +98,12 @@ def read_h5ad(path) -> H5ad:
         raise H5adError(
             f"{path}: X is {X.shape[0]} x {X.shape[1]} but obs has {obs.shape[0]} rows and var {var.shape[0]} rows"
         )
-    return H5ad(X=X, obs=obs, var_names=[str(v) for v in var.index], obsm=obsm, uns=uns, var=var)
+    if skipped:
+        logger.warning(
+            f"{path}: {len(skipped)} item(s) of an encoding expreg does not read were left out: "
+            f"{', '.join(skipped[:10])}{' ...' if len(skipped) > 10 else ''}"
+        )
+    return H5ad(X=X, obs=obs, var_names=[str(v) for v in var.index], obsm=obsm, uns=uns, var=var, skipped=skipped)
 
 
 def _range_index(n: int) -> pd.Index:
@@ -127,7 +142,7 @@ def _read_matrix(obj, path: Path) -> sp.csr_matrix:
     return matrix.tocsr()
 
 
-def _read_dataframe(obj, path: Path) -> pd.DataFrame:
+def _read_dataframe(obj, path: Path, skipped: list[str]) -> pd.DataFrame:
     """An encoded ``dataframe`` group (columns of unknown encoding are left out) or a legacy compound dataset."""
     if isinstance(obj, h5py.Dataset):  # anndata < 0.7: one structured array with an "index" field
         table = pd.DataFrame.from_records(obj[...])
@@ -140,7 +155,9 @@ def _read_dataframe(obj, path: Path) -> pd.DataFrame:
     for name in [str(c) for c in np.atleast_1d(order)]:
         if name in obj:
             value = _read_column(obj[name])
-            if value is not None:
+            if value is None:
+                skipped.append(f"{obj.name}/{name} ({_encoding(obj[name]) or obj[name].__class__.__name__})")
+            else:
                 columns[name] = value
     table = pd.DataFrame(columns, index=index)
     if index is None:
@@ -168,33 +185,43 @@ def _read_column(obj):
     return None
 
 
-def _read_obsm(group) -> dict[str, np.ndarray]:
-    return {name: obj[...] for name, obj in group.items() if isinstance(obj, h5py.Dataset)}
+def _read_obsm(group, skipped: list[str]) -> dict[str, np.ndarray]:
+    found = {}
+    for name, obj in group.items():
+        if isinstance(obj, h5py.Dataset):
+            found[name] = obj[...]
+        else:  # a sparse matrix or a data frame in obsm
+            skipped.append(f"{obj.name} ({_encoding(obj)})")
+    return found
 
 
-def _read_uns(group) -> dict:
-    """JSON-able scalars, strings, small lists and nested dicts of ``uns`` (the rest is left out)."""
+def _read_uns(group, skipped: list[str]) -> dict:
+    """Scalars, strings and string lists, numeric lists (1-D) and arrays (images), of any size (a list of
+    12,000 genes a sample did not measure is as much a record as a list of 3), and nested dicts of
+    ``uns``; anything else is named in ``skipped``."""
     out = {}
     for name, obj in group.items():
         if isinstance(obj, h5py.Group):
             if _encoding(obj) in (None, "dict"):
-                out[name] = _read_uns(obj)
-            continue
-        if obj.size > _UNS_MAX_ELEMENTS:
+                out[name] = _read_uns(obj, skipped)
+            else:
+                skipped.append(f"{obj.name} ({_encoding(obj)})")
             continue
         if h5py.check_string_dtype(obj.dtype) is not None:
             value = obj.asstr()[()]
             out[name] = value if obj.shape == () else [str(v) for v in np.ravel(value)]
         elif obj.dtype.kind in "biuf":
             value = obj[()]
-            out[name] = value.item() if obj.shape == () else np.asarray(value).tolist()
+            out[name] = value.item() if obj.shape == () else value.tolist() if obj.ndim == 1 else np.asarray(value)
+        else:
+            skipped.append(f"{obj.name} (dtype {obj.dtype})")
     return out
 
 
 # ----------------------------------------------------------------------------------------- writing
 
 
-def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None) -> None:
+def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None, var: pd.DataFrame | None = None) -> None:
     """Write an AnnData file anndata 0.10-0.12 reads; the file appears whole or not at all.
 
     Args:
@@ -204,6 +231,7 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None) -> No
         var_names: One name per gene (column of ``X``).
         obsm: Optional name -> array with one row per spot (e.g. ``"spatial"``: x, y).
         uns: Optional dict of str/number/bool/list/array/dict values.
+        var: Optional columns of ``var`` (e.g. ``gene_ids``), one row per gene, in ``var_names`` order.
     """
     path = Path(path)
     dense = not sp.issparse(X)
@@ -213,6 +241,8 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None) -> No
         raise ValueError(
             f"X is {X.shape[0]} x {X.shape[1]} but obs has {len(obs)} rows and {len(var_names)} var names"
         )
+    if var is not None and len(var) != len(var_names):
+        raise ValueError(f"var has {len(var)} rows for {len(var_names)} var names")
     for name, value in (obsm or {}).items():
         if np.asarray(value).shape[0] != len(obs):
             raise ValueError(f"obsm['{name}'] has {np.asarray(value).shape[0]} rows, obs {len(obs)}")
@@ -225,7 +255,8 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None) -> No
             else:
                 _write_csr(f, "X", X)
             _write_dataframe(f, "obs", obs)
-            _write_dataframe(f, "var", pd.DataFrame(index=pd.Index(var_names)))
+            columns = {} if var is None else {c: var[c].to_numpy() for c in var.columns}
+            _write_dataframe(f, "var", pd.DataFrame(columns, index=pd.Index(var_names)))
             obsm_group = _dict_group(f, "obsm")
             for name, value in (obsm or {}).items():
                 _write_array(obsm_group, str(name), np.asarray(value))

@@ -89,11 +89,29 @@ def _standardise(train: np.ndarray, *others: np.ndarray):
 
 
 def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Closed-form ridge on centred data; returns (weights, intercept)."""
+    """Closed-form ridge on centred data; returns (weights, intercept).
+
+    A NaN target (a gene its spot's sample did not measure) is left out: the genes are fitted in
+    groups that share the same measured rows, each on those rows only.
+    """
+    missing = np.isnan(y)
+    if missing.any():
+        return _fit_ridge_masked(x, y, missing, alpha)
     x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
     xc = x - x_mean
     weights = np.linalg.solve(xc.T @ xc + alpha * np.eye(x.shape[1]), xc.T @ (y - y_mean))
     return weights, y_mean - x_mean @ weights
+
+
+def _fit_ridge_masked(x: np.ndarray, y: np.ndarray, missing: np.ndarray, alpha: float):
+    weights, intercept = np.zeros((x.shape[1], y.shape[1])), np.zeros(y.shape[1])
+    patterns, which = np.unique(missing.T, axis=0, return_inverse=True)
+    for p, pattern in enumerate(patterns):
+        genes, rows = np.flatnonzero(which.ravel() == p), ~pattern
+        if rows.sum() == 0:
+            raise ValueError(f"{len(genes)} target(s) measured on none of the training rows")
+        weights[:, genes], intercept[genes] = fit_ridge(x[rows], y[np.ix_(rows, genes)], alpha)
+    return weights, intercept
 
 
 def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas=RIDGE_ALPHAS, seed: int = 0) -> float:
@@ -137,8 +155,12 @@ def fitted_on(groups_train) -> dict:
 
 
 def mean_baseline(y_train: np.ndarray, num_test: int) -> np.ndarray:
-    """The training mean for every test row (its correlations are undefined by construction)."""
-    return np.repeat(y_train.mean(axis=0, keepdims=True), num_test, axis=0)
+    """The training mean (of the measured targets) for every test row (its correlations are undefined by
+    construction)."""
+    mean = (
+        np.nanmean(y_train, axis=0, keepdims=True) if np.isnan(y_train).any() else y_train.mean(axis=0, keepdims=True)
+    )
+    return np.repeat(mean, num_test, axis=0)
 
 
 def mean_fit(x_train, y_train, groups_train, x_test, seed: int = 0) -> tuple[np.ndarray, dict]:
@@ -186,7 +208,7 @@ def linear_probe_affine(emb_train, y_train, groups_train, max_components: int = 
     n_components = int(min(max_components, z.shape[0] - 1, rank))
     if n_components < 1:  # nothing varies on the training rows (or one row): the training mean
         info = {"alpha": None, "pca_components": 0}
-        return np.zeros((emb_train.shape[1], y_train.shape[1])), np.asarray(y_train, float).mean(axis=0), info
+        return np.zeros((emb_train.shape[1], y_train.shape[1])), mean_baseline(np.asarray(y_train, float), 1)[0], info
     basis = vt[:n_components].T
     projected = (z - centre) @ basis
     alpha = choose_alpha(projected, y_train, groups_train, seed=seed)

@@ -243,6 +243,7 @@ def _read_data(cfg, hest_task: str | None):
             d.genes,
             min_detection=d.min_gene_detection,
             transform=d.target_transform,
+            allow_unmeasured=d.allow_unmeasured_genes,
         )
     return cfg, metadata, task
 
@@ -330,6 +331,7 @@ def _fold_targets(folds: _Folds, k: int, fit: np.ndarray) -> tuple[RunConfig, np
         d.genes,
         min_detection=d.min_gene_detection,
         transform=d.target_transform,
+        allow_unmeasured=d.allow_unmeasured_genes,
     )
     genes_file = folds.folds_csv.parent / f"genes_fold{k}.txt"
     atomic_write_text(genes_file, "\n".join(choice.genes) + "\n")

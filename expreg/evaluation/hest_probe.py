@@ -75,6 +75,11 @@ def hest_linear_probe(
     # HEST's embeddings are float32 (torch), so its scaler and PCA fit in float32: the same here
     emb_train, emb_test = np.asarray(emb_train, dtype=np.float32), np.asarray(emb_test, dtype=np.float32)
     y_train = np.asarray(y_train, dtype=np.float64)
+    if np.isnan(y_train).any():  # HEST's pipeline has no notion of a gene a sample did not measure
+        raise ValueError(
+            "the HEST probe (method linear_probe_hest) fits all genes on all rows as HEST does, and some training "
+            "targets were not measured (data.allow_unmeasured_genes): use method linear_probe, which leaves them out"
+        )
     n_components = hest_components(*emb_train.shape, latent_dim) if len(emb_train) > 1 else 0
     if n_components < 1:  # nothing to fit (HEST stops with an error): the training mean, correlations undefined
         predictions = np.repeat(y_train.mean(axis=0, keepdims=True), len(emb_test), axis=0)

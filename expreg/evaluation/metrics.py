@@ -3,7 +3,9 @@
 Pure NumPy functions on full arrays of shape ``(num_samples, num_genes)``: no torch, no
 accelerate. Mean Spearman over genes is the primary metric, mean Pearson the secondary one.
 A gene whose truth or prediction is constant over the samples has no defined correlation: it
-is left out of the means and counted.
+is left out of the means and counted. A NaN target is a gene its spot's sample did not measure
+(``data.allow_unmeasured_genes``): each gene is scored on its measured spots only, and the
+number of targets left out is in the summary (``num_targets_not_measured``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _pearson_columns(a: np.ndarray, b: np.ndarray, undefined: np.ndarray) -> np.
     return r
 
 
-def _check_inputs(predictions, targets) -> tuple[np.ndarray, np.ndarray]:
+def _check_inputs(predictions, targets, allow_nan_targets: bool = False) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(predictions, dtype=np.float64)
     t = np.asarray(targets, dtype=np.float64)
     if p.ndim == 1:
@@ -76,8 +78,9 @@ def _check_inputs(predictions, targets) -> tuple[np.ndarray, np.ndarray]:
     if p.shape != t.shape or p.ndim != 2:
         raise ValueError(f"predictions {p.shape} and targets {t.shape} must both have shape (num_samples, num_genes)")
     for name, arr in (("predictions", p), ("targets", t)):
-        if not np.isfinite(arr).all():
-            bad = np.argwhere(~np.isfinite(arr))[0]
+        bad = np.isinf(arr) if name == "targets" and allow_nan_targets else ~np.isfinite(arr)
+        if bad.any():
+            bad = np.argwhere(bad)[0]
             raise ValueError(f"{name} contain NaN or infinite values (first at sample {bad[0]}, gene {bad[1]})")
     return p, t
 
@@ -117,18 +120,21 @@ class RegressionMetrics:
     pearson: np.ndarray
     mse: np.ndarray
     num_samples: int
+    num_not_measured: int = 0
     summary: dict = field(init=False)
 
     def __post_init__(self) -> None:
         self.summary = {
             "spearman_mean": _nanmean(self.spearman),
             "pearson_mean": _nanmean(self.pearson),
-            "mse": float(self.mse.mean()),
+            "mse": _nanmean(self.mse),
             "num_genes": len(self.gene_names),
             "num_genes_undefined_spearman": int(np.isnan(self.spearman).sum()),
             "num_genes_undefined_pearson": int(np.isnan(self.pearson).sum()),
             "num_samples": self.num_samples,
         }
+        if self.num_not_measured:
+            self.summary["num_targets_not_measured"] = self.num_not_measured
 
     @property
     def spearman_mean(self) -> float:
@@ -147,7 +153,7 @@ class RegressionMetrics:
                     "gene": g,
                     "spearman": None if np.isnan(s) else float(s),
                     "pearson": None if np.isnan(p) else float(p),
-                    "mse": float(m),
+                    "mse": None if np.isnan(m) else float(m),
                 }
             )
         return rows
@@ -156,6 +162,8 @@ class RegressionMetrics:
         s = self.summary
         undefined = s["num_genes_undefined_spearman"]
         note = f" ({undefined} of {s['num_genes']} genes undefined, excluded)" if undefined else ""
+        if self.num_not_measured:
+            note += f" ({self.num_not_measured} targets not measured, left out)"
         return (
             f"mean Spearman {s['spearman_mean']:.4f} | mean Pearson {s['pearson_mean']:.4f} | "
             f"MSE {s['mse']:.4f} | {s['num_samples']} samples x {s['num_genes']} genes{note}"
@@ -186,11 +194,14 @@ def compute_metrics(predictions, targets, gene_names: list[str] | None = None) -
     Returns:
         The per-gene metrics with their means over genes in ``summary``.
     """
-    p, t = _check_inputs(predictions, targets)
+    p, t = _check_inputs(predictions, targets, allow_nan_targets=True)
     if gene_names is None:
         gene_names = [f"y{i}" for i in range(p.shape[1])]
     if len(gene_names) != p.shape[1]:
         raise ValueError(f"{len(gene_names)} gene names for {p.shape[1]} columns")
+    missing = np.isnan(t)
+    if missing.any():
+        return _masked_metrics(p, t, missing, list(gene_names))
     undefined = _constant_columns(p) | _constant_columns(t)
     return RegressionMetrics(
         gene_names=list(gene_names),
@@ -198,6 +209,29 @@ def compute_metrics(predictions, targets, gene_names: list[str] | None = None) -
         pearson=_pearson_columns(p, t, undefined),
         mse=((p - t) ** 2).mean(axis=0),
         num_samples=p.shape[0],
+    )
+
+
+def _masked_metrics(p: np.ndarray, t: np.ndarray, missing: np.ndarray, gene_names: list[str]) -> RegressionMetrics:
+    """``compute_metrics`` where some targets were not measured: every gene on its own measured rows."""
+    k = p.shape[1]
+    spearman, pearson, mse = np.full(k, np.nan), np.full(k, np.nan), np.full(k, np.nan)
+    for j in range(k):
+        rows = ~missing[:, j]
+        if rows.sum() < 2:
+            continue
+        pj, tj = p[rows, j : j + 1], t[rows, j : j + 1]
+        undefined = _constant_columns(pj) | _constant_columns(tj)
+        spearman[j] = _pearson_columns(rank_columns(pj), rank_columns(tj), undefined)[0]
+        pearson[j] = _pearson_columns(pj, tj, undefined)[0]
+        mse[j] = float(((pj - tj) ** 2).mean())
+    return RegressionMetrics(
+        gene_names=gene_names,
+        spearman=spearman,
+        pearson=pearson,
+        mse=mse,
+        num_samples=p.shape[0],
+        num_not_measured=int(missing.sum()),
     )
 
 

@@ -29,7 +29,7 @@ from expreg.ingest.errors import IngestError
 from expreg.ingest.geometry import check_image_size, resolve_scale
 from expreg.ingest.images import image_size, open_slide
 from expreg.ingest.patches import PatchGeometry, cut_patch, inside, patch_box
-from expreg.ingest.readers import read_section
+from expreg.ingest.readers import make_unique, read_section
 from expreg.ingest.samples import read_sample_sheet
 from expreg.progress import progress_bar
 from expreg.run_dir import remove_abandoned_tmp
@@ -48,7 +48,8 @@ class Options:
 
     patch_um: float = 112.0
     patch_px: int = 224
-    spot_diameter_um: float = 55.0
+    spot_pitch_um: float | None = None  # None: the lattice's own (100 um Visium, 200 um ST)
+    spot_diameter_um: float | None = None  # None: not used (the lattice gives the scale)
     image_format: str = "png"
     genes_file: str | None = None
     target_transform: str = "log1p_cpm"
@@ -79,9 +80,10 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
     genes = _read_gene_list(options.genes_file) if options.genes_file else None
     sections = [read_section(spec.path, spec.sample_id, spec.image) for spec in specs]
     results = [_plan(spec, section, options) for spec, section in zip(specs, sections)]
-    union = _gene_union(sections)
+    union = join_genes(sections)
+    logger.info(f"genes: {len(union.names)} joined by {union.how}")
     if genes is not None:
-        _check_genes(genes, sections, options.genes_file)
+        _check_genes(genes, union, sections, options.genes_file)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     remove_abandoned_tmp(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,9 +114,11 @@ def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
         raise IngestError(f"--image_format {options.image_format!r}: choose png or jpeg")
     if options.target_transform not in TARGET_TRANSFORMS:
         raise IngestError(f"--target_transform {options.target_transform!r}: choose {', '.join(TARGET_TRANSFORMS)}")
-    sizes = (options.patch_um, options.patch_px, options.spot_diameter_um)
-    if not all(math.isfinite(v) and v > 0 for v in sizes):
-        raise IngestError("--patch_um, --patch_px and --spot_diameter_um must be positive, finite numbers")
+    sizes = (options.patch_um, options.patch_px, options.spot_pitch_um, options.spot_diameter_um)
+    if not all(v is None or (math.isfinite(v) and v > 0) for v in sizes):
+        raise IngestError(
+            "--patch_um, --patch_px, --spot_pitch_um and --spot_diameter_um must be positive, finite numbers"
+        )
     if out_dir.exists() and not overwrite:
         raise IngestError(f"--out_dir {out_dir} exists; choose another folder or pass --overwrite")
 
@@ -127,9 +131,14 @@ def _plan(spec, section, options: Options) -> SampleResult:
             f"sheet's image column (line {spec.line})"
             + "".join(f"; {w}" for w in section.warnings if w.startswith("image"))
         )
-    scale = resolve_scale(spec, section, options.spot_diameter_um)
+    scale = resolve_scale(spec, section, options.spot_diameter_um, options.spot_pitch_um)
+    section.warnings += list(scale.warnings)
     for warning in section.warnings:
         logger.warning(f"sample {spec.sample_id}: {warning}")
+    logger.info(
+        f"sample {spec.sample_id}: {scale.um_per_px:.4g} um/px from {scale.source}"
+        + "".join(f"; checked: {check}" for check in scale.checks)
+    )
     if section.image is None:  # HEST patches only
         keep, h5_rows, dropped = hest_patches.patch_rows(section, options.patch_um)
         result = SampleResult(spec, section, scale, (0, 0), None, keep, dropped={**section.dropped, **dropped})
@@ -196,12 +205,81 @@ def _patches(result: SampleResult, options: Options):
             yield cut_patch(slide, section.x_px[row], section.y_px[row], geom)
 
 
-def _gene_union(sections) -> list[str]:
-    """Every gene measured by any section, in order of first appearance."""
-    seen: dict[str, None] = {}
+@dataclass
+class GeneUnion:
+    """Every gene measured by any section, joined across sections by feature id when every section has ids.
+
+    Attributes:
+        names: The column names (``var_names``): the symbols, made unique once over the union, so a
+            gene has the same name in every section.
+        ids: The feature ids of the columns (None when joined by name).
+        symbols: The symbols as the files give them (repeats and all).
+        columns: Per section, the union column of each of its own columns.
+        how: How the genes were joined (``prepare.json``).
+    """
+
+    names: list[str]
+    ids: list[str] | None
+    symbols: list[str]
+    columns: list[np.ndarray]
+    how: str
+    notes: list[str] = field(default_factory=list)
+
+    def measured(self, i: int) -> np.ndarray:
+        """Which union columns section ``i`` measured (bool)."""
+        found = np.zeros(len(self.names), dtype=bool)
+        found[self.columns[i]] = True
+        return found
+
+
+def join_genes(sections) -> GeneUnion:
+    """The union of the sections' genes, in order of first appearance (see ``GeneUnion``)."""
+    without_ids = [s.sample_id for s in sections if s.gene_ids is None]
+    repeated_ids = [s.sample_id for s in sections if s.gene_ids is not None and len(set(s.gene_ids)) < len(s.gene_ids)]
+    if not without_ids and not repeated_ids:
+        return _join_by_id(sections)
+    index: dict[str, int] = {}
+    columns = [np.array([index.setdefault(n, len(index)) for n in s.gene_names], dtype=np.int64) for s in sections]
+    names = list(index)
+    why = (
+        f"sample(s) without feature ids: {', '.join(without_ids)}"
+        if without_ids
+        else f"feature ids repeat within sample(s) {', '.join(repeated_ids)}"
+    )
+    return GeneUnion(
+        names, None, names, columns, f"gene name ({why}; names repeated within a sample made unique there)"
+    )
+
+
+def _join_by_id(sections) -> GeneUnion:
+    index: dict[str, int] = {}
+    symbols: list[str] = []
+    renamed = 0
+    columns = []
     for section in sections:
-        seen.update(dict.fromkeys(section.gene_names))
-    return list(seen)
+        own = section.gene_symbols or section.gene_names
+        cols = []
+        for gene_id, symbol in zip(section.gene_ids, own):
+            if gene_id not in index:
+                index[gene_id] = len(index)
+                symbols.append(str(symbol))
+            elif symbols[index[gene_id]] != str(symbol):
+                renamed += 1
+            cols.append(index[gene_id])
+        columns.append(np.asarray(cols, dtype=np.int64))
+    names, repeated = make_unique(symbols)
+    notes = []
+    if repeated:
+        notes.append(
+            f"{len(repeated)} symbol(s) name several feature ids, made unique with -1, -2 ... in every sample alike "
+            f"(e.g. {', '.join(repeated[:5])})"
+        )
+    if renamed:
+        notes.append(
+            f"{renamed} feature id(s) carry another symbol in a later sample; the first sample's symbol is used"
+        )
+    how = "feature id (every sample has them: 10x features/id, h5ad var gene_ids)"
+    return GeneUnion(names, list(index), symbols, columns, how, notes)
 
 
 def _read_gene_list(path) -> list[str]:
@@ -214,32 +292,40 @@ def _read_gene_list(path) -> list[str]:
     return genes
 
 
-def _check_genes(genes: list[str], sections, path) -> None:
-    measured = {name for section in sections for name in section.gene_names}
-    unknown = [g for g in genes if g not in measured]
+def _check_genes(genes: list[str], union: GeneUnion, sections, path) -> None:
+    """Every listed gene measured by every sample: a gene a sample never measured has no target there."""
+    known = set(union.names)
+    unknown = [g for g in genes if g not in known]
     if unknown:
         raise IngestError(
             f"--genes {path}: {len(unknown)} gene(s) measured by no sample: {', '.join(unknown[:10])}"
             f"{' ...' if len(unknown) > 10 else ''}"
         )
-    for section in sections:
-        own = set(section.gene_names)
-        missing = [g for g in genes if g not in own]
+    column = {g: i for i, g in enumerate(union.names)}
+    problems = []
+    for i, section in enumerate(sections):
+        measured = union.measured(i)
+        missing = [g for g in genes if not measured[column[g]]]
         if missing:
-            logger.warning(
-                f"sample {section.sample_id} did not measure {len(missing)} of the --genes: {', '.join(missing[:10])}"
-                f"{' ...' if len(missing) > 10 else ''}; their targets are 0 there"
+            problems.append(
+                f"sample {section.sample_id} did not measure {len(missing)}: {', '.join(missing[:10])}"
+                f"{' ...' if len(missing) > 10 else ''}"
             )
+    if problems:
+        raise IngestError(
+            f"--genes {path}: {'; '.join(problems)}. A gene a sample never measured has no target there (its zeros "
+            "are not measurements): leave it out of --genes, or prepare without --genes and train with data.genes="
+            "<the list> and data.allow_unmeasured_genes=true, which leaves those targets out of the loss and metrics"
+        )
 
 
-def _union_counts(results: list[SampleResult], union: list[str]) -> sp.csr_matrix:
+def _union_counts(results: list[SampleResult], union: GeneUnion) -> sp.csr_matrix:
     """Raw counts of the kept spots x the union of genes, rows in output order."""
-    index = {g: i for i, g in enumerate(union)}
     blocks = []
-    for result in results:
+    for i, result in enumerate(results):
         counts = sp.coo_matrix(result.section.counts.tocsr()[result.keep])
-        columns = np.array([index[g] for g in result.section.gene_names], dtype=np.int64)[counts.col]
-        blocks.append(sp.csr_matrix((counts.data, (counts.row, columns)), shape=(counts.shape[0], len(union))))
+        columns = union.columns[i][counts.col]
+        blocks.append(sp.csr_matrix((counts.data, (counts.row, columns)), shape=(counts.shape[0], len(union.names))))
     return sp.vstack(blocks, format="csr")
 
 
@@ -263,12 +349,12 @@ def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _write_tables(results, union: list[str], genes, options: Options, tmp: Path) -> dict:
+def _write_tables(results, union: GeneUnion, genes, options: Options, tmp: Path) -> dict:
     """``metadata.csv`` (+ targets and ``genes.txt``) and ``expression.h5ad``; returns their summary."""
     frame = _metadata_frame(results)
     counts = _union_counts(results, union)
     if genes is not None:
-        targets = _targets(results, genes, options.target_transform)
+        targets = _targets(results, union, genes, options.target_transform)
         for k in range(len(genes)):
             frame[f"y{k}"] = targets[:, k]
         (tmp / "genes.txt").write_text("\n".join(genes) + "\n")
@@ -281,23 +367,32 @@ def _write_tables(results, union: list[str], genes, options: Options, tmp: Path)
         "patch_px": options.patch_px,
         "expreg_prepare": "raw counts",
         # the union's genes a sample did not measure (its zeros there are not measurements)
-        "genes_not_measured": {r.spec.sample_id: _unmeasured(r.section, union) for r in results},
+        "genes_not_measured": {
+            r.spec.sample_id: [g for g, m in zip(union.names, union.measured(i)) if not m]
+            for i, r in enumerate(results)
+        },
+        "genes_joined_by": union.how,
     }
-    write_h5ad(tmp / "expression.h5ad", counts, obs, union, obsm={"spatial": spatial}, uns=uns)
-    return {"spots": len(frame), "genes_measured": len(union), "target_genes": len(genes) if genes else None}
+    var = pd.DataFrame({"gene_symbols": union.symbols}, index=union.names)
+    if union.ids is not None:
+        var.insert(0, "gene_ids", union.ids)
+    write_h5ad(tmp / "expression.h5ad", counts, obs, union.names, obsm={"spatial": spatial}, uns=uns, var=var)
+    return {
+        "spots": len(frame),
+        "genes_measured": len(union.names),
+        "genes_joined_by": union.how,
+        "gene_join_notes": union.notes,
+        "target_genes": len(genes) if genes else None,
+    }
 
 
-def _unmeasured(section, union: list[str]) -> list[str]:
-    own = set(section.gene_names)
-    return [g for g in union if g not in own]
-
-
-def _targets(results, genes: list[str], kind: str) -> np.ndarray:
-    """The transformed targets of ``genes`` for every kept spot (0 where a sample did not measure a gene)."""
+def _targets(results, union: GeneUnion, genes: list[str], kind: str) -> np.ndarray:
+    """The transformed targets of ``genes`` for every kept spot (every sample measured them: ``_check_genes``)."""
+    column = {g: i for i, g in enumerate(union.names)}
     parts = []
-    for r in results:
-        index = {g: i for i, g in enumerate(r.section.gene_names)}
-        columns = [index.get(g, -1) for g in genes]
+    for i, r in enumerate(results):
+        own = {int(c): j for j, c in enumerate(union.columns[i])}
+        columns = [own.get(column[g], -1) for g in genes]
         parts.append(transform_counts(r.section.counts.tocsr()[r.keep], columns, kind))
     return np.concatenate(parts)
 
@@ -331,6 +426,7 @@ def _sample_summary(r: SampleResult) -> dict:
         "image_check": r.image_check,
         "um_per_px": r.scale.um_per_px,
         "um_per_px_source": r.scale.source,
+        "scale_checks": list(r.scale.checks),
         "spots_kept": len(r.keep),
         "spots_dropped": r.dropped,
         "genes_measured": len(section.gene_names),

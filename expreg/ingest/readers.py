@@ -48,7 +48,7 @@ class Section:
     barcodes: np.ndarray  # str
     counts: sp.csr_matrix  # spots x genes, raw counts as stored
     gene_names: list[str]  # made unique like scanpy's var_names_make_unique
-    gene_ids: list[str] | None
+    gene_ids: list[str] | None  # feature ids (10x features/id, h5ad var gene_ids), when the files have them
     x_px: np.ndarray  # float64 spot centres, full-resolution pixels (x = column)
     y_px: np.ndarray
     image: str | None = None
@@ -60,6 +60,11 @@ class Section:
     spot_diameter_um: float | None = None
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> spots (only reasons that dropped some)
     warnings: list[str] = field(default_factory=list)
+    array_row: np.ndarray | None = None  # each spot's position on the array (the lattice gives the scale)
+    array_col: np.ndarray | None = None
+    fullres_size: tuple[int, int] | None = None  # (width, height) the sample records for its image (HEST)
+    fullres_size_source: str | None = None
+    gene_symbols: list[str] | None = None  # the gene names as the files give them (repeats and all)
 
 
 def _outs(path: Path) -> Path:
@@ -142,12 +147,27 @@ def _read_spaceranger(outs: Path, sample_id: str, layout: str) -> Section:
         y_px=rows["pxl_row_in_fullres"].to_numpy(np.float64),
         scalefactors=_read_json(outs / "spatial" / "scalefactors_json.json", required=False),
         dropped=dropped,
+        array_row=rows["array_row"].to_numpy(np.float64),
+        array_col=rows["array_col"].to_numpy(np.float64),
     )
+    _scalefactors_scale(section, outs / "spatial" / "scalefactors_json.json")
     hires = outs / "spatial" / "tissue_hires_image.png"
     section.hires_image = str(hires) if hires.is_file() else None
     section.image, note = _image_beside(outs.parent)
     section.warnings += _finish(section, matrix_file) + [n for n in (feature_note, note) if n]
     return section
+
+
+def _scalefactors_scale(section: Section, path: Path) -> None:
+    """``microns_per_pixel`` of Visium HD / Space Ranger >= 3 scale factors: the scale, stated by Space Ranger."""
+    value = (section.scalefactors or {}).get("microns_per_pixel")
+    if value is None:
+        return
+    try:
+        section.um_per_px = float(value)
+    except (TypeError, ValueError) as err:
+        raise IngestError(f"{path}: microns_per_pixel {value!r} is not a number") from err
+    section.um_per_px_source = f"microns_per_pixel {section.um_per_px:g} in {path.name}"
 
 
 def _gene_expression_only(counts, names: list[str], ids: list[str], kinds, source: Path):
@@ -360,6 +380,15 @@ def _read_hest(root: Path, sample_id: str) -> Section:
                 ) from err
     if section.um_per_px is not None:
         section.um_per_px_source = "HEST metadata pixel_size_um_estimated"
+    size = (metadata.get("fullres_px_width"), metadata.get("fullres_px_height"))
+    if None not in size:
+        try:
+            section.fullres_size = (int(size[0]), int(size[1]))
+        except (TypeError, ValueError) as err:
+            raise IngestError(
+                f"{root / 'metadata' / f'{sample_id}.json'}: fullres_px_width/height {size} are not whole numbers"
+            ) from err
+        section.fullres_size_source = str(root / "metadata" / f"{sample_id}.json")
     return section
 
 
@@ -401,6 +430,9 @@ def _read_anndata(path: Path, sample_id: str, layout: str) -> Section:
         y_px=spatial[keep, 1].copy(),
         dropped={"not under tissue": int((~keep).sum())} if (~keep).any() else {},
     )
+    if {"array_row", "array_col"} <= set(data.obs.columns):
+        section.array_row = pd.to_numeric(data.obs["array_row"], errors="coerce").to_numpy(np.float64)[keep]
+        section.array_col = pd.to_numeric(data.obs["array_col"], errors="coerce").to_numpy(np.float64)[keep]
     section.scalefactors = _uns_scalefactors(data.uns)
     section.warnings += _finish(section, path)
     if layout == "h5ad":
@@ -443,6 +475,7 @@ def make_unique(names) -> tuple[list[str], list[str]]:
 def _finish(section: Section, source: Path) -> list[str]:
     """Unique gene names; checks of the counts; returns the warnings."""
     warnings = []
+    section.gene_symbols = [str(n) for n in section.gene_names]
     section.gene_names, repeated = make_unique(section.gene_names)
     if repeated:
         warnings.append(
@@ -451,6 +484,8 @@ def _finish(section: Section, source: Path) -> list[str]:
         )
     if len(section.gene_names) != section.counts.shape[1]:
         raise IngestError(f"{source}: {len(section.gene_names)} gene names for {section.counts.shape[1]} columns")
+    if section.gene_ids is not None and len(section.gene_ids) != len(section.gene_names):
+        raise IngestError(f"{source}: {len(section.gene_ids)} gene ids for {len(section.gene_names)} gene names")
     data = section.counts.data
     if data.size and data.dtype.kind == "f" and not np.array_equal(data, np.round(data)):
         example = data[np.flatnonzero(data != np.round(data))[0]]

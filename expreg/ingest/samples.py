@@ -1,7 +1,8 @@
 """The sample sheet of ``expreg.prepare``: one row per tissue section.
 
 Required columns ``sample_id, group_id, path``; optional ``image`` (the full-resolution H&E),
-``um_per_px`` (µm per full-resolution pixel) and ``spot_diameter_um``. Relative paths are taken
+``um_per_px`` (µm per full-resolution pixel), ``spot_pitch_um`` (centre-to-centre distance of the
+array's spots: 100 Visium, 200 ST; the default follows the lattice) and ``spot_diameter_um``. Relative paths are taken
 relative to the sheet's folder. Every problem is an ``IngestError`` naming the sheet, the line
 and the column.
 """
@@ -19,7 +20,7 @@ import pandas as pd
 from expreg.ingest.errors import IngestError
 
 REQUIRED = ("sample_id", "group_id", "path")
-OPTIONAL = ("image", "um_per_px", "spot_diameter_um")
+OPTIONAL = ("image", "um_per_px", "spot_pitch_um", "spot_diameter_um")
 # sample ids become folder names (patches/<sample_id>/): keep them portable
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -35,6 +36,7 @@ class SampleSpec:
     um_per_px: float | None = None
     spot_diameter_um: float | None = None
     line: int = 0  # line of the sheet (for messages)
+    spot_pitch_um: float | None = None
 
 
 def read_sample_sheet(sheet: str | os.PathLike) -> list[SampleSpec]:
@@ -81,6 +83,7 @@ def _row(sheet: Path, row: pd.Series, line: int) -> SampleSpec:
         um_per_px=_positive(sheet, line, "um_per_px", text("um_per_px")),
         spot_diameter_um=_positive(sheet, line, "spot_diameter_um", text("spot_diameter_um")),
         line=line,
+        spot_pitch_um=_positive(sheet, line, "spot_pitch_um", text("spot_pitch_um")),
     )
 
 

@@ -6,7 +6,8 @@ Two kinds of source:
   sample whose image is the slide (the same file), else the one named by ``--sample_id``, else the
   only one; its spots are those prepare kept, its scale the one prepare used;
 - a sample in any layout ``expreg.prepare`` reads (Space Ranger, HEST-1k, ``.h5ad``): read with the
-  same reader and scale rules (sample sheet defaults, ``--spot_diameter_um`` for Space Ranger).
+  same reader and scale rules as ``expreg.prepare`` (``expreg.ingest.geometry.resolve_scale``: the
+  spot lattice, ``--spot_pitch_um`` / ``--spot_diameter_um`` when given), its cross-checks among the warnings.
 
 The section's image must be the slide: its size (from prepare.json, or its file) must equal the
 slide's level-0 size, or the spot positions would land in the wrong places.
@@ -66,13 +67,15 @@ class MeasuredSpots:
         return transform_counts(self.counts, columns, kind).astype(np.float64), missing
 
 
-def read_measured(source, slide_path, slide_size, sample_id=None, spot_diameter_um: float = 55.0) -> MeasuredSpots:
+def read_measured(
+    source, slide_path, slide_size, sample_id=None, spot_diameter_um: float | None = None, spot_pitch_um=None
+) -> MeasuredSpots:
     """The measured spots of ``source`` for the slide ``slide_path`` of level-0 ``slide_size`` (module docstring)."""
     source = Path(source)
     if (source / "prepare.json").is_file():
         spots = _from_prepared(source, slide_path, sample_id)
     else:
-        spots = _from_sample(source, sample_id, spot_diameter_um)
+        spots = _from_sample(source, sample_id, spot_diameter_um, spot_pitch_um)
     _check_size(spots, slide_path, tuple(slide_size))
     return spots
 
@@ -159,7 +162,7 @@ def _sample_genes(table, sample_id: str, folder: Path) -> tuple[set[str], list[s
     return set(table.var_names) - {str(g) for g in np.asarray(missing).ravel().tolist()}, []
 
 
-def _from_sample(path: Path, sample_id, spot_diameter_um: float) -> MeasuredSpots:
+def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um) -> MeasuredSpots:
     from expreg.ingest.geometry import resolve_scale
     from expreg.ingest.images import SlideError, image_size
     from expreg.ingest.readers import read_section
@@ -168,11 +171,11 @@ def _from_sample(path: Path, sample_id, spot_diameter_um: float) -> MeasuredSpot
     name = sample_id or (path.stem if path.suffix == ".h5ad" else path.name)
     try:
         section = read_section(path, name)
-        scale = resolve_scale(SampleSpec(name, name, path), section, spot_diameter_um)
+        scale = resolve_scale(SampleSpec(name, name, path), section, spot_diameter_um, spot_pitch_um)
         size = tuple(image_size(section.image)) if section.image else None
     except (IngestError, SlideError, FileNotFoundError) as err:
         raise MeasuredError(f"--measured {path}: {err}") from err
-    warnings = list(section.warnings)
+    warnings = list(section.warnings) + list(scale.warnings)
     if size is None:
         warnings.append("the sample names no image, so its size could not be checked against the slide")
     return MeasuredSpots(

@@ -53,7 +53,8 @@ class MapOptions:
     genes: list[str] | None = None
     measured: str | None = None
     sample_id: str | None = None
-    spot_diameter_um: float = 55.0
+    spot_pitch_um: float | None = None
+    spot_diameter_um: float | None = None
     target_transform: str | None = None
     mask: str | None = None
     min_tissue: float = 0.5
@@ -181,6 +182,7 @@ def check_options(options: MapOptions) -> None:
     positive = {
         "--um_per_px": options.um_per_px,
         "--stride_um": options.stride_um,
+        "--spot_pitch_um": options.spot_pitch_um,
         "--spot_diameter_um": options.spot_diameter_um,
     }
     for flag, value in positive.items():
@@ -215,7 +217,14 @@ def _measured(options: MapOptions, slide: Slide, genes: list[str]) -> MeasuredSp
     if not options.measured:
         return None
     try:
-        measured = read_measured(options.measured, slide.path, slide.size, options.sample_id, options.spot_diameter_um)
+        measured = read_measured(
+            options.measured,
+            slide.path,
+            slide.size,
+            options.sample_id,
+            options.spot_diameter_um,
+            options.spot_pitch_um,
+        )
     except MeasuredError as err:
         raise MapError(str(err)) from err
     if not set(genes) & set(measured.gene_names):

@@ -104,12 +104,23 @@ class ExpRegConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
 
+def masked_mse(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the labels that were measured: a NaN label (a gene the spot's sample did
+    not measure, ``data.allow_unmeasured_genes``) adds nothing to the loss or its gradient."""
+    measured = ~torch.isnan(labels)
+    if bool(measured.all()):  # the usual case: exactly nn.functional.mse_loss
+        return nn.functional.mse_loss(predictions, labels)
+    squared = torch.where(measured, predictions - torch.nan_to_num(labels), torch.zeros_like(predictions)) ** 2
+    return squared.sum() / measured.sum().clamp(min=1)
+
+
 @dataclass
 class ExpRegOutput(ModelOutput):
     """Output of ``ExpRegModel``.
 
     Args:
-        loss: MSE between ``predictions`` and the (normalised) ``labels``, when labels are given.
+        loss: MSE between ``predictions`` and the (normalised) ``labels``, when labels are given; a
+            NaN label (a gene the spot's sample did not measure) is left out.
         predictions (`torch.FloatTensor` of shape `(batch_size, num_genes)`): normalised
             predictions (z-scores); ``ExpRegModel.to_expression`` maps them to expression units.
     """
@@ -171,7 +182,7 @@ class ExpRegModel(ExpRegPreTrainedModel):
         predictions = self.head(self.dropout(features))
         loss = None
         if labels is not None:
-            loss = nn.functional.mse_loss(predictions.float(), labels.float())
+            loss = masked_mse(predictions.float(), labels.float())
         return ExpRegOutput(loss=loss, predictions=predictions)
 
     def to_expression(self, predictions: torch.Tensor | np.ndarray):

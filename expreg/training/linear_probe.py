@@ -49,7 +49,7 @@ def fit_linear_probe(trainer) -> tuple[float, float, np.ndarray]:
     else:
         logger.warning("linear probe: the embeddings do not vary on the training rows; the head predicts the mean")
     trainer.model.head = _linear_head(weights, bias)
-    train_loss = float(((embeddings @ weights + bias - targets) ** 2).mean())
+    train_loss = float(np.nanmean((embeddings @ weights + bias - targets) ** 2))  # NaN: a target not measured
     trainer.model, trainer.val_dl = accelerator.prepare(trainer.model, data.loaders["validation"])
     val_loss, predictions = trainer.evaluate()
     return train_loss, val_loss, predictions

@@ -84,6 +84,7 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
             d.genes,
             min_detection=d.min_gene_detection,
             transform=d.target_transform,
+            allow_unmeasured=d.allow_unmeasured_genes,
         )
         logger.info(f"targets: {choice.describe()}")
         _check_same_genes(accelerator, choice.genes)

@@ -464,7 +464,9 @@ def evaluate(model, dataloader, accelerator, max_batches: int | None = None):
             f"evaluation returned {len(predictions)} predictions for {len(dataloader.dataset)} samples; every "
             "evaluation image must be read (metrics on misaligned rows would be wrong)"
         )
-    return float(((predictions.astype(np.float64) - labels) ** 2).mean()), predictions
+    squared = (predictions.astype(np.float64) - labels) ** 2
+    loss = np.nanmean(squared) if np.isnan(labels).any() else squared.mean()  # NaN: a target not measured
+    return float(loss), predictions
 
 
 def _improved(spearman: float, state: checkpoint.TrainerState) -> bool:

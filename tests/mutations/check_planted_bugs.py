@@ -8,7 +8,7 @@ fast-tier tests named for it there (``PYTHONPATH`` points at the copy, so subpro
 planted code too) and report ``caught`` (a test failed) or ``MISSED``. The checkout itself is
 never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug and four
 bugs of whole-slide maps (issue 14), and four of
-foundation-model encoders and the embedding store (issue 15).
+foundation-model encoders and the embedding store (issue 15), and four from issue 22.
 """
 
 from __future__ import annotations
@@ -126,6 +126,30 @@ BUGS = {
         "    model.eval()\n",
         "\n",
         ["tests/test_embeddings.py::test_built_once_then_read_from_the_memory_map"],
+    ),
+    "split_ignores_its_seed": (
+        "expreg/data/splits.py",
+        "mapping = assign_splits(groups, sizes, fractions, seed)",
+        "mapping = assign_splits(groups, sizes, fractions, 42)",
+        ["tests/test_splits.py::test_the_split_command_uses_its_seed"],
+    ),
+    "lr_scheduler_stepped_per_epoch": (
+        "expreg/training/trainer.py",
+        "        self.scheduler.step()\n",
+        "        if state.batches_done >= min(limit, len(self.train_dl)): self.scheduler.step()\n",
+        ["tests/test_train.py::test_the_learning_rate_follows_the_schedule_at_every_optimizer_step"],
+    ),
+    "gene_choice_cpm_over_eligible_genes_only": (
+        "expreg/data/expression.py",
+        "values = transform_counts(train_counts, eligible, transform)  # totals still over all genes",
+        "values = transform_counts(train_counts[:, eligible], np.arange(len(eligible)), transform)",
+        ["tests/test_expression.py::test_gene_choice_divides_by_each_spots_total_over_all_genes"],
+    ),
+    "hest_task_fingerprint_ignores_mtime": (
+        "expreg/ingest/hest_bench.py",
+        "{st.st_size}\\0{st.st_mtime_ns}\\n",
+        "{st.st_size}\\n",
+        ["tests/test_hest_bench.py::test_a_task_file_rewritten_at_the_same_size_is_materialised_again"],
     ),
 }
 
