@@ -115,6 +115,8 @@ def score_fields(scores: dict, datasets) -> dict:
     if "validation" in scores:
         val = scores["validation"][1]
         fields.update(best_val_spearman_mean=val.spearman_mean, best_val_pearson_mean=val.pearson_mean)
+        if val.num_not_measured:  # data.allow_unmeasured_genes: targets left out of the scores
+            fields["num_val_targets_not_measured"] = val.num_not_measured
     if "test" in scores:
         test = scores["test"][1]
         fields.update(
@@ -125,6 +127,8 @@ def score_fields(scores: dict, datasets) -> dict:
             test_groups=sorted(set(datasets["test"]["group_id"])),
             test_per_gene_spearman={r["gene"]: r["spearman"] for r in test.per_gene_rows()},
         )
+        if test.num_not_measured:
+            fields["num_test_targets_not_measured"] = test.num_not_measured
     return fields
 
 
