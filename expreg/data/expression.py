@@ -292,18 +292,9 @@ def expression_targets(
         ``(Metadata with y0..y{K-1} and the chosen gene names, GeneChoice)``.
     """
     from expreg.config import ConfigError
-    from expreg.data.h5ad import read_h5ad
-    from expreg.data.metadata import Metadata, MetadataError
+    from expreg.data.metadata import Metadata
 
-    if metadata.target_columns:
-        raise MetadataError(
-            f"{metadata.csv_path}: has target columns y0..; with data.expression_file the targets come from the "
-            "raw counts: use a metadata CSV without y columns (expreg.prepare without --genes)"
-        )
-    table = read_h5ad(expression_file)
-    rows = _aligned_rows(metadata, table.obs, expression_file)
-    counts = table.X[rows]
-    samples = table.obs["sample_id"].astype(str).to_numpy()[rows] if "sample_id" in table.obs.columns else None
+    table, counts, samples = _read_rows(metadata, expression_file)
     not_measured = _not_measured(table, samples, expression_file)
     train_samples = sorted(set(samples[is_train])) if samples is not None else []
     groups = metadata.frame["group_id"].to_numpy()[is_train]
@@ -329,6 +320,22 @@ def expression_targets(
     names = [f"y{k}" for k in range(len(choice.genes))]
     frame[names] = targets.astype(np.float64)
     return Metadata(metadata.csv_path, frame, names, list(choice.genes)), choice
+
+
+def _read_rows(metadata, expression_file):
+    """``(the expression file, its counts in metadata row order, each row's sample or None)``."""
+    from expreg.data.h5ad import read_h5ad
+    from expreg.data.metadata import MetadataError
+
+    if metadata.target_columns:
+        raise MetadataError(
+            f"{metadata.csv_path}: has target columns y0..; with data.expression_file the targets come from the "
+            "raw counts: use a metadata CSV without y columns (expreg.prepare without --genes)"
+        )
+    table = read_h5ad(expression_file)
+    rows = _aligned_rows(metadata, table.obs, expression_file)
+    samples = table.obs["sample_id"].astype(str).to_numpy()[rows] if "sample_id" in table.obs.columns else None
+    return table, table.X[rows], samples
 
 
 def _not_measured(table, samples, expression_file) -> dict[str, np.ndarray]:
