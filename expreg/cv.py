@@ -27,6 +27,7 @@ from expreg.config import ConfigError, load_recipe
 from expreg.data import MetadataError
 from expreg.evaluation.cv import (
     DEFAULT_METHODS,
+    HEST_PROBE,
     METHODS,
     check_config,
     cross_validate,
@@ -55,8 +56,11 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for run_regression.py")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     try:
-        methods = parse_methods(args.methods)
         cfg = load_recipe(args.recipe, args.overrides)
+        masked = cfg.data.allow_unmeasured_genes  # HEST's probe cannot leave masked targets out
+        methods = parse_methods(args.methods, hest_probe=not masked)
+        if masked and args.methods == ",".join(DEFAULT_METHODS):
+            methods = [m for m in methods if m != HEST_PROBE]
         check_config(cfg, methods, args.hest_task, args.n_folds)
         return _run(cfg, args, methods, output_dir(cfg, args.recipe, args.out_dir))
     except (ConfigError, MetadataError, RunDirError, ModelError) as err:

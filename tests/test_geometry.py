@@ -83,6 +83,8 @@ def test_the_fit_ignores_missing_spots_jitter_and_a_few_misplaced_ones():
 def test_too_few_or_collinear_spots_are_no_lattice():
     assert "1 array row" in fit_lattice([2, 2, 2, 2], [0, 2, 4, 6], [0, 10, 20, 30], [5, 5, 5, 5])
     assert "2 spot(s)" in fit_lattice([0, 1], [0, 1], [0, 10], [0, 10])
+    diagonal = np.arange(8)  # a diagonal line of hexagonal spots: no second direction to measure
+    assert "lie on one line" in fit_lattice(diagonal, diagonal, 100 * diagonal, 173 * diagonal)
 
 
 def _section(row, col, x, y, scalefactors=None, **kwargs) -> Section:
@@ -152,6 +154,11 @@ def test_no_lattice_and_no_stated_scale_is_an_error_that_says_what_to_add():
     with pytest.raises(IngestError, match=r"--spot_pitch_um 100 needs the spot lattice"):
         resolve_scale(SampleSpec("S", "P", Path("S"), line=4), section, spot_pitch_um=100)
     assert resolve_scale(SampleSpec("S", "P", Path("S")), section, spot_diameter_um=55).um_per_px == 1.1
+    with pytest.raises(IngestError, match=r"spot_diameter_fullres 50.0: --spot_diameter_um 65 .* or 100 \(ST\)"):
+        resolve_scale(SampleSpec("S", "P", Path("S"), line=4), section)  # says what the sample's field allows
+    # a diameter stated in the sample's row beats a pitch flag given for every sample
+    row = SampleSpec("S", "P", Path("S"), spot_diameter_um=100, line=4)
+    assert resolve_scale(row, section, spot_pitch_um=100).source.startswith("sample sheet spot_diameter_um (line 4)")
 
 
 def write_visium(root: Path, um_per_px: float, angle: float, scalefactors: dict, image_px=(600, 500)) -> Path:
@@ -214,3 +221,20 @@ def test_real_hest_sample_agrees_with_its_lattice_and_its_image_size():
     assert any("square ST lattice" in c for c in scale.checks)
     assert section.fullres_size == (9274, 9911)
     assert "agrees" in check_image_size(spec, section, (9274, 9911))
+
+
+def test_training_on_a_set_prepared_with_the_old_55_um_rule_warns(tmp_path, caplog):
+    from expreg.training.setup import patch_geometry
+
+    old = "--spot_diameter_um 55 um / spot_diameter_fullres 80 px (scalefactors_json.json)"
+    record = {"patch": {"patch_um": 112, "patch_px": 224}, "samples": [{"sample_id": "V1", "um_per_px_source": old}]}
+    (tmp_path / "prepare.json").write_text(json.dumps(record))
+    with caplog.at_level("WARNING", logger="expreg"):
+        assert patch_geometry(tmp_path / "metadata.csv", None) == (112.0, 224)
+    assert "sample(s) V1 were prepared with the old rule" in caplog.text
+    record["samples"][0]["um_per_px_source"] = "hexagonal Visium lattice: the standard 100 um pitch / 380 px"
+    (tmp_path / "prepare.json").write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="expreg"):
+        patch_geometry(tmp_path / "metadata.csv", None)
+    assert "old rule" not in caplog.text

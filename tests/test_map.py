@@ -370,6 +370,18 @@ def test_scale_from_the_flag_the_tags_or_the_measured_section_and_the_flag_wins(
     assert plan.geometry.um_per_px == pytest.approx(2.0) and "the standard 200 um pitch" in plan.scale_source
 
 
+def test_the_scale_and_a_disagreeing_tag_are_printed_at_the_end_of_the_run(tmp_path, model_dir, section, capsys):
+    tagged = tmp_path / "tagged.tif"
+    pixels = np.asarray(Image.open(section["image"]))
+    tifffile.imwrite(tagged, pixels, photometric="rgb", resolution=(1e4 / 0.8, 1e4 / 0.8), resolutionunit="CENTIMETER")
+    assert main(map_args(model_dir, tagged, tmp_path / "out", "--measured", str(section["prepared"]))) == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["um_per_px"] == pytest.approx(1.0) and "square ST lattice" in summary["um_per_px_source"]
+    assert out[-2].startswith("scale: 1 µm/px from ") and out[-2].endswith(summary["um_per_px_source"])
+    assert out[-1].startswith("warning: ") and "gives 0.8 µm/px, but 1 from" in out[-1]  # the last lines, not a file
+
+
 @pytest.mark.parametrize("tags", [{}, {"resolution": (72, 72), "resolutionunit": "INCH"}])
 def test_an_unknown_or_implausible_scale_is_an_error_that_says_to_pass_um_per_px(
     tags, tmp_path, model_dir, pixels, capsys

@@ -57,32 +57,33 @@ def _panels(make_dataset, record: bool = True) -> tuple[Path, Path]:
     return csv, csv.parent / "expression.h5ad"
 
 
-def test_genes_a_training_sample_never_measured_are_not_eligible(make_dataset):
+def test_genes_a_sample_never_measured_are_not_eligible(make_dataset):
     csv, h5ad = _panels(make_dataset)
     metadata = read_metadata(csv, targets_required=False)
     train = metadata.frame["group_id"].isin(["P00", "P01", "P02", "P03"]).to_numpy()
     # without the record, the two genes each panel lacks are exactly the two of highest variance
-    old = expression_targets(
-        read_metadata(*_panels(make_dataset, record=False)[:1], targets_required=False),
-        _panels(make_dataset, record=False)[1],
-        train,
-        "var:2",
-        min_detection=0.1,
-        transform="log1p",
-    )[1]
+    old_csv, old_h5ad = _panels(make_dataset, record=False)
+    old_metadata = read_metadata(old_csv, targets_required=False)
+    old = expression_targets(old_metadata, old_h5ad, train, "var:2", min_detection=0.1, transform="log1p")[1]
     assert sorted(old.genes) == ["ONLY_A", "ONLY_B"]
     table, choice = expression_targets(metadata, h5ad, train, "var:2", min_detection=0.1, transform="log1p")
     assert not {"ONLY_A", "ONLY_B"} & set(choice.genes) and np.isfinite(table.targets()).all()
-    assert choice.num_excluded_unmeasured == 2 and choice.excluded_unmeasured == {
-        "P00": 1,
-        "P01": 1,
-        "P02": 1,
-        "P03": 1,
-    }
-    assert "leaving out 2 gene(s) not measured by every training sample (P00: 1, P01: 1, P02: 1, P03: 1)" in (
-        choice.describe()
+    every = {"P00": 1, "P01": 1, "P02": 1, "P03": 1, "P04": 1}  # each sample lacks one of the two
+    assert choice.num_excluded_unmeasured == 2 and choice.excluded_unmeasured == every
+    described = (
+        "leaving out 2 gene(s) not measured by every sample of the run (P00: 1, P01: 1, P02: 1, P03: 1, P04: 1)"
     )
-    assert choice.record()["excluded_not_measured_by_every_training_sample"] == 2  # genes.json says so
+    assert described in choice.describe() and choice.record()["excluded_not_measured"] == 2  # genes.json says so
+    # training on panel A alone: ONLY_A is measured by every training sample, but the held-out P03/P04 lack it
+    panel_a = metadata.frame["group_id"].isin(PANEL_A).to_numpy()
+    strict = expression_targets(metadata, h5ad, panel_a, "var:2", min_detection=0.1, transform="log1p")[1]
+    assert strict.num_excluded_unmeasured == 2  # it could never be scored on P03/P04: not eligible
+    masked = expression_targets(
+        metadata, h5ad, panel_a, "var:7", min_detection=0.1, transform="log1p", allow_unmeasured=True
+    )[1]
+    assert masked.num_excluded_unmeasured == 1 and "ONLY_A" in masked.genes and "ONLY_B" not in masked.genes
+    assert masked.masked_unmeasured == {"P03": ["ONLY_A"], "P04": ["ONLY_A"]}
+    assert "not measured by every training sample (P00: 1, P01: 1, P02: 1)" in masked.describe()
 
 
 def test_a_listed_gene_a_sample_did_not_measure_is_an_error_or_masked_never_zero(make_dataset, tmp_path):
@@ -134,7 +135,9 @@ def test_the_loss_the_statistics_the_metrics_and_ridge_leave_unmeasured_targets_
     assert (p.grad[:15, 1] == 0).all() and (p.grad[15:, 1] != 0).all()  # no gradient from an unmeasured target
     stats = TargetStats.from_labels(masked)
     assert stats.mean[1] == pytest.approx(truth[15:, 1].mean()) and stats.std[1] == pytest.approx(truth[15:, 1].std())
-    metrics = compute_metrics(predicted, masked)
+    with pytest.raises(ValueError, match="targets contain NaN"):
+        compute_metrics(predicted, masked)  # strict unless told: a NaN from a bug is never masked silently
+    metrics = compute_metrics(predicted, masked, allow_unmeasured=True)
     alone = compute_metrics(predicted[15:, 1:2], truth[15:, 1:2])
     assert metrics.spearman[1] == pytest.approx(alone.spearman[0]) and metrics.pearson[1] == pytest.approx(
         alone.pearson[0]
@@ -145,7 +148,7 @@ def test_the_loss_the_statistics_the_metrics_and_ridge_leave_unmeasured_targets_
     )
     assert "num_targets_not_measured" not in compute_metrics(predicted, truth).summary
     with pytest.raises(ValueError, match="predictions contain NaN"):
-        compute_metrics(masked, truth)  # a NaN prediction is a bug, never "not measured"
+        compute_metrics(masked, truth, allow_unmeasured=True)  # a NaN prediction is a bug, never "not measured"
     x = rng.normal(size=(40, 4))
     w, b = fit_ridge(x, masked, 1.0)
     w1, b1 = fit_ridge(x[15:], truth[15:, 1:2], 1.0)
@@ -260,3 +263,43 @@ def test_genes_are_joined_by_feature_id_and_named_alike_in_every_sample(tmp_path
     assert "1 symbol(s) name several feature ids" in summary["gene_join_notes"][0]
     record = json.loads((tmp_path / "out" / "prepare.json").read_text())
     assert record["genes_joined_by"] == summary["genes_joined_by"]
+
+
+def test_ids_join_across_versions_and_ids_that_join_nothing_are_said(tmp_path, caplog):
+    from expreg.ingest.prepare import Options, prepare
+
+    counts = np.tile([1, 2], (20, 1))
+    _sample(tmp_path, "S1", ["ENSG00000141510.17", "ENSG00000111640.15"], ["TP53", "GAPDH"], counts)
+    _sample(tmp_path, "S2", ["ENSG00000141510.18", "ENSG00000111640"], ["TP53", "GAPDH"], counts)  # other versions
+    _sample(tmp_path, "S3", ["tp53", "gapdh"], ["TP53", "GAPDH"], counts)  # names in the id column
+    sheet = tmp_path / "s.csv"
+    sheet.write_text("sample_id,group_id,path,spot_pitch_um\nS1,P1,S1,40\nS2,P2,S2,40\n")
+    prepare(sheet, tmp_path / "two", Options(patch_um=16, patch_px=16))
+    table = read_h5ad(tmp_path / "two" / "expression.h5ad")
+    assert table.var_names == ["TP53", "GAPDH"] and table.uns["genes_not_measured"] == {"S1": [], "S2": []}
+    assert list(table.var["gene_ids"]) == ["ENSG00000141510.17", "ENSG00000111640.15"]  # as the first sample has them
+    sheet.write_text("sample_id,group_id,path,spot_pitch_um\nS1,P1,S1,40\nS3,P2,S3,40\n")
+    with caplog.at_level("WARNING", logger="expreg"):
+        summary = prepare(sheet, tmp_path / "three", Options(patch_um=16, patch_px=16))
+    notes = " | ".join(summary["gene_join_notes"])
+    assert "the feature ids join 0 genes across samples where the names would join 2" in notes
+    assert "different id namespaces" in caplog.text
+
+
+def test_cv_leaves_hests_probe_out_of_the_default_methods_when_targets_may_be_masked(tmp_path):
+    from expreg.config import load_recipe
+    from expreg.evaluation.cv import check_config, parse_methods
+
+    masked = load_recipe(None, ["data.expression_file=e.h5ad", "data.genes=hvg:5", "data.allow_unmeasured_genes=true"])
+    assert parse_methods("finetune,linear_probe", hest_probe=False) == ["finetune", "linear_probe"]
+    assert parse_methods("linear_probe") == ["linear_probe", "linear_probe_hest"]
+    check_config(masked, ["finetune", "linear_probe", "ridge"])
+    with pytest.raises(ConfigError, match="HEST-Benchmark's probe fits every gene on every row"):
+        check_config(masked, ["linear_probe_hest"])
+    from expreg.cv import main as cv_main
+
+    code = cv_main(
+        [str(REPO / "recipes" / "tiny.yaml"), "--methods", "linear_probe_hest", "--out_dir", str(tmp_path / "x")]
+        + ["data.expression_file=e.h5ad", "data.genes=hvg:5", "data.allow_unmeasured_genes=true"]
+    )
+    assert code == 2 and not (tmp_path / "x").exists()

@@ -121,6 +121,7 @@ class GeneChoice:
     # genes left out because a training sample never measured them: sample -> how many (their zeros are no data)
     excluded_unmeasured: dict[str, int] = field(default_factory=dict)
     num_excluded_unmeasured: int = 0
+    unmeasured_scope: str = "training sample"  # whose panels decide eligibility ("sample of the run" by default)
     # chosen genes some sample did not measure (data.allow_unmeasured_genes): sample -> genes; masked, never zeros
     masked_unmeasured: dict[str, list[str]] = field(default_factory=dict)
 
@@ -139,7 +140,7 @@ class GeneChoice:
         if self.num_excluded_unmeasured:
             by_sample = ", ".join(f"{s}: {n}" for s, n in sorted(self.excluded_unmeasured.items()))
             notes.append(
-                f"leaving out {self.num_excluded_unmeasured} gene(s) not measured by every training sample "
+                f"leaving out {self.num_excluded_unmeasured} gene(s) not measured by every {self.unmeasured_scope} "
                 f"({by_sample})"
             )
         if self.excluded_rare:
@@ -165,7 +166,8 @@ class GeneChoice:
             "spec": self.spec,
             "how": self.describe(),
             "transform": self.transform,
-            "excluded_not_measured_by_every_training_sample": self.num_excluded_unmeasured,
+            "excluded_not_measured": self.num_excluded_unmeasured,
+            "excluded_not_measured_by_every": self.unmeasured_scope,
             "excluded_not_measured_per_sample": dict(sorted(self.excluded_unmeasured.items())),
             "excluded_rare": self.excluded_rare,
             "masked_not_measured": dict(sorted(self.masked_unmeasured.items())),
@@ -277,10 +279,10 @@ def expression_targets(
     """The metadata with targets ``y0..`` computed from raw counts for genes chosen on the training rows.
 
     A gene a sample never measured (``uns["genes_not_measured"]``, written by ``expreg.prepare``) is
-    never counted as zero: it is not eligible for ``hvg/var/mean`` when a training sample lacks it,
-    and a chosen or listed gene that any sample of the rows lacks is an error naming the sample,
-    unless ``allow_unmeasured`` (``data.allow_unmeasured_genes``): then those targets are NaN, which
-    the loss and the metrics leave out.
+    never counted as zero: it is not eligible for ``hvg/var/mean`` when a sample of the rows lacks it
+    (a training sample, with ``allow_unmeasured``), and a listed gene that any sample of the rows
+    lacks is an error naming the sample, unless ``allow_unmeasured`` (``data.allow_unmeasured_genes``):
+    then those targets are NaN, which the loss and the metrics leave out.
 
     Args:
         metadata: A metadata table without target columns (``expreg.prepare``'s ``metadata.csv``).
@@ -296,7 +298,7 @@ def expression_targets(
 
     table, counts, samples = _read_rows(metadata, expression_file)
     not_measured = _not_measured(table, samples, expression_file)
-    train_samples = sorted(set(samples[is_train])) if samples is not None else []
+    considered = _eligibility_samples(samples, is_train, allow_unmeasured)
     groups = metadata.frame["group_id"].to_numpy()[is_train]
     try:
         choice = choose_genes(
@@ -306,8 +308,9 @@ def expression_targets(
             min_detection=min_detection,
             transform=transform,
             train_groups=groups,
-            not_measured={s: not_measured[s] for s in train_samples if s in not_measured},
+            not_measured={s: not_measured[s] for s in considered if s in not_measured},
         )
+        choice.unmeasured_scope = "training sample" if allow_unmeasured else "sample of the run"
     except ValueError as err:
         raise ConfigError(str(err)) from err
     index = {g: i for i, g in enumerate(table.var_names)}
@@ -320,6 +323,15 @@ def expression_targets(
     names = [f"y{k}" for k in range(len(choice.genes))]
     frame[names] = targets.astype(np.float64)
     return Metadata(metadata.csv_path, frame, names, list(choice.genes)), choice
+
+
+def _eligibility_samples(samples, is_train: np.ndarray, allow_unmeasured: bool) -> list[str]:
+    """The samples whose gene panels decide which genes are eligible: every sample of the rows (a panel is
+    experimental design, not an outcome; a gene a held-out sample never measured could not be scored
+    there), or only the training samples when unmeasured targets may be masked."""
+    if samples is None:
+        return []
+    return sorted(set(samples[is_train] if allow_unmeasured else samples))
 
 
 def _read_rows(metadata, expression_file):

@@ -92,7 +92,9 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, n
     """Closed-form ridge on centred data; returns (weights, intercept).
 
     A NaN target (a gene its spot's sample did not measure) is left out: the genes are fitted in
-    groups that share the same measured rows, each on those rows only.
+    groups that share the same measured rows, each on those rows only; a gene measured on none of
+    the rows (possible in an inner fold of ``choose_alpha``) gets no weights and a 0 intercept, i.e. a
+    constant prediction, which scores as undefined.
     """
     missing = np.isnan(y)
     if missing.any():
@@ -108,9 +110,8 @@ def _fit_ridge_masked(x: np.ndarray, y: np.ndarray, missing: np.ndarray, alpha: 
     patterns, which = np.unique(missing.T, axis=0, return_inverse=True)
     for p, pattern in enumerate(patterns):
         genes, rows = np.flatnonzero(which.ravel() == p), ~pattern
-        if rows.sum() == 0:
-            raise ValueError(f"{len(genes)} target(s) measured on none of the training rows")
-        weights[:, genes], intercept[genes] = fit_ridge(x[rows], y[np.ix_(rows, genes)], alpha)
+        if rows.any():
+            weights[:, genes], intercept[genes] = fit_ridge(x[rows], y[np.ix_(rows, genes)], alpha)
     return weights, intercept
 
 
@@ -135,7 +136,7 @@ def choose_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alphas=RIDGE_
             inner_train, inner_val = fold != k, fold == k
             xt, xv = _standardise(x[inner_train], x[inner_val])
             w, b = fit_ridge(xt, y[inner_train], alpha)
-            result = compute_metrics(xv @ w + b, y[inner_val])
+            result = compute_metrics(xv @ w + b, y[inner_val], allow_unmeasured=True)
             values.append(result.spearman_mean if not np.isnan(result.spearman_mean) else -1.0)
         scores.append(float(np.mean(values)))
     return float(alphas[int(np.argmax(scores))])

@@ -70,10 +70,11 @@ HEST_PROBE = PROBE_NAME
 FineTune = Callable[..., tuple[dict, dict, dict]]
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, hest_probe: bool = True) -> list[str]:
     """``"finetune,ridge"`` -> ``["finetune", "ridge"]``; ``ConfigError`` for an unknown method or none.
 
-    ``linear_probe`` brings ``linear_probe_hest`` with it (HEST-Benchmark's probe on the same embeddings).
+    ``linear_probe`` brings ``linear_probe_hest`` with it (HEST-Benchmark's probe on the same embeddings),
+    unless ``hest_probe`` is False (``data.allow_unmeasured_genes``: HEST's probe cannot leave targets out).
     """
     methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
     unknown = [m for m in methods if m not in METHODS]
@@ -81,7 +82,7 @@ def parse_methods(text: str) -> list[str]:
         raise ConfigError(
             f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(METHODS)}"
         )
-    if "linear_probe" in methods and HEST_PROBE not in methods:
+    if hest_probe and "linear_probe" in methods and HEST_PROBE not in methods:
         methods.insert(methods.index("linear_probe") + 1, HEST_PROBE)
     return methods
 
@@ -98,6 +99,11 @@ def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds:
         raise ConfigError(
             "--hest_task: the task gives the targets (log1p of its counts for its genes); "
             "unset data.expression_file and data.genes"
+        )
+    if cfg.data.allow_unmeasured_genes and HEST_PROBE in methods:
+        raise ConfigError(
+            f"--methods {HEST_PROBE}: HEST-Benchmark's probe fits every gene on every row and cannot leave out the "
+            "targets data.allow_unmeasured_genes masks; use linear_probe (expreg's probe, which does)"
         )
     _check_encoder_folder(cfg)
 
@@ -311,7 +317,7 @@ def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, 
     x, fit = folds.inputs[method]
     cfg, groups = folds.cfg, folds.groups
     predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
-    metrics = compute_metrics(predictions, targets[test], genes)
+    metrics = compute_metrics(predictions, targets[test], genes, cfg.data.allow_unmeasured_genes)
     return metrics.summary, {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}, extra
 
 

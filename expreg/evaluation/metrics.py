@@ -3,9 +3,9 @@
 Pure NumPy functions on full arrays of shape ``(num_samples, num_genes)``: no torch, no
 accelerate. Mean Spearman over genes is the primary metric, mean Pearson the secondary one.
 A gene whose truth or prediction is constant over the samples has no defined correlation: it
-is left out of the means and counted. A NaN target is a gene its spot's sample did not measure
-(``data.allow_unmeasured_genes``): each gene is scored on its measured spots only, and the
-number of targets left out is in the summary (``num_targets_not_measured``).
+is left out of the means and counted. With ``allow_unmeasured``, a NaN target is a gene its spot's
+sample did not measure (``data.allow_unmeasured_genes``): each gene is scored on its measured spots
+only, and the number of targets left out is in the summary (``num_targets_not_measured``).
 """
 
 from __future__ import annotations
@@ -183,18 +183,23 @@ class RegressionMetrics:
         return "\n".join(lines)
 
 
-def compute_metrics(predictions, targets, gene_names: list[str] | None = None) -> RegressionMetrics:
+def compute_metrics(
+    predictions, targets, gene_names: list[str] | None = None, allow_unmeasured: bool = False
+) -> RegressionMetrics:
     """Per-gene Spearman, Pearson and MSE of predictions against targets.
 
     Args:
         predictions: Array-like of shape ``(num_samples, num_genes)``.
         targets: Array-like of the same shape.
         gene_names: Names of the columns; ``y0, y1, ...`` when None.
+        allow_unmeasured: A NaN target is a gene its spot's sample did not measure
+            (``data.allow_unmeasured_genes``), left out; otherwise any NaN is an error (a bug, never
+            silently masked).
 
     Returns:
         The per-gene metrics with their means over genes in ``summary``.
     """
-    p, t = _check_inputs(predictions, targets, allow_nan_targets=True)
+    p, t = _check_inputs(predictions, targets, allow_nan_targets=allow_unmeasured)
     if gene_names is None:
         gene_names = [f"y{i}" for i in range(p.shape[1])]
     if len(gene_names) != p.shape[1]:

@@ -59,7 +59,8 @@ def plot_best_worst_scatter(path: Path, per_gene: list[dict], predictions, targe
         ax = axes[k // cols][k % cols]
         ax.set_visible(True)
         j = index[r["gene"]]
-        truth, pred = targets[:, j], predictions[:, j]
+        measured = ~np.isnan(targets[:, j])  # data.allow_unmeasured_genes: spots that did not measure it are left out
+        truth, pred = targets[measured, j], predictions[measured, j]
         ax.scatter(truth, pred, s=6, alpha=0.5, color="#3b7dd8" if kind == "best" else "#d8553b")
         low, high = float(min(truth.min(), pred.min())), float(max(truth.max(), pred.max()))
         ax.plot([low, high], [low, high], color="grey", linewidth=0.8, linestyle="--")

@@ -13,10 +13,12 @@ do not matter) and gives µm per full-resolution pixel from the pitch.
 1. the sample sheet's ``um_per_px``;
 2. the sample's own record: ``microns_per_pixel`` in ``scalefactors_json.json`` (Visium HD, Space
    Ranger >= 3) or HEST-1k's ``pixel_size_um_estimated``;
-3. the lattice with a stated pitch: the sheet's ``spot_pitch_um``, else ``--spot_pitch_um``;
-4. a stated spot diameter (the sheet's ``spot_diameter_um``, else ``--spot_diameter_um``) divided by
-   Space Ranger's ``spot_diameter_fullres`` (kept for users who pass it; the log says it won);
-5. the lattice with the pitch of its kind (100 µm hexagonal Visium, 200 µm square ST).
+3. what the sheet's row states, then what a flag states for every sample: a pitch (``spot_pitch_um``,
+   then ``--spot_pitch_um``) scales the lattice; a spot diameter (``spot_diameter_um``, then
+   ``--spot_diameter_um``) is divided by Space Ranger's ``spot_diameter_fullres`` (kept for users
+   who pass it; the log says it won); in the order sheet pitch, sheet diameter, flag pitch, flag
+   diameter;
+4. the lattice with the pitch of its kind (100 µm hexagonal Visium, 200 µm square ST).
 
 Whatever wins is cross-checked: against the lattice, and ``spot_diameter_fullres`` against the
 reference diameter of the lattice's kind (10x define it as a *theoretical 65 µm* spot on Visium,
@@ -97,11 +99,13 @@ def fit_lattice(array_row, array_col, x_px, y_px, pitch_um: float | None = None)
     rows, cols, x, y = rows[finite], cols[finite], x[finite], y[finite]
     if len(rows) < MIN_LATTICE_SPOTS or len(np.unique(rows)) < 2 or len(np.unique(cols)) < 2:
         return f"{len(rows)} spot(s) on {len(np.unique(rows))} array row(s) and {len(np.unique(cols))} column(s)"
+    design = np.column_stack([np.ones_like(rows), cols, rows])
+    if np.linalg.matrix_rank(design) < 3:
+        return f"the {len(rows)} spots' array positions lie on one line"
     kind = lattice_kind(rows, cols)
     pitch = float(pitch_um) if pitch_um is not None else PITCH_UM[kind]
     # µm per step of array_col and of array_row
     col_um, row_um = (pitch / 2, pitch * math.sqrt(3) / 2) if kind == "hexagonal" else (pitch, pitch)
-    design = np.column_stack([np.ones_like(rows), cols, rows])
     keep = np.ones(len(rows), dtype=bool)
     for _ in range(3):  # refit without the spots far from the lattice (a few misplaced positions)
         coef, *_ = np.linalg.lstsq(design[keep], np.column_stack([x, y])[keep], rcond=None)
@@ -109,7 +113,7 @@ def fit_lattice(array_row, array_col, x_px, y_px, pitch_um: float | None = None)
         step_px = min(np.hypot(*coef[1]), np.hypot(*coef[2]))
         limit = max(5 * float(np.median(residual[keep])), 0.05 * step_px)
         new_keep = residual <= limit
-        if new_keep.sum() < MIN_LATTICE_SPOTS or np.array_equal(new_keep, keep):
+        if np.linalg.matrix_rank(design[new_keep]) < 3 or np.array_equal(new_keep, keep):
             break
         keep = new_keep
     col_px, row_px = float(np.hypot(*coef[1])), float(np.hypot(*coef[2]))
@@ -145,56 +149,66 @@ def resolve_scale(spec, section, spot_diameter_um: float | None = None, spot_pit
         spot_diameter_um: ``--spot_diameter_um`` (None: not given; used when the sheet gives none).
         spot_pitch_um: ``--spot_pitch_um`` (None: not given; the sheet's ``spot_pitch_um`` wins).
     """
-    sheet_pitch = getattr(spec, "spot_pitch_um", None)
-    pitch, pitch_source = (
-        (sheet_pitch, f"sample sheet spot_pitch_um (line {spec.line})")
-        if sheet_pitch is not None
-        else (spot_pitch_um, "--spot_pitch_um")
-    )
+    stated = _stated(spec, spot_diameter_um, spot_pitch_um)
+    pitch = stated[1] if stated and stated[0] == "pitch" else None
     lattice = section_lattice(section, pitch)
     fitted = lattice if isinstance(lattice, Lattice) else None
-    value, source = _chosen(spec, section, spot_diameter_um, pitch, pitch_source, lattice)
+    value, source = _chosen(spec, section, stated, lattice)
     checks, warnings = _cross_checks(value, source, spec, section, fitted, pitch is not None)
     return Scale(value, source, tuple(checks), tuple(warnings))
 
 
-def _chosen(spec, section, spot_diameter_um, pitch, pitch_source, lattice) -> tuple[float, str]:
+def _stated(spec, spot_diameter_um, spot_pitch_um) -> tuple[str, float, str] | None:
+    """The pitch or diameter a user stated for this sample: ``(kind, µm, where)``; the sheet's row first."""
+    for kind, value, where in (
+        ("pitch", getattr(spec, "spot_pitch_um", None), f"sample sheet spot_pitch_um (line {spec.line})"),
+        ("diameter", spec.spot_diameter_um, f"sample sheet spot_diameter_um (line {spec.line})"),
+        ("pitch", spot_pitch_um, "--spot_pitch_um"),
+        ("diameter", spot_diameter_um, "--spot_diameter_um"),
+    ):
+        if value is not None:
+            return kind, float(value), where
+    return None
+
+
+def _chosen(spec, section, stated, lattice) -> tuple[float, str]:
     """The winning (µm/px, source) of the module docstring's order."""
     if spec.um_per_px is not None:
         return spec.um_per_px, f"sample sheet um_per_px (line {spec.line})"
     if section.um_per_px is not None:
         where = section.um_per_px_source or "the sample's metadata"
         return _positive(section.um_per_px, spec, where), where
-    if pitch is not None:
+    fullres = (section.scalefactors or {}).get("spot_diameter_fullres")
+    if stated is not None and stated[0] == "pitch":
         if not isinstance(lattice, Lattice):
             raise IngestError(
-                f"sample {spec.sample_id} ({spec.path}): {pitch_source} {pitch:g} needs the spot lattice, but it "
-                f"cannot be fitted ({lattice})"
+                f"sample {spec.sample_id} ({spec.path}): {stated[2]} {stated[1]:g} needs the spot lattice, but it "
+                f"cannot be fitted ({lattice}); give um_per_px in the sample sheet instead"
             )
-        return lattice.um_per_px, lattice.describe(pitch_source)
-    fullres = (section.scalefactors or {}).get("spot_diameter_fullres")
-    diameter = (
-        (spec.spot_diameter_um, f"sample sheet spot_diameter_um (line {spec.line})")
-        if spec.spot_diameter_um is not None
-        else (spot_diameter_um, "--spot_diameter_um")
-    )
-    if diameter[0] is not None:
+        return lattice.um_per_px, lattice.describe(stated[2])
+    if stated is not None:
         if fullres is None:
             raise IngestError(
-                f"sample {spec.sample_id} ({spec.path}): {diameter[1]} {diameter[0]:g} needs spot_diameter_fullres "
-                "in scalefactors_json.json, and the sample has none; give um_per_px in the sample sheet instead"
+                f"sample {spec.sample_id} ({spec.path}): {stated[2]} {stated[1]:g} needs spot_diameter_fullres "
+                "(Space Ranger's scale factors), and the sample has none; give um_per_px in the sample sheet instead"
             )
         fullres = _positive(fullres, spec, "spot_diameter_fullres in scalefactors_json.json")
         return (
-            diameter[0] / fullres,
-            f"{diameter[1]} {diameter[0]:g} um / spot_diameter_fullres {fullres:g} px (scalefactors_json.json)",
+            stated[1] / fullres,
+            f"{stated[2]} {stated[1]:g} um / spot_diameter_fullres {fullres:g} px (scalefactors_json.json)",
         )
     if isinstance(lattice, Lattice):
         return lattice.um_per_px, lattice.describe("the standard")
+    hint = (
+        f"; the sample has spot_diameter_fullres {fullres}: --spot_diameter_um 65 (10x's theoretical Visium spot) "
+        "or 100 (ST) would use it, to about 10 %"
+        if fullres is not None
+        else ""
+    )
     raise IngestError(
         f"sample {spec.sample_id} ({spec.path}): the image scale is unknown (the spot lattice cannot be fitted: "
-        f"{lattice}; no microns_per_pixel in scalefactors_json.json, no HEST metadata); add a um_per_px column "
-        f"(µm per full-resolution pixel) to the sample sheet, line {spec.line}"
+        f"{lattice}; no microns_per_pixel, no HEST metadata); add a um_per_px column (µm per full-resolution "
+        f"pixel) to the sample sheet, line {spec.line}{hint}"
     )
 
 

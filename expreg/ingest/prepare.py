@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ JPEG_QUALITY = 95
 UPSAMPLING_WARNING = 1.5  # patches enlarged more than this from the image: said in the log and prepare.json
 MAX_DROPPED_FRACTION = 0.5  # more spots than this outside the image: an error, not a warning
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*\d{6,})\.\d+$")  # ENSG00000141510.17: a versioned Ensembl id
 
 
 @dataclass
@@ -82,6 +84,8 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
     results = [_plan(spec, section, options) for spec, section in zip(specs, sections)]
     union = join_genes(sections)
     logger.info(f"genes: {len(union.names)} joined by {union.how}")
+    for note in union.notes:
+        logger.warning(f"genes: {note}")
     if genes is not None:
         _check_genes(genes, union, sections, options.genes_file)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -239,7 +243,15 @@ def join_genes(sections) -> GeneUnion:
     if not without_ids and not repeated_ids:
         return _join_by_id(sections)
     index: dict[str, int] = {}
-    columns = [np.array([index.setdefault(n, len(index)) for n in s.gene_names], dtype=np.int64) for s in sections]
+    symbols: list[str] = []
+    columns = []
+    for section in sections:
+        own = section.gene_symbols or section.gene_names
+        for name, symbol in zip(section.gene_names, own):
+            if name not in index:
+                index[name] = len(index)
+                symbols.append(str(symbol))
+        columns.append(np.array([index[n] for n in section.gene_names], dtype=np.int64))
     names = list(index)
     why = (
         f"sample(s) without feature ids: {', '.join(without_ids)}"
@@ -251,8 +263,15 @@ def join_genes(sections) -> GeneUnion:
     )
 
 
+def _unversioned(gene_id: str) -> str:
+    """``ENSG00000141510.17`` -> ``ENSG00000141510``: references differ in versions, not in genes (only
+    Ensembl ids: ``AL354828.1`` is a name whose suffix is part of it)."""
+    return _ENSEMBL_VERSION.sub(r"\1", str(gene_id))
+
+
 def _join_by_id(sections) -> GeneUnion:
     index: dict[str, int] = {}
+    ids: list[str] = []
     symbols: list[str] = []
     renamed = 0
     columns = []
@@ -260,15 +279,17 @@ def _join_by_id(sections) -> GeneUnion:
         own = section.gene_symbols or section.gene_names
         cols = []
         for gene_id, symbol in zip(section.gene_ids, own):
-            if gene_id not in index:
-                index[gene_id] = len(index)
+            key = _unversioned(gene_id)
+            if key not in index:
+                index[key] = len(index)
+                ids.append(str(gene_id))
                 symbols.append(str(symbol))
-            elif symbols[index[gene_id]] != str(symbol):
+            elif symbols[index[key]] != str(symbol):
                 renamed += 1
-            cols.append(index[gene_id])
+            cols.append(index[key])
         columns.append(np.asarray(cols, dtype=np.int64))
     names, repeated = make_unique(symbols)
-    notes = []
+    notes = _disjoint_ids(sections, columns, len(index))
     if repeated:
         notes.append(
             f"{len(repeated)} symbol(s) name several feature ids, made unique with -1, -2 ... in every sample alike "
@@ -278,8 +299,26 @@ def _join_by_id(sections) -> GeneUnion:
         notes.append(
             f"{renamed} feature id(s) carry another symbol in a later sample; the first sample's symbol is used"
         )
-    how = "feature id (every sample has them: 10x features/id, h5ad var gene_ids)"
-    return GeneUnion(names, list(index), symbols, columns, how, notes)
+    how = "feature id without version (every sample has them: 10x features/id, h5ad var gene_ids)"
+    return GeneUnion(names, ids, symbols, columns, how, notes)
+
+
+def _disjoint_ids(sections, columns: list[np.ndarray], joined: int) -> list[str]:
+    """A note when far fewer ids than names are shared between samples (ids from another namespace)."""
+    if len(sections) < 2:
+        return []
+    id_samples = np.zeros(joined, dtype=np.int64)
+    for cols in columns:
+        id_samples[np.unique(cols)] += 1
+    names = Counter(n for s in sections for n in set(s.gene_symbols or s.gene_names))
+    shared_ids, shared_names = int((id_samples > 1).sum()), sum(1 for c in names.values() if c > 1)
+    if shared_ids >= 0.5 * shared_names:
+        return []
+    return [
+        f"the feature ids join {shared_ids} genes across samples where the names would join {shared_names}: do the "
+        "samples use different id namespaces (gene names as ids, another annotation)? Their genes then stand "
+        "apart; check genes_not_measured"
+    ]
 
 
 def _read_gene_list(path) -> list[str]:

@@ -163,7 +163,7 @@ def _sample_genes(table, sample_id: str, folder: Path) -> tuple[set[str], list[s
 
 
 def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um) -> MeasuredSpots:
-    from expreg.ingest.geometry import resolve_scale
+    from expreg.ingest.geometry import check_image_size, resolve_scale
     from expreg.ingest.images import SlideError, image_size
     from expreg.ingest.readers import read_section
     from expreg.ingest.samples import SampleSpec
@@ -171,8 +171,11 @@ def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um) -> Meas
     name = sample_id or (path.stem if path.suffix == ".h5ad" else path.name)
     try:
         section = read_section(path, name)
-        scale = resolve_scale(SampleSpec(name, name, path), section, spot_diameter_um, spot_pitch_um)
+        spec = SampleSpec(name, name, path)
+        scale = resolve_scale(spec, section, spot_diameter_um, spot_pitch_um)
         size = tuple(image_size(section.image)) if section.image else None
+        if size is not None:
+            check_image_size(spec, section, size)  # as expreg.prepare: hires / scalef, HEST's fullres size
     except (IngestError, SlideError, FileNotFoundError) as err:
         raise MeasuredError(f"--measured {path}: {err}") from err
     warnings = list(section.warnings) + list(scale.warnings)

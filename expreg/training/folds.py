@@ -72,4 +72,4 @@ def _tta_metrics(cfg, run_dir: Path, test_files, genes, accelerator):
     files, targets = test_files
     with_tta = predict_files(model, files, accelerator, batch_size, cfg.data.num_workers, tta=True)
     accelerator.free_memory()
-    return compute_metrics(with_tta, targets, genes)
+    return compute_metrics(with_tta, targets, genes, cfg.data.allow_unmeasured_genes)

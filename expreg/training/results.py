@@ -165,7 +165,8 @@ def score_best(t, max_batches: int | None) -> dict:
         )
         expression = model.to_expression(normalised.astype(np.float64))
         truth = targets(data.datasets[split], len(expression), truncate=max_batches is not None)
-        scores[split] = (expression, compute_metrics(expression, truth, data.gene_names))
+        allow = t.cfg.data.allow_unmeasured_genes
+        scores[split] = (expression, compute_metrics(expression, truth, data.gene_names, allow))
     accelerator.free_memory()
     return scores
 

@@ -108,13 +108,29 @@ def patch_geometry(metadata_csv, patch_um: float | None) -> tuple[float | None, 
     if not record.is_file():
         return patch_um, None
     try:
-        patch = json.loads(record.read_text())["patch"]
+        prepared = json.loads(record.read_text())
+        patch = prepared["patch"]
         found_um, found_px = float(patch["patch_um"]), int(patch["patch_px"])
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"{record}: no readable patch geometry ({type(err).__name__}: {err})") from err
+    _warn_old_scale_rule(record, prepared)
     if patch_um is not None and abs(patch_um - found_um) > 1e-6 * found_um:
         raise ConfigError(f"data.patch_um={patch_um:g}, but {record} says the patches are {found_um:g} um")
     return found_um, found_px
+
+
+OLD_SCALE_RULE = "--spot_diameter_um 55 um / spot_diameter_fullres"  # expreg.prepare's default before the lattice
+
+
+def _warn_old_scale_rule(record: Path, prepared: dict) -> None:
+    """Samples prepared with the old default scale rule are 15-27 % off their true µm/px: say so."""
+    old = [s.get("sample_id") for s in prepared.get("samples", []) if OLD_SCALE_RULE in str(s.get("um_per_px_source"))]
+    if old:
+        logger.warning(
+            f"{record}: sample(s) {', '.join(map(str, old))} were prepared with the old rule '55 um / "
+            "spot_diameter_fullres', which puts Visium patches 15-27 % off their stated size; prepare them again "
+            "(the scale now comes from the spot lattice)"
+        )
 
 
 def _check_same_genes(accelerator, genes: list[str]) -> None:

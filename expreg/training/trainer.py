@@ -393,7 +393,7 @@ class Trainer:
         val = data.datasets["validation"]
         targets = np.asarray(val["labels"], dtype=np.float64)[: len(predictions)]
         expression = accelerator.unwrap_model(self.model).to_expression(predictions.astype(np.float64))
-        metrics = compute_metrics(expression, targets, data.gene_names)
+        metrics = compute_metrics(expression, targets, data.gene_names, cfg.data.allow_unmeasured_genes)
         entry = _history_entry(state, train_loss, val_loss, metrics)
         state.history.append(entry)
         logger.info(

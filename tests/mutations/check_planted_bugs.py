@@ -7,8 +7,9 @@ For each bug: copy the working tree to a temporary folder, apply the one-line ch
 fast-tier tests named for it there (``PYTHONPATH`` points at the copy, so subprocesses use the
 planted code too) and report ``caught`` (a test failed) or ``MISSED``. The checkout itself is
 never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug and four
-bugs of whole-slide maps (issue 14), and four of
-foundation-model encoders and the embedding store (issue 15), and four from issue 22.
+bugs of whole-slide maps (issue 14), four of
+foundation-model encoders and the embedding store (issue 15), and eight from issue 22 (the four an
+audit planted, four of the spot lattice, unmeasured genes and the gene join).
 """
 
 from __future__ import annotations
@@ -150,6 +151,32 @@ BUGS = {
         "{st.st_size}\\0{st.st_mtime_ns}\\n",
         "{st.st_size}\\n",
         ["tests/test_hest_bench.py::test_a_task_file_rewritten_at_the_same_size_is_materialised_again"],
+    ),
+    "hexagonal_lattice_columns_a_pitch_apart": (
+        "expreg/ingest/geometry.py",
+        "(pitch / 2, pitch * math.sqrt(3) / 2) if kind",
+        "(pitch, pitch * math.sqrt(3) / 2) if kind",
+        ["tests/test_geometry.py"],
+    ),
+    "unmeasured_genes_eligible": (
+        "expreg/data/expression.py",
+        "        measured[np.asarray(columns, dtype=np.int64)] = False\n",
+        "        pass\n",
+        ["tests/test_unmeasured_genes.py::test_genes_a_sample_never_measured_are_not_eligible"],
+    ),
+    "unmeasured_targets_in_the_loss_as_zeros": (
+        "expreg/modeling/model.py",
+        "    if bool(measured.all()):",
+        "    if True:\n        labels = torch.nan_to_num(labels)",
+        [
+            "tests/test_unmeasured_genes.py::test_the_loss_the_statistics_the_metrics_and_ridge_leave_unmeasured_targets_out"
+        ],
+    ),
+    "genes_joined_by_name": (
+        "expreg/ingest/prepare.py",
+        "    if not without_ids and not repeated_ids:",
+        "    if False:",
+        ["tests/test_unmeasured_genes.py::test_genes_are_joined_by_feature_id_and_named_alike_in_every_sample"],
     ),
 }
 
