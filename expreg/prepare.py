@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--spot_pitch_um",
         type=float,
         help="centre-to-centre spot distance in µm; the scale is fitted from the spot lattice (default: 100 for a "
-        "hexagonal Visium lattice, 200 for a square ST one; the sheet's spot_pitch_um or um_per_px win)",
+        "hexagonal Visium lattice, 200 for a square ST one; a scale column of the sheet wins for its row)",
     )
     parser.add_argument(
         "--spot_diameter_um",

@@ -215,6 +215,7 @@ def test_an_unreadable_validation_image_stops_the_run_even_with_skip(data_csv, t
     assert not (tmp_path / "val_skip" / "predictions_val.csv").exists()
 
 
+@pytest.mark.slow  # end-to-end; moved to the slow tier to keep the fast tier under 10 minutes
 def test_image_cache_finds_unreadable_images_before_training(data_csv, tmp_path):
     csv, split, victims = _corrupt_images(data_csv, tmp_path, "train", 7)
     common = (f"data.metadata_csv={csv}", f"data.split_csv={split}", "train.epochs=1", "data.image_cache=true")

@@ -209,6 +209,7 @@ def test_model_card_is_written_and_informative(run):
     assert f"| 50 | {per_gene['gene'].iloc[-1]} |" in card  # worst gene last
 
 
+@pytest.mark.slow  # end-to-end; moved to the slow tier to keep the fast tier under 10 minutes
 def test_push_to_hub_offline_fails_fast_and_keeps_the_run(data_csv, tmp_path):
     start = time.perf_counter()
     result = train(

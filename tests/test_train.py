@@ -141,6 +141,7 @@ def test_run_directory_contents(reference_run, data_csv):
     assert resolved["data"]["split_csv"] == str(run / "split.csv") and resolved["train"]["mixed_precision"] == "no"
 
 
+@pytest.mark.slow  # end-to-end; moved to the slow tier to keep the fast tier under 10 minutes
 def test_decoded_image_cache_gives_the_same_run(reference_run, data_csv, tmp_path):
     cache = tmp_path / "cache"
     cached = ("data.image_cache=true", f"data.image_cache_dir={cache}")
@@ -201,6 +202,7 @@ def test_exact_resume_with_accumulation_stain_jitter_and_the_image_cache(data_cs
     assert_same_run(tmp_path / "whole", tmp_path / "stopped")
 
 
+@pytest.mark.slow  # end-to-end; moved to the slow tier to keep the fast tier under 10 minutes
 def test_gene_names_file_raw_targets_and_the_decode_check_through_the_command(data_csv, tmp_path):
     import shutil
 
@@ -296,6 +298,7 @@ def test_finished_run_is_never_overwritten_or_resumed(reference_run, data_csv):
     assert (reference_run / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.slow  # end-to-end; moved to the slow tier to keep the fast tier under 10 minutes
 def test_resume_rejects_other_recipes_and_non_checkpoints(data_csv, tmp_path):
     train(tmp_path, "run", f"data.metadata_csv={data_csv}", "train.stop_after_steps=1")
     checkpoint = tmp_path / "run" / "checkpoints" / "last"
