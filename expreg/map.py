@@ -70,6 +70,8 @@ def _options(args):
 
 
 def _report(summary: dict, out_dir: str) -> None:
+    from expreg.formatting import fmt_float
+
     print(
         f"mapped {summary['tiles']:,} tiles ({summary['tissue_area_mm2']:.1f} mm² of tissue) x {summary['genes']} genes "
         f"in {summary['seconds_predict']:.1f} s ({summary['tiles_per_s']} tiles/s, {summary['processes']} process(es)) "
@@ -79,7 +81,9 @@ def _report(summary: dict, out_dir: str) -> None:
     if measured:
         print(
             f"{measured['what']}: mean Spearman {measured['spearman_mean']:.4f}, mean Pearson "
-            f"{measured['pearson_mean']:.4f} ({measured['num_genes']} genes; spot_metrics.json)"
+            f"{measured['pearson_mean']:.4f} ({measured['num_genes']} genes; spot_metrics.json); depth-adjusted "
+            f"mean Spearman {fmt_float(measured['spearman_depth_adjusted_mean'])}, library size alone "
+            f"{fmt_float(measured['depth_oracle_spearman_mean'])}"
         )
     print(f"scale: {summary['um_per_px']:.4g} µm/px from {summary['um_per_px_source']}")
     for warning in summary.get("warnings") or []:

@@ -61,10 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _inputs(args, genes: list[str]):
-    """(paths as written in the output, files to open, targets or None)."""
+    """(paths as written in the output, files to open, (targets or None, library sizes or None))."""
     if args.image_dir:
         files = list_images(args.image_dir)
-        return files, files, None
+        return files, files, (None, None)
     metadata = read_metadata(args.metadata_csv, num_genes=None, for_prediction=True)
     if metadata.target_columns and metadata.num_genes != len(genes):
         raise PredictError(
@@ -78,7 +78,12 @@ def _inputs(args, genes: list[str]):
         )
     files = [resolve_image_path(metadata.csv_path, p) for p in metadata.frame["path"]]
     targets = metadata.targets().astype(np.float64) if metadata.target_columns else None
-    return list(metadata.frame["path"]), files, targets
+    depth = None
+    if "library_size" in metadata.frame.columns:  # the depth-adjusted scores need it; empty cells: n/a
+        import pandas as pd
+
+        depth = pd.to_numeric(metadata.frame["library_size"].replace("", "nan"), errors="coerce").to_numpy(float)
+    return list(metadata.frame["path"]), files, (targets, depth)
 
 
 def main(argv=None) -> int:
@@ -88,7 +93,7 @@ def main(argv=None) -> int:
         if out.exists() and not args.overwrite:
             raise PredictError(f"{out} exists; choose another --out_csv or pass --overwrite")
         model = load_model(args.model)
-        paths, files, targets = _inputs(args, list(model.config.gene_names))
+        paths, files, (targets, depth) = _inputs(args, list(model.config.gene_names))
     except (PredictError, MetadataError) as err:
         print(f"expreg-predict: error: {err}", file=sys.stderr)
         return 2
@@ -116,7 +121,7 @@ def main(argv=None) -> int:
     write_table_csv(out, ["path", *genes], [[p, *row] for p, row in zip(paths, expression)])
     print(f"wrote {len(paths)} predictions x {len(genes)} genes to {out} ({accelerator.num_processes} process(es))")
     if targets is not None:
-        metrics = compute_metrics(expression, targets, genes)
+        metrics = compute_metrics(expression, targets, genes, library_size=depth)
         write_json(
             out.with_suffix(".metrics.json"),
             {**metrics.summary, "model": args.model, "inputs": str(args.metadata_csv)},

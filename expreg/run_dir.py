@@ -12,7 +12,7 @@
         checkpoints/last/       accelerator.save_state + trainer_state.json (resume from here)
         checkpoints/best/       save_pretrained of the best model by validation mean Spearman
         predictions_val.csv     path, group_id, one column per gene (expression units, best model)
-        per_gene_metrics.csv    gene, spearman, pearson, mse (best model)
+        per_gene_metrics.csv    gene, spearman, pearson, mse, depth-adjusted spearman/pearson, depth oracle (best model)
         predictions_test.csv, per_gene_metrics_test.csv   the same on the held-out test split, if any
 """
 
@@ -150,13 +150,22 @@ def write_predictions(path: Path, paths: list[str], groups: list[str], gene_name
     write_table_csv(path, ["path", "group_id", *gene_names], rows)
 
 
+PER_GENE_COLUMNS = (
+    "spearman",
+    "pearson",
+    "mse",
+    "spearman_depth_adjusted",
+    "pearson_depth_adjusted",
+    "depth_oracle_spearman",
+)
+
+
 def write_per_gene_metrics(path: Path, rows: list[dict]) -> None:
-    """``gene, spearman, pearson, mse`` (empty cells for undefined correlations)."""
-    lines = ["gene,spearman,pearson,mse"]
+    """``gene, spearman, pearson, mse`` and the depth-adjusted Spearman and Pearson and the depth oracle's
+    Spearman (empty cells for undefined correlations, and where the library size is unknown)."""
+    lines = ["gene," + ",".join(PER_GENE_COLUMNS)]
     for r in rows:
-        cells = [_csv_cell(r["gene"])] + [
-            "" if r[k] is None else f"{r[k]:.6f}" for k in ("spearman", "pearson", "mse")
-        ]
+        cells = [_csv_cell(r["gene"])] + ["" if r.get(k) is None else f"{r[k]:.6f}" for k in PER_GENE_COLUMNS]
         lines.append(",".join(cells))
     atomic_write_text(path, "\n".join(lines) + "\n")
 

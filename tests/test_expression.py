@@ -173,6 +173,14 @@ def test_a_run_chooses_genes_on_its_training_split_and_records_them(make_dataset
     assert chosen in card
     assert "held-out" in card.lower()
     assert list(pd.read_csv(run / "predictions_test.csv").columns[2:]) == genes
+    # beside every score: depth-adjusted and the depth oracle, the library size coming from the raw counts
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("spearman_depth_adjusted_mean", "pearson_depth_adjusted_mean", "depth_oracle_spearman_mean"):
+        assert isinstance(metrics[f"best_val_{key}"], float) and isinstance(metrics[f"test_{key}"], float), key
+    assert isinstance(metrics["history"][0]["val_spearman_depth_adjusted_mean"], float)
+    per_gene = pd.read_csv(run / "per_gene_metrics_test.csv")
+    assert per_gene["spearman_depth_adjusted"].notna().all() and per_gene["depth_oracle_spearman"].notna().all()
+    assert "depth-adjusted mean Spearman (library size regressed out)" in card
 
 
 def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
@@ -207,6 +215,12 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
     assert selection["in_every_fold"] == len(common)
     assert set(summary["methods"]["ridge"]["per_gene_spearman_mean"]) == common
     assert "chosen in every fold" in (out / "cv_summary.md").read_text()
+    ridge = summary["methods"]["ridge"]  # the raw counts give each spot's library size: adjusted beside raw
+    assert isinstance(ridge["spearman_depth_adjusted_mean"], float) and isinstance(
+        ridge["depth_oracle_spearman_mean"], float
+    )
+    assert all(isinstance(f["spearman_depth_adjusted_mean"], float) for f in ridge["folds"])
+    assert "The spot's library size alone (a diagnostic" in (out / "cv_summary.md").read_text()
 
 
 def _given(metadata, h5ad, gene_file):

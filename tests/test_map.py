@@ -549,11 +549,15 @@ def test_spot_predictions_and_metrics_agree_with_predict_on_the_prepared_patches
     targets = transform_counts(section["counts"], list(range(len(GENES))), "log1p_cpm")  # G0..G4 of all 8 genes
     np.testing.assert_allclose(table[[f"measured:{g}" for g in GENES]].to_numpy(), targets, rtol=1e-5)
     np.testing.assert_allclose(table[["x_px", "y_px"]].to_numpy(), np.array(SPOTS_XY, float))
-    metrics = compute_metrics(expected, targets.astype(np.float64), GENES)
+    library = np.asarray(section["counts"].sum(axis=1)).ravel()  # every gene the spot measured, not the model's 5
+    metrics = compute_metrics(expected, targets.astype(np.float64), GENES, library_size=library)
     record = json.loads((out / "spot_metrics.json").read_text())
     assert record["num_samples"] == 20 and record["num_genes"] == len(GENES)
     assert record["spearman_mean"] == pytest.approx(metrics.spearman_mean, rel=1e-5, abs=1e-6)
     assert record["pearson_mean"] == pytest.approx(metrics.pearson_mean, rel=1e-5, abs=1e-6)
+    for key in ("spearman_depth_adjusted_mean", "pearson_depth_adjusted_mean", "depth_oracle_spearman_mean"):
+        assert record[key] == pytest.approx(metrics.summary[key], rel=1e-5, abs=1e-6), key
+    assert "spearman_depth_adjusted" in pd.read_csv(out / "per_gene_spot_metrics.csv").columns
     assert record["target_transform"] == "log1p_cpm" and len(record["drawn"]) == 5  # 3 best + 2 others of 5
     assert is_png(out / "measured_vs_predicted.png") and (out / "per_gene_spot_metrics.csv").is_file()
     assert json.loads((out / "summary.json").read_text())["um_per_px_source"].startswith(str(prepared))

@@ -260,6 +260,7 @@ def test_aggregate_sorts_runs_lists_broken_ones_and_summarises_folds(run, tmp_pa
         m["best_val_spearman_mean"] = spearman
         if test is not None:  # fold runs score their held-out fold
             m["test_spearman_mean"], m["test_pearson_mean"] = test, test + 0.01
+            m["test_spearman_depth_adjusted_mean"] = test - 0.05  # library size regressed out
         (results / name / "metrics.json").write_text(json.dumps(m))
         cfg = (results / name / "config_resolved.yaml").read_text()
         (results / name / "config_resolved.yaml").write_text(
@@ -292,8 +293,13 @@ def test_aggregate_sorts_runs_lists_broken_ones_and_summarises_folds(run, tmp_pa
     assert "| b | test_resnet | 8 | 0.001 | 0 | 3 |" in table
     # the cross-validation summary is of held-out scores; validation (model selection) only labelled as such
     assert "Cross-validation (mean ± std over folds)" in table
-    assert "| 0, 1 | 0.2000 ± 0.1414 | 0.2100 ± 0.1414 | 0.3500 ± 0.2121 |" in table
-    assert "| folds | held-out test mean Spearman | held-out test mean Pearson | validation mean Spearman |" in table
+    assert "| 0, 1 | 0.2000 ± 0.1414 | 0.2100 ± 0.1414 | 0.1500 ± 0.1414 | 0.3500 ± 0.2121 |" in table
+    assert (
+        "| folds | held-out test mean Spearman | held-out test mean Pearson | held-out test depth-adjusted Spearman "
+        "| validation mean Spearman |" in table
+    )
+    assert "| 0.3000 | 0.3100 | 0.2500 |" in table  # b's held-out scores, depth-adjusted beside them
+    assert "| n/a | n/a | n/a | n/a |" in table  # c: no test split, and its CSV data had no library size
     assert (
         "| a | test_resnet | 8 | 0.001 | 0 | 3 |" in table and "| 0.2000 |" in table and "| 0.1000 | 0.1100 |" in table
     )

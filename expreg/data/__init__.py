@@ -28,6 +28,7 @@ _EXPORTS = {
     "compute_target_stats": "dataset",
     "TargetStats": "dataset",
     "image_files": "dataset",
+    "library_sizes": "dataset",
     "dataset_gene_names": "dataset",
     # loaders
     "build_dataloaders": "loaders",

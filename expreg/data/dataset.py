@@ -218,6 +218,17 @@ def _record_batch(metadata: Metadata, rows: np.ndarray, image_paths: np.ndarray,
     return pa.record_batch([columns[field.name].cast(field.type) for field in schema], schema=schema)
 
 
+def library_sizes(dataset, num_rows: int | None = None) -> np.ndarray | None:
+    """Each row's library size (total raw count), in row order, or None where the data set has no
+    ``library_size`` column (an empty cell is NaN: the depth-adjusted scores then say n/a)."""
+    if "library_size" not in dataset.column_names:
+        return None
+    values = np.array(
+        [float(v) if str(v).strip() not in ("", "nan", "None") else np.nan for v in dataset["library_size"]]
+    )
+    return values if num_rows is None else values[:num_rows]
+
+
 def image_files(dataset) -> list[str]:
     """The absolute image paths of a split's rows, in row order (nothing is decoded)."""
     import datasets

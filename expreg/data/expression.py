@@ -322,6 +322,8 @@ def expression_targets(
     frame = metadata.frame.copy()
     names = [f"y{k}" for k in range(len(choice.genes))]
     frame[names] = targets.astype(np.float64)
+    # each spot's total over all its measured genes: what the depth-adjusted scores regress out
+    frame["library_size"] = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
     return Metadata(metadata.csv_path, frame, names, list(choice.genes)), choice
 
 

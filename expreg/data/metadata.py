@@ -179,6 +179,28 @@ def _check_targets(csv_path: Path, frame: pd.DataFrame, target_columns: list[str
         frame[col] = values
 
 
+LIBRARY_SIZE = "library_size"  # optional: each spot's total raw count (the depth-adjusted scores need it)
+
+
+def _check_library_size(csv_path: Path, frame: pd.DataFrame) -> None:
+    """An optional ``library_size`` column: non-negative numbers, or empty where unknown (scores then say n/a)."""
+    if LIBRARY_SIZE not in frame.columns:
+        return
+    text = frame[LIBRARY_SIZE].astype(str).str.strip()
+    values = pd.to_numeric(text.replace("", "nan"), errors="coerce").to_numpy(dtype=np.float64)
+    bad = (np.isnan(values) & (text != "").to_numpy() & ~text.str.lower().isin(["nan"]).to_numpy()) | (values < 0)
+    bad |= np.isinf(values)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        examples = ", ".join(repr(v) for v in text.iloc[rows[:3]])
+        raise _fail(
+            csv_path,
+            LIBRARY_SIZE,
+            rows + 2,
+            f"not a non-negative number (values {examples}); leave a cell empty where unknown",
+        )
+
+
 def _check_paths_and_groups(csv_path: Path, frame: pd.DataFrame, required=REQUIRED_COLUMNS) -> None:
     for col in required:
         frame[col] = frame[col].str.strip()
@@ -327,6 +349,7 @@ def read_metadata(
         frame["group_id"] = ""
     _check_paths_and_groups(csv_path, frame, required)
     _check_targets(csv_path, frame, target_columns)
+    _check_library_size(csv_path, frame)
     check_image_files(csv_path, frame, check_images)
     if gene_names_file is None and (csv_path.parent / "genes.txt").is_file():
         gene_names_file = csv_path.parent / "genes.txt"

@@ -5,7 +5,8 @@
 Columns: run, backbone, effective batch, lr, seed, epochs done, best epoch, then the best
 model's *validation* mean Spearman / Pearson (the split that chose the best epoch: optimistic)
 and its *held-out test* mean Spearman / Pearson (runs with a test split, e.g. the folds of
-``expreg.cv``; n/a otherwise). Runs of a k-fold cross-validation (``data.fold`` set) are also
+``expreg.cv``; n/a otherwise), each followed by its depth-adjusted mean Spearman (the spot's
+library size regressed out; n/a where the library size was unknown). Runs of a k-fold cross-validation (``data.fold`` set) are also
 summarised as mean ± std of the held-out scores per configuration, with the validation scores
 beside them, labelled as such. Folders that are not finished runs (running, stopped, broken)
 are listed separately with the reason; they never break the table.
@@ -40,6 +41,8 @@ class RunRow:
     pearson: float | None = None
     test_spearman: float | None = None  # held-out test split, when the run has one
     test_pearson: float | None = None
+    spearman_adjusted: float | None = None  # depth-adjusted (library size regressed out), validation
+    test_spearman_adjusted: float | None = None
     fold: int | None = None
     configuration: str = ""
     problem: str | None = None
@@ -81,6 +84,8 @@ def _read_run(run_dir: Path) -> RunRow:
     row.epochs_done, row.best_epoch = metrics.get("epochs_done"), metrics.get("best_epoch")
     row.spearman, row.pearson = metrics.get("best_val_spearman_mean"), metrics.get("best_val_pearson_mean")
     row.test_spearman, row.test_pearson = metrics.get("test_spearman_mean"), metrics.get("test_pearson_mean")
+    row.spearman_adjusted = metrics.get("best_val_spearman_depth_adjusted_mean")
+    row.test_spearman_adjusted = metrics.get("test_spearman_depth_adjusted_mean")
     row.configuration = json.dumps(
         {k: v for k, v in sorted(cfg.items()) if k not in _NOT_CONFIGURATION}, sort_keys=True, default=str
     )
@@ -106,17 +111,19 @@ def render(rows: list[RunRow], results_dir: Path) -> str:
         "held-out test scores (runs with a test split) are the ones to report.",
         "",
         "| run | backbone | effective batch | lr | seed | epochs done | best epoch | validation mean Spearman "
-        "| validation mean Pearson | held-out test mean Spearman | held-out test mean Pearson |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| validation mean Pearson | validation depth-adjusted Spearman | held-out test mean Spearman "
+        "| held-out test mean Pearson | held-out test depth-adjusted Spearman |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in good:
         lines.append(
             f"| {r.name} | {r.backbone} | {fmt_cell(r.effective_batch)} | {fmt_cell(r.lr, 'g')} | {fmt_cell(r.seed)} "
             f"| {fmt_cell(r.epochs_done)} | {fmt_cell(r.best_epoch)} | {fmt_cell(r.spearman)} | {fmt_cell(r.pearson)} "
-            f"| {fmt_cell(r.test_spearman)} | {fmt_cell(r.test_pearson)} |"
+            f"| {fmt_cell(r.spearman_adjusted)} | {fmt_cell(r.test_spearman)} | {fmt_cell(r.test_pearson)} "
+            f"| {fmt_cell(r.test_spearman_adjusted)} |"
         )
     if not good:
-        lines.append("| (no finished runs) | | | | | | | | | | |")
+        lines.append("| (no finished runs) | | | | | | | | | | | | |")
     lines += _cross_validation(good)
     broken = [r for r in rows if r.problem is not None]
     if broken:
@@ -140,21 +147,20 @@ def _cross_validation(good: list[RunRow]) -> list[str]:
         "score that chose each fold's best epoch (optimistic; shown only for reference).",
         "",
         "| configuration (first run) | backbone | folds | held-out test mean Spearman | held-out test mean Pearson "
-        "| validation mean Spearman |",
-        "|---|---|---|---|---|---|",
+        "| held-out test depth-adjusted Spearman | validation mean Spearman |",
+        "|---|---|---|---|---|---|---|",
     ]
     summaries = []
     for runs in groups.values():
         runs = sorted(runs, key=lambda r: r.fold)
         test_spearman = fmt_mean_std_of_all([r.test_spearman for r in runs])
         test_pearson = fmt_mean_std_of_all([r.test_pearson for r in runs])
+        test_adjusted = fmt_mean_std_of_all([r.test_spearman_adjusted for r in runs])
         val_spearman = fmt_mean_std_of_all([r.spearman for r in runs])
         folds = ", ".join(str(r.fold) for r in runs)
         defined = [r.test_spearman for r in runs if isinstance(r.test_spearman, (int, float))]
         key = -sum(defined) / len(defined) if defined else math.inf
-        summaries.append((key, runs[0], folds, test_spearman, test_pearson, val_spearman))
-    for _, first, folds, test_spearman, test_pearson, val_spearman in sorted(summaries, key=lambda s: s[0]):
-        lines.append(
-            f"| {first.name} | {first.backbone} | {folds} | {test_spearman} | {test_pearson} | {val_spearman} |"
-        )
+        summaries.append((key, runs[0], folds, test_spearman, test_pearson, test_adjusted, val_spearman))
+    for _, first, folds, *cells in sorted(summaries, key=lambda s: s[0]):
+        lines.append(f"| {first.name} | {first.backbone} | {folds} | {' | '.join(cells)} |")
     return lines

@@ -140,6 +140,16 @@ class _Folds:
     finetune: FineTune | None = None
     metadata: object = None  # with data.expression_file: the table without targets; each fold computes its own
     fold_genes: dict = field(default_factory=dict)  # fold -> genes chosen on its training groups (expression file)
+    library_size: np.ndarray | None = None  # each row's total raw count, when known (depth-adjusted scores)
+
+
+def frame_library_size(frame) -> np.ndarray | None:
+    """The ``library_size`` column of a metadata table as floats (NaN where empty), or None without one."""
+    import pandas as pd
+
+    if "library_size" not in frame.columns:
+        return None
+    return pd.to_numeric(frame["library_size"].replace("", "nan"), errors="coerce").to_numpy(dtype=np.float64)
 
 
 def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: dict | None = None) -> dict:
@@ -147,6 +157,9 @@ def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: 
     return {
         "spearman_mean": summary["spearman_mean"],
         "pearson_mean": summary["pearson_mean"],
+        "spearman_depth_adjusted_mean": summary.get("spearman_depth_adjusted_mean"),
+        "pearson_depth_adjusted_mean": summary.get("pearson_depth_adjusted_mean"),
+        "depth_oracle_spearman_mean": summary.get("depth_oracle_spearman_mean"),
         "num_genes_undefined_spearman": summary["num_genes_undefined_spearman"],
         "num_test_samples": summary["num_samples"],
         "seconds": round(seconds, 1),
@@ -197,6 +210,7 @@ def cross_validate(
         runs_dir=out_dir / "runs",
         finetune=finetune,
         metadata=metadata if cfg.data.expression_file else None,
+        library_size=frame_library_size(metadata.frame),
     )
     folds.inputs = _shared_inputs(cfg, methods, list(folds.files), accelerator)
     results: dict[str, list[dict]] = {m: [] for m in methods}
@@ -317,7 +331,8 @@ def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, 
     x, fit = folds.inputs[method]
     cfg, groups = folds.cfg, folds.groups
     predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
-    metrics = compute_metrics(predictions, targets[test], genes, cfg.data.allow_unmeasured_genes)
+    depth = folds.library_size[test] if folds.library_size is not None else None
+    metrics = compute_metrics(predictions, targets[test], genes, cfg.data.allow_unmeasured_genes, depth)
     return metrics.summary, {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}, extra
 
 
@@ -345,6 +360,7 @@ def _fold_targets(folds: _Folds, k: int, fit: np.ndarray) -> tuple[RunConfig, np
     folds.fold_genes[k] = list(choice.genes)
     print(f"fold {k}: {choice.describe()} -> {genes_file.name}")
     cfg = replace(folds.cfg, data=replace(d, genes=str(genes_file)))
+    folds.library_size = frame_library_size(table.frame)  # each spot's total over all its measured genes
     return cfg, table.targets().astype(np.float64), list(choice.genes)
 
 

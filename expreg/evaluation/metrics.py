@@ -6,6 +6,14 @@ A gene whose truth or prediction is constant over the samples has no defined cor
 is left out of the means and counted. With ``allow_unmeasured``, a NaN target is a gene its spot's
 sample did not measure (``data.allow_unmeasured_genes``): each gene is scored on its measured spots
 only, and the number of targets left out is in the summary (``num_targets_not_measured``).
+
+Beside every score, when each spot's library size (its total raw count over all measured genes)
+is known: the **depth-adjusted** Spearman and Pearson, i.e. the partial correlation of prediction
+and truth with the spot's log library size regressed out of both (on ranks for Spearman), and the
+**depth oracle**, the Spearman of the library size itself with each gene (a diagnostic that uses
+measured data, never a competitor). On shallow arrays a raw score is mostly "how many molecules
+this spot yielded"; the adjusted one is what the model knows about the gene beyond that. Where
+the library size is unknown these are None ("n/a"), never guessed.
 """
 
 from __future__ import annotations
@@ -121,12 +129,21 @@ class RegressionMetrics:
     mse: np.ndarray
     num_samples: int
     num_not_measured: int = 0
+    spearman_adjusted: np.ndarray | None = None  # depth-adjusted (partial) Spearman; None: library size unknown
+    pearson_adjusted: np.ndarray | None = None
+    depth_oracle: np.ndarray | None = None  # Spearman of the library size with each gene
     summary: dict = field(init=False)
 
     def __post_init__(self) -> None:
+        known = self.spearman_adjusted is not None
         self.summary = {
             "spearman_mean": _nanmean(self.spearman),
             "pearson_mean": _nanmean(self.pearson),
+            "spearman_depth_adjusted_mean": _nanmean(self.spearman_adjusted) if known else None,
+            "pearson_depth_adjusted_mean": _nanmean(self.pearson_adjusted) if known else None,
+            "depth_oracle_spearman_mean": _nanmean(self.depth_oracle) if known else None,
+            # e.g. a prediction that is exactly a function of depth: nothing is left once depth is out
+            "num_genes_undefined_depth_adjusted": int(np.isnan(self.spearman_adjusted).sum()) if known else None,
             "mse": _nanmean(self.mse),
             "num_genes": len(self.gene_names),
             "num_genes_undefined_spearman": int(np.isnan(self.spearman).sum()),
@@ -145,18 +162,35 @@ class RegressionMetrics:
         return self.summary["pearson_mean"]
 
     def per_gene_rows(self) -> list[dict]:
-        """One dict per gene: ``gene``, ``spearman``, ``pearson``, ``mse`` (None when undefined)."""
+        """One dict per gene: ``gene``, ``spearman``, ``pearson``, ``mse``, the depth-adjusted Spearman and
+        Pearson and the depth oracle's Spearman (None when undefined or the library size is unknown)."""
+        k = len(self.gene_names)
+        unknown = np.full(k, np.nan)
+        adjusted_s = unknown if self.spearman_adjusted is None else self.spearman_adjusted
+        adjusted_p = unknown if self.pearson_adjusted is None else self.pearson_adjusted
+        oracle = unknown if self.depth_oracle is None else self.depth_oracle
         rows = []
-        for g, s, p, m in zip(self.gene_names, self.spearman, self.pearson, self.mse):
-            rows.append(
-                {
-                    "gene": g,
-                    "spearman": None if np.isnan(s) else float(s),
-                    "pearson": None if np.isnan(p) else float(p),
-                    "mse": None if np.isnan(m) else float(m),
-                }
-            )
+        for j, g in enumerate(self.gene_names):
+            values = {
+                "spearman": self.spearman[j],
+                "pearson": self.pearson[j],
+                "mse": self.mse[j],
+                "spearman_depth_adjusted": adjusted_s[j],
+                "pearson_depth_adjusted": adjusted_p[j],
+                "depth_oracle_spearman": oracle[j],
+            }
+            rows.append({"gene": g, **{key: None if np.isnan(v) else float(v) for key, v in values.items()}})
         return rows
+
+    def format_depth(self) -> str:
+        """``depth-adjusted Spearman 0.0600, Pearson 0.0700; library size alone 0.4120`` (or n/a)."""
+        s = self.summary
+        if s["spearman_depth_adjusted_mean"] is None:
+            return "depth-adjusted n/a (library size unknown)"
+        return (
+            f"depth-adjusted Spearman {s['spearman_depth_adjusted_mean']:.4f}, Pearson "
+            f"{s['pearson_depth_adjusted_mean']:.4f}; library size alone {s['depth_oracle_spearman_mean']:.4f}"
+        )
 
     def format(self) -> str:
         s = self.summary
@@ -166,7 +200,7 @@ class RegressionMetrics:
             note += f" ({self.num_not_measured} targets not measured, left out)"
         return (
             f"mean Spearman {s['spearman_mean']:.4f} | mean Pearson {s['pearson_mean']:.4f} | "
-            f"MSE {s['mse']:.4f} | {s['num_samples']} samples x {s['num_genes']} genes{note}"
+            f"MSE {s['mse']:.4f} | {s['num_samples']} samples x {s['num_genes']} genes{note} | {self.format_depth()}"
         )
 
     def format_genes(self, n: int = 5) -> str:
@@ -184,7 +218,7 @@ class RegressionMetrics:
 
 
 def compute_metrics(
-    predictions, targets, gene_names: list[str] | None = None, allow_unmeasured: bool = False
+    predictions, targets, gene_names: list[str] | None = None, allow_unmeasured: bool = False, library_size=None
 ) -> RegressionMetrics:
     """Per-gene Spearman, Pearson and MSE of predictions against targets.
 
@@ -195,6 +229,9 @@ def compute_metrics(
         allow_unmeasured: A NaN target is a gene its spot's sample did not measure
             (``data.allow_unmeasured_genes``), left out; otherwise any NaN is an error (a bug, never
             silently masked).
+        library_size: Each row's total raw count over all measured genes, or None (unknown): the
+            depth-adjusted scores and the depth oracle (module docstring). A row without a finite,
+            non-negative value makes them unknown for the whole set (never guessed).
 
     Returns:
         The per-gene metrics with their means over genes in ``summary``.
@@ -205,22 +242,84 @@ def compute_metrics(
     if len(gene_names) != p.shape[1]:
         raise ValueError(f"{len(gene_names)} gene names for {p.shape[1]} columns")
     missing = np.isnan(t)
+    depth = _log_depth(library_size, len(p))
     if missing.any():
-        return _masked_metrics(p, t, missing, list(gene_names))
+        return _masked_metrics(p, t, missing, list(gene_names), depth)
     undefined = _constant_columns(p) | _constant_columns(t)
-    return RegressionMetrics(
+    metrics = RegressionMetrics(
         gene_names=list(gene_names),
         spearman=_pearson_columns(rank_columns(p), rank_columns(t), undefined),
         pearson=_pearson_columns(p, t, undefined),
         mse=((p - t) ** 2).mean(axis=0),
         num_samples=p.shape[0],
     )
+    return _with_depth(metrics, p, t, depth) if depth is not None else metrics
 
 
-def _masked_metrics(p: np.ndarray, t: np.ndarray, missing: np.ndarray, gene_names: list[str]) -> RegressionMetrics:
+def _log_depth(library_size, n: int) -> np.ndarray | None:
+    """``log1p(library size)`` of every row, or None when it is not known for every row."""
+    if library_size is None:
+        return None
+    depth = np.asarray(library_size, dtype=np.float64).reshape(-1)
+    if len(depth) != n:
+        raise ValueError(f"library_size has {len(depth)} values for {n} rows")
+    if not (np.isfinite(depth).all() and (depth >= 0).all()):
+        return None
+    return np.log1p(depth)
+
+
+def partial_correlation_columns(a: np.ndarray, b: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Per column, the Pearson correlation of ``a`` and ``b`` after regressing ``z`` (with an intercept) out
+    of both; NaN where a residual or ``z`` is constant. Pass ranks for the partial Spearman.
+
+    Args:
+        a, b: Arrays ``(n, k)``.
+        z: The covariate ``(n,)``.
+    """
+    zc = z - z.mean()
+    zz = float(zc @ zc)
+    if zz <= 0:
+        return np.full(a.shape[1], np.nan)
+    residuals = []
+    for x in (a, b):
+        xc = x - x.mean(axis=0)
+        r = xc - np.outer(zc, (zc @ xc) / zz)
+        scale = np.sqrt(np.einsum("ij,ij->j", xc, xc))
+        flat = np.sqrt(np.einsum("ij,ij->j", r, r)) <= 1e-12 * np.maximum(scale, np.finfo(np.float64).tiny)
+        residuals.append((r, flat))
+    (ra, flat_a), (rb, flat_b) = residuals
+    return _pearson_columns(ra, rb, flat_a | flat_b)
+
+
+def _depth_columns(p: np.ndarray, t: np.ndarray, depth: np.ndarray):
+    """(partial Spearman, partial Pearson, the depth oracle's Spearman) per column."""
+    rp, rt, rz = rank_columns(p), rank_columns(t), rank_columns(depth[:, None])[:, 0]
+    oracle = _pearson_columns(np.repeat(rz[:, None], t.shape[1], axis=1), rt, _constant_columns(t) | (np.ptp(rz) == 0))
+    return partial_correlation_columns(rp, rt, rz), partial_correlation_columns(p, t, depth), oracle
+
+
+def _with_depth(metrics: RegressionMetrics, p: np.ndarray, t: np.ndarray, depth: np.ndarray) -> RegressionMetrics:
+    spearman, pearson, oracle = _depth_columns(p, t, depth)
+    return RegressionMetrics(
+        gene_names=metrics.gene_names,
+        spearman=metrics.spearman,
+        pearson=metrics.pearson,
+        mse=metrics.mse,
+        num_samples=metrics.num_samples,
+        num_not_measured=metrics.num_not_measured,
+        spearman_adjusted=spearman,
+        pearson_adjusted=pearson,
+        depth_oracle=oracle,
+    )
+
+
+def _masked_metrics(
+    p: np.ndarray, t: np.ndarray, missing: np.ndarray, gene_names: list[str], depth: np.ndarray | None
+) -> RegressionMetrics:
     """``compute_metrics`` where some targets were not measured: every gene on its own measured rows."""
     k = p.shape[1]
     spearman, pearson, mse = np.full(k, np.nan), np.full(k, np.nan), np.full(k, np.nan)
+    adjusted = [np.full(k, np.nan) for _ in range(3)] if depth is not None else None
     for j in range(k):
         rows = ~missing[:, j]
         if rows.sum() < 2:
@@ -230,6 +329,9 @@ def _masked_metrics(p: np.ndarray, t: np.ndarray, missing: np.ndarray, gene_name
         spearman[j] = _pearson_columns(rank_columns(pj), rank_columns(tj), undefined)[0]
         pearson[j] = _pearson_columns(pj, tj, undefined)[0]
         mse[j] = float(((pj - tj) ** 2).mean())
+        if adjusted is not None:
+            for out, value in zip(adjusted, _depth_columns(pj, tj, depth[rows])):
+                out[j] = value[0]
     return RegressionMetrics(
         gene_names=gene_names,
         spearman=spearman,
@@ -237,6 +339,9 @@ def _masked_metrics(p: np.ndarray, t: np.ndarray, missing: np.ndarray, gene_name
         mse=mse,
         num_samples=p.shape[0],
         num_not_measured=int(missing.sum()),
+        spearman_adjusted=None if adjusted is None else adjusted[0],
+        pearson_adjusted=None if adjusted is None else adjusted[1],
+        depth_oracle=None if adjusted is None else adjusted[2],
     )
 
 

@@ -213,10 +213,16 @@ def measured_vs_predicted(path: Path, thumbnail, slide_size, spots_xy, measured,
             fig.colorbar(art, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
             ax.set_title(f"{row['gene']}: {kind}", fontsize=10, fontweight="bold")
         pearson = "n/a" if row["pearson"] is None else f"{row['pearson']:.3f}"
-        left.set_ylabel(f"{row['label']}\nSpearman {row['spearman']:.3f}, Pearson {pearson}", fontsize=9)
+        adjusted = row.get("spearman_depth_adjusted")
+        adjusted = "n/a" if adjusted is None else f"{adjusted:.3f}"
+        left.set_ylabel(
+            f"{row['label']}\nSpearman {row['spearman']:.3f}, Pearson {pearson}\ndepth-adjusted Spearman {adjusted}",
+            fontsize=9,
+        )
     fig.suptitle(
         f"Measured | predicted {unit} at {len(x)} spots; best and worst genes by Spearman\n"
-        "(each panel on its own colour scale: compare patterns, not levels)",
+        "(each panel on its own colour scale: compare patterns, not levels; depth-adjusted: the spot's library "
+        "size regressed out of both)",
         fontsize=11,
     )
     fig.savefig(path, dpi=100)

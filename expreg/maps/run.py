@@ -74,7 +74,8 @@ def _spot_comparison(plan: MapPlan, accelerator):
         )
     measured_cols = [k for k, g in enumerate(plan.genes) if g not in set(missing)]
     genes = [plan.genes[k] for k in measured_cols]
-    metrics = compute_metrics(predicted[:, measured_cols], targets[:, measured_cols], genes)
+    depth = np.asarray(plan.measured.counts.sum(axis=1), dtype=np.float64).reshape(-1)[spots["rows"]]
+    metrics = compute_metrics(predicted[:, measured_cols], targets[:, measured_cols], genes, library_size=depth)
     spots["missing_genes"] = missing
     return spots, targets[:, measured_cols], predicted[:, measured_cols], metrics
 
@@ -168,7 +169,8 @@ def _write_comparison(folder: Path, plan: MapPlan, spots, targets, predicted, me
         "per_gene": metrics.per_gene_rows(),
     }
     write_json(folder / "spot_metrics.json", record)
-    return {k: record[k] for k in ("what", "spearman_mean", "pearson_mean", "num_samples", "num_genes")}
+    keys = ("what", "spearman_mean", "pearson_mean", "spearman_depth_adjusted_mean", "depth_oracle_spearman_mean")
+    return {k: record[k] for k in (*keys, "num_samples", "num_genes")}
 
 
 def _uns_info(plan: MapPlan) -> dict:

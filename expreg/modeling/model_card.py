@@ -79,12 +79,23 @@ def _results(best: dict, test: dict | None) -> str:
         f"{fmt_float(t.get('test_spearman_mean')) if test else 'no test split'} |",
         f"| mean Pearson over genes | {fmt_float(best['best_val_pearson_mean'])} | "
         f"{fmt_float(t.get('test_pearson_mean')) if test else ''} |",
+        f"| depth-adjusted mean Spearman (library size regressed out) | "
+        f"{fmt_float(best.get('best_val_spearman_depth_adjusted_mean'))} | "
+        f"{fmt_float(t.get('test_spearman_depth_adjusted_mean')) if test else ''} |",
+        f"| depth-adjusted mean Pearson | {fmt_float(best.get('best_val_pearson_depth_adjusted_mean'))} | "
+        f"{fmt_float(t.get('test_pearson_depth_adjusted_mean')) if test else ''} |",
+        f"| library size alone (depth oracle: measured data, a diagnostic) | "
+        f"{fmt_float(best.get('best_val_depth_oracle_spearman_mean'))} | "
+        f"{fmt_float(t.get('test_depth_oracle_spearman_mean')) if test else ''} |",
         f"| MSE on normalised targets (training-time evaluation) | {fmt_float(best.get('val_loss'))} | |",
     ]
     text = "\n".join(lines) + "\n\n"
     text += (
         "Correlations are computed per gene over the samples of a split, then averaged over genes, with the "
         "saved model in fp32. The best epoch was chosen on validation, so validation figures are optimistic. "
+        "The depth-adjusted scores are the partial correlations with each spot's log library size regressed out "
+        "of prediction and truth (on ranks for Spearman): what the model knows about each gene beyond how many "
+        "molecules the spot yielded; n/a where the library size is unknown. "
     )
     if test:
         text += (

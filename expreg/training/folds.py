@@ -49,6 +49,9 @@ def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, g
     summary = {
         "spearman_mean": result["test_spearman_mean"],
         "pearson_mean": result["test_pearson_mean"],
+        "spearman_depth_adjusted_mean": result.get("test_spearman_depth_adjusted_mean"),
+        "pearson_depth_adjusted_mean": result.get("test_pearson_depth_adjusted_mean"),
+        "depth_oracle_spearman_mean": result.get("test_depth_oracle_spearman_mean"),
         "num_genes_undefined_spearman": result["num_genes_undefined_test_spearman"],
         "num_samples": result["num_test_samples"],
     }

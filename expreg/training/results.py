@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expreg.data.dataset import library_sizes
 from expreg.evaluation.metrics import compute_metrics
 from expreg.evaluation.plots import write_run_plots
 from expreg.inference import predict_loader
@@ -31,7 +32,13 @@ from expreg.run_dir import (
 from expreg.training.interrupts import TrainingError
 
 logger = logging.getLogger("expreg")
-_RETURNED_ONLY = {"test_per_gene_spearman"}  # returned by run() (for expreg.cv), not in metrics.json
+_RETURNED_ONLY = {"test_per_gene_spearman"}
+# beside every score: the depth-adjusted means and the depth oracle (None: the library size is unknown)
+DEPTH_FIELDS = (
+    "spearman_depth_adjusted_mean",
+    "pearson_depth_adjusted_mean",
+    "depth_oracle_spearman_mean",
+)  # returned by run() (for expreg.cv), not in metrics.json
 
 
 def split_summary(datasets) -> dict:
@@ -115,6 +122,7 @@ def score_fields(scores: dict, datasets) -> dict:
     if "validation" in scores:
         val = scores["validation"][1]
         fields.update(best_val_spearman_mean=val.spearman_mean, best_val_pearson_mean=val.pearson_mean)
+        fields.update({f"best_val_{k}": val.summary[k] for k in DEPTH_FIELDS})
         if val.num_not_measured:  # data.allow_unmeasured_genes: targets left out of the scores
             fields["num_val_targets_not_measured"] = val.num_not_measured
     if "test" in scores:
@@ -127,6 +135,7 @@ def score_fields(scores: dict, datasets) -> dict:
             test_groups=sorted(set(datasets["test"]["group_id"])),
             test_per_gene_spearman={r["gene"]: r["spearman"] for r in test.per_gene_rows()},
         )
+        fields.update({f"test_{k}": test.summary[k] for k in DEPTH_FIELDS})
         if test.num_not_measured:
             fields["num_test_targets_not_measured"] = test.num_not_measured
     return fields
@@ -165,8 +174,8 @@ def score_best(t, max_batches: int | None) -> dict:
         )
         expression = model.to_expression(normalised.astype(np.float64))
         truth = targets(data.datasets[split], len(expression), truncate=max_batches is not None)
-        allow = t.cfg.data.allow_unmeasured_genes
-        scores[split] = (expression, compute_metrics(expression, truth, data.gene_names, allow))
+        allow, depth = t.cfg.data.allow_unmeasured_genes, library_sizes(data.datasets[split], len(expression))
+        scores[split] = (expression, compute_metrics(expression, truth, data.gene_names, allow, depth))
     accelerator.free_memory()
     return scores
 
@@ -207,12 +216,13 @@ def record_scores(t, scores: dict, result: dict) -> None:
     write_run_plots(run_dir, np.asarray(data.datasets["validation"]["labels"], dtype=np.float64), metrics=result)
     logger.info(
         f"best epoch {result['best_epoch']} (checkpoints/best, scored in fp32): validation mean Spearman "
-        f"{val.spearman_mean:.4f}, mean Pearson {val.pearson_mean:.4f}"
+        f"{val.spearman_mean:.4f}, mean Pearson {val.pearson_mean:.4f}; {val.format_depth()}"
     )
     if test:
         logger.info(
             f"held-out test ({test['num_test_samples']} samples, groups {', '.join(test['test_groups'])}): "
-            f"mean Spearman {test['test_spearman_mean']:.4f}, mean Pearson {test['test_pearson_mean']:.4f}"
+            f"mean Spearman {test['test_spearman_mean']:.4f}, mean Pearson {test['test_pearson_mean']:.4f}; "
+            f"{scores['test'][1].format_depth()}"
         )
 
 
@@ -224,6 +234,7 @@ def model_card(t, entry: dict, metrics, test=None) -> str:
         "best_epoch": entry["epoch"],
         "best_val_spearman_mean": metrics.spearman_mean,
         "best_val_pearson_mean": metrics.pearson_mean,
+        **{f"best_val_{k}": metrics.summary[k] for k in DEPTH_FIELDS},
         "val_loss": entry["val_loss"],
         "num_processes": accelerator.num_processes,
         "effective_batch_size": cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes,

@@ -24,6 +24,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from expreg.config import ConfigError, RunConfig
+from expreg.data.dataset import library_sizes
 from expreg.evaluation.metrics import compute_metrics
 from expreg.inference import gather_outputs
 from expreg.modeling.hub import HubError
@@ -393,7 +394,8 @@ class Trainer:
         val = data.datasets["validation"]
         targets = np.asarray(val["labels"], dtype=np.float64)[: len(predictions)]
         expression = accelerator.unwrap_model(self.model).to_expression(predictions.astype(np.float64))
-        metrics = compute_metrics(expression, targets, data.gene_names, cfg.data.allow_unmeasured_genes)
+        depth = library_sizes(val, len(predictions))
+        metrics = compute_metrics(expression, targets, data.gene_names, cfg.data.allow_unmeasured_genes, depth)
         entry = _history_entry(state, train_loss, val_loss, metrics)
         state.history.append(entry)
         logger.info(
@@ -486,4 +488,5 @@ def _history_entry(state, train_loss: float, val_loss: float, metrics) -> dict:
         "val_loss": val_loss,
         "val_spearman_mean": metrics.spearman_mean,
         "val_pearson_mean": metrics.pearson_mean,
+        "val_spearman_depth_adjusted_mean": metrics.summary["spearman_depth_adjusted_mean"],
     }
