@@ -303,3 +303,13 @@ def test_cv_leaves_hests_probe_out_of_the_default_methods_when_targets_may_be_ma
         + ["data.expression_file=e.h5ad", "data.genes=hvg:5", "data.allow_unmeasured_genes=true"]
     )
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_the_library_size_is_the_spots_total_over_every_gene_it_measured(make_dataset):
+    csv, h5ad = _panels(make_dataset)
+    metadata = read_metadata(csv, targets_required=False)
+    table = expression_targets(
+        metadata, h5ad, np.ones(len(metadata.frame), bool), "var:2", min_detection=0.1, transform="log1p"
+    )[0]
+    counts = read_h5ad(h5ad).X.toarray()  # rows in the same order (written from the same frame)
+    np.testing.assert_array_equal(table.frame["library_size"].to_numpy(), counts.sum(axis=1))  # not the 2 chosen

@@ -9,7 +9,8 @@ planted code too) and report ``caught`` (a test failed) or ``MISSED``. The check
 never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug and four
 bugs of whole-slide maps (issue 14), four of
 foundation-model encoders and the embedding store (issue 15), and eight from issue 22 (the four an
-audit planted, four of the spot lattice, unmeasured genes and the gene join).
+audit planted, four of the spot lattice, unmeasured genes and the gene join), and two of the
+depth-adjusted scores (issue 27).
 """
 
 from __future__ import annotations
@@ -177,6 +178,18 @@ BUGS = {
         "    if not without_ids and not repeated_ids:",
         "    if False:",
         ["tests/test_unmeasured_genes.py::test_genes_are_joined_by_feature_id_and_named_alike_in_every_sample"],
+    ),
+    "partial_spearman_on_values_not_ranks": (
+        "expreg/evaluation/metrics.py",
+        "return partial_correlation_columns(rp, rt, rz), partial_correlation_columns(p, t, depth), oracle",
+        "return partial_correlation_columns(p, t, depth), partial_correlation_columns(p, t, depth), oracle",
+        ["tests/test_depth.py::test_the_partial_correlations_equal_an_independent_computation"],
+    ),
+    "library_size_over_the_chosen_genes_only": (
+        "expreg/data/expression.py",
+        'frame["library_size"] = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)',
+        'frame["library_size"] = np.asarray(counts[:, columns].sum(axis=1), dtype=np.float64).reshape(-1)',
+        ["tests/test_unmeasured_genes.py::test_the_library_size_is_the_spots_total_over_every_gene_it_measured"],
     ),
 }
 
