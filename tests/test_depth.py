@@ -4,6 +4,8 @@ synthetic sets where expression is only depth, or carries a signal of its own.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,8 @@ from scipy import stats
 
 from expreg.data.metadata import MetadataError, read_metadata
 from expreg.evaluation.metrics import compute_metrics, partial_correlation_columns
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _partial_by_formula(a, b, c) -> float:
@@ -95,3 +99,11 @@ def test_a_library_size_column_is_checked_and_may_be_empty(dataset_csv):
         MetadataError, match=r"column 'library_size', line 6: not a non-negative number \(values '-5'\)"
     ):
         read_metadata(dataset_csv)
+
+
+def test_the_depth_oracle_needs_library_sizes_and_says_so_before_writing(dataset_csv, tmp_path):
+    from expreg.cv import main as cv_main
+
+    out = tmp_path / "cv"
+    args = ["--methods", "depth_oracle", "--out_dir", str(out), f"data.metadata_csv={dataset_csv}"]
+    assert cv_main([str(REPO / "recipes" / "tiny.yaml"), *args]) == 2 and not out.exists()

@@ -194,7 +194,7 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
             "--n_folds",
             "5",
             "--methods",
-            "ridge,mean",
+            "ridge,mean,depth_oracle",
             "--out_dir",
             str(out),
             f"data.metadata_csv={csv}",
@@ -221,6 +221,9 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
     )
     assert all(isinstance(f["spearman_depth_adjusted_mean"], float) for f in ridge["folds"])
     assert "The spot's library size alone (a diagnostic" in (out / "cv_summary.md").read_text()
+    oracle = summary["methods"]["depth_oracle"]  # a row of its own: every gene predicted by the measured depth
+    for fold, ridge_fold in zip(oracle["folds"], ridge["folds"]):
+        assert fold["spearman_mean"] == pytest.approx(ridge_fold["depth_oracle_spearman_mean"], abs=1e-12)
 
 
 def _given(metadata, h5ad, gene_file):

@@ -25,7 +25,12 @@ there are at most 10 groups) and each method:
   so HEST's numbers can be reproduced beside expreg's probe (the embedding time counts in both);
 - ``ridge``: ridge regression on 62 colour/texture features per patch, the ridge strength
   chosen by an inner group k-fold on the training groups;
-- ``mean``: the training mean (its correlations are undefined, reported as such).
+- ``mean``: the training mean (its correlations are undefined, reported as such);
+- ``depth_oracle`` (asked for by name; needs each spot's library size: ``data.expression_file`` or a
+  ``library_size`` column): every gene predicted by the held-out spot's measured log library size.
+  A diagnostic that uses measured data, never a competitor: a method that does not beat it on
+  the raw score has learned depth, not genes. Every method's depth-adjusted score and the oracle
+  are in the summary anyway.
 
 Written to ``--out_dir`` (default ``<logging.output_dir>/cv__<recipe>__<timestamp>``):
 ``folds.csv``, the fine-tuning run directories under ``runs/``, and ``cv_summary.json`` /
@@ -60,7 +65,7 @@ from expreg.evaluation.hest_probe import PROBE_NAME, std_ddof0
 from expreg.evaluation.metrics import compute_metrics
 from expreg.run_dir import atomic_write_text, write_json
 
-METHODS = ("finetune", "frozen", "linear_probe", "linear_probe_hest", "ridge", "mean")
+METHODS = ("finetune", "frozen", "linear_probe", "linear_probe_hest", "ridge", "mean", "depth_oracle")
 DEFAULT_METHODS = ("finetune", "linear_probe", "linear_probe_hest", "ridge", "mean")
 TRAINED = ("finetune", "frozen")  # methods that are training runs (expreg.training.folds.finetune_fold)
 HEST_PROBE = PROBE_NAME
@@ -143,6 +148,16 @@ class _Folds:
     library_size: np.ndarray | None = None  # each row's total raw count, when known (depth-adjusted scores)
 
 
+DEPTH_ORACLE = "depth_oracle"
+
+
+def depth_oracle_fit(x_train, y_train, groups_train, x_test, seed: int = 0) -> tuple[np.ndarray, dict]:
+    """Every gene "predicted" by the test spot's measured log library size (``x``: library sizes, one column):
+    a diagnostic with the signature of the baselines; nothing is fitted."""
+    predictions = np.repeat(np.log1p(np.asarray(x_test, dtype=np.float64)[:, :1]), y_train.shape[1], axis=1)
+    return predictions, {"uses": "the held-out spots' measured library sizes (a diagnostic, not a model)"}
+
+
 def frame_library_size(frame) -> np.ndarray | None:
     """The ``library_size`` column of a metadata table as floats (NaN where empty), or None without one."""
     import pandas as pd
@@ -150,6 +165,11 @@ def frame_library_size(frame) -> np.ndarray | None:
     if "library_size" not in frame.columns:
         return None
     return pd.to_numeric(frame["library_size"].replace("", "nan"), errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _unknown_depth(frame) -> bool:
+    sizes = frame_library_size(frame)
+    return sizes is None or not np.isfinite(sizes).all()
 
 
 def _fold_result(summary: dict, per_gene_spearman: dict, seconds: float, extra: dict | None = None) -> dict:
@@ -192,6 +212,11 @@ def cross_validate(
             "cross_validate: methods finetune and frozen need finetune= (expreg.training.folds.finetune_fold)"
         )
     cfg, metadata, task = _read_data(cfg, hest_task)
+    if DEPTH_ORACLE in methods and not cfg.data.expression_file and _unknown_depth(metadata.frame):
+        raise ConfigError(
+            f"--methods {DEPTH_ORACLE}: needs each spot's library size: data.expression_file (raw counts) or a "
+            f"library_size column in {metadata.csv_path} with a value in every row"
+        )
     if task is None:
         n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
         targets = metadata.targets().astype(np.float64)
@@ -330,6 +355,8 @@ def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, 
     """Fit a baseline on the training rows, score it on the test rows: ``(summary, per-gene Spearman, extra)``."""
     x, fit = folds.inputs[method]
     cfg, groups = folds.cfg, folds.groups
+    if method == DEPTH_ORACLE:  # the input is each spot's measured library size, known once the fold's table is
+        x = folds.library_size[:, None]
     predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
     depth = folds.library_size[test] if folds.library_size is not None else None
     metrics = compute_metrics(predictions, targets[test], genes, cfg.data.allow_unmeasured_genes, depth)
@@ -390,6 +417,7 @@ def _shared_inputs(cfg, methods: list[str], files: list[str], accelerator=None) 
     from expreg.evaluation.hest_probe import hest_linear_probe
 
     inputs: dict = {"mean": (np.zeros((len(files), 0)), mean_fit)}  # the mean needs no input
+    inputs[DEPTH_ORACLE] = (None, depth_oracle_fit)  # its input: the fold's library sizes (_fit_baseline)
     if "ridge" in methods:
         start = time.perf_counter()
         inputs["ridge"] = (extract_features(files), ridge_baseline)
