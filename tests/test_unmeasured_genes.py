@@ -313,3 +313,25 @@ def test_the_library_size_is_the_spots_total_over_every_gene_it_measured(make_da
     )[0]
     counts = read_h5ad(h5ad).X.toarray()  # rows in the same order (written from the same frame)
     np.testing.assert_array_equal(table.frame["library_size"].to_numpy(), counts.sum(axis=1))  # not the 2 chosen
+
+
+def test_genes_json_gives_each_genes_detection_and_its_spearman_with_depth(make_dataset, caplog):
+    from scipy import stats
+
+    from expreg.data.expression import _gene_stats
+
+    csv, h5ad = _panels(make_dataset)
+    metadata = read_metadata(csv, targets_required=False)
+    train = metadata.frame["group_id"].isin(["P00", "P01", "P02", "P03"]).to_numpy()
+    table, choice = expression_targets(metadata, h5ad, train, "var:2", min_detection=0.1, transform="log1p")
+    counts = read_h5ad(h5ad).X.toarray()[train]
+    for k, gene in enumerate(choice.genes):
+        column = read_h5ad(h5ad).var_names.index(gene)
+        record = choice.record()["per_gene_on_training_spots"][gene]
+        assert record["detection"] == pytest.approx((counts[:, column] > 0).mean())
+        expected = stats.spearmanr(table.targets()[train, k], counts.sum(axis=1))[0]
+        assert record["spearman_with_library_size"] == pytest.approx(expected, abs=1e-9)
+    rare = sp.csr_matrix(np.eye(10, 4) * 5 + np.eye(10, 4, -4) * 3)  # each gene detected in 2 of 10 spots
+    with caplog.at_level("WARNING", logger="expreg"):
+        _gene_stats(rare, np.log1p(rare.toarray()), [0, 1, 2, 3], ["A", "B", "C", "D"])
+    assert "detected in a median 20 % of the training spots" in caplog.text

@@ -124,6 +124,8 @@ class GeneChoice:
     unmeasured_scope: str = "training sample"  # whose panels decide eligibility ("sample of the run" by default)
     # chosen genes some sample did not measure (data.allow_unmeasured_genes): sample -> genes; masked, never zeros
     masked_unmeasured: dict[str, list[str]] = field(default_factory=dict)
+    # per chosen gene, on the training spots: detection rate and Spearman with the library size (genes.json)
+    gene_stats: dict[str, dict] = field(default_factory=dict)
 
     @property
     def chosen_here(self) -> bool:
@@ -171,6 +173,7 @@ class GeneChoice:
             "excluded_not_measured_per_sample": dict(sorted(self.excluded_unmeasured.items())),
             "excluded_rare": self.excluded_rare,
             "masked_not_measured": dict(sorted(self.masked_unmeasured.items())),
+            "per_gene_on_training_spots": self.gene_stats,
         }
 
 
@@ -210,9 +213,7 @@ def choose_genes(
     detected = detection_rate(train_counts) >= min_detection
     eligible = np.flatnonzero(detected & measured)
     if len(eligible) < k:
-        unmeasured = (
-            f" and measured by every training sample ({int((~measured).sum())} are not)" if not measured.all() else ""
-        )
+        unmeasured = f" and measured by every sample ({int((~measured).sum())} are not)" if not measured.all() else ""
         raise ValueError(
             f"data.genes={spec}: only {len(eligible)} genes are detected in >= {min_detection:g} of the "
             f"{train_counts.shape[0]} training spots{unmeasured}; lower data.min_gene_detection or K"
@@ -319,12 +320,46 @@ def expression_targets(
     choice.masked_unmeasured = _mask_unmeasured(
         targets, samples, is_train, not_measured, columns, choice, allow_unmeasured, expression_file
     )
+    choice.gene_stats = _gene_stats(counts[is_train], targets[is_train], columns, choice.genes)
     frame = metadata.frame.copy()
     names = [f"y{k}" for k in range(len(choice.genes))]
     frame[names] = targets.astype(np.float64)
     # each spot's total over all its measured genes: what the depth-adjusted scores regress out
     frame["library_size"] = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
     return Metadata(metadata.csv_path, frame, names, list(choice.genes)), choice
+
+
+LOW_DETECTION = 0.3  # median detection of the chosen genes below this: their scores mostly follow depth
+
+
+def _gene_stats(train_counts, train_targets: np.ndarray, columns: list[int], genes: list[str]) -> dict[str, dict]:
+    """Per chosen gene on the training spots: its detection rate and the Spearman of its target with the
+    spot's library size; a warning when the median detection is below ``LOW_DETECTION``."""
+    import logging
+
+    from scipy.stats import rankdata
+
+    detection = detection_rate(train_counts[:, columns]) if len(columns) else np.zeros(0)
+    depth = rankdata(np.asarray(train_counts.sum(axis=1), dtype=np.float64).reshape(-1))
+    stats = {}
+    for k, gene in enumerate(genes):
+        values = train_targets[:, k]
+        rows = ~np.isnan(values)
+        ranks = rankdata(values[rows])
+        with np.errstate(invalid="ignore", divide="ignore"):  # a constant gene or depth: undefined, said as None
+            both = np.corrcoef(ranks, depth[rows])[0, 1] if rows.sum() > 1 and np.ptp(ranks) > 0 else np.nan
+        stats[gene] = {
+            "detection": float(detection[k]),
+            "spearman_with_library_size": None if np.isnan(both) else float(both),
+        }
+    median = float(np.median(detection)) if len(detection) else 1.0
+    if median < LOW_DETECTION:
+        logging.getLogger("expreg").warning(
+            f"the chosen genes are detected in a median {100 * median:.0f} % of the training spots (< "
+            f"{100 * LOW_DETECTION:.0f} %): their targets are mostly 'detected or not', which follows sequencing "
+            "depth; read the depth-adjusted scores, or raise data.min_gene_detection"
+        )
+    return stats
 
 
 def _eligibility_samples(samples, is_train: np.ndarray, allow_unmeasured: bool) -> list[str]:
