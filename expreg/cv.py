@@ -105,7 +105,7 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
 def _finetune(cfg, methods: list[str]):
     """``(accelerator, finetune)``: the recipe's accelerator when a method runs a model (training runs, and the
     probes' embeddings, built on its device), and the training of a fold bound to it (or None)."""
-    if not {"finetune", "frozen", "linear_probe", "linear_probe_hest"} & set(methods):
+    if not {"finetune", "frozen", "depth_from_image", "linear_probe", "linear_probe_hest"} & set(methods):
         return None, None
     from expreg.training.folds import finetune_fold
     from expreg.training.launch import build_accelerator, unconnected_launch_error
@@ -114,7 +114,7 @@ def _finetune(cfg, methods: list[str]):
     problem = unconnected_launch_error(accelerator)
     if problem:
         raise ConfigError(problem)
-    trains = {"finetune", "frozen"} & set(methods)
+    trains = {"finetune", "frozen", "depth_from_image"} & set(methods)
     return accelerator, functools.partial(finetune_fold, accelerator=accelerator) if trains else None
 
 

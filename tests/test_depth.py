@@ -107,3 +107,31 @@ def test_the_depth_oracle_needs_library_sizes_and_says_so_before_writing(dataset
     out = tmp_path / "cv"
     args = ["--methods", "depth_oracle", "--out_dir", str(out), f"data.metadata_csv={dataset_csv}"]
     assert cv_main([str(REPO / "recipes" / "tiny.yaml"), *args]) == 2 and not out.exists()
+
+
+@pytest.mark.slow
+def test_depth_from_image_trains_on_library_size_and_is_scored_on_the_genes(make_dataset, tmp_path):
+    import json
+
+    from expreg.cv import main as cv_main
+
+    csv = make_dataset(num_groups=3, samples_per_group=8, num_genes=4)
+    frame = pd.read_csv(csv)
+    frame["library_size"] = np.round(np.exp(frame["y0"] + 6))  # depth follows gene 0 (as cellularity would)
+    frame.to_csv(csv, index=False)
+    out = tmp_path / "cv"
+    args = ["--methods", "depth_from_image,depth_oracle,mean", "--out_dir", str(out), f"data.metadata_csv={csv}"]
+    assert cv_main([str(REPO / "recipes" / "tiny.yaml"), *args, "train.epochs=1"]) == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    image = summary["methods"]["depth_from_image"]
+    assert len(image["folds"]) == 3 and all(isinstance(f["depth_spearman"], float) for f in image["folds"])
+    for k, fold in enumerate(image["folds"]):  # its own runs, one output: the log library size
+        run = out / "depth_from_image" / "runs" / f"finetune__fold{k}"
+        assert json.loads((run / "checkpoints" / "best" / "config.json").read_text())["gene_names"] == [
+            "log_library_size"
+        ]
+        assert fold["test_groups"] == summary["methods"]["mean"]["folds"][k]["test_groups"]
+        assert isinstance(fold["spearman_mean"], float)  # broadcast to the 4 genes, scored on them
+    oracle = summary["methods"]["depth_oracle"]["folds"][0]
+    assert oracle["spearman_mean"] == pytest.approx(oracle["depth_oracle_spearman_mean"], abs=1e-12)
+    assert "depth_from_image" in (out / "cv_summary.md").read_text()

@@ -30,7 +30,11 @@ there are at most 10 groups) and each method:
   ``library_size`` column): every gene predicted by the held-out spot's measured log library size.
   A diagnostic that uses measured data, never a competitor: a method that does not beat it on
   the raw score has learned depth, not genes. Every method's depth-adjusted score and the oracle
-  are in the summary anyway.
+  are in the summary anyway;
+- ``depth_from_image`` (asked for by name; needs the library sizes too): the recipe trained to
+  predict only each spot's log library size from its image (one output, its own run directories
+  under ``depth_from_image/runs/``), broadcast to every gene. A gene-level method that does not
+  beat it has learned depth, not genes (``expreg.evaluation.depth``).
 
 Written to ``--out_dir`` (default ``<logging.output_dir>/cv__<recipe>__<timestamp>``):
 ``folds.csv``, the fine-tuning run directories under ``runs/``, and ``cv_summary.json`` /
@@ -61,11 +65,27 @@ from expreg.config import ConfigError, RunConfig
 from expreg.data import read_metadata, resolve_metadata_csv
 from expreg.data.splits import make_fold_table, write_table
 from expreg.evaluation.cv_report import UNDEFINED, describe, render_markdown, summarise  # noqa: F401 - re-exported
+from expreg.evaluation.depth import (
+    DEPTH_FROM_IMAGE,
+    DEPTH_ORACLE,
+    depth_from_image_fold,
+    depth_oracle_fit,
+    frame_library_size,
+)
 from expreg.evaluation.hest_probe import PROBE_NAME, std_ddof0
 from expreg.evaluation.metrics import compute_metrics
 from expreg.run_dir import atomic_write_text, write_json
 
-METHODS = ("finetune", "frozen", "linear_probe", "linear_probe_hest", "ridge", "mean", "depth_oracle")
+METHODS = (
+    "finetune",
+    "frozen",
+    "linear_probe",
+    "linear_probe_hest",
+    "ridge",
+    "mean",
+    "depth_oracle",
+    "depth_from_image",
+)
 DEFAULT_METHODS = ("finetune", "linear_probe", "linear_probe_hest", "ridge", "mean")
 TRAINED = ("finetune", "frozen")  # methods that are training runs (expreg.training.folds.finetune_fold)
 HEST_PROBE = PROBE_NAME
@@ -148,25 +168,6 @@ class _Folds:
     library_size: np.ndarray | None = None  # each row's total raw count, when known (depth-adjusted scores)
 
 
-DEPTH_ORACLE = "depth_oracle"
-
-
-def depth_oracle_fit(x_train, y_train, groups_train, x_test, seed: int = 0) -> tuple[np.ndarray, dict]:
-    """Every gene "predicted" by the test spot's measured log library size (``x``: library sizes, one column):
-    a diagnostic with the signature of the baselines; nothing is fitted."""
-    predictions = np.repeat(np.log1p(np.asarray(x_test, dtype=np.float64)[:, :1]), y_train.shape[1], axis=1)
-    return predictions, {"uses": "the held-out spots' measured library sizes (a diagnostic, not a model)"}
-
-
-def frame_library_size(frame) -> np.ndarray | None:
-    """The ``library_size`` column of a metadata table as floats (NaN where empty), or None without one."""
-    import pandas as pd
-
-    if "library_size" not in frame.columns:
-        return None
-    return pd.to_numeric(frame["library_size"].replace("", "nan"), errors="coerce").to_numpy(dtype=np.float64)
-
-
 def _unknown_depth(frame) -> bool:
     sizes = frame_library_size(frame)
     return sizes is None or not np.isfinite(sizes).all()
@@ -212,11 +213,14 @@ def cross_validate(
             "cross_validate: methods finetune and frozen need finetune= (expreg.training.folds.finetune_fold)"
         )
     cfg, metadata, task = _read_data(cfg, hest_task)
-    if DEPTH_ORACLE in methods and not cfg.data.expression_file and _unknown_depth(metadata.frame):
+    asked = [m for m in (DEPTH_ORACLE, DEPTH_FROM_IMAGE) if m in methods]
+    if asked and not cfg.data.expression_file and _unknown_depth(metadata.frame):
         raise ConfigError(
-            f"--methods {DEPTH_ORACLE}: needs each spot's library size: data.expression_file (raw counts) or a "
+            f"--methods {','.join(asked)}: needs each spot's library size: data.expression_file (raw counts) or a "
             f"library_size column in {metadata.csv_path} with a value in every row"
         )
+    if DEPTH_FROM_IMAGE in methods and finetune is None:
+        raise ConfigError(f"cross_validate: method {DEPTH_FROM_IMAGE} trains: it needs finetune=")
     if task is None:
         n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
         targets = metadata.targets().astype(np.float64)
@@ -340,6 +344,12 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
             test_files = (list(folds.files[test]), targets[test])
             summary, per_gene, extra = folds.finetune(
                 cfg, folds.folds_csv, k, folds.runs_dir, test_files, genes, mode=method
+            )
+        elif method == DEPTH_FROM_IMAGE:
+            rows = (folds.files, folds.groups, folds.fold_of)
+            work = folds.runs_dir.parent / DEPTH_FROM_IMAGE
+            summary, per_gene, extra = depth_from_image_fold(
+                folds.finetune, cfg, k, work, rows, test, targets[test], genes, folds.library_size
             )
         else:
             summary, per_gene, extra = _fit_baseline(folds, method, train, test, targets, genes)
