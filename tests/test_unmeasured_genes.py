@@ -52,6 +52,7 @@ def _panels(make_dataset, record: bool = True) -> tuple[Path, Path]:
     frame.to_csv(csv, index=False)
     obs = frame[["sample_id", "barcode", "group_id", "path"]].copy()
     obs.index = [f"{s}:{b}" for s, b in zip(frame["sample_id"], frame["barcode"])]
+    obs["x_px"], obs["y_px"] = rng.uniform(0, 1000, len(frame)), rng.uniform(0, 1000, len(frame))
     uns = {"genes_not_measured": {s: (["ONLY_B"] if s in PANEL_A else ["ONLY_A"]) for s in PANEL_A + PANEL_B}}
     write_h5ad(csv.parent / "expression.h5ad", sp.csr_matrix(counts), obs, genes, uns=uns if record else None)
     return csv, csv.parent / "expression.h5ad"
@@ -335,3 +336,12 @@ def test_genes_json_gives_each_genes_detection_and_its_spearman_with_depth(make_
     with caplog.at_level("WARNING", logger="expreg"):
         _gene_stats(rare, np.log1p(rare.toarray()), [0, 1, 2, 3], ["A", "B", "C", "D"])
     assert "detected in a median 20 % of the training spots" in caplog.text
+
+
+def test_svg_reads_positions_and_sections_from_the_expression_file(make_dataset):
+    csv, h5ad = _panels(make_dataset)
+    metadata = read_metadata(csv, targets_required=False)
+    train = metadata.frame["group_id"].isin(["P00", "P01", "P02", "P03"]).to_numpy()
+    table, choice = expression_targets(metadata, h5ad, train, "svg:3", min_detection=0.1, transform="log1p")
+    assert len(choice.genes) == 3 and not {"ONLY_A", "ONLY_B"} & set(choice.genes)  # unmeasured: never eligible
+    assert "3 genes by svg:3 on" in choice.describe() and table.targets().shape[1] == 3

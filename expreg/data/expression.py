@@ -44,7 +44,7 @@ def transform_counts(counts, columns, kind: str = "log1p_cpm") -> np.ndarray:
     return values.astype(np.float32)
 
 
-GENE_METHODS = ("hvg", "var", "mean")
+GENE_METHODS = ("hvg", "var", "mean", "svg")
 HVG_BINS = 20  # scanpy's n_bins
 
 
@@ -91,10 +91,15 @@ def seurat_dispersions(log_values: np.ndarray, n_bins: int = HVG_BINS) -> np.nda
     return (frame["dispersions"].to_numpy() - per_gene[:, 0]) / per_gene[:, 1]
 
 
-def rank_genes(values: np.ndarray, method: str) -> np.ndarray:
-    """Scores (higher = chosen first) of every column of the transformed training values."""
+def rank_genes(values: np.ndarray, method: str, spots=None) -> np.ndarray:
+    """Scores (higher = chosen first) of every column of the transformed training values (``svg``: with
+    ``spots`` = ``(positions (n, 2), section of each row)``, see ``expreg.data.spatial_genes``)."""
     if method == "hvg":
         return seurat_dispersions(values)
+    if method == "svg":
+        from expreg.data.spatial_genes import spatial_scores
+
+        return spatial_scores(values, spots[0], spots[1])
     if method == "var":
         return values.var(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros(values.shape[1])
     return values.mean(axis=0)
@@ -186,6 +191,7 @@ def choose_genes(
     transform: str,
     train_groups,
     not_measured: dict[str, np.ndarray] | None = None,
+    spots=None,
 ) -> GeneChoice:
     """Choose the target genes from the training spots only (never from validation or test).
 
@@ -193,11 +199,13 @@ def choose_genes(
         train_counts: Raw counts of the training spots ``(spots, genes)``.
         gene_names: Names of the count columns.
         spec: ``hvg:K`` (scanpy's Seurat-flavour highly variable genes), ``var:K`` (top variance),
-            ``mean:K`` (top mean), all on transformed values of the genes detected in at least
-            ``min_detection`` of the training spots and measured by every training sample; or a
-            file with one gene name per line.
-        not_measured: Training sample -> the count columns it never measured (its zeros there are
-            no data): never eligible.
+            ``mean:K`` (top mean), ``svg:K`` (spatially variable: Moran's I on each training
+            section's spots, ``expreg.data.spatial_genes``), all on transformed values of the genes
+            detected in at least ``min_detection`` of the training spots and measured by every
+            sample considered; or a file with one gene name per line.
+        not_measured: Sample -> the count columns it never measured (its zeros there are no data):
+            never eligible.
+        spots: ``(positions (spots, 2) in pixels, section of each spot)`` of the training spots, for ``svg``.
     """
     method, k, path = parse_gene_spec(spec)
     common = {"spec": spec, "transform": transform, "min_detection": min_detection}
@@ -205,8 +213,13 @@ def choose_genes(
     if method == "file":
         genes, provenance = _genes_from_file(path, gene_names)
         return GeneChoice(genes, provenance=provenance, **common)
-    if method == "hvg" and transform == "none":
-        raise ValueError("data.genes=hvg:K works on log values: set data.target_transform to log1p_cpm or log1p")
+    if method in ("hvg", "svg") and transform == "none":
+        raise ValueError(f"data.genes={spec} works on log values: set data.target_transform to log1p_cpm or log1p")
+    if method == "svg" and spots is None:
+        raise ValueError(
+            f"data.genes={spec}: spatially variable genes need each spot's position and section (obs x_px, y_px "
+            "and sample_id of an expression.h5ad written by expreg.prepare)"
+        )
     measured = np.ones(len(gene_names), dtype=bool)
     for columns in (not_measured or {}).values():
         measured[np.asarray(columns, dtype=np.int64)] = False
@@ -219,7 +232,7 @@ def choose_genes(
             f"{train_counts.shape[0]} training spots{unmeasured}; lower data.min_gene_detection or K"
         )
     values = transform_counts(train_counts, eligible, transform)  # totals still over all genes
-    chosen = eligible[top_k(rank_genes(values.astype(np.float64), method), k)]
+    chosen = eligible[top_k(rank_genes(values.astype(np.float64), method, spots), k)]
     excluded = {s: len(c) for s, c in (not_measured or {}).items() if len(c)}
     return GeneChoice(
         [gene_names[i] for i in chosen],
@@ -297,7 +310,7 @@ def expression_targets(
     from expreg.config import ConfigError
     from expreg.data.metadata import Metadata
 
-    table, counts, samples = _read_rows(metadata, expression_file)
+    table, counts, samples, rows = _read_rows(metadata, expression_file)
     not_measured = _not_measured(table, samples, expression_file)
     considered = _eligibility_samples(samples, is_train, allow_unmeasured)
     groups = metadata.frame["group_id"].to_numpy()[is_train]
@@ -310,6 +323,7 @@ def expression_targets(
             transform=transform,
             train_groups=groups,
             not_measured={s: not_measured[s] for s in considered if s in not_measured},
+            spots=_training_spots(table, rows, is_train),
         )
         choice.unmeasured_scope = "training sample" if allow_unmeasured else "sample of the run"
     except ValueError as err:
@@ -362,6 +376,14 @@ def _gene_stats(train_counts, train_targets: np.ndarray, columns: list[int], gen
     return stats
 
 
+def _training_spots(table, rows: np.ndarray, is_train: np.ndarray):
+    """``(positions, sections)`` of the training rows (``svg``), or None when the file does not record them."""
+    if not {"x_px", "y_px", "sample_id"} <= set(table.obs.columns):
+        return None
+    obs = table.obs.iloc[rows[is_train]]
+    return obs[["x_px", "y_px"]].to_numpy(dtype=np.float64), obs["sample_id"].astype(str).to_numpy()
+
+
 def _eligibility_samples(samples, is_train: np.ndarray, allow_unmeasured: bool) -> list[str]:
     """The samples whose gene panels decide which genes are eligible: every sample of the rows (a panel is
     experimental design, not an outcome; a gene a held-out sample never measured could not be scored
@@ -372,7 +394,7 @@ def _eligibility_samples(samples, is_train: np.ndarray, allow_unmeasured: bool) 
 
 
 def _read_rows(metadata, expression_file):
-    """``(the expression file, its counts in metadata row order, each row's sample or None)``."""
+    """``(the expression file, its counts in metadata row order, each row's sample or None, those rows)``."""
     from expreg.data.h5ad import read_h5ad
     from expreg.data.metadata import MetadataError
 
@@ -384,7 +406,7 @@ def _read_rows(metadata, expression_file):
     table = read_h5ad(expression_file)
     rows = _aligned_rows(metadata, table.obs, expression_file)
     samples = table.obs["sample_id"].astype(str).to_numpy()[rows] if "sample_id" in table.obs.columns else None
-    return table, table.X[rows], samples
+    return table, table.X[rows], samples, rows
 
 
 def _not_measured(table, samples, expression_file) -> dict[str, np.ndarray]:

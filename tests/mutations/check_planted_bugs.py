@@ -9,8 +9,8 @@ planted code too) and report ``caught`` (a test failed) or ``MISSED``. The check
 never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus the gather bug and four
 bugs of whole-slide maps (issue 14), four of
 foundation-model encoders and the embedding store (issue 15), and eight from issue 22 (the four an
-audit planted, four of the spot lattice, unmeasured genes and the gene join), and two of the
-depth-adjusted scores (issue 27).
+audit planted, four of the spot lattice, unmeasured genes and the gene join), and three of the
+depth-adjusted scores and spatially variable genes (issue 27).
 """
 
 from __future__ import annotations
@@ -190,6 +190,12 @@ BUGS = {
         'frame["library_size"] = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)',
         'frame["library_size"] = np.asarray(counts[:, columns].sum(axis=1), dtype=np.float64).reshape(-1)',
         ["tests/test_unmeasured_genes.py::test_the_library_size_is_the_spots_total_over_every_gene_it_measured"],
+    ),
+    "morans_i_over_every_section_at_once": (
+        "expreg/data/spatial_genes.py",
+        "scores = morans_i(values[rows], xy[rows])",
+        "scores = morans_i(values, xy)",
+        ["tests/test_spatial_genes.py::test_sections_are_never_mixed_and_are_weighted_by_their_spots"],
     ),
 }
 
