@@ -51,7 +51,7 @@ class DataConfig:
     image_cache_dir: str | None = None
     # targets from raw counts (an expression.h5ad written by expreg.prepare), genes chosen on the training split
     expression_file: str | None = None
-    genes: str | None = None  # hvg:K, var:K, mean:K or a file of gene names
+    genes: str | None = None  # hvg:K, var:K, mean:K, svg:K (Moran's I per training section) or a file of gene names
     min_gene_detection: float = 0.1
     target_transform: str = "log1p_cpm"
     # a listed or chosen gene that some sample never measured: an error (False), or its targets there left out

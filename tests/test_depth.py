@@ -80,6 +80,13 @@ def test_an_unknown_library_size_is_n_a_never_guessed():
         assert metrics.summary["depth_oracle_spearman_mean"] is None
         assert all(r["spearman_depth_adjusted"] is None for r in metrics.per_gene_rows())
         assert "depth-adjusted n/a (library size unknown)" in metrics.format()
+    constant = np.column_stack([np.full(30, 2.3456789), predicted[:, 1]])  # e.g. the mean baseline's prediction
+    depth_only = np.column_stack([np.log1p(np.linspace(100, 900, 30)).astype(np.float32), predicted[:, 1]])
+    for p in (constant, depth_only):  # nothing left once depth is out: undefined, not rounding noise
+        m = compute_metrics(p, truth, library_size=np.linspace(100, 900, 30))
+        assert (
+            np.isnan(m.spearman_adjusted[0]) and np.isnan(m.pearson_adjusted[0]) and np.isfinite(m.pearson_adjusted[1])
+        )
     masked = truth.copy()
     masked[:10, 1] = np.nan  # a gene some spots did not measure: adjusted on its measured spots only
     library = rng.lognormal(8, 1, 30)
@@ -107,6 +114,13 @@ def test_the_depth_oracle_needs_library_sizes_and_says_so_before_writing(dataset
     out = tmp_path / "cv"
     args = ["--methods", "depth_oracle", "--out_dir", str(out), f"data.metadata_csv={dataset_csv}"]
     assert cv_main([str(REPO / "recipes" / "tiny.yaml"), *args]) == 2 and not out.exists()
+    from expreg.config import ConfigError, load_recipe
+    from expreg.evaluation.cv import check_config
+
+    with pytest.raises(ConfigError, match="a HEST-Benchmark task gives no spot library sizes"):
+        check_config(load_recipe(None, []), ["depth_from_image"], hest_task="bench_data/IDC")
+    with pytest.raises(ConfigError, match="stop_after_steps"):
+        check_config(load_recipe(None, ["train.stop_after_steps=3"]), ["depth_from_image"])
 
 
 @pytest.mark.slow

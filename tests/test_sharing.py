@@ -61,7 +61,9 @@ def test_predict_csv_matches_the_runs_validation_predictions(run, tmp_path, caps
     summary = json.loads(out.with_suffix(".metrics.json").read_text())
     assert summary["spearman_mean"] == pytest.approx(metrics(run)["best_val_spearman_mean"], abs=1e-4)
     per_gene = pd.read_csv(out.with_suffix(".per_gene.csv"))
-    assert list(per_gene.columns) == ["gene", "spearman", "pearson", "mse"] and len(per_gene) == 50
+    depth = ["spearman_depth_adjusted", "pearson_depth_adjusted", "depth_oracle_spearman"]
+    assert list(per_gene.columns) == ["gene", "spearman", "pearson", "mse", *depth] and len(per_gene) == 50
+    assert per_gene[depth].isna().all().all() and summary["spearman_depth_adjusted_mean"] is None  # no library size
 
 
 def test_predict_tta_averages_the_eight_views_of_each_image(run, tmp_path):

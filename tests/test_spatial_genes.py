@@ -38,6 +38,12 @@ def test_morans_i_equals_the_direct_computation():
     scores = morans_i(values, xy)
     assert scores[2] > 0.4 and abs(scores[1]) < 0.15  # a pattern vs noise
     assert np.isnan(morans_i(np.ones((len(xy), 1)), xy))[0]  # a constant gene: undefined
+    assert np.isnan(morans_i(np.full((len(xy), 1), 0.1 + 0.2), xy))[0]  # ... also when rounding is not exact
+    assert np.isnan(morans_i(values[:6], xy[:6])).all()  # 6 spots: no neighbourhood of 6 others
+    twice = np.vstack([xy, xy[:1]])  # two spots at one position: neither is its own neighbour
+    from expreg.data.spatial_genes import neighbour_weights
+
+    assert neighbour_weights(twice).diagonal().sum() == 0
 
 
 def test_sections_are_never_mixed_and_are_weighted_by_their_spots():

@@ -108,7 +108,19 @@ def test_run_directory_contents(reference_run, data_csv):
     assert m["split_csv"] == str(run / "split.csv")
     assert m["split_csv_sha256"] == hashlib.sha256((run / "split.csv").read_bytes()).hexdigest()
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3]
-    assert set(m["history"][0]) == {"epoch", "step", "train_loss", "val_loss", "val_spearman_mean", "val_pearson_mean"}
+    assert set(m["history"][0]) == {
+        "epoch",
+        "step",
+        "train_loss",
+        "val_loss",
+        "val_spearman_mean",
+        "val_pearson_mean",
+        "val_spearman_depth_adjusted_mean",  # None: these CSV data give no library size
+    }
+    assert (
+        m["history"][0]["val_spearman_depth_adjusted_mean"] is None
+        and m["best_val_spearman_depth_adjusted_mean"] is None
+    )
     best = m["history"][m["best_epoch"] - 1]
     assert (
         m["best_val_spearman_mean"] == best["val_spearman_mean"] == max(h["val_spearman_mean"] for h in m["history"])
@@ -119,7 +131,8 @@ def test_run_directory_contents(reference_run, data_csv):
     split = pd.read_csv(run / "split.csv")
     assert sorted(predictions["path"]) == sorted(split.loc[split["split"] == "validation", "path"])
     per_gene = pd.read_csv(run / "per_gene_metrics.csv")
-    assert list(per_gene.columns) == ["gene", "spearman", "pearson", "mse"] and list(per_gene["gene"]) == genes
+    assert list(per_gene.columns)[:4] == ["gene", "spearman", "pearson", "mse"] and list(per_gene["gene"]) == genes
+    assert per_gene["spearman_depth_adjusted"].isna().all()  # no library size in these CSV data: empty, not 0
     assert per_gene["spearman"].mean() == pytest.approx(m["best_val_spearman_mean"], abs=1e-5)
     log = (run / "log.txt").read_text()
     assert "num_processes=1" in log and "effective batch size 8" in log

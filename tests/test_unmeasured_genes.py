@@ -85,6 +85,8 @@ def test_genes_a_sample_never_measured_are_not_eligible(make_dataset):
     assert masked.num_excluded_unmeasured == 1 and "ONLY_A" in masked.genes and "ONLY_B" not in masked.genes
     assert masked.masked_unmeasured == {"P03": ["ONLY_A"], "P04": ["ONLY_A"]}
     assert "not measured by every training sample (P00: 1, P01: 1, P02: 1)" in masked.describe()
+    stats = masked.record()["per_gene_on_training_spots"]["ONLY_A"]  # on the spots whose sample measured it
+    assert stats["detection"] == 1.0  # Poisson(300) everywhere it was measured, never counting the zeros of panel B
 
 
 def test_a_listed_gene_a_sample_did_not_measure_is_an_error_or_masked_never_zero(make_dataset, tmp_path):

@@ -308,7 +308,6 @@ def expression_targets(
         ``(Metadata with y0..y{K-1} and the chosen gene names, GeneChoice)``.
     """
     from expreg.config import ConfigError
-    from expreg.data.metadata import Metadata
 
     table, counts, samples, rows = _read_rows(metadata, expression_file)
     not_measured = _not_measured(table, samples, expression_file)
@@ -335,12 +334,19 @@ def expression_targets(
         targets, samples, is_train, not_measured, columns, choice, allow_unmeasured, expression_file
     )
     choice.gene_stats = _gene_stats(counts[is_train], targets[is_train], columns, choice.genes)
+    return _with_targets(metadata, targets, counts, choice.genes), choice
+
+
+def _with_targets(metadata, targets: np.ndarray, counts, genes: list[str]):
+    """The metadata with ``y0..`` and each spot's ``library_size``: its total over all its measured genes
+    (what the depth-adjusted scores regress out)."""
+    from expreg.data.metadata import Metadata
+
     frame = metadata.frame.copy()
-    names = [f"y{k}" for k in range(len(choice.genes))]
+    names = [f"y{k}" for k in range(len(genes))]
     frame[names] = targets.astype(np.float64)
-    # each spot's total over all its measured genes: what the depth-adjusted scores regress out
     frame["library_size"] = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-    return Metadata(metadata.csv_path, frame, names, list(choice.genes)), choice
+    return Metadata(metadata.csv_path, frame, names, list(genes))
 
 
 LOW_DETECTION = 0.3  # median detection of the chosen genes below this: their scores mostly follow depth
@@ -353,20 +359,22 @@ def _gene_stats(train_counts, train_targets: np.ndarray, columns: list[int], gen
 
     from scipy.stats import rankdata
 
-    detection = detection_rate(train_counts[:, columns]) if len(columns) else np.zeros(0)
-    depth = rankdata(np.asarray(train_counts.sum(axis=1), dtype=np.float64).reshape(-1))
-    stats = {}
+    library = np.asarray(train_counts.sum(axis=1), dtype=np.float64).reshape(-1)
+    detection, stats = np.zeros(len(genes)), {}
     for k, gene in enumerate(genes):
         values = train_targets[:, k]
-        rows = ~np.isnan(values)
-        ranks = rankdata(values[rows])
+        rows = ~np.isnan(values)  # the spots whose sample measured the gene (zeros elsewhere are no data)
+        column = train_counts[:, columns[k]]
+        detected = (column.toarray().ravel() if hasattr(column, "toarray") else np.asarray(column).ravel()) != 0
+        detection[k] = detected[rows].mean() if rows.any() else np.nan
+        ranks, depth = rankdata(values[rows]), rankdata(library[rows])
         with np.errstate(invalid="ignore", divide="ignore"):  # a constant gene or depth: undefined, said as None
-            both = np.corrcoef(ranks, depth[rows])[0, 1] if rows.sum() > 1 and np.ptp(ranks) > 0 else np.nan
+            both = np.corrcoef(ranks, depth)[0, 1] if rows.sum() > 1 and np.ptp(ranks) > 0 else np.nan
         stats[gene] = {
             "detection": float(detection[k]),
             "spearman_with_library_size": None if np.isnan(both) else float(both),
         }
-    median = float(np.median(detection)) if len(detection) else 1.0
+    median = float(np.nanmedian(detection)) if len(detection) and not np.isnan(detection).all() else 1.0
     if median < LOW_DETECTION:
         logging.getLogger("expreg").warning(
             f"the chosen genes are detected in a median {100 * median:.0f} % of the training spots (< "

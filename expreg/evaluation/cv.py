@@ -116,7 +116,7 @@ def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds:
     """``ConfigError`` when the recipe (or ``--n_folds``) sets what cross-validation (or the HEST task) decides."""
     if cfg.data.split_csv is not None or cfg.data.fold is not None:
         raise ConfigError("expreg.cv makes its own group folds: do not set data.split_csv or data.fold")
-    if cfg.train.stop_after_steps is not None and set(TRAINED) & set(methods):
+    if cfg.train.stop_after_steps is not None and {*TRAINED, DEPTH_FROM_IMAGE} & set(methods):
         raise ConfigError("train.stop_after_steps: every fold of expreg.cv trains to the end; unset it")
     if hest_task is not None and n_folds is not None:
         raise ConfigError("--n_folds: a HEST-Benchmark task brings its own folds (splits/test_<i>.csv); drop it")
@@ -129,6 +129,11 @@ def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds:
         raise ConfigError(
             f"--methods {HEST_PROBE}: HEST-Benchmark's probe fits every gene on every row and cannot leave out the "
             "targets data.allow_unmeasured_genes masks; use linear_probe (expreg's probe, which does)"
+        )
+    if hest_task is not None and {DEPTH_ORACLE, DEPTH_FROM_IMAGE} & set(methods):
+        raise ConfigError(
+            "--hest_task: a HEST-Benchmark task gives no spot library sizes, which depth_oracle and depth_from_image "
+            "need; run them on an expreg.prepare output of the same samples"
         )
     _check_encoder_folder(cfg)
 
@@ -166,6 +171,16 @@ class _Folds:
     metadata: object = None  # with data.expression_file: the table without targets; each fold computes its own
     fold_genes: dict = field(default_factory=dict)  # fold -> genes chosen on its training groups (expression file)
     library_size: np.ndarray | None = None  # each row's total raw count, when known (depth-adjusted scores)
+
+
+def _check_depth_methods(cfg, methods: list[str], metadata) -> None:
+    """The depth baselines need each spot's library size."""
+    asked = [m for m in (DEPTH_ORACLE, DEPTH_FROM_IMAGE) if m in methods]
+    if asked and not cfg.data.expression_file and _unknown_depth(metadata.frame):
+        raise ConfigError(
+            f"--methods {','.join(asked)}: needs each spot's library size: data.expression_file (raw counts) or a "
+            f"library_size column in {metadata.csv_path} with a value in every row"
+        )
 
 
 def _unknown_depth(frame) -> bool:
@@ -208,19 +223,13 @@ def cross_validate(
     random step is seeded from ``cfg.seed``, the randomly initialised backbone of the linear probe
     included).
     """
-    if set(TRAINED) & set(methods) and finetune is None:
+    if {*TRAINED, DEPTH_FROM_IMAGE} & set(methods) and finetune is None:
         raise ConfigError(
-            "cross_validate: methods finetune and frozen need finetune= (expreg.training.folds.finetune_fold)"
+            "cross_validate: methods finetune, frozen and depth_from_image need finetune= "
+            "(expreg.training.folds.finetune_fold)"
         )
     cfg, metadata, task = _read_data(cfg, hest_task)
-    asked = [m for m in (DEPTH_ORACLE, DEPTH_FROM_IMAGE) if m in methods]
-    if asked and not cfg.data.expression_file and _unknown_depth(metadata.frame):
-        raise ConfigError(
-            f"--methods {','.join(asked)}: needs each spot's library size: data.expression_file (raw counts) or a "
-            f"library_size column in {metadata.csv_path} with a value in every row"
-        )
-    if DEPTH_FROM_IMAGE in methods and finetune is None:
-        raise ConfigError(f"cross_validate: method {DEPTH_FROM_IMAGE} trains: it needs finetune=")
+    _check_depth_methods(cfg, methods, metadata)
     if task is None:
         n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
         targets = metadata.targets().astype(np.float64)
@@ -251,12 +260,17 @@ def cross_validate(
         summary["gene_selection"] = _gene_selection(cfg, folds.fold_genes, genes)
     if task is not None:
         summary["hest_task"] = task.record()
-    if HEST_PROBE in summary["methods"]:  # HEST-Benchmark's own spread: np.std over splits (ddof=0)
-        hest = summary["methods"][HEST_PROBE]
-        hest["pearson_std_ddof0"] = std_ddof0([f["pearson_mean"] for f in hest["folds"]])
+    _add_hest_spread(summary)
     write_json(out_dir / "cv_summary.json", summary)
     atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
     return summary
+
+
+def _add_hest_spread(summary: dict) -> None:
+    """HEST-Benchmark's own spread beside its probe: np.std over splits (ddof=0)."""
+    if HEST_PROBE in summary["methods"]:
+        hest = summary["methods"][HEST_PROBE]
+        hest["pearson_std_ddof0"] = std_ddof0([f["pearson_mean"] for f in hest["folds"]])
 
 
 def _read_data(cfg, hest_task: str | None):

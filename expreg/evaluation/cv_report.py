@@ -3,6 +3,8 @@ and its Markdown rendering (``cv_summary.md``), with the notes a reader needs fo
 
 from __future__ import annotations
 
+import math
+
 from expreg.evaluation.hest_probe import PROBE_NAME as HEST_PROBE
 from expreg.evaluation.hest_probe import describe_hest_probe
 from expreg.formatting import fmt_float, fmt_mean_std, mean_std
@@ -47,7 +49,7 @@ def summarise(results: dict[str, list[dict]], genes: list[str], recipe: str, fol
 
 def _all_or_none(values) -> tuple[float | None, float | None]:
     """``mean_std`` when every fold knows the value; (None, None) when one does not (never a partial mean)."""
-    if any(v is None for v in values):
+    if any(v is None or (isinstance(v, float) and math.isnan(v)) for v in values):
         return None, None
     return mean_std(values)
 
@@ -114,7 +116,7 @@ def _depth_note(methods: dict) -> list[str]:
     return [
         "",
         f"Depth-adjusted: the partial Spearman with each spot's log library size regressed out of prediction and "
-        f"truth. The spot's library size alone (a diagnostic that uses measured data, never a competitor) ranks "
+        f"truth (n/a: undefined, e.g. for a constant or a depth-only prediction, or not known in every fold). The spot's library size alone (a diagnostic that uses measured data, never a competitor) ranks "
         f"these genes at a mean Spearman of {oracle:.4f} over the folds: a raw score near it, with a depth-adjusted "
         "one near 0, measures sequencing depth, not genes.",
     ]

@@ -84,8 +84,12 @@ def depth_from_image_fold(finetune, cfg, k: int, work: Path, rows, test, targets
         allow_unmeasured_genes=False,
     )
     test_files = (list(np.asarray(files)[test]), np.log1p(library_size[test])[:, None])
-    depth_summary, _, extra = finetune(replace(cfg, data=data), folds_csv, k, work / "runs", test_files, [DEPTH_GENE])
-    predicted = pd.read_csv(work / "runs" / f"finetune__fold{k}" / "predictions_test.csv").set_index("path")
+    depth_cfg = replace(cfg, data=data)  # the recipe's own training (its train.mode), no 8-view TTA
+    mode = cfg.train.mode if cfg.train.mode in ("finetune", "frozen") else "finetune"
+    depth_summary, _, extra = finetune(
+        depth_cfg, folds_csv, k, work / "runs", test_files, [DEPTH_GENE], mode=mode, tta=False
+    )
+    predicted = pd.read_csv(work / "runs" / f"{mode}__fold{k}" / "predictions_test.csv").set_index("path")
     column = predicted.loc[list(np.asarray(files)[test]), DEPTH_GENE].to_numpy(dtype=np.float64)
     predictions = np.repeat(column[:, None], len(genes), axis=1)
     allow = cfg.data.allow_unmeasured_genes

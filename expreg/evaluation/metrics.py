@@ -268,6 +268,10 @@ def _log_depth(library_size, n: int) -> np.ndarray | None:
     return np.log1p(depth)
 
 
+FLAT_RESIDUAL = 1e-6  # relative size below which a residual is nothing (float32 carries ~6e-8 of a value)
+MIN_ADJUSTED_ROWS = 4  # a partial correlation on 3 rows has one degree of freedom: always +-1
+
+
 def partial_correlation_columns(a: np.ndarray, b: np.ndarray, z: np.ndarray) -> np.ndarray:
     """Per column, the Pearson correlation of ``a`` and ``b`` after regressing ``z`` (with an intercept) out
     of both; NaN where a residual or ``z`` is constant. Pass ranks for the partial Spearman.
@@ -284,15 +288,19 @@ def partial_correlation_columns(a: np.ndarray, b: np.ndarray, z: np.ndarray) -> 
     for x in (a, b):
         xc = x - x.mean(axis=0)
         r = xc - np.outer(zc, (zc @ xc) / zz)
-        scale = np.sqrt(np.einsum("ij,ij->j", xc, xc))
-        flat = np.sqrt(np.einsum("ij,ij->j", r, r)) <= 1e-12 * np.maximum(scale, np.finfo(np.float64).tiny)
-        residuals.append((r, flat))
+        # nothing left once z is out (a constant column, or one that is a function of z up to float32
+        # rounding): measured against the data's own size, since rounding leaves ~1e-16 of it, not 0
+        size = np.abs(x).max(axis=0) * np.sqrt(len(x)) if len(x) else np.zeros(x.shape[1])
+        flat = np.sqrt(np.einsum("ij,ij->j", r, r)) <= FLAT_RESIDUAL * np.maximum(size, np.finfo(np.float64).tiny)
+        residuals.append((r, flat | _constant_columns(x)))
     (ra, flat_a), (rb, flat_b) = residuals
     return _pearson_columns(ra, rb, flat_a | flat_b)
 
 
 def _depth_columns(p: np.ndarray, t: np.ndarray, depth: np.ndarray):
-    """(partial Spearman, partial Pearson, the depth oracle's Spearman) per column."""
+    """(partial Spearman, partial Pearson, the depth oracle's Spearman) per column (NaN on too few rows)."""
+    if len(p) < MIN_ADJUSTED_ROWS:
+        return tuple(np.full(p.shape[1], np.nan) for _ in range(3))
     rp, rt, rz = rank_columns(p), rank_columns(t), rank_columns(depth[:, None])[:, 0]
     oracle = _pearson_columns(np.repeat(rz[:, None], t.shape[1], axis=1), rt, _constant_columns(t) | (np.ptp(rz) == 0))
     return partial_correlation_columns(rp, rt, rz), partial_correlation_columns(p, t, depth), oracle
@@ -329,7 +337,7 @@ def _masked_metrics(
         spearman[j] = _pearson_columns(rank_columns(pj), rank_columns(tj), undefined)[0]
         pearson[j] = _pearson_columns(pj, tj, undefined)[0]
         mse[j] = float(((pj - tj) ** 2).mean())
-        if adjusted is not None:
+        if adjusted is not None and rows.sum() >= MIN_ADJUSTED_ROWS:
             for out, value in zip(adjusted, _depth_columns(pj, tj, depth[rows])):
                 out[j] = value[0]
     return RegressionMetrics(

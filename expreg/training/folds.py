@@ -18,7 +18,9 @@ from expreg.training.interrupts import TrainingError
 from expreg.training.trainer import run
 
 
-def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, genes, *, accelerator, mode="finetune"):
+def finetune_fold(
+    cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, genes, *, accelerator, mode="finetune", tta=True
+):
     """Train with ``fold`` held out; the run scores its best model on the fold (``metrics.json``'s ``test_*``).
 
     ``mode="frozen"``: the run trains only the head on cached embeddings (``train.mode=frozen``; the
@@ -55,7 +57,7 @@ def finetune_fold(cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, g
         "num_genes_undefined_spearman": result["num_genes_undefined_test_spearman"],
         "num_samples": result["num_test_samples"],
     }
-    tta = _tta_metrics(cfg, run_dir, test_files, genes, accelerator) if mode == "finetune" else None
+    tta = _tta_metrics(cfg, run_dir, test_files, genes, accelerator) if mode == "finetune" and tta else None
     used = json.loads((run_dir / SPLIT_SUMMARY_FILE).read_text())
     extra = {
         "fit_groups": sorted(set(used["train"]["groups"]) | set(used["validation"]["groups"])),  # training + selection

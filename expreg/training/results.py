@@ -32,13 +32,10 @@ from expreg.run_dir import (
 from expreg.training.interrupts import TrainingError
 
 logger = logging.getLogger("expreg")
-_RETURNED_ONLY = {"test_per_gene_spearman"}
-# beside every score: the depth-adjusted means and the depth oracle (None: the library size is unknown)
-DEPTH_FIELDS = (
-    "spearman_depth_adjusted_mean",
-    "pearson_depth_adjusted_mean",
-    "depth_oracle_spearman_mean",
-)  # returned by run() (for expreg.cv), not in metrics.json
+_RETURNED_ONLY = {"test_per_gene_spearman"}  # returned by run() (for expreg.cv), not in metrics.json
+# beside every score: the depth-adjusted means and the depth oracle (None: the library size is unknown,
+# or, for the adjusted ones, no gene has a defined partial correlation)
+DEPTH_FIELDS = ("spearman_depth_adjusted_mean", "pearson_depth_adjusted_mean", "depth_oracle_spearman_mean")
 
 
 def split_summary(datasets) -> dict:
