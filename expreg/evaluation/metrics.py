@@ -18,7 +18,7 @@ the library size is unknown these are None ("n/a"), never guessed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -308,17 +308,7 @@ def _depth_columns(p: np.ndarray, t: np.ndarray, depth: np.ndarray):
 
 def _with_depth(metrics: RegressionMetrics, p: np.ndarray, t: np.ndarray, depth: np.ndarray) -> RegressionMetrics:
     spearman, pearson, oracle = _depth_columns(p, t, depth)
-    return RegressionMetrics(
-        gene_names=metrics.gene_names,
-        spearman=metrics.spearman,
-        pearson=metrics.pearson,
-        mse=metrics.mse,
-        num_samples=metrics.num_samples,
-        num_not_measured=metrics.num_not_measured,
-        spearman_adjusted=spearman,
-        pearson_adjusted=pearson,
-        depth_oracle=oracle,
-    )
+    return replace(metrics, spearman_adjusted=spearman, pearson_adjusted=pearson, depth_oracle=oracle)
 
 
 def _masked_metrics(

@@ -32,7 +32,7 @@ HEST's ``fullres_px_width/height`` is an error: its spot coordinates would land 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -75,7 +75,7 @@ class Scale:
     um_per_px: float
     source: str
     checks: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
 
 def lattice_kind(array_row: np.ndarray, array_col: np.ndarray) -> str:
