@@ -501,7 +501,7 @@ def test_outputs_hold_the_predictions_in_expression_units_with_their_positions(t
     table, got = read_h5ad(out / "predictions.h5ad"), predictions(out)
     assert table.X.shape == (len(got), len(GENES)) and len(got) > 10
     np.testing.assert_allclose(table.X.toarray(), got[GENES].to_numpy(), rtol=1e-5)  # the CSV: 6 digits
-    assert table.var_names == GENES and list(table.obs.index) == list(got.index)
+    assert list(table.var_names) == GENES and list(table.obs.index) == list(got.index)
     np.testing.assert_allclose(table.obs[["x_px", "y_px"]].to_numpy(), got[["x_px", "y_px"]].to_numpy())
     np.testing.assert_allclose(table.obsm["spatial"], got[["x_px", "y_px"]].to_numpy())
     info = table.uns["expreg_map"]

@@ -316,7 +316,7 @@ def expression_targets(
     try:
         choice = choose_genes(
             counts[is_train],
-            table.var_names,
+            list(table.var_names),
             spec,
             min_detection=min_detection,
             transform=transform,

@@ -89,7 +89,8 @@ def depth_from_image_fold(finetune, cfg, k: int, work: Path, rows, test, targets
     depth_summary, _, extra = finetune(
         depth_cfg, folds_csv, k, work / "runs", test_files, [DEPTH_GENE], mode=mode, tta=False
     )
-    predicted = pd.read_csv(work / "runs" / f"{mode}__fold{k}" / "predictions_test.csv").set_index("path")
+    predictions_csv = work / "runs" / f"{mode}__fold{k}" / "predictions_test.csv"
+    predicted = pd.read_csv(predictions_csv, float_precision="round_trip").set_index("path")
     column = predicted.loc[list(np.asarray(files)[test]), DEPTH_GENE].to_numpy(dtype=np.float64)
     predictions = np.repeat(column[:, None], len(genes), axis=1)
     allow = cfg.data.allow_unmeasured_genes

@@ -477,7 +477,7 @@ def _versions(expreg_version: str) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"expreg": expreg_version}
-    for name in ("numpy", "scipy", "pandas", "h5py", "tifffile", "imagecodecs", "zarr", "Pillow"):
+    for name in ("numpy", "scipy", "pandas", "anndata", "h5py", "tifffile", "imagecodecs", "zarr", "Pillow"):
         try:
             found[name] = version(name)
         except PackageNotFoundError:

@@ -198,7 +198,12 @@ def _read_counts(outs: Path, sample_id: str):
 def read_positions(path: Path, header: bool) -> pd.DataFrame:
     """A tissue positions file -> a table indexed by barcode with the 10x columns (pxl_row = y, pxl_col = x)."""
     try:
-        table = pd.read_csv(path, header=0 if header else None, dtype={0: str} if not header else {"barcode": str})
+        table = pd.read_csv(
+            path,
+            header=0 if header else None,
+            dtype={0: str} if not header else {"barcode": str},
+            float_precision="round_trip",  # exact whatever the pandas version (pandas 2 defaults to 1-ulp rounding)
+        )
         if not header and len(table) and str(table.iloc[0, 0]) == "barcode":  # a header after all
             table = table.iloc[1:].reset_index(drop=True)
     except (OSError, ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
