@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--samples",
         required=True,
-        help="sample sheet: sample_id, group_id, path [, image, um_per_px, spot_pitch_um, spot_diameter_um]",
+        help="sample sheet: sample_id, group_id, path [, image, um_per_px, spot_pitch_um, spot_diameter_um, bin_um]",
     )
     parser.add_argument("--out_dir", required=True, help="folder to create (never overwritten without --overwrite)")
     parser.add_argument("--genes", help="gene names, one per line: also write their targets y0.. and genes.txt")
@@ -48,6 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="log1p_cpm",
         help="with --genes: the targets (default log1p_cpm: log1p of counts per 10,000)",
     )
+    parser.add_argument(
+        "--hd_min_tissue",
+        type=float,
+        default=0.5,
+        help="Visium HD: a --patch_um pseudo-spot is kept when it holds at least this share of the bins of a full "
+        "cell (default 0.5); the bin size read is the sheet's bin_um (default 8)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     return parser.parse_args(argv)
 
@@ -67,6 +74,7 @@ def main(argv=None) -> int:
         image_format=args.image_format,
         genes_file=args.genes,
         target_transform=args.target_transform,
+        hd_min_tissue=args.hd_min_tissue,
     )
     try:
         summary = prepare(args.samples, args.out_dir, options, overwrite=args.overwrite)

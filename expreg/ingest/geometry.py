@@ -43,8 +43,9 @@ CROSS_CHECK_TOLERANCE = 0.10  # relative disagreement between two scale sources 
 ANISOTROPY_TOLERANCE = 0.05  # the lattice's two axes disagree by more: not square pixels, or not this lattice
 PITCH_UM = {"hexagonal": 100.0, "square": 200.0}  # Visium; original ST arrays
 # what spot_diameter_fullres measures, as a fraction of the pitch: 65 um of 100 (Visium), 100 um of 200 (ST)
-REFERENCE_DIAMETER = {"hexagonal": 0.65, "square": 0.5}
-LATTICE_NAMES = {"hexagonal": "hexagonal Visium lattice", "square": "square ST lattice"}
+# Visium HD bins ("bins"): a square grid at the bin size, spot_diameter_fullres = one bin
+REFERENCE_DIAMETER = {"hexagonal": 0.65, "square": 0.5, "bins": 1.0}
+LATTICE_NAMES = {"hexagonal": "hexagonal Visium lattice", "square": "square ST lattice", "bins": "Visium HD bin grid"}
 MIN_LATTICE_SPOTS = 3
 
 
@@ -85,13 +86,17 @@ def lattice_kind(array_row: np.ndarray, array_col: np.ndarray) -> str:
     return "hexagonal" if whole and np.all((rows + cols) % 2 == 0) else "square"
 
 
-def fit_lattice(array_row, array_col, x_px, y_px, pitch_um: float | None = None) -> Lattice | str:
+def fit_lattice(
+    array_row, array_col, x_px, y_px, pitch_um: float | None = None, kind: str | None = None
+) -> Lattice | str:
     """The lattice of the spots (module docstring), or a sentence saying why it cannot be fitted.
 
     Args:
         array_row, array_col: Each spot's array position (Space Ranger's ``array_row``, ``array_col``).
         x_px, y_px: Its centre in full-resolution pixels.
         pitch_um: The centre-to-centre distance of neighbours; default: that of the lattice's kind.
+        kind: The lattice's kind when the positions' parity cannot say it (``"bins"``: Visium HD, with
+            ``pitch_um`` its bin size); default: from the parity (``lattice_kind``).
     """
     rows, cols = np.asarray(array_row, np.float64), np.asarray(array_col, np.float64)
     x, y = np.asarray(x_px, np.float64), np.asarray(y_px, np.float64)
@@ -102,7 +107,9 @@ def fit_lattice(array_row, array_col, x_px, y_px, pitch_um: float | None = None)
     design = np.column_stack([np.ones_like(rows), cols, rows])
     if np.linalg.matrix_rank(design) < 3:
         return f"the {len(rows)} spots' array positions lie on one line"
-    kind = lattice_kind(rows, cols)
+    kind = kind or lattice_kind(rows, cols)
+    if pitch_um is None and kind not in PITCH_UM:
+        return f"a {LATTICE_NAMES[kind]} has no standard pitch"
     pitch = float(pitch_um) if pitch_um is not None else PITCH_UM[kind]
     # µm per step of array_col and of array_row
     col_um, row_um = (pitch / 2, pitch * math.sqrt(3) / 2) if kind == "hexagonal" else (pitch, pitch)
@@ -137,7 +144,10 @@ def section_lattice(section, pitch_um: float | None = None) -> Lattice | str:
     """``fit_lattice`` over a section's spots, or why not (no array positions, too few spots)."""
     if getattr(section, "array_row", None) is None or getattr(section, "array_col", None) is None:
         return "the sample has no array_row/array_col (spot positions on the array)"
-    return fit_lattice(section.array_row, section.array_col, section.x_px, section.y_px, pitch_um)
+    kind = getattr(section, "lattice_kind", None)
+    if kind is not None and pitch_um is None:
+        pitch_um = section.lattice_pitch_um
+    return fit_lattice(section.array_row, section.array_col, section.x_px, section.y_px, pitch_um, kind)
 
 
 def resolve_scale(spec, section, spot_diameter_um: float | None = None, spot_pitch_um: float | None = None) -> Scale:

@@ -32,6 +32,7 @@ from expreg.ingest.images import image_size, open_slide
 from expreg.ingest.patches import PatchGeometry, cut_patch, inside, patch_box
 from expreg.ingest.readers import make_unique, read_section
 from expreg.ingest.samples import read_sample_sheet
+from expreg.ingest.visium_hd import DEFAULT_MIN_TISSUE, describe_grid, pseudo_spots
 from expreg.progress import progress_bar
 from expreg.run_dir import remove_abandoned_tmp
 
@@ -55,6 +56,9 @@ class Options:
     image_format: str = "png"
     genes_file: str | None = None
     target_transform: str = "log1p_cpm"
+    hd_min_tissue: float = (
+        DEFAULT_MIN_TISSUE  # Visium HD: a pseudo-spot keeps at least this share of a full cell's bins
+    )
 
 
 @dataclass
@@ -80,8 +84,9 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
     start = time.perf_counter()
     specs = read_sample_sheet(samples_csv)
     genes = _read_gene_list(options.genes_file) if options.genes_file else None
-    sections = [read_section(spec.path, spec.sample_id, spec.image) for spec in specs]
+    sections = [read_section(spec.path, spec.sample_id, spec.image, spec.bin_um) for spec in specs]
     results = [_plan(spec, section, options) for spec, section in zip(specs, sections)]
+    sections = [r.section for r in results]  # Visium HD: its pseudo-spots, no longer its bins
     union = join_genes(sections)
     logger.info(f"genes: {len(union.names)} joined by {union.how}")
     for note in union.notes:
@@ -123,6 +128,8 @@ def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
         raise IngestError(
             "--patch_um, --patch_px, --spot_pitch_um and --spot_diameter_um must be positive, finite numbers"
         )
+    if not 0 < options.hd_min_tissue <= 1:
+        raise IngestError(f"--hd_min_tissue {options.hd_min_tissue:g}: a share of a full cell's bins, in (0, 1]")
     if out_dir.exists() and not overwrite:
         raise IngestError(f"--out_dir {out_dir} exists; choose another folder or pass --overwrite")
 
@@ -143,6 +150,9 @@ def _plan(spec, section, options: Options) -> SampleResult:
         f"sample {spec.sample_id}: {scale.um_per_px:.4g} um/px from {scale.source}"
         + "".join(f"; checked: {check}" for check in scale.checks)
     )
+    if section.layout == "visium_hd":
+        section = pseudo_spots(section, scale.um_per_px, options.patch_um, options.hd_min_tissue)
+        logger.info(f"sample {spec.sample_id}: {describe_grid(section)}")
     if section.image is None:  # HEST patches only
         keep, h5_rows, dropped = hest_patches.patch_rows(section, options.patch_um)
         result = SampleResult(spec, section, scale, (0, 0), None, keep, dropped={**section.dropped, **dropped})
@@ -382,6 +392,7 @@ def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
                     "x_px": section.x_px[r.keep],  # unrounded: patches are cut around these
                     "y_px": section.y_px[r.keep],
                     "um_per_px": r.scale.um_per_px,
+                    **({} if section.bins_per_spot is None else {"hd_bins": section.bins_per_spot[r.keep]}),
                 }
             )
         )
@@ -398,7 +409,9 @@ def _write_tables(results, union: GeneUnion, genes, options: Options, tmp: Path)
             frame[f"y{k}"] = targets[:, k]
         (tmp / "genes.txt").write_text("\n".join(genes) + "\n")
     frame.to_csv(tmp / "metadata.csv", index=False)
-    obs = frame[["sample_id", "group_id", "barcode", "x_px", "y_px", "path"]].copy()
+    obs = frame[
+        ["sample_id", "group_id", "barcode", "x_px", "y_px", "path", *(["hd_bins"] if "hd_bins" in frame else [])]
+    ].copy()
     obs.index = [f"{s}:{b}" for s, b in zip(frame["sample_id"], frame["barcode"])]
     spatial = frame[["x_px", "y_px"]].to_numpy(dtype=np.float64)
     uns = {
@@ -470,6 +483,7 @@ def _sample_summary(r: SampleResult) -> dict:
         "spots_dropped": r.dropped,
         "genes_measured": len(section.gene_names),
         "warnings": list(section.warnings),
+        **({"pseudo_spots": section.pseudo_spot_grid} if section.pseudo_spot_grid else {}),
     }
 
 

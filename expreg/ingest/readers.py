@@ -11,9 +11,13 @@ Layouts, tried in this order for ``read_section(path, sample_id)``:
 - ``h5ad``: ``path`` is a ``.h5ad`` file with counts in ``X`` and (x, y) full-res px in ``obsm["spatial"]``.
 - ``hest``: ``path`` holds ``st/<sample_id>.h5ad`` (HEST-1k; ``wsis/<id>.tif``, ``metadata/<id>.json``,
   ``patches/<id>.h5`` beside it).
+- ``visium_hd``: ``path`` is a Visium HD ``outs/`` folder or its parent (``binned_outputs/``): the
+  bins of one size, read as a Space Ranger folder (``expreg.ingest.visium_hd``; pseudo-spots are made
+  once the scale is known).
 - ``spaceranger`` / ``spaceranger_v1``: ``path`` is an ``outs/`` folder or its parent, with
-  ``spatial/tissue_positions.csv`` (header, Space Ranger >= 2.0) or ``spatial/tissue_positions_list.csv``
-  (no header, 1.x), and ``filtered_feature_bc_matrix.h5`` or the MEX folder ``filtered_feature_bc_matrix/``.
+  ``spatial/tissue_positions.parquet`` (Space Ranger >= 3) or ``spatial/tissue_positions.csv`` (header,
+  >= 2.0) or ``spatial/tissue_positions_list.csv`` (no header, 1.x), and ``filtered_feature_bc_matrix.h5``
+  or the MEX folder ``filtered_feature_bc_matrix/``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from expreg.data.h5ad import H5adError, read_h5ad
 from expreg.ingest.counts import first_line as _first_line
 from expreg.ingest.counts import read_10x_h5, read_mex
 from expreg.ingest.errors import IngestError
+from expreg.ingest.visium_hd import bin_folder, check_bin_size, hd_outs
 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -63,6 +68,11 @@ class Section:
     fullres_size: tuple[int, int] | None = None  # (width, height) the sample records for its image (HEST)
     fullres_size_source: str | None = None
     gene_symbols: list[str] | None = None  # the gene names as the files give them (repeats and all)
+    bin_um: float | None = None  # Visium HD: the bin size read (then summed into pseudo-spots)
+    bins_per_spot: np.ndarray | None = None  # Visium HD pseudo-spots: the bins each one sums
+    pseudo_spot_grid: dict | None = None
+    lattice_kind: str | None = None  # the array's grid when its parity does not say it ("bins": Visium HD)
+    lattice_pitch_um: float | None = None  # and its pitch
 
 
 def _outs(path: Path) -> Path:
@@ -70,7 +80,8 @@ def _outs(path: Path) -> Path:
 
 
 def detect_layout(path, sample_id) -> str:
-    """``"h5ad"``, ``"hest"``, ``"spaceranger"`` or ``"spaceranger_v1"``; an ``IngestError`` saying what is missing."""
+    """``"h5ad"``, ``"hest"``, ``"visium_hd"``, ``"spaceranger"`` or ``"spaceranger_v1"``; an ``IngestError``
+    saying what is missing."""
     path = Path(path)
     if path.suffix == ".h5ad":
         if not path.is_file():
@@ -85,16 +96,19 @@ def detect_layout(path, sample_id) -> str:
             return "hest"
         found = sorted(p.stem for p in (path / "st").glob("*.h5ad"))[:10]
         raise IngestError(f"{path}: HEST-1k layout expected, but st/{sample_id}.h5ad is missing (st/ holds {found})")
+    if hd_outs(path) is not None:
+        return "visium_hd"
     outs = _outs(path)
     spatial = outs / "spatial"
-    if (spatial / "tissue_positions.csv").is_file():
+    if (spatial / "tissue_positions.parquet").is_file() or (spatial / "tissue_positions.csv").is_file():
         return "spaceranger"
     if (spatial / "tissue_positions_list.csv").is_file():
         return "spaceranger_v1"
     if (outs / f"{_MEX}.h5").is_file() or (outs / _MEX).is_dir() or spatial.is_dir():
         raise IngestError(
-            f"{outs}: Space Ranger layout expected (sample {sample_id}), but neither spatial/tissue_positions.csv "
-            "(Space Ranger >= 2.0) nor spatial/tissue_positions_list.csv (1.x) is there"
+            f"{outs}: Space Ranger layout expected (sample {sample_id}), but none of spatial/tissue_positions.parquet "
+            "(Space Ranger >= 3), spatial/tissue_positions.csv (>= 2.0) or spatial/tissue_positions_list.csv (1.x) is "
+            "there"
         )
     raise IngestError(
         f"{path}: no layout recognised for sample {sample_id}: expected a Space Ranger outs/ folder (or its parent) "
@@ -102,8 +116,9 @@ def detect_layout(path, sample_id) -> str:
     )
 
 
-def read_section(path, sample_id, image=None) -> Section:
-    """Read one section from ``path`` (see the module docstring); ``image`` overrides the image found."""
+def read_section(path, sample_id, image=None, bin_um: float | None = None) -> Section:
+    """Read one section from ``path`` (see the module docstring); ``image`` overrides the image found;
+    ``bin_um``: the Visium HD bin size to read (default ``visium_hd.DEFAULT_BIN_UM``)."""
     path = Path(path)
     sample_id = str(sample_id)
     if image is not None and not Path(image).is_file():
@@ -113,6 +128,8 @@ def read_section(path, sample_id, image=None) -> Section:
         section = _read_anndata(path, sample_id, layout)
     elif layout == "hest":
         section = _read_hest(path.parent.parent if path.suffix == ".h5ad" else path, sample_id)
+    elif layout == "visium_hd":
+        section = _read_visium_hd(hd_outs(path), sample_id, bin_um)
     else:
         section = _read_spaceranger(_outs(path), sample_id, layout)
     if image is not None:
@@ -124,10 +141,28 @@ def read_section(path, sample_id, image=None) -> Section:
 # ------------------------------------------------------------------------------------ Space Ranger
 
 
+def _read_visium_hd(outs: Path, sample_id: str, bin_um: float | None) -> Section:
+    """The bins under tissue of one bin size, as a Space Ranger section on the bins' square grid."""
+    folder = bin_folder(outs, bin_um, sample_id)
+    section = _read_spaceranger(folder, sample_id, "visium_hd")
+    section.bin_um = check_bin_size(section, folder, float(folder.name[len("square_") : -len("um")]))
+    section.lattice_kind, section.lattice_pitch_um = "bins", section.bin_um
+    if section.image is None:  # the full-resolution image lives beside outs/, not beside binned_outputs/
+        section.image, note = _image_beside(outs.parent)
+        section.warnings = [w for w in section.warnings if not w.startswith("image:")] + ([note] if note else [])
+    return section
+
+
+def _positions_file(spatial: Path) -> Path:
+    for name in ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv"):
+        if (spatial / name).is_file():
+            return spatial / name
+    return spatial / "tissue_positions.parquet"  # read_positions names it as missing
+
+
 def _read_spaceranger(outs: Path, sample_id: str, layout: str) -> Section:
-    names = {"spaceranger": "tissue_positions.csv", "spaceranger_v1": "tissue_positions_list.csv"}
-    positions_file = outs / "spatial" / names[layout]
-    positions = read_positions(positions_file, header=layout == "spaceranger")
+    positions_file = _positions_file(outs / "spatial")
+    positions = read_positions(positions_file, header=positions_file.name != "tissue_positions_list.csv")
     matrix_file, (counts, barcodes, gene_names, gene_ids, kinds) = _read_counts(outs, sample_id)
     counts, gene_names, gene_ids, feature_note = _gene_expression_only(
         counts, gene_names, gene_ids, kinds, matrix_file
@@ -196,7 +231,14 @@ def _read_counts(outs: Path, sample_id: str):
 
 
 def read_positions(path: Path, header: bool) -> pd.DataFrame:
-    """A tissue positions file -> a table indexed by barcode with the 10x columns (pxl_row = y, pxl_col = x)."""
+    """A tissue positions file (CSV, or Parquet from Space Ranger >= 3) -> a table indexed by barcode with the
+    10x columns (pxl_row = y, pxl_col = x)."""
+    if path.suffix == ".parquet":
+        try:
+            table = pd.read_parquet(path)
+        except (OSError, ValueError) as err:
+            raise IngestError(f"{path}: unreadable positions Parquet file: {_first_line(err)}") from err
+        return _checked_positions(table, path)
     try:
         table = pd.read_csv(
             path,
@@ -215,6 +257,10 @@ def read_positions(path: Path, header: bool) -> pd.DataFrame:
                 + ", ".join(POSITION_COLUMNS)
             )
         table.columns = POSITION_COLUMNS
+    return _checked_positions(table, path)
+
+
+def _checked_positions(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     missing = [c for c in POSITION_COLUMNS if c not in table.columns]
     if missing:
         raise IngestError(f"{path}: no column(s) {', '.join(missing)} (columns: {', '.join(map(str, table.columns))})")

@@ -20,7 +20,7 @@ import pandas as pd
 from expreg.ingest.errors import IngestError
 
 REQUIRED = ("sample_id", "group_id", "path")
-OPTIONAL = ("image", "um_per_px", "spot_pitch_um", "spot_diameter_um")
+OPTIONAL = ("image", "um_per_px", "spot_pitch_um", "spot_diameter_um", "bin_um")
 # sample ids become folder names (patches/<sample_id>/): keep them portable
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -37,6 +37,7 @@ class SampleSpec:
     spot_diameter_um: float | None = None
     line: int = 0  # line of the sheet (for messages)
     spot_pitch_um: float | None = None
+    bin_um: float | None = None  # Visium HD: the bin size to read (None: visium_hd.DEFAULT_BIN_UM)
 
 
 def read_sample_sheet(sheet: str | os.PathLike) -> list[SampleSpec]:
@@ -84,6 +85,7 @@ def _row(sheet: Path, row: pd.Series, line: int) -> SampleSpec:
         spot_diameter_um=_positive(sheet, line, "spot_diameter_um", text("spot_diameter_um")),
         line=line,
         spot_pitch_um=_positive(sheet, line, "spot_pitch_um", text("spot_pitch_um")),
+        bin_um=_positive(sheet, line, "bin_um", text("bin_um")),
     )
 
 

@@ -5,7 +5,7 @@ Two kinds of source:
 - an ``expreg.prepare`` output folder (``prepare.json``, ``expression.h5ad``): the section is the
   sample whose image is the slide (the same file), else the one named by ``--sample_id``, else the
   only one; its spots are those prepare kept, its scale the one prepare used;
-- a sample in any layout ``expreg.prepare`` reads (Space Ranger, HEST-1k, ``.h5ad``): read with the
+- a sample in any layout ``expreg.prepare`` reads (Space Ranger, Visium HD, HEST-1k, ``.h5ad``): read with the
   same reader and scale rules as ``expreg.prepare`` (``expreg.ingest.geometry.resolve_scale``: the
   spot lattice, ``--spot_pitch_um`` / ``--spot_diameter_um`` when given), its cross-checks among the warnings.
 
@@ -68,14 +68,21 @@ class MeasuredSpots:
 
 
 def read_measured(
-    source, slide_path, slide_size, sample_id=None, spot_diameter_um: float | None = None, spot_pitch_um=None
+    source,
+    slide_path,
+    slide_size,
+    sample_id=None,
+    spot_diameter_um: float | None = None,
+    spot_pitch_um=None,
+    patch_um: float | None = None,
 ) -> MeasuredSpots:
-    """The measured spots of ``source`` for the slide ``slide_path`` of level-0 ``slide_size`` (module docstring)."""
+    """The measured spots of ``source`` for the slide ``slide_path`` of level-0 ``slide_size`` (module docstring);
+    a Visium HD sample's bins are summed into pseudo-spots of ``patch_um`` (the model's patch), as prepare does."""
     source = Path(source)
     if (source / "prepare.json").is_file():
         spots = _from_prepared(source, slide_path, sample_id)
     else:
-        spots = _from_sample(source, sample_id, spot_diameter_um, spot_pitch_um)
+        spots = _from_sample(source, sample_id, spot_diameter_um, spot_pitch_um, patch_um)
     _check_size(spots, slide_path, tuple(slide_size))
     return spots
 
@@ -162,7 +169,7 @@ def _sample_genes(table, sample_id: str, folder: Path) -> tuple[set[str], list[s
     return set(table.var_names) - {str(g) for g in np.asarray(missing).ravel().tolist()}, []
 
 
-def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um) -> MeasuredSpots:
+def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um, patch_um=None) -> MeasuredSpots:
     from expreg.ingest.geometry import check_image_size, resolve_scale
     from expreg.ingest.images import SlideError, image_size
     from expreg.ingest.readers import read_section
@@ -173,6 +180,12 @@ def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um) -> Meas
         section = read_section(path, name)
         spec = SampleSpec(name, name, path)
         scale = resolve_scale(spec, section, spot_diameter_um, spot_pitch_um)
+        if section.layout == "visium_hd":
+            from expreg.ingest.visium_hd import pseudo_spots
+
+            if patch_um is None:
+                raise IngestError(f"{path}: a Visium HD sample is summed into pseudo-spots of the model's patch_um")
+            section = pseudo_spots(section, scale.um_per_px, patch_um)
         size = tuple(image_size(section.image)) if section.image else None
         if size is not None:
             check_image_size(spec, section, size)  # as expreg.prepare: hires / scalef, HEST's fullres size

@@ -213,7 +213,7 @@ def plan_map(options: MapOptions, model) -> MapPlan:
         raise
 
 
-def _measured(options: MapOptions, slide: Slide, genes: list[str]) -> MeasuredSpots | None:
+def _measured(options: MapOptions, slide: Slide, genes: list[str], patch_um: float) -> MeasuredSpots | None:
     if not options.measured:
         return None
     try:
@@ -224,6 +224,7 @@ def _measured(options: MapOptions, slide: Slide, genes: list[str]) -> MeasuredSp
             options.sample_id,
             options.spot_diameter_um,
             options.spot_pitch_um,
+            patch_um=patch_um,
         )
     except MeasuredError as err:
         raise MapError(str(err)) from err
@@ -254,7 +255,7 @@ def _spots_inside_or_error(measured: MeasuredSpots, slide: Slide, geometry: Patc
 
 
 def _plan_on_slide(options, model, slide, patch, genes, drawn, kind) -> MapPlan:
-    measured = _measured(options, slide, genes)
+    measured = _measured(options, slide, genes, patch[0])
     um_per_px, source, warnings = _scale(options, slide, measured)
     geometry = PatchGeometry(patch[0], patch[1], um_per_px)
     spot_rows = _spots_inside_or_error(measured, slide, geometry) if measured is not None else None
