@@ -30,7 +30,19 @@ COMMANDS = {
     "run_regression",
     *(
         f"expreg.{name}"
-        for name in ("splits", "predict", "prepare", "map", "cv", "aggregate", "plots", "hub", "model", "metrics")
+        for name in (
+            "splits",
+            "predict",
+            "prepare",
+            "map",
+            "cv",
+            "aggregate",
+            "plots",
+            "hub",
+            "model",
+            "metrics",
+            "datasets",
+        )
     ),
 }
 ACCELERATE_ALLOWED = {"training", "inference", "embeddings", "commands"}
