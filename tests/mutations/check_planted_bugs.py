@@ -10,7 +10,8 @@ never modified. Exit code 1 when any bug was missed. Bugs from issue 16, plus th
 bugs of whole-slide maps (issue 14), four of
 foundation-model encoders and the embedding store (issue 15), and eight from issue 22 (the four an
 audit planted, four of the spot lattice, unmeasured genes and the gene join), and three of the
-depth-adjusted scores and spatially variable genes (issue 27).
+depth-adjusted scores and spatially variable genes (issue 27), three of Visium HD pseudo-spots and
+HEST-1k by id (issue 23).
 """
 
 from __future__ import annotations
@@ -196,6 +197,24 @@ BUGS = {
         "rows = np.flatnonzero(sections == section)",
         "rows = np.arange(len(sections))",
         ["tests/test_spatial_genes.py::test_sections_are_never_mixed_and_are_weighted_by_their_spots"],
+    ),
+    "hd_pseudo_spot_cells_rounded_not_floored": (
+        "expreg/ingest/visium_hd.py",
+        "col = np.floor((section.x_px - x0) / side).astype(np.int64)",
+        "col = np.round((section.x_px - x0) / side).astype(np.int64)",
+        ["tests/test_visium_hd.py::test_pseudo_spots_sum_exactly_the_bins_whose_centres_fall_inside"],
+    ),
+    "hd_thin_pseudo_spots_kept": (
+        "expreg/ingest/visium_hd.py",
+        "keep = np.flatnonzero(bins >= min_tissue * full)",
+        "keep = np.flatnonzero(bins >= 0)",
+        ["tests/test_visium_hd.py::test_pseudo_spots_sum_exactly_the_bins_whose_centres_fall_inside"],
+    ),
+    "hest_where_ignored": (
+        "expreg/ingest/hest_hub.py",
+        "        rows &= match\n",
+        "        rows &= True\n",
+        ["tests/test_hest_hub.py::test_selection_by_metadata_and_the_errors_that_say_what_exists"],
     ),
 }
 
