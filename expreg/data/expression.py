@@ -255,7 +255,9 @@ def read_gene_list(path, what: str = "data.genes") -> list[str]:
     except UnicodeDecodeError as err:
         raise ValueError(f"{what} {path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from err
     genes = [line for line in lines if line and not line.startswith("#")]
-    repeated = sorted({g for g in genes if genes.count(g) > 1})
+    from collections import Counter
+
+    repeated = sorted(g for g, n in Counter(genes).items() if n > 1)  # linear: 30,000 genes in milliseconds
     if repeated:
         raise ValueError(f"{what} {path}: repeated gene name(s) {', '.join(repeated[:5])}")
     return genes
