@@ -64,8 +64,11 @@ def main(argv=None) -> int:
     except hest_hub.HestHubError as err:
         print(f"expreg.datasets: error: {err}", file=sys.stderr)
         return 2
-    except OSError as err:
-        print(f"expreg.datasets: error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a network or disk failure mid-download: one line, not a traceback
+        print(
+            f"expreg.datasets: error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            file=sys.stderr,
+        )
         return 1
     for warning in warnings:
         print(f"warning: {warning}")

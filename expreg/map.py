@@ -46,6 +46,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with a Space Ranger --measured, instead of the lattice: spot µm / spot_diameter_fullres",
     )
     p.add_argument(
+        "--bin_um",
+        type=float,
+        help="with a Visium HD --measured: the bin size to read (default 8), summed into pseudo-spots of the "
+        "model's patch (give what expreg.prepare used, for the same pseudo-spots)",
+    )
+    p.add_argument(
+        "--hd_min_tissue",
+        type=float,
+        default=0.5,
+        help="with a Visium HD --measured: keep pseudo-spots with at least this share of a full cell's bins "
+        "(default 0.5, as expreg.prepare)",
+    )
+    p.add_argument(
         "--target_transform",
         choices=["log1p_cpm", "log1p", "none"],
         help="with --measured, for a model that does not record it",

@@ -535,3 +535,13 @@ def test_real_c2_space_ranger_and_hest_agree():
     assert visium.image.endswith("C2_fullres.jpg") and hest.image.endswith("wsis/C2.tif")
     assert hest.um_per_px == pytest.approx(0.688098) and hest.spot_diameter_um == 100.0
     assert visium.warnings == [] and hest.warnings == []
+
+
+def test_an_uns_item_anndata_cannot_read_is_left_out_and_named(tmp_path, caplog):
+    write_h5ad(tmp_path / "a.h5ad", sp.csr_matrix(np.eye(3, 2, dtype=np.float32)), _obs(3), ["A", "B"], uns={"ok": 1})
+    with h5py.File(tmp_path / "a.h5ad", "a") as f:
+        f["uns"].create_group("odd").attrs.update({"encoding-type": "awkward-array", "encoding-version": "0.1.0"})
+    with caplog.at_level("WARNING", logger="expreg"):
+        back = read_h5ad(tmp_path / "a.h5ad")
+    assert back.uns == {"ok": 1} and back.X.format == "csr" and list(back.obs.index) == list(_obs(3).index)
+    assert "a.h5ad: left out what anndata cannot read: uns/odd" in caplog.text

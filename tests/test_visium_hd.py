@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def test_pseudo_spots_sum_exactly_the_bins_whose_centres_fall_inside(tmp_path, a
     assert sample["um_per_px_source"].startswith("microns_per_pixel 0.5")
     assert any("Visium HD bin grid" in c and "(+0.0 %)" in c for c in sample["scale_checks"]), sample["scale_checks"]
     assert not [w for w in sample["warnings"] if "differ" in w or "%" in w]
-    assert sample["spots_dropped"]["not under tissue"] == int((~hd["tissue"]).sum())
+    assert sample["spots_dropped"]["bins not under tissue"] == int((~hd["tissue"]).sum())
     assert sample["spots_dropped"]["pseudo-spot with too little tissue"] > 0  # the disc's rim
     table = read_h5ad(tmp_path / "out" / "expression.h5ad")
     meta = pd.read_csv(tmp_path / "out" / "metadata.csv")
@@ -98,7 +99,7 @@ def test_pseudo_spots_sum_exactly_the_bins_whose_centres_fall_inside(tmp_path, a
     x, y, counts = hd["x"][tissue], hd["y"][tissue], hd["counts"][tissue]
     for i, (cx, cy) in enumerate(zip(meta["x_px"], meta["y_px"])):  # an independent sum, bin by bin
         inside = (x >= cx - side / 2) & (x < cx + side / 2) & (y >= cy - side / 2) & (y < cy + side / 2)
-        assert meta["hd_bins"][i] == inside.sum() >= 0.5 * 64
+        assert meta["hd_bins"][i] == inside.sum() >= 0.5 * (8 - 1) ** 2  # half a full cell, less its rim
         np.testing.assert_array_equal(table.X[i].toarray().ravel(), np.asarray(counts[inside].sum(axis=0)).ravel())
     assert table.obs["hd_bins"].tolist() == meta["hd_bins"].tolist()
     kept = meta["hd_bins"].sum()
@@ -109,7 +110,7 @@ def test_pseudo_spots_sum_exactly_the_bins_whose_centres_fall_inside(tmp_path, a
 def test_bin_size_from_the_sheet_and_what_is_there_when_it_is_not(tmp_path):
     make_hd(tmp_path / "HD1")
     (tmp_path / "sheet.csv").write_text("sample_id,group_id,path,bin_um\nHD1,P1,HD1,2\n")
-    with pytest.raises(IngestError, match=r"no square_002um/ .* it holds square_008um, square_016um: set the sample"):
+    with pytest.raises(IngestError, match=r"no square_002um/ .* it holds square_008um, square_016um: choose one"):
         prepare(tmp_path / "sheet.csv", tmp_path / "out", Options(patch_um=64, patch_px=32))
     section = read_section(tmp_path / "HD1", "HD1", bin_um=8)
     assert section.bin_um == 8 and section.lattice_kind == "bins" and section.counts.shape[1] == len(GENES)
@@ -121,20 +122,22 @@ def test_bin_size_from_the_sheet_and_what_is_there_when_it_is_not(tmp_path):
 def test_parquet_positions_read_as_the_csv_of_older_space_rangers(tmp_path):
     make_hd(tmp_path / "HD1")
     bins = tmp_path / "HD1" / "outs" / "binned_outputs" / "square_008um"
-    csv_copy = tmp_path / "SR"
-    (csv_copy / "spatial").mkdir(parents=True)
-    (csv_copy / "filtered_feature_bc_matrix.h5").write_bytes((bins / "filtered_feature_bc_matrix.h5").read_bytes())
-    pd.read_parquet(bins / "spatial" / "tissue_positions.parquet").to_csv(
-        csv_copy / "spatial" / "tissue_positions.csv", index=False
-    )
-    assert detect_layout(bins, "B") == detect_layout(csv_copy, "B") == "spaceranger"
-    a, b = read_section(bins, "B"), read_section(csv_copy, "B")
+    folders = {}
+    for name in ("SR3", "SR2"):  # Space Ranger >= 3 (Parquet positions) and 2.x (CSV)
+        folders[name] = tmp_path / name
+        (folders[name] / "spatial").mkdir(parents=True)
+        shutil.copy(bins / "filtered_feature_bc_matrix.h5", folders[name])
+    shutil.copy(bins / "spatial" / "tissue_positions.parquet", folders["SR3"] / "spatial")
+    positions = pd.read_parquet(bins / "spatial" / "tissue_positions.parquet")
+    positions.to_csv(folders["SR2"] / "spatial" / "tissue_positions.csv", index=False)
+    assert detect_layout(folders["SR3"], "B") == detect_layout(folders["SR2"], "B") == "spaceranger"
+    a, b = read_section(folders["SR3"], "B"), read_section(folders["SR2"], "B")
     assert list(a.barcodes) == list(b.barcodes) and (a.counts != b.counts).nnz == 0
     np.testing.assert_array_equal(a.x_px, b.x_px)
     np.testing.assert_array_equal(a.array_row, b.array_row)
-    (bins / "spatial" / "tissue_positions.parquet").write_bytes(b"not parquet")
+    (folders["SR3"] / "spatial" / "tissue_positions.parquet").write_bytes(b"not parquet")
     with pytest.raises(IngestError, match="tissue_positions.parquet: unreadable positions Parquet file"):
-        read_section(bins, "B")
+        read_section(folders["SR3"], "B")
 
 
 def test_a_map_is_scored_against_the_hd_pseudo_spots_as_against_their_prepared_folder(tmp_path):
@@ -157,3 +160,18 @@ def test_a_map_is_scored_against_the_hd_pseudo_spots_as_against_their_prepared_f
         assert record["num_samples"] == len(tables[name]) > 10 and record["spearman_depth_adjusted_mean"] is not None
     assert list(tables["direct"].index) == list(tables["prepared"].index)
     np.testing.assert_allclose(tables["direct"].to_numpy(), tables["prepared"].to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_bin_folder_given_directly_a_stated_pitch_and_a_whole_cell_threshold(tmp_path):
+    make_hd(tmp_path / "HD1", angle_deg=30.0)
+    bins = tmp_path / "HD1" / "outs" / "binned_outputs" / "square_008um"
+    assert detect_layout(bins, "HD1") == "visium_hd"  # not read as a Space Ranger folder of 8 um "spots"
+    (tmp_path / "sheet.csv").write_text(f"sample_id,group_id,path\nHD1,P1,{bins}\n")
+    options = Options(patch_um=64.0, patch_px=32, spot_pitch_um=100.0, hd_min_tissue=1.0)
+    sample = prepare(tmp_path / "sheet.csv", tmp_path / "out", options)["samples"][0]
+    assert sample["layout"] == "visium_hd" and sample["pseudo_spots"]["bin_um"] == 8.0
+    assert not [w for w in sample["warnings"] if "%" in w]  # the stated spot pitch is not the bins' pitch
+    meta = pd.read_csv(tmp_path / "out" / "metadata.csv")
+    assert len(meta) > 20 and meta["hd_bins"].min() >= 49  # cells over tissue hold 63-65 bins when rotated
+    sample = prepare(tmp_path / "sheet.csv", tmp_path / "o2", Options(patch_um=100.0, patch_px=32))["samples"][0]
+    assert any("not a whole number of 8 um bins" in w for w in sample["warnings"])

@@ -1,8 +1,8 @@
-"""Raw counts -> regression targets: the target transform, in one place for ``expreg.prepare`` and training.
+"""Raw counts -> the run's target genes and their targets, chosen on training rows only.
 
-``log1p_cpm`` (the default): each spot's counts divided by its total over all measured genes,
-times 10,000, then ``log1p`` (scanpy's ``normalize_total(target_sum=1e4)`` + ``log1p``).
-``log1p``: ``log1p`` of the raw counts (HEST-Benchmark's targets). ``none``: the counts as they are.
+The transform itself lives in ``expreg.data.counts`` (re-exported here); the scores that choose genes
+in ``expreg.data.gene_scores``; this module reads the expression file, aligns it with the metadata,
+chooses (or reads) the genes and masks what a sample never measured.
 """
 
 from __future__ import annotations
@@ -11,41 +11,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from expreg.config import TARGET_TRANSFORMS
-
-CPM_TARGET_SUM = 1e4
-
-
-def transform_counts(counts, columns, kind: str = "log1p_cpm") -> np.ndarray:
-    """Targets ``(spots, len(columns))`` (float32) of the count columns ``columns`` of ``counts``.
-
-    Args:
-        counts: Raw counts ``(spots, genes)``, a scipy sparse matrix or an array, over *all* the
-            genes measured (the library size of ``log1p_cpm`` is the spot's total).
-        columns: Column indices of the target genes; ``-1`` for a gene the sample did not measure
-            (its target is NaN: not measured is not a measured zero).
-        kind: One of ``TARGET_TRANSFORMS``.
-    """
-    if kind not in TARGET_TRANSFORMS:
-        raise ValueError(f"target transform {kind!r}: choose from {', '.join(TARGET_TRANSFORMS)}")
-    columns = np.asarray(columns, dtype=np.int64)
-    measured = columns >= 0
-    values = np.zeros((counts.shape[0], len(columns)), dtype=np.float64)
-    if measured.any():
-        picked = counts[:, columns[measured]]
-        values[:, measured] = picked.toarray() if hasattr(picked, "toarray") else np.asarray(picked)
-    if kind == "log1p_cpm":
-        totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-        scale = np.divide(CPM_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
-        values = np.log1p(values * scale[:, None])
-    elif kind == "log1p":
-        values = np.log1p(values)
-    values[:, ~measured] = np.nan
-    return values.astype(np.float32)
-
+from expreg.data.counts import CPM_TARGET_SUM, transform_counts  # noqa: F401 - re-exported: the targets' one place
+from expreg.data.gene_scores import detection_rate, gene_scores
 
 GENE_METHODS = ("hvg", "var", "mean", "svg")
-HVG_BINS = 20  # scanpy's n_bins
 
 
 def parse_gene_spec(spec: str) -> tuple[str, int | None, str | None]:
@@ -56,53 +25,6 @@ def parse_gene_spec(spec: str) -> tuple[str, int | None, str | None]:
             raise ValueError(f"data.genes {spec!r}: the number after '{method}:' must be a positive integer")
         return method, int(k), None
     return "file", None, spec
-
-
-def detection_rate(counts) -> np.ndarray:
-    """Fraction of spots (rows) in which each gene (column) has a non-zero count."""
-    nonzero = (counts != 0).sum(axis=0) if hasattr(counts, "toarray") else (np.asarray(counts) != 0).sum(axis=0)
-    return np.asarray(nonzero, dtype=np.float64).reshape(-1) / max(counts.shape[0], 1)
-
-
-def seurat_dispersions(log_values: np.ndarray, n_bins: int = HVG_BINS) -> np.ndarray:
-    """Normalised dispersions of scanpy's ``highly_variable_genes(flavor="seurat")`` (one value per column).
-
-    ``log_values`` are log1p-transformed (spots x genes). As scanpy: back to linear scale with
-    ``expm1``; per gene mean and variance (ddof 1); dispersion = variance / mean, log; mean
-    log1p; genes binned into ``n_bins`` equal-width bins of mean; each dispersion z-scored within
-    its bin (a bin with one gene: dispersion / itself, i.e. 1). NaN for genes without a dispersion.
-    """
-    import pandas as pd
-
-    linear = np.expm1(np.asarray(log_values, dtype=np.float64))
-    mean = linear.mean(axis=0)
-    var = linear.var(axis=0, ddof=1) if linear.shape[0] > 1 else np.zeros_like(mean)
-    mean[mean == 0] = 1e-12
-    dispersion = var / mean
-    dispersion[dispersion == 0] = np.nan
-    dispersion = np.log(dispersion)
-    frame = pd.DataFrame({"means": np.log1p(mean), "dispersions": dispersion})
-    frame["bin"] = pd.cut(frame["means"], bins=n_bins)
-    stats = frame.groupby("bin", observed=True)["dispersions"].agg(avg="mean", dev="std")
-    single = stats["dev"].isnull()
-    stats.loc[single, "dev"] = stats.loc[single, "avg"]
-    stats.loc[single, "avg"] = 0.0
-    per_gene = stats.loc[frame["bin"]].to_numpy(dtype=np.float64)
-    return (frame["dispersions"].to_numpy() - per_gene[:, 0]) / per_gene[:, 1]
-
-
-def rank_genes(values: np.ndarray, method: str, spots=None) -> np.ndarray:
-    """Scores (higher = chosen first) of every column of the transformed training values (``svg``: with
-    ``spots`` = ``(positions (n, 2), section of each row)``, see ``expreg.data.spatial_genes``)."""
-    if method == "hvg":
-        return seurat_dispersions(values)
-    if method == "svg":
-        from expreg.data.spatial_genes import spatial_scores
-
-        return spatial_scores(values, spots[0], spots[1])
-    if method == "var":
-        return values.var(axis=0, ddof=1) if values.shape[0] > 1 else np.zeros(values.shape[1])
-    return values.mean(axis=0)
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
@@ -231,8 +153,7 @@ def choose_genes(
             f"data.genes={spec}: only {len(eligible)} genes are detected in >= {min_detection:g} of the "
             f"{train_counts.shape[0]} training spots{unmeasured}; lower data.min_gene_detection or K"
         )
-    values = transform_counts(train_counts, eligible, transform)  # totals still over all genes
-    chosen = eligible[top_k(rank_genes(values.astype(np.float64), method, spots), k)]
+    chosen = eligible[top_k(gene_scores(train_counts, eligible, transform, method, spots), k)]
     excluded = {s: len(c) for s, c in (not_measured or {}).items() if len(c)}
     return GeneChoice(
         [gene_names[i] for i in chosen],

@@ -9,6 +9,7 @@ temporary sibling, renamed), so that scanpy, squidpy and anndata read our output
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -34,14 +35,43 @@ def read_h5ad(path, *, backed: bool = False):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # anndata's notes about its own future defaults
+            warnings.filterwarnings("ignore", message=".* names are not unique")  # expreg makes them unique itself
             adata = anndata.read_h5ad(path, backed="r" if backed else None)
     except Exception as err:  # noqa: BLE001 - anndata raises h5py, zarr, KeyError, AnnDataReadError, ...
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise H5adError(f"{path}: unreadable .h5ad ({type(err).__name__}: {reason})") from err
+        adata = None if backed else _read_by_item(path)
+        if adata is None:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise H5adError(f"{path}: unreadable .h5ad ({type(err).__name__}: {reason})") from err
     if adata.X is None:
         raise H5adError(f"{path}: no 'X' (the expression matrix) in this .h5ad file")
     if not backed:
         adata.X = _as_csr(adata.X, path)
+    return adata
+
+
+def _read_by_item(path: Path):
+    """The file read element by element when anndata cannot read it whole: X, obs, var and obsm must read;
+    an ``uns`` item that cannot (an encoding this anndata does not know) is left out with a warning that
+    names it. None when X, obs, var or obsm cannot be read either."""
+    import anndata
+    import h5py
+    from anndata.io import read_elem
+
+    try:
+        with h5py.File(path, "r") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            parts = {key: read_elem(f[key]) for key in ("X", "obs", "var", "obsm") if key in f}
+            uns, skipped = {}, []
+            for key in f.get("uns", {}):
+                try:
+                    uns[key] = read_elem(f["uns"][key])
+                except Exception as err:  # noqa: BLE001 - whatever anndata raises for an unknown encoding
+                    skipped.append(f"uns/{key} ({type(err).__name__})")
+            adata = anndata.AnnData(**parts, uns=uns)
+    except Exception:  # noqa: BLE001 - the caller reports anndata's own error
+        return None
+    if skipped:
+        logging.getLogger("expreg").warning(f"{path}: left out what anndata cannot read: {', '.join(skipped)}")
     return adata
 
 
@@ -85,16 +115,18 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None, var: 
     obs = obs.copy()
     obs.index = pd.Index([str(i) for i in obs.index])
     columns = {} if var is None else {c: var[c].to_numpy() for c in var.columns}
-    adata = anndata.AnnData(
-        X=X,
-        obs=obs,
-        var=pd.DataFrame(columns, index=var_names),
-        obsm={str(k): np.asarray(v) for k, v in (obsm or {}).items()},
-        uns=_uns(uns or {}),
-    )
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        adata.write_h5ad(tmp)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".* names are not unique")  # the caller's names, as given
+            adata = anndata.AnnData(
+                X=X,
+                obs=obs,
+                var=pd.DataFrame(columns, index=var_names),
+                obsm={str(k): np.asarray(v) for k, v in (obsm or {}).items()},
+                uns=_uns(uns or {}),
+            )
+            adata.write_h5ad(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -62,11 +62,10 @@ def _morans_i(values: np.ndarray, weights: sp.csr_matrix) -> np.ndarray:
         return np.where(constant, np.nan, numerator / denominator)
 
 
-def spatial_scores(values: np.ndarray, xy: np.ndarray, sections: np.ndarray) -> np.ndarray:
-    """Each column's Moran's I, per section, averaged over sections weighted by their spot counts (sections
-    too small or where the column is constant are left out of its mean). Memory: one section x one block of
-    ``GENE_BLOCK`` genes at a time, beside ``values``."""
-    total, weight = np.zeros(values.shape[1]), np.zeros(values.shape[1])
+def section_weights(xy: np.ndarray, sections: np.ndarray) -> list[tuple[np.ndarray, sp.csr_matrix]]:
+    """``(rows, neighbour weights)`` of every section with more than ``SVG_NEIGHBOURS`` spots (computed once,
+    reused for every block of genes)."""
+    found = []
     for section in np.unique(sections):
         rows = np.flatnonzero(sections == section)
         if len(rows) <= SVG_NEIGHBOURS:
@@ -74,10 +73,20 @@ def spatial_scores(values: np.ndarray, xy: np.ndarray, sections: np.ndarray) -> 
         position = np.asarray(xy, dtype=np.float64)[rows]
         if not np.isfinite(position).all():
             raise ValueError(f"section {section}: spot positions are not finite")
-        weights = neighbour_weights(position)
+        found.append((rows, neighbour_weights(position)))
+    return found
+
+
+def spatial_scores(values: np.ndarray, xy: np.ndarray, sections: np.ndarray, weights=None) -> np.ndarray:
+    """Each column's Moran's I, per section, averaged over sections weighted by their spot counts (sections
+    too small or where the column is constant are left out of its mean). Memory: one section x one block of
+    ``GENE_BLOCK`` genes at a time, beside ``values``. ``weights``: ``section_weights(xy, sections)``, when
+    computed already."""
+    total, weight = np.zeros(values.shape[1]), np.zeros(values.shape[1])
+    for rows, section_w in weights if weights is not None else section_weights(xy, sections):
         for start in range(0, values.shape[1], GENE_BLOCK):
             block = slice(start, start + GENE_BLOCK)
-            scores = _morans_i(np.asarray(values[rows, block], dtype=np.float64), weights)
+            scores = _morans_i(np.asarray(values[rows, block], dtype=np.float64), section_w)
             defined = ~np.isnan(scores)
             total[block][defined] += scores[defined] * len(rows)
             weight[block][defined] += len(rows)

@@ -145,7 +145,7 @@ def section_lattice(section, pitch_um: float | None = None) -> Lattice | str:
     if getattr(section, "array_row", None) is None or getattr(section, "array_col", None) is None:
         return "the sample has no array_row/array_col (spot positions on the array)"
     kind = getattr(section, "lattice_kind", None)
-    if kind is not None and pitch_um is None:
+    if kind is not None:  # Visium HD bins: their pitch is the bin size, whatever spot pitch was stated
         pitch_um = section.lattice_pitch_um
     return fit_lattice(section.array_row, section.array_col, section.x_px, section.y_px, pitch_um, kind)
 

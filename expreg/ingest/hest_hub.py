@@ -131,6 +131,11 @@ def materialise(
     if (out / "samples.csv").exists() and not overwrite:
         raise HestHubError(f"--out {out} already holds samples.csv; choose another folder or pass --overwrite")
     warnings, rows = [], []
+    if overwrite:  # the links of an earlier selection go; files that are not links stay
+        for folder in FILES:
+            for link in (out / folder).glob("*") if (out / folder).is_dir() else []:
+                if link.is_symlink():
+                    link.unlink()
     for _, sample in chosen.iterrows():
         sid = sample["id"]
         present = {f: snapshot / f / FILES[f].format(id=sid) for f in folders}
@@ -161,9 +166,12 @@ def materialise(
 
 
 def _link(source: Path, target: Path) -> None:
-    """``target`` -> the cached file (a symbolic link to the resolved blob; a copy where links fail)."""
+    """``target`` -> the cached file (a symbolic link to the resolved blob; a copy where links fail). A file
+    that is not a link is never replaced."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() or target.exists():
+    if target.exists() and not target.is_symlink():
+        raise HestHubError(f"{target} exists and is not a link into the HuggingFace cache; move it away first")
+    if target.is_symlink():
         target.unlink()
     try:
         target.symlink_to(source.resolve())

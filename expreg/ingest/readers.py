@@ -35,7 +35,7 @@ from expreg.data.h5ad import H5adError, read_h5ad
 from expreg.ingest.counts import first_line as _first_line
 from expreg.ingest.counts import read_10x_h5, read_mex
 from expreg.ingest.errors import IngestError
-from expreg.ingest.visium_hd import bin_folder, check_bin_size, hd_outs
+from expreg.ingest.visium_hd import bin_folder, bin_of, check_bin_size, hd_outs
 
 POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -129,7 +129,7 @@ def read_section(path, sample_id, image=None, bin_um: float | None = None) -> Se
     elif layout == "hest":
         section = _read_hest(path.parent.parent if path.suffix == ".h5ad" else path, sample_id)
     elif layout == "visium_hd":
-        section = _read_visium_hd(hd_outs(path), sample_id, bin_um)
+        section = _read_visium_hd(hd_outs(path), sample_id, bin_um or bin_of(path))
     else:
         section = _read_spaceranger(_outs(path), sample_id, layout)
     if image is not None:

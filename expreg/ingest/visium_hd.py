@@ -25,6 +25,8 @@ gain at patch scale. ``bin_um = 16`` reads 4 times fewer bins where memory is sh
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +40,20 @@ BINNED = "binned_outputs"
 
 
 def hd_outs(path: Path) -> Path | None:
-    """The Visium HD ``outs/`` folder at ``path`` (the folder itself or its parent), or None."""
+    """The Visium HD ``outs/`` folder at ``path`` (the folder itself, its parent, or one of its
+    ``binned_outputs/square_<bin>um`` folders), or None."""
+    if path.parent.name == BINNED and bin_of(path) is not None:
+        return path.parent.parent
     for outs in (path, path / "outs"):
         if (outs / BINNED).is_dir():
             return outs
     return None
+
+
+def bin_of(folder: Path) -> float | None:
+    """The bin size of a ``square_<bin>um`` folder's name (None for another name)."""
+    match = re.fullmatch(r"square_(\d+)um", folder.name)
+    return float(match.group(1)) if match else None
 
 
 def bin_folder(outs: Path, bin_um: float | None, sample_id: str) -> Path:
@@ -55,7 +66,8 @@ def bin_folder(outs: Path, bin_um: float | None, sample_id: str) -> Path:
         present = sorted(p.name for p in (outs / BINNED).glob("square_*um"))
         raise IngestError(
             f"{outs / BINNED}: no {folder.name}/ for sample {sample_id} (bin_um {bin_um:g}); it holds "
-            f"{', '.join(present) or 'no square_*um folders'}: set the sample sheet's bin_um to one of those"
+            f"{', '.join(present) or 'no square_*um folders'}: choose one of those (the sample sheet's bin_um "
+            "column for expreg.prepare, --bin_um for expreg.map)"
         )
     return folder
 
@@ -98,7 +110,8 @@ def pseudo_spots(section, um_per_px: float, patch_um: float, min_tissue: float =
     )
     bins = np.asarray(assign.sum(axis=1)).ravel().astype(np.int64)
     full = (patch_um / section.bin_um) ** 2
-    keep = np.flatnonzero(bins >= min_tissue * full)
+    # a cell fully over tissue holds (patch/bin)^2 bin centres give or take a row (rotation, aliasing)
+    keep = np.flatnonzero(bins >= min_tissue * min(full, (math.sqrt(full) - 1) ** 2))
     counts = sp.csr_matrix(assign[keep] @ section.counts.astype(np.float64))
     if np.issubdtype(section.counts.dtype, np.integer) or np.all(counts.data == np.round(counts.data)):
         counts = counts.astype(np.int64 if counts.nnz and counts.data.max() > 2**31 - 1 else np.int32)
@@ -112,7 +125,7 @@ def pseudo_spots(section, um_per_px: float, patch_um: float, min_tissue: float =
         "min_tissue": float(min_tissue),
         "bins_under_tissue": int(len(cell_of_bin)),
     }
-    dropped = dict(section.dropped)
+    dropped = {f"bins {reason}": n for reason, n in section.dropped.items()}  # bins, not pseudo-spots
     if len(cells) > len(keep):
         dropped["pseudo-spot with too little tissue"] = int(len(cells) - len(keep))
     section.barcodes = np.array([f"r{r}_c{c}" for r, c in zip(rows, cols)], dtype=object)
@@ -122,6 +135,13 @@ def pseudo_spots(section, um_per_px: float, patch_um: float, min_tissue: float =
     section.array_row, section.array_col = None, None  # the bins' lattice checked the scale already
     section.bins_per_spot = bins[keep]
     section.dropped = dropped
+    ratio = patch_um / section.bin_um
+    if abs(ratio - round(ratio)) > 1e-6:
+        section.warnings.append(
+            f"the {patch_um:g} um patch is not a whole number of {section.bin_um:g} um bins: pseudo-spots hold "
+            f"{int(math.floor(ratio)) ** 2}-{int(math.ceil(ratio)) ** 2} bins by grid aliasing alone (library sizes "
+            "vary with it); a patch of a multiple of the bin size avoids that"
+        )
     if not len(keep):
         raise IngestError(
             f"sample {section.sample_id}: no {patch_um:g} um pseudo-spot holds {min_tissue:g} of the {full:g} "

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from expreg.data.expression import transform_counts
+from expreg.data.counts import transform_counts
 from expreg.data.h5ad import H5adError, read_h5ad
 from expreg.ingest.errors import IngestError
 
@@ -75,14 +75,16 @@ def read_measured(
     spot_diameter_um: float | None = None,
     spot_pitch_um=None,
     patch_um: float | None = None,
+    hd: tuple = (None, 0.5),
 ) -> MeasuredSpots:
     """The measured spots of ``source`` for the slide ``slide_path`` of level-0 ``slide_size`` (module docstring);
-    a Visium HD sample's bins are summed into pseudo-spots of ``patch_um`` (the model's patch), as prepare does."""
+    a Visium HD sample's bins (``hd``: bin size, minimum share of a full cell) are summed into pseudo-spots of
+    ``patch_um`` (the model's patch), as prepare does."""
     source = Path(source)
     if (source / "prepare.json").is_file():
         spots = _from_prepared(source, slide_path, sample_id)
     else:
-        spots = _from_sample(source, sample_id, spot_diameter_um, spot_pitch_um, patch_um)
+        spots = _from_sample(source, sample_id, spot_diameter_um, spot_pitch_um, patch_um, hd)
     _check_size(spots, slide_path, tuple(slide_size))
     return spots
 
@@ -169,7 +171,7 @@ def _sample_genes(table, sample_id: str, folder: Path) -> tuple[set[str], list[s
     return set(table.var_names) - {str(g) for g in np.asarray(missing).ravel().tolist()}, []
 
 
-def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um, patch_um=None) -> MeasuredSpots:
+def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um, patch_um=None, hd=(None, 0.5)) -> MeasuredSpots:
     from expreg.ingest.geometry import check_image_size, resolve_scale
     from expreg.ingest.images import SlideError, image_size
     from expreg.ingest.readers import read_section
@@ -177,7 +179,7 @@ def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um, patch_u
 
     name = sample_id or (path.stem if path.suffix == ".h5ad" else path.name)
     try:
-        section = read_section(path, name)
+        section = read_section(path, name, bin_um=hd[0])
         spec = SampleSpec(name, name, path)
         scale = resolve_scale(spec, section, spot_diameter_um, spot_pitch_um)
         if section.layout == "visium_hd":
@@ -185,7 +187,7 @@ def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um, patch_u
 
             if patch_um is None:
                 raise IngestError(f"{path}: a Visium HD sample is summed into pseudo-spots of the model's patch_um")
-            section = pseudo_spots(section, scale.um_per_px, patch_um)
+            section = pseudo_spots(section, scale.um_per_px, patch_um, hd[1])
         size = tuple(image_size(section.image)) if section.image else None
         if size is not None:
             check_image_size(spec, section, size)  # as expreg.prepare: hires / scalef, HEST's fullres size

@@ -54,6 +54,8 @@ class MapOptions:
     measured: str | None = None
     sample_id: str | None = None
     spot_pitch_um: float | None = None
+    bin_um: float | None = None  # Visium HD --measured: the bin size read (None: 8)
+    hd_min_tissue: float = 0.5  # and the pseudo-spots kept
     spot_diameter_um: float | None = None
     target_transform: str | None = None
     mask: str | None = None
@@ -184,10 +186,13 @@ def check_options(options: MapOptions) -> None:
         "--stride_um": options.stride_um,
         "--spot_pitch_um": options.spot_pitch_um,
         "--spot_diameter_um": options.spot_diameter_um,
+        "--bin_um": options.bin_um,
     }
     for flag, value in positive.items():
         if value is not None and not (math.isfinite(value) and value > 0):
             raise MapError(f"{flag} must be a positive number, got {value}")
+    if not 0 < options.hd_min_tissue <= 1:
+        raise MapError(f"--hd_min_tissue must be in (0, 1], got {options.hd_min_tissue}")
     if not 0 <= options.min_tissue <= 1:
         raise MapError(f"--min_tissue must be in [0, 1], got {options.min_tissue}")
     if options.batch_size < 1 or options.num_workers < 0 or options.overview_genes < 1:
@@ -225,6 +230,7 @@ def _measured(options: MapOptions, slide: Slide, genes: list[str], patch_um: flo
             options.spot_diameter_um,
             options.spot_pitch_um,
             patch_um=patch_um,
+            hd=(options.bin_um, options.hd_min_tissue),
         )
     except MeasuredError as err:
         raise MapError(str(err)) from err
