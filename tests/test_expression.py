@@ -4,6 +4,7 @@ reference), and the recipe keys data.expression_file / data.genes in a run and i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -183,11 +184,16 @@ def test_a_run_chooses_genes_on_its_training_split_and_records_them(make_dataset
     assert "depth-adjusted mean Spearman (library size regressed out)" in card
 
 
-def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
+def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path, monkeypatch):
+    import expreg.data.h5ad
     from expreg.cv import main as cv_main
+    from expreg.data import expression
 
     csv, h5ad = _expression_set(make_dataset)
     out = tmp_path / "cv"
+    reads, read = [], expreg.data.h5ad.read_h5ad
+    monkeypatch.setattr(expreg.data.h5ad, "read_h5ad", lambda path, **kw: reads.append(path) or read(path, **kw))
+    expression._EXPRESSION_CACHE.clear()
     code = cv_main(
         [
             str(REPO / "recipes" / "tiny.yaml"),
@@ -204,6 +210,7 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
         ]
     )
     assert code == 0
+    assert len(reads) == 1  # the counts are read once for the check and the 5 folds' gene choices
     summary = json.loads((out / "cv_summary.json").read_text())
     lists = {k: (out / f"genes_fold{k}.txt").read_text().split() for k in range(5)}
     test_fold_of_p04 = next(f["fold"] for f in summary["methods"]["mean"]["folds"] if f["test_groups"] == ["P04"])
@@ -224,6 +231,23 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path):
     oracle = summary["methods"]["depth_oracle"]  # a row of its own: every gene predicted by the measured depth
     for fold, ridge_fold in zip(oracle["folds"], ridge["folds"]):
         assert fold["spearman_mean"] == pytest.approx(ridge_fold["depth_oracle_spearman_mean"], abs=1e-12)
+
+
+def test_the_expression_file_is_read_again_when_it_changes(make_dataset):
+    from expreg.data import expression
+
+    csv, h5ad = _expression_set(make_dataset)
+    metadata = read_metadata(csv, targets_required=False)
+    rows = np.ones(len(metadata.frame), bool)
+    first, _ = expression_targets(metadata, h5ad, rows, "var:3", min_detection=0.1, transform="log1p")
+    again, _ = expression_targets(metadata, h5ad, rows, "var:3", min_detection=0.1, transform="log1p")
+    cached = expression._EXPRESSION_CACHE["table"]
+    table = expression._read_expression(h5ad)
+    assert table is cached and np.array_equal(first.targets(), again.targets())
+    write_h5ad(h5ad, table.X * 2, table.obs, list(table.var_names))  # rewritten: a new size or time
+    os.utime(h5ad, ns=(1, 1))
+    assert expression._read_expression(h5ad) is not cached
+    np.testing.assert_allclose(expression._read_expression(h5ad).X.toarray(), cached.X.toarray() * 2)
 
 
 def _given(metadata, h5ad, gene_file):

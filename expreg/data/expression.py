@@ -324,9 +324,29 @@ def _eligibility_samples(samples, is_train: np.ndarray, allow_unmeasured: bool) 
     return sorted(set(samples[is_train] if allow_unmeasured else samples))
 
 
+def _read_expression(path):
+    """The expression file, read once per process while it is unchanged: ``expreg.cv`` chooses each fold's
+    genes and trains each fold in one process, and every one of them reads the same file (a 300,000-spot
+    cohort's counts are gigabytes). Keyed on the file's path, size and modification time; read-only."""
+    from pathlib import Path
+
+    stat = Path(path).stat() if Path(path).is_file() else None
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns) if stat else None
+    if key is None or _EXPRESSION_CACHE.get("key") != key:
+        from expreg.data.h5ad import read_h5ad
+
+        _EXPRESSION_CACHE.clear()  # one file at a time: never two cohorts in memory
+        table = read_h5ad(path)
+        _EXPRESSION_CACHE.update(key=key, table=table)
+        return table
+    return _EXPRESSION_CACHE["table"]
+
+
+_EXPRESSION_CACHE: dict = {}
+
+
 def _read_rows(metadata, expression_file):
     """``(the expression file, its counts in metadata row order, each row's sample or None, those rows)``."""
-    from expreg.data.h5ad import read_h5ad
     from expreg.data.metadata import MetadataError
 
     if metadata.target_columns:
@@ -334,7 +354,7 @@ def _read_rows(metadata, expression_file):
             f"{metadata.csv_path}: has target columns y0..; with data.expression_file the targets come from the "
             "raw counts: use a metadata CSV without y columns (expreg.prepare without --genes)"
         )
-    table = read_h5ad(expression_file)
+    table = _read_expression(expression_file)
     rows = _aligned_rows(metadata, table.obs, expression_file)
     samples = table.obs["sample_id"].astype(str).to_numpy()[rows] if "sample_id" in table.obs.columns else None
     return table, table.X[rows], samples, rows
