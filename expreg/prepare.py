@@ -55,6 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="Visium HD: a --patch_um pseudo-spot is kept when it holds at least this share of the bins of a full "
         "cell (default 0.5); the bin size read is the sheet's bin_um (default 8)",
     )
+    parser.add_argument(
+        "--num_workers",
+        type=int,
+        default=1,
+        help="processes cutting patches, one sample each at a time (default 1; the output is the same, byte "
+        "for byte); a cohort on N cores: N",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     return parser.parse_args(argv)
 
@@ -75,6 +82,7 @@ def main(argv=None) -> int:
         genes_file=args.genes,
         target_transform=args.target_transform,
         hd_min_tissue=args.hd_min_tissue,
+        num_workers=args.num_workers,
     )
     try:
         summary = prepare(args.samples, args.out_dir, options, overwrite=args.overwrite)

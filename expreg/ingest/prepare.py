@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +57,8 @@ class Options:
     image_format: str = "png"
     genes_file: str | None = None
     target_transform: str = "log1p_cpm"
-    hd_min_tissue: float = (
-        DEFAULT_MIN_TISSUE  # Visium HD: a pseudo-spot keeps at least this share of a full cell's bins
-    )
+    num_workers: int = 1  # processes cutting patches, one sample each at a time
+    hd_min_tissue: float = DEFAULT_MIN_TISSUE  # Visium HD: a pseudo-spot keeps this share of a full cell's bins
 
 
 @dataclass
@@ -98,8 +97,7 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
     remove_abandoned_tmp(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        for result in results:
-            _cut(result, options, tmp)
+        _cut_all(results, options, tmp)
         summary = _write_tables(results, union, genes, options, tmp)
         summary.update(_summary(samples_csv, results, options, time.perf_counter() - start))
         (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
@@ -129,6 +127,8 @@ def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
         raise IngestError(
             "--patch_um, --patch_px, --spot_pitch_um and --spot_diameter_um must be positive, finite numbers"
         )
+    if not (isinstance(options.num_workers, int) and options.num_workers >= 1):
+        raise IngestError(f"--num_workers {options.num_workers!r}: a whole number of processes, at least 1")
     if not 0 < options.hd_min_tissue <= 1:
         raise IngestError(f"--hd_min_tissue {options.hd_min_tissue:g}: a share of a full cell's bins, in (0, 1]")
     if out_dir.exists() and not overwrite:
@@ -188,7 +188,33 @@ def _safe_name(barcode: str) -> str:
     return _UNSAFE.sub("_", barcode)
 
 
-def _cut(result: SampleResult, options: Options, tmp: Path) -> None:
+def _cut_all(results: list[SampleResult], options: Options, tmp: Path) -> None:
+    """Every section's patches: in this process, or with ``options.num_workers`` processes, one section per
+    worker at a time (each sample cut whole by one worker: the same files, byte for byte)."""
+    workers = min(options.num_workers, len(results))
+    if workers <= 1:
+        for result in results:
+            _cut(result, options, tmp)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    light = [replace(r, section=replace(r.section, counts=None)) for r in results]  # no counts to the workers
+    context = multiprocessing.get_context("spawn")  # no forked threads or open files
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        jobs = pool.map(_cut_files, light, [options] * len(light), [tmp] * len(light))
+        for result, files in progress_bar(zip(results, jobs), total=len(results), desc="samples", unit="sample"):
+            result.files = files
+            logger.info(f"{result.spec.sample_id}: {len(files)} patches (one of {workers} workers)")
+
+
+def _cut_files(result: SampleResult, options: Options, tmp: Path) -> list[str]:
+    """``_cut`` in a worker process: the files it wrote, for the parent's copy of ``result``."""
+    _cut(result, options, tmp, progress=False)
+    return result.files
+
+
+def _cut(result: SampleResult, options: Options, tmp: Path, progress: bool = True) -> None:
     """Write the patches of one section (``patches/<sample_id>/<barcode>.<ext>``)."""
     spec, section = result.spec, result.section
     folder = tmp / "patches" / spec.sample_id
@@ -199,7 +225,8 @@ def _cut(result: SampleResult, options: Options, tmp: Path) -> None:
     ext = IMAGE_FORMATS[options.image_format]
     kwargs = {"quality": JPEG_QUALITY} if ext == ".jpg" else {}
     patches = zip(names, _patches(result, options))
-    for name, patch in progress_bar(patches, total=len(names), desc=f"patches {spec.sample_id}", unit="patch"):
+    bar = progress_bar(patches, enabled=progress, total=len(names), desc=f"patches {spec.sample_id}", unit="patch")
+    for name, patch in bar:
         relative = f"patches/{spec.sample_id}/{name}{ext}"
         patch.save(tmp / relative, **kwargs)
         result.files.append(relative)
