@@ -120,3 +120,30 @@ def test_embeddings_benchmark_runs_end_to_end_in_quick_mode():
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0
+
+
+def test_the_synthetic_cohort_is_seeded_and_prepare_reads_it_at_its_scale(tmp_path):
+    import numpy as np
+
+    from expreg.data.h5ad import read_h5ad
+    from expreg.ingest.prepare import Options, prepare
+
+    args = ["--sections", "2", "--spots", "150", "--genes", "600", "--um_per_px", "8", "--sections_per_patient", "1"]
+    for name in ("a", "b"):
+        command = [sys.executable, str(REPO / "benchmarks" / "make_cohort.py"), "--out", str(tmp_path / name), *args]
+        result = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.startswith("2 sections, ")
+    matrix = "S001/outs/filtered_feature_bc_matrix.h5"
+    assert (tmp_path / "a" / matrix).read_bytes() == (tmp_path / "b" / matrix).read_bytes()  # seeded
+    summary = prepare(tmp_path / "a" / "samples.csv", tmp_path / "p", Options(patch_um=112, patch_px=14))
+    for sample in summary["samples"]:
+        assert sample["um_per_px"] == pytest.approx(8.0, rel=1e-4) and "hexagonal Visium" in sample["um_per_px_source"]
+        assert not sample["warnings"] or all("repeated" in w for w in sample["warnings"])
+        assert 100 < sample["spots_kept"] < 220
+    table = read_h5ad(tmp_path / "p" / "expression.h5ad")
+    counts = table.X.toarray()
+    library = counts.sum(axis=1)
+    assert 500 < np.median(library) < 30_000 and (counts == 0).mean() > 0.25  # ~90 % zeros at 18,000 genes
+    assert any(len(v) for v in table.uns["genes_not_measured"].values())  # ~1 % of genes missing per section
+    assert any(name.endswith("-1") for name in table.var_names)  # a symbol naming two ids

@@ -116,6 +116,9 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None, var: 
     obs.index = pd.Index([str(i) for i in obs.index])
     columns = {} if var is None else {c: var[c].to_numpy() for c in var.columns}
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    quiet = logging.getLogger("anndata")  # "... storing 'sample_id' as categorical" for every string column
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".* names are not unique")  # the caller's names, as given
@@ -129,6 +132,7 @@ def write_h5ad(path, X, obs: pd.DataFrame, var_names, obsm=None, uns=None, var: 
             adata.write_h5ad(tmp)
         os.replace(tmp, path)
     finally:
+        quiet.setLevel(level)
         tmp.unlink(missing_ok=True)
 
 
