@@ -42,7 +42,8 @@ def test_dataset_dict_rows(dataset_csv, split_csv):
     assert row["sample_id"].endswith("_s1")  # extra columns kept
     assert dataset_gene_names(ds)[:2] == ["GENE00", "GENE01"]
     meta = pd.read_csv(dataset_csv).set_index("path")
-    np.testing.assert_allclose(row["labels"], meta.loc[row["path"], [f"y{i}" for i in range(50)]], rtol=1e-6)
+    expected = meta.loc[row["path"], [f"y{i}" for i in range(50)]].to_numpy(dtype=np.float64)  # pandas 2: object row
+    np.testing.assert_allclose(row["labels"], expected, rtol=1e-6)
 
 
 def test_without_split_file_a_group_split_is_made(dataset_csv):
