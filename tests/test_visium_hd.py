@@ -140,6 +140,7 @@ def test_parquet_positions_read_as_the_csv_of_older_space_rangers(tmp_path):
         read_section(folders["SR3"], "B")
 
 
+@pytest.mark.slow  # an end-to-end map (about 25 s): the slow tier
 def test_a_map_is_scored_against_the_hd_pseudo_spots_as_against_their_prepared_folder(tmp_path):
     from test_map import map_args, save_model
 
