@@ -129,10 +129,18 @@ def _from_prepared(folder: Path, slide_path, sample_id) -> MeasuredSpots:
             f"--measured {folder}: sample {sample['sample_id']} was prepared from HEST patches only, without a "
             "whole-slide image, so its spots cannot be placed on a slide; give its HEST-1k folder as --measured"
         )
-    try:
-        table = read_h5ad(folder / "expression.h5ad")
+    try:  # backed: only this sample's rows are read from disk (a cohort's counts can be gigabytes)
+        table = read_h5ad(folder / "expression.h5ad", backed=True)
     except H5adError as err:
         raise MeasuredError(str(err)) from err
+    try:
+        return _prepared_spots(table, folder, sample, um_per_px, image_size)
+    finally:
+        table.file.close()
+
+
+def _prepared_spots(table, folder: Path, sample: dict, um_per_px: float, image_size) -> MeasuredSpots:
+    """One sample's spots of a backed ``expression.h5ad`` (``_from_prepared``)."""
     missing = [c for c in ("sample_id", "barcode", "x_px", "y_px") if c not in table.obs.columns]
     if missing:
         raise MeasuredError(
@@ -149,7 +157,7 @@ def _from_prepared(folder: Path, slide_path, sample_id) -> MeasuredSpots:
         barcodes=obs["barcode"].astype(str).to_numpy(),
         x_px=obs["x_px"].to_numpy(dtype=np.float64),
         y_px=obs["y_px"].to_numpy(dtype=np.float64),
-        counts=table.X[rows][:, columns],
+        counts=sp.csr_matrix(table.X[rows])[:, columns],  # rows read from disk, ascending
         gene_names=[table.var_names[i] for i in columns],
         um_per_px=um_per_px,
         scale_source=f"{folder / 'prepare.json'} (sample {sample['sample_id']}: {sample.get('um_per_px_source')})",
