@@ -1,10 +1,11 @@
 """Scores that choose the target genes (``data.genes=hvg|var|mean|svg:K``), from sparse raw counts in blocks.
 
-Memory stays flat in the number of genes: the counts stay sparse (one CSC copy for column access),
-and the transformed values exist for one block of genes at a time, sized so that a block holds at
-most ``BLOCK_BYTES`` (spots x block float64), never a dense training spots x eligible genes copy.
-Every statistic is per gene, so a block gives exactly what the whole matrix would: the same values,
-rounded through float32 as the targets are, the same genes (tested against the dense computation).
+Memory stays flat in the number of genes, never a dense training spots x eligible genes copy:
+``hvg``, ``var`` and ``mean`` need per gene moments only, computed from the non-zeros in chunks of
+rows (``sparse_moments``: a zero count transforms to 0; each value rounded through float32 as the
+targets are); ``svg`` needs each section's values, transformed for one block of genes at a time
+(``BLOCK_BYTES`` of spots x block float64, from one CSC copy of the counts). Either way the scores
+equal the dense computation to rounding and choose the same genes (tested).
 
 - ``hvg``: scanpy's ``highly_variable_genes(flavor="seurat")``: per gene mean and variance of the
   linear values (``expm1`` of the log values), then dispersions normalised within bins of mean over
@@ -19,18 +20,22 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from expreg.data.counts import transform_counts
+from expreg.data.counts import CPM_TARGET_SUM, transform_counts
 
 HVG_BINS = 20  # scanpy's n_bins
 BLOCK_BYTES = 32 * 2**20  # one block of transformed values (spots x genes, float64); its temporaries are ~4x that
 
 
-def detection_rate(counts) -> np.ndarray:
-    """Fraction of spots (rows) in which each gene (column) has a non-zero count (sparse: no copy of the matrix)."""
+def detection_rate(counts, chunk_nnz: int = 1 << 22) -> np.ndarray:
+    """Fraction of spots (rows) in which each gene (column) has a non-zero count (sparse: ``chunk_nnz`` stored
+    entries at a time, never a copy of the matrix)."""
     n = max(counts.shape[0], 1)
     if sp.issparse(counts):
         csr = sp.csr_matrix(counts)
-        nonzero = np.bincount(csr.indices, weights=(csr.data != 0), minlength=csr.shape[1])
+        nonzero = np.zeros(csr.shape[1], dtype=np.int64)
+        for start in range(0, csr.nnz, chunk_nnz):
+            part = slice(start, start + chunk_nnz)
+            nonzero += np.bincount(csr.indices[part][csr.data[part] != 0], minlength=csr.shape[1])
         return nonzero.astype(np.float64) / n
     return (np.asarray(counts) != 0).sum(axis=0).astype(np.float64) / n
 
@@ -87,11 +92,65 @@ def rank_genes(values: np.ndarray, method: str, spots=None) -> np.ndarray:
 
 
 def gene_scores(counts, columns, transform: str, method: str, spots=None, block_bytes: int = BLOCK_BYTES):
-    """Scores of the count ``columns`` (transformed by ``transform``, library sizes over every gene), computed
-    ``block_bytes`` at a time; equal to ``rank_genes(transform_counts(counts, columns, transform), ...)``."""
+    """Scores of the count ``columns`` (transformed by ``transform``, library sizes over every gene); equal to
+    ``rank_genes(transform_counts(counts, columns, transform), ...)``. ``hvg``, ``var`` and ``mean`` work on
+    the non-zeros only (``sparse_moments``); ``svg`` on ``block_bytes`` of dense values at a time."""
+    columns = np.asarray(columns, dtype=np.int64)
+    if method in ("hvg", "var", "mean") and sp.issparse(counts):
+        mean, var = sparse_moments(sp.csr_matrix(counts), transform, linear=method == "hvg")
+        if method == "hvg":
+            return seurat_from_moments(mean[columns], var[columns])
+        return (var if method == "var" else mean)[columns]
+    return _dense_blocks(counts, columns, transform, method, spots, block_bytes)
+
+
+def sparse_moments(counts: sp.csr_matrix, transform: str, linear: bool = False, chunk_nnz: int = 1 << 22):
+    """Per gene mean and variance (ddof 1) of the transformed values (``linear``: of their ``expm1``, as
+    scanpy's Seurat flavour), from the non-zeros alone, ``chunk_nnz`` at a time (a zero count transforms to
+    0). Each value is the target's own: float64 arithmetic rounded to float32, as ``transform_counts``. Two
+    passes (the mean, then squared deviations) as the dense ``var``; the sums run in another order, so the
+    results agree with the dense ones to rounding (1e-12 relative)."""
+    n, genes = counts.shape
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
+    scale = np.ones(n)
+    if transform == "log1p_cpm":
+        scale = np.divide(CPM_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+
+    def values(rows: slice) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = counts.indptr[rows.start], counts.indptr[rows.stop]
+        row_of = np.repeat(np.arange(rows.start, rows.stop), np.diff(counts.indptr[rows.start : rows.stop + 1]))
+        x = counts.data[lo:hi].astype(np.float64)
+        if transform != "none":
+            x = np.log1p(x * scale[row_of])
+        x = x.astype(np.float32).astype(np.float64)
+        return counts.indices[lo:hi], (np.expm1(x) if linear else x)
+
+    chunks = _row_chunks(counts.indptr, chunk_nnz)
+    total, stored = np.zeros(genes), np.zeros(genes)  # stored: entries per gene (bincount of all would copy)
+    for rows in chunks:
+        index, x = values(rows)
+        total += np.bincount(index, weights=x, minlength=genes)
+        stored += np.bincount(index, minlength=genes)
+    mean = total / max(n, 1)
+    squares = (n - stored) * mean**2  # the zeros' deviations
+    for rows in chunks:
+        index, x = values(rows)
+        squares += np.bincount(index, weights=(x - mean[index]) ** 2, minlength=genes)
+    return mean, (squares / (n - 1) if n > 1 else np.zeros(genes))
+
+
+def _row_chunks(indptr: np.ndarray, chunk_nnz: int) -> list[slice]:
+    """Row ranges holding about ``chunk_nnz`` stored entries each."""
+    cuts = np.searchsorted(indptr, np.arange(0, indptr[-1], max(1, chunk_nnz)), side="right") - 1
+    starts = sorted(set(cuts.tolist()) | {0})
+    ends = starts[1:] + [len(indptr) - 1]
+    return [slice(a, b) for a, b in zip(starts, ends) if b > a]
+
+
+def _dense_blocks(counts, columns, transform: str, method: str, spots, block_bytes: int) -> np.ndarray:
+    """``gene_scores`` on dense transformed values, ``block_bytes`` of them at a time (``svg``; dense input)."""
     from expreg.data.spatial_genes import section_weights, spatial_scores
 
-    columns = np.asarray(columns, dtype=np.int64)
     counts = sp.csc_matrix(counts) if sp.issparse(counts) else np.asarray(counts)
     totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
     weights = section_weights(spots[0], spots[1]) if method == "svg" else None
