@@ -75,6 +75,7 @@ def test_the_head_trains_on_cached_embeddings_and_the_saved_model_is_complete(fr
     np.testing.assert_allclose(predicted[genes].to_numpy(), val[genes].to_numpy(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 20 s of stop and resume: the slow tier
 def test_stop_and_resume_equals_uninterrupted_and_reuses_the_stores(frozen_setup):
     root, settings, _ = frozen_setup
     out = root / "runs"
