@@ -376,7 +376,6 @@ def test_disk_full_is_a_clear_error_and_never_a_finished_run(data_csv, tmp_path)
     )  # a checkpoint folder is complete or absent, never half-written
 
 
-@pytest.mark.slow  # 25 s of kill and resume: the slow tier
 def test_early_stopping_decided_before_a_kill_holds_after_resume(data_csv, tmp_path):
     # test_vit with lr=1e-12 cannot improve after epoch 1: patience 2 stops after epoch 3
     common = (
