@@ -145,7 +145,7 @@ def _read_visium_hd(outs: Path, sample_id: str, bin_um: float | None) -> Section
     """The bins under tissue of one bin size, as a Space Ranger section on the bins' square grid."""
     folder = bin_folder(outs, bin_um, sample_id)
     section = _read_spaceranger(folder, sample_id, "visium_hd")
-    section.bin_um = check_bin_size(section, folder, float(folder.name[len("square_") : -len("um")]))
+    section.bin_um = check_bin_size(section, folder, bin_of(folder))
     section.lattice_kind, section.lattice_pitch_um = "bins", section.bin_um
     if section.image is None:  # the full-resolution image lives beside outs/, not beside binned_outputs/
         section.image, note = _image_beside(outs.parent)
