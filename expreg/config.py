@@ -47,6 +47,8 @@ class DataConfig:
     color_jitter: float = 0.0
     hed_jitter: float = 0.0
     bad_image_policy: str = "fail"
+    # a patch store (expreg.prepare --store shards): the metadata's images are read from its Parquet shards
+    patches: str | None = None
     image_cache: bool = False
     image_cache_dir: str | None = None
     # targets from raw counts (an expression.h5ad written by expreg.prepare), genes chosen on the training split

@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--metadata_csv", help="CSV with a path column (group_id and y0.. optional)")
     source.add_argument("--image_dir", help="folder of images (searched recursively)")
+    parser.add_argument(
+        "--patches", help="a patch store (expreg.prepare --store shards) holding the images of --metadata_csv"
+    )
     parser.add_argument("--out_csv", required=True, help="predictions to write: path, then one column per gene")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--num_workers", type=int, default=2)
@@ -65,7 +68,7 @@ def _inputs(args, genes: list[str]):
     if args.image_dir:
         files = list_images(args.image_dir)
         return files, files, (None, None)
-    metadata = read_metadata(args.metadata_csv, num_genes=None, for_prediction=True)
+    metadata = read_metadata(args.metadata_csv, num_genes=None, for_prediction=True, patches=args.patches)
     if metadata.target_columns and metadata.num_genes != len(genes):
         raise PredictError(
             f"{metadata.csv_path}: the CSV has K={metadata.num_genes} targets but the model predicts {len(genes)} genes"

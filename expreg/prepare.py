@@ -62,6 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="processes cutting patches, one sample each at a time (default 1; the output is the same, byte "
         "for byte); a cohort on N cores: N",
     )
+    parser.add_argument(
+        "--store",
+        choices=["files", "shards"],
+        default="files",
+        help="files: one image file per patch (default; small sets); shards: the patches inside Parquet shards "
+        "of ~256 MB with every metadata column (patches/data-*.parquet; a cohort: train with "
+        "data.patches=<out_dir>/patches)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     return parser.parse_args(argv)
 
@@ -83,6 +91,7 @@ def main(argv=None) -> int:
         target_transform=args.target_transform,
         hd_min_tissue=args.hd_min_tissue,
         num_workers=args.num_workers,
+        store=args.store,
     )
     try:
         summary = prepare(args.samples, args.out_dir, options, overwrite=args.overwrite)
@@ -96,6 +105,11 @@ def main(argv=None) -> int:
         dropped = ", ".join(f"{n} {reason}" for reason, n in s["spots_dropped"].items()) or "none"
         print(
             f"{s['sample_id']} ({s['layout']}): {s['spots_kept']} spots, {s['um_per_px']:.4g} um/px ({s['um_per_px_source']}); dropped: {dropped}"
+        )
+    if "store" in summary:
+        print(
+            f"patches in {len(summary['store']['shards'])} Parquet shard(s) ({summary['store']['bytes'] / 1e6:.0f} "
+            f"MB); train with data.patches={args.out_dir}/patches"
         )
     print(
         f"wrote {summary['spots']} patches, metadata.csv, expression.h5ad ({summary['genes_measured']} genes) and prepare.json to {args.out_dir}"

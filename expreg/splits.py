@@ -37,6 +37,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="exists",
         help="image check before splitting: none, exists (default) or decode (open every image)",
     )
+    parser.add_argument(
+        "--patches", help="a patch store (expreg.prepare --store shards) holding the images of --metadata_csv"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out_csv if it exists")
     return parser.parse_args(argv)
 
@@ -44,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        metadata = read_metadata(args.metadata_csv, check_images=args.check_images)
+        metadata = read_metadata(args.metadata_csv, check_images=args.check_images, patches=args.patches)
         if args.n_folds is not None:
             table, summary = make_fold_table(metadata, args.n_folds, args.seed)
         else:

@@ -53,6 +53,7 @@ def load_expression_dataset(
     seed: int = 42,
     val_frac: float = 0.2,
     check_images: str = "exists",
+    patches: str | os.PathLike | None = None,
 ):
     """Load a metadata CSV (and a split file) as a ``datasets.DatasetDict``.
 
@@ -69,11 +70,12 @@ def load_expression_dataset(
         seed: Seed of any split made here.
         val_frac: Validation fraction of any split made here.
         check_images: ``"exists"``, ``"decode"`` or ``"none"`` (see ``expreg.data.metadata``).
+        patches: A patch store holding the images (``expreg.prepare --store shards``: ``<out_dir>/patches``).
 
     Returns:
         ``DatasetDict`` with ``train``, ``validation`` and, where present, ``test``.
     """
-    metadata = read_metadata(metadata_csv, gene_names_file, num_genes, check_images)
+    metadata = read_metadata(metadata_csv, gene_names_file, num_genes, check_images, patches=patches)
     datasets_dict, _ = build_split_datasets(metadata, split_csv, fold=fold, seed=seed, val_frac=val_frac)
     return datasets_dict
 

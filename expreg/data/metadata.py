@@ -241,16 +241,24 @@ def _normalised_paths(csv_path: Path, paths: pd.Series) -> list[str]:
     ]
 
 
-def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists") -> None:
-    """Check that the images exist (``"exists"``) or also decode (``"decode"``)."""
+def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists", patches=None) -> None:
+    """Check that the images exist (``"exists"``) or also decode (``"decode"``), as files or in the patch
+    store ``patches`` (registered here, paths relative to the CSV's folder)."""
     if mode not in CHECK_IMAGES_MODES:
         raise ValueError(f"check_images must be one of {CHECK_IMAGES_MODES}, got {mode!r}")
+    _use_patches(csv_path, patches)
     if mode == "none":
         return
+    from expreg.data.patch_store import image_exists, store_beside
+
     paths = [resolve_image_path(csv_path, p) for p in frame["path"]]
-    missing = [i for i, p in enumerate(paths) if not os.path.isfile(p)]
+    missing = [i for i, p in enumerate(paths) if not image_exists(p)]
     if missing:
-        raise _fail(csv_path, "path", np.asarray(missing) + 2, f"image file not found (e.g. {paths[missing[0]]})")
+        store = store_beside(csv_path)
+        hint = f"; its patches are in the Parquet store {store}: set data.patches={store}" if store else ""
+        raise _fail(
+            csv_path, "path", np.asarray(missing) + 2, f"image file not found (e.g. {paths[missing[0]]}){hint}"
+        )
     if mode == "decode":
         bad, reasons = [], []
         for i, p in enumerate(_progress(paths, "checking images")):
@@ -264,14 +272,10 @@ def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists")
 
 def image_decode_error(path: str) -> str | None:
     """Return why ``path`` cannot be decoded as an image, or None when it decodes fully."""
-    from PIL import Image
+    from expreg.data.transforms import load_image
 
-    try:
-        with Image.open(path) as img:
-            img.load()
-    except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files
-        return f"{path}: {type(err).__name__}: {err}"
-    return None
+    image, reason = load_image(path)
+    return None if image is not None else f"{path}: {reason}"
 
 
 def _progress(items, desc: str):
@@ -300,6 +304,18 @@ def read_gene_names(path: str | os.PathLike, num_genes: int) -> list[str]:
     return names
 
 
+def _use_patches(csv_path: Path, patches) -> None:
+    """Register the patch store that holds the CSV's images (paths relative to the CSV's folder)."""
+    if patches is None:
+        return
+    from expreg.data.patch_store import PatchStoreError, use_store
+
+    try:
+        use_store(patches, csv_path.parent)
+    except PatchStoreError as err:
+        raise MetadataError(f"{csv_path}: {err}") from err
+
+
 def read_metadata(
     metadata_csv: str | os.PathLike,
     gene_names_file: str | os.PathLike | None = None,
@@ -307,6 +323,7 @@ def read_metadata(
     check_images: str = "exists",
     for_prediction: bool = False,
     targets_required: bool = True,
+    patches: str | os.PathLike | None = None,
 ) -> Metadata:
     """Read and validate a metadata CSV.
 
@@ -320,6 +337,7 @@ def read_metadata(
             targets are present they are checked as usual). Used by ``expreg.predict``.
         targets_required: False: a CSV without ``y`` columns is accepted (its targets come from an
             expression file, ``data.expression_file``).
+        patches: A patch store holding the images (``data.patches``, ``expreg.data.patch_store``).
 
     Returns:
         The validated table.
@@ -350,7 +368,7 @@ def read_metadata(
     _check_paths_and_groups(csv_path, frame, required)
     _check_targets(csv_path, frame, target_columns)
     _check_library_size(csv_path, frame)
-    check_image_files(csv_path, frame, check_images)
+    check_image_files(csv_path, frame, check_images, patches)
     if gene_names_file is None and (csv_path.parent / "genes.txt").is_file():
         gene_names_file = csv_path.parent / "genes.txt"
     if gene_names_file is not None and target_columns:

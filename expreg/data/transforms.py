@@ -169,15 +169,21 @@ def error_message(err: Exception) -> str:
 def load_image(item) -> tuple[object | None, str | None]:
     """Open and fully decode an image given as a path or a ``datasets.Image(decode=False)`` dict.
 
+    A path that a registered patch store holds (``expreg.data.patch_store.use_store``) is read from
+    the store.
+
     Returns:
         ``(image, None)``, or ``(None, reason)`` when it cannot be read.
     """
     from PIL import Image
 
+    from expreg.data.patch_store import read_bytes
+
     path = item["path"] if isinstance(item, dict) else item
     try:
-        if isinstance(item, dict) and item.get("bytes"):
-            image = Image.open(io.BytesIO(item["bytes"]))
+        data = (item.get("bytes") if isinstance(item, dict) else None) or read_bytes(path)
+        if data:  # the row's own bytes, or a patch store's (expreg.data.patch_store)
+            image = Image.open(io.BytesIO(data))
             image.load()
             return image, None
         with open(path, "rb") as fh:  # our handle, closed here; after load() the pixels need no file

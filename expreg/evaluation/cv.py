@@ -294,7 +294,12 @@ def _read_data(cfg, hest_task: str | None):
     cfg = replace(cfg, data=replace(cfg.data, metadata_csv=resolve_metadata_csv(cfg.data.metadata_csv)))
     d = cfg.data
     metadata = read_metadata(
-        d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images, targets_required=not d.expression_file
+        d.metadata_csv,
+        d.gene_names_file,
+        d.num_genes,
+        d.check_images,
+        targets_required=not d.expression_file,
+        patches=d.patches,
     )
     if d.expression_file:  # bad expression input fails here, before out_dir exists (the choice is discarded)
         from expreg.data import expression_targets

@@ -26,7 +26,7 @@ from expreg.config import TARGET_TRANSFORMS
 from expreg.data.counts import transform_counts
 from expreg.data.expression import read_gene_list
 from expreg.data.h5ad import write_h5ad
-from expreg.ingest import hest_patches
+from expreg.ingest import hest_patches, shards
 from expreg.ingest.errors import IngestError
 from expreg.ingest.gene_join import GeneUnion, join_genes
 from expreg.ingest.geometry import check_image_size, resolve_scale
@@ -59,6 +59,7 @@ class Options:
     target_transform: str = "log1p_cpm"
     num_workers: int = 1  # processes cutting patches, one sample each at a time
     hd_min_tissue: float = DEFAULT_MIN_TISSUE  # Visium HD: a pseudo-spot keeps this share of a full cell's bins
+    store: str = "files"  # files (patches/<sample>/<barcode>.png) or shards (Parquet, expreg.data.patch_store)
 
 
 @dataclass
@@ -98,7 +99,9 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         _cut_all(results, options, tmp)
-        summary = _write_tables(results, union, genes, options, tmp)
+        summary, frame = _write_tables(results, union, genes, options, tmp)
+        if options.store == "shards":
+            summary["store"] = shards.pack(tmp, frame, len(results))
         summary.update(_summary(samples_csv, results, options, time.perf_counter() - start))
         (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         _move_into_place(tmp, out_dir)
@@ -118,6 +121,8 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
+    if options.store not in ("files", "shards"):
+        raise IngestError(f"--store {options.store!r}: choose files or shards")
     if options.image_format not in IMAGE_FORMATS:
         raise IngestError(f"--image_format {options.image_format!r}: choose png or jpeg")
     if options.target_transform not in TARGET_TRANSFORMS:
@@ -193,8 +198,8 @@ def _cut_all(results: list[SampleResult], options: Options, tmp: Path) -> None:
     worker at a time (each sample cut whole by one worker: the same files, byte for byte)."""
     workers = min(options.num_workers, len(results))
     if workers <= 1:
-        for result in results:
-            _cut(result, options, tmp)
+        for index, result in enumerate(results):
+            _cut(result, options, tmp, index)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -202,34 +207,41 @@ def _cut_all(results: list[SampleResult], options: Options, tmp: Path) -> None:
     light = [replace(r, section=replace(r.section, counts=None)) for r in results]  # no counts to the workers
     context = multiprocessing.get_context("spawn")  # no forked threads or open files
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        jobs = pool.map(_cut_files, light, [options] * len(light), [tmp] * len(light))
+        jobs = pool.map(_cut_files, light, [options] * len(light), [tmp] * len(light), range(len(light)))
         for result, files in progress_bar(zip(results, jobs), total=len(results), desc="samples", unit="sample"):
             result.files = files
             logger.info(f"{result.spec.sample_id}: {len(files)} patches (one of {workers} workers)")
 
 
-def _cut_files(result: SampleResult, options: Options, tmp: Path) -> list[str]:
+def _cut_files(result: SampleResult, options: Options, tmp: Path, index: int) -> list[str]:
     """``_cut`` in a worker process: the files it wrote, for the parent's copy of ``result``."""
-    _cut(result, options, tmp, progress=False)
+    _cut(result, options, tmp, index, progress=False)
     return result.files
 
 
-def _cut(result: SampleResult, options: Options, tmp: Path, progress: bool = True) -> None:
-    """Write the patches of one section (``patches/<sample_id>/<barcode>.<ext>``)."""
+def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress: bool = True) -> None:
+    """Write the patches of one section (``patches/<sample_id>/<barcode>.<ext>``, or the sample's part of
+    the shards: ``expreg.ingest.shards``)."""
     spec, section = result.spec, result.section
-    folder = tmp / "patches" / spec.sample_id
-    folder.mkdir(parents=True, exist_ok=True)
     names = [_safe_name(str(b)) for b in section.barcodes[result.keep]]
     if len(set(names)) != len(names):
         raise IngestError(f"sample {spec.sample_id}: barcodes collide once made file-name safe ({names[:3]} ...)")
     ext = IMAGE_FORMATS[options.image_format]
     kwargs = {"quality": JPEG_QUALITY} if ext == ".jpg" else {}
+    part = shards.PartWriter(shards.part_path(tmp, index), ext, kwargs) if options.store == "shards" else None
+    if part is None:
+        (tmp / "patches" / spec.sample_id).mkdir(parents=True, exist_ok=True)
     patches = zip(names, _patches(result, options))
     bar = progress_bar(patches, enabled=progress, total=len(names), desc=f"patches {spec.sample_id}", unit="patch")
     for name, patch in bar:
         relative = f"patches/{spec.sample_id}/{name}{ext}"
-        patch.save(tmp / relative, **kwargs)
+        if part is None:
+            patch.save(tmp / relative, **kwargs)
+        else:
+            part.add(relative, patch)
         result.files.append(relative)
+    if part is not None:
+        part.close()
     logger.info(
         f"{spec.sample_id}: {len(result.files)} patches ({result.scale.um_per_px:.4g} um/px, {result.scale.source})"
     )
@@ -317,7 +329,8 @@ def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
 
 
 def _write_tables(results, union: GeneUnion, genes, options: Options, tmp: Path) -> dict:
-    """``metadata.csv`` (+ targets and ``genes.txt``) and ``expression.h5ad``; returns their summary."""
+    """``metadata.csv`` (+ targets and ``genes.txt``) and ``expression.h5ad``; returns their summary and the
+    metadata table."""
     frame = _metadata_frame(results)
     counts = _union_counts(results, union)
     if genes is not None:
@@ -352,7 +365,7 @@ def _write_tables(results, union: GeneUnion, genes, options: Options, tmp: Path)
         "genes_joined_by": union.how,
         "gene_join_notes": union.notes,
         "target_genes": len(genes) if genes else None,
-    }
+    }, frame
 
 
 def _targets(results, union: GeneUnion, genes: list[str], kind: str) -> np.ndarray:

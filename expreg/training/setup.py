@@ -67,9 +67,16 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
     with accelerator.main_process_first():
         d.metadata_csv = resolve_metadata_csv(d.metadata_csv)
         metadata = read_metadata(
-            d.metadata_csv, d.gene_names_file, d.num_genes, d.check_images, targets_required=not d.expression_file
+            d.metadata_csv,
+            d.gene_names_file,
+            d.num_genes,
+            d.check_images,
+            targets_required=not d.expression_file,
+            patches=d.patches,
         )
     d.metadata_csv = str(metadata.csv_path)
+    if d.patches is not None:
+        d.patches = str(Path(d.patches).resolve())
     if d.split_csv is not None:
         d.split_csv = str(Path(d.split_csv).resolve())
     # the same on every process: a function of the CSV content and the seed

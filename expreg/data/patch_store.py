@@ -1,0 +1,215 @@
+"""Patches inside Parquet shards: ``expreg.prepare --store shards`` writes them, training reads them.
+
+A store is a folder of ``data-NNNNN-of-MMMMM.parquet`` files (a few hundred MB each). Each row is one
+patch: ``image`` (the encoded PNG or JPEG bytes and the patch's ``path``: HuggingFace's ``Image``
+feature) with every column of ``metadata.csv`` beside it, rows in ``metadata.csv`` order. In a
+notebook::
+
+    from datasets import load_dataset
+    ds = load_dataset("parquet", data_files="data/cohort/patches/*.parquet", split="train")
+    ds[0]["image"]  # a PIL image
+
+and ``ds.push_to_hub(...)`` publishes it as a dataset.
+
+Training never unpacks it. The recipe key ``data.patches`` (``expreg.predict --patches``) names the
+store, ``use_store`` registers it, and from then on ``expreg.data.transforms.load_image`` reads any
+image path the store holds (the metadata's ``path``, resolved from the metadata CSV's folder as
+always) from the store instead of the file system: the splits, the image cache, the embedding store
+and every prediction file see the same paths as with image files. For random access the shards are
+converted once to Arrow by ``datasets`` (in its cache, as ``load_dataset`` does: a second run
+converts nothing) and memory-mapped, so DataLoader workers share the pages.
+
+Owns the store's layout (``write_shards``, ``shard_writer``) and its reading (``PatchStore``,
+``use_store``, ``read_bytes``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+SHARD_BYTES = 256 * 2**20  # a shard is closed once its images pass this size
+ROW_GROUP_ROWS = 100  # rows per Parquet row group (as datasets' push_to_hub writes image data)
+SHARD_GLOB = "data-*.parquet"
+
+
+class PatchStoreError(ValueError):
+    """A patch store that cannot be read, or a path it does not hold."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_schema(columns):
+    """The shards' Arrow schema: ``image`` as ``datasets.Image`` then the metadata's columns.
+
+    ``columns`` is a ``pyarrow.Schema`` of the metadata columns; the schema carries datasets'
+    feature metadata, so ``load_dataset("parquet")`` decodes ``image`` as a picture.
+    """
+    import datasets
+    import pyarrow as pa
+
+    features = datasets.Features.from_arrow_schema(pa.schema(list(columns)))
+    return datasets.Features({"image": datasets.Image(), **features}).arrow_schema
+
+
+class ShardWriter:
+    """Rows (a metadata table slice + the images' bytes) in, ``data-*.parquet`` shards out, in order."""
+
+    def __init__(self, folder: Path, schema, shard_bytes: int = SHARD_BYTES) -> None:
+        self.folder, self.schema, self.shard_bytes = Path(folder), schema, shard_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.parts: list[Path] = []
+        self._writer = None
+        self._size = 0
+
+    def write(self, table, images) -> None:
+        """Append ``table``'s rows (metadata columns) with their encoded images (a binary Arrow array, same order)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        paths = table.column("path").cast(pa.string()).combine_chunks()
+        image = pa.StructArray.from_arrays([images, paths], names=["bytes", "path"])
+        rows = pa.Table.from_arrays([image, *table.columns], names=["image", *table.column_names]).cast(self.schema)
+        for start in range(0, rows.num_rows, ROW_GROUP_ROWS):
+            if self._writer is None:
+                self._open()
+            self._writer.write_table(rows.slice(start, ROW_GROUP_ROWS), row_group_size=ROW_GROUP_ROWS)
+            self._size += pc.sum(pc.binary_length(images.slice(start, ROW_GROUP_ROWS))).as_py()
+            if self._size >= self.shard_bytes:
+                self._close()
+
+    def _open(self) -> None:
+        import pyarrow.parquet as pq
+
+        self.parts.append(self.folder / f".part-{len(self.parts):05d}.parquet")
+        self._writer = pq.ParquetWriter(str(self.parts[-1]), self.schema)
+        self._size = 0
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def finish(self) -> list[Path]:
+        """Close the last shard and give every shard its final name ``data-NNNNN-of-MMMMM.parquet``."""
+        self._close()
+        total = len(self.parts)
+        final = [self.folder / f"data-{i:05d}-of-{total:05d}.parquet" for i in range(total)]
+        for part, name in zip(self.parts, final):
+            part.rename(name)
+        return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_files(folder) -> list[Path]:
+    """The store's shards, in order; an error naming the folder when it holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PatchStoreError(
+            f"data.patches {folder}: no such folder (a patch store written by expreg.prepare --store shards)"
+        )
+    files = sorted(folder.glob(SHARD_GLOB))
+    if not files:
+        raise PatchStoreError(f"data.patches {folder}: no {SHARD_GLOB} shards in it (expreg.prepare --store shards)")
+    return files
+
+
+class PatchStore:
+    """Random access to a store's images by path (Arrow, memory-mapped; see the module docstring).
+
+    Args:
+        folder: The store (a folder of ``data-*.parquet`` shards).
+        root: The folder its ``path`` values are relative to: the metadata CSV's folder.
+    """
+
+    def __init__(self, folder, root) -> None:
+        self.folder, self.root = Path(folder).resolve(), Path(root).resolve()
+        table = _arrow_table(shard_files(self.folder))
+        root = str(self.root)  # paths resolve from the CSV's folder, as expreg.data.metadata resolves the CSV's
+        self.index: dict[str, int] = {}
+        for row, path in enumerate(table.column("path").to_pylist()):
+            key = os.path.normpath(os.path.join(root, path))
+            if self.index.setdefault(key, row) != row:
+                raise PatchStoreError(f"data.patches {self.folder}: the path {path!r} appears twice")
+        images = table.column("image")
+        self._chunks = [chunk.field("bytes") for chunk in images.chunks]
+        self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.index
+
+    def read(self, path: str) -> bytes:
+        """The encoded image stored for ``path`` (an absolute path, as the metadata resolves it)."""
+        row = self.index[path]
+        chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self._chunks[chunk][row - self._starts[chunk]].as_py()
+
+    def __reduce__(self):  # a spawned worker re-opens the store (from datasets' cache: no conversion)
+        return (PatchStore, (self.folder, self.root))
+
+
+def _arrow_table(files: list[Path]):
+    """The shards' ``path`` and ``image`` columns as one memory-mapped Arrow table (converted once)."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" is not our user's business
+    verbosity = ds_logging.get_verbosity()
+    ds_logging.set_verbosity_error()
+    try:
+        ds = datasets.Dataset.from_parquet([str(f) for f in files], columns=["path", "image"])
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if was_enabled:
+            datasets.enable_progress_bars()
+    return ds.data.table
+
+
+_STORES: list[PatchStore] = []
+
+
+def use_store(folder, root) -> PatchStore:
+    """Register the store at ``folder`` (paths relative to ``root``): ``read_bytes`` serves its images."""
+    folder, root = Path(folder).resolve(), Path(root).resolve()
+    for store in _STORES:
+        if store.folder == folder and store.root == root:
+            return store
+    store = PatchStore(folder, root)
+    _STORES.append(store)
+    return store
+
+
+def read_bytes(path: str) -> bytes | None:
+    """The encoded image a registered store holds for ``path``, or None (then it is a file)."""
+    for store in _STORES:
+        if path in store:
+            return store.read(path)
+    return None
+
+
+def is_stored(path: str) -> bool:
+    return any(path in store for store in _STORES)
+
+
+def image_exists(path: str) -> bool:
+    """``path`` is an image file or a registered store holds it."""
+    return is_stored(path) or os.path.isfile(path)
+
+
+def store_beside(csv_path) -> Path | None:
+    """A store written by ``expreg.prepare --store shards`` beside a metadata CSV (for error messages)."""
+    folder = Path(csv_path).resolve().parent / "patches"
+    return folder if folder.is_dir() and any(folder.glob(SHARD_GLOB)) else None
