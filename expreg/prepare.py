@@ -3,7 +3,9 @@
 
 Command: Space Ranger / HEST-1k / AnnData sections with full-resolution H&E images -> patches at a
 stated physical size, ``metadata.csv``, ``expression.h5ad`` (raw counts) and ``prepare.json``
-(machinery: ``expreg.ingest``). Also installed as ``expreg-prepare``. Exit codes: 0 done; 2 bad
+(machinery: ``expreg.ingest``). Also installed as ``expreg-prepare``. Under ``accelerate launch`` (one
+or several machines sharing the output's file system) each process cuts a share of the samples and
+the main one writes the tables: the same output as one process. Exit codes: 0 done; 2 bad
 input (named: file, row, column or item; nothing is written); 1 another failure (nothing is left
 half-written).
 """
@@ -74,6 +76,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _processes():
+    """Under ``accelerate launch`` (several processes, on one or several machines sharing the output's file
+    system): this process's place among them; else None (this process alone)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    from expreg.ingest.prepare import Processes
+
+    state = PartialState(cpu=True)  # cutting patches is CPU work: gloo barriers, on GPU machines too
+    if state.num_processes != int(os.environ["WORLD_SIZE"]):
+        raise SystemExit(f"expreg-prepare: error: {os.environ['WORLD_SIZE']} processes launched, not connected")
+
+    def agree(value):
+        box = [value]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    return Processes(state.process_index, state.num_processes, state.wait_for_everyone, agree)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
@@ -93,14 +119,19 @@ def main(argv=None) -> int:
         num_workers=args.num_workers,
         store=args.store,
     )
+    processes = _processes()
+    if processes is not None and not processes.main:
+        logging.getLogger().setLevel(logging.ERROR)  # the main process reports; the others only their errors
     try:
-        summary = prepare(args.samples, args.out_dir, options, overwrite=args.overwrite)
+        summary = prepare(args.samples, args.out_dir, options, overwrite=args.overwrite, processes=processes)
     except (IngestError, SlideError) as err:
         print(f"expreg-prepare: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"expreg-prepare: error: {err}; nothing was written to {args.out_dir}", file=sys.stderr)
         return 1
+    if summary is None:  # not the main process of an accelerate launch: the main one reports
+        return 0
     for s in summary["samples"]:
         dropped = ", ".join(f"{n} {reason}" for reason, n in s["spots_dropped"].items()) or "none"
         print(

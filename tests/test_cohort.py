@@ -179,3 +179,20 @@ def test_training_cv_and_predict_from_shards_give_the_numbers_of_files(cohort, t
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         predictions.append(pd.read_csv(tmp_path / f"{name}.csv"))
     pd.testing.assert_frame_equal(predictions[0], predictions[1])
+
+
+@pytest.mark.slow  # two processes under accelerate launch: about 20 s
+def test_prepare_under_accelerate_launch_shares_the_samples_and_writes_what_one_process_writes(cohort, tmp_path):
+    reference = cohort["shards", 1]
+    raw = reference.parent / "raw" / "samples.csv"
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
+    cmd += ["-m", "expreg.prepare", "--samples", str(raw), "--out_dir", str(tmp_path / "out"), "--store", "shards"]
+    cmd += ["--patch_px", "16"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [line.startswith("wrote ") for line in result.stdout.splitlines()].count(True) == 1  # the main one reports
+    for name in ("metadata.csv", *(f.relative_to(reference) for f in (reference / "patches").glob("*.parquet"))):
+        assert (tmp_path / "out" / name).read_bytes() == (reference / name).read_bytes(), name
+    a, b = read_h5ad(tmp_path / "out" / "expression.h5ad"), read_h5ad(reference / "expression.h5ad")
+    assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
+    assert not list(tmp_path.glob(".out.*"))  # no temporary folder left

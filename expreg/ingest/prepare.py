@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -77,9 +78,27 @@ class SampleResult:
     h5_rows: np.ndarray | None = None  # HEST patches only: each kept spot's row in patches/<id>.h5
 
 
-def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: bool = False) -> dict:
-    """Run the whole preparation (see the module docstring); returns the content of ``prepare.json``."""
+@dataclass
+class Processes:
+    """The processes sharing one preparation (``accelerate launch``, on one or several machines sharing a
+    file system): each cuts a share of the samples, the main one (index 0) writes the tables. The
+    command fills it from accelerate (``expreg.prepare``); the default is this process alone."""
+
+    index: int = 0
+    count: int = 1
+    wait: Callable[[], None] = lambda: None  # a barrier
+    agree: Callable[[object], object] = lambda value: value  # the main process's value, on every process
+
+    @property
+    def main(self) -> bool:
+        return self.index == 0
+
+
+def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: bool = False, processes=None):
+    """Run the whole preparation (see the module docstring); returns the content of ``prepare.json`` (None
+    on the processes other than the main one of ``processes``)."""
     options = options or Options()
+    processes = processes or Processes()
     out_dir = Path(out_dir).resolve()
     _check_options(options, out_dir, overwrite)
     start = time.perf_counter()
@@ -94,20 +113,31 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
         logger.warning(f"genes: {note}")
     if genes is not None:
         _check_genes(genes, union, sections, options.genes_file)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    remove_abandoned_tmp(out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        _cut_all(results, options, tmp)
-        summary, frame = _write_tables(results, union, genes, options, tmp)
-        if options.store == "shards":
-            summary["store"] = shards.pack(tmp, frame, len(results))
-        summary.update(_summary(samples_csv, results, options, time.perf_counter() - start))
-        (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        _move_into_place(tmp, out_dir)
-    except BaseException:
+    tmp = Path(processes.agree(out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"))
+    if processes.main:
+        remove_abandoned_tmp(out_dir)
         shutil.rmtree(tmp, ignore_errors=True)
+    processes.wait()
+    try:
+        _cut_all(results, options, tmp, processes)
+        processes.wait()  # every share cut
+        summary = _finish(samples_csv, results, union, genes, options, tmp, out_dir, start) if processes.main else None
+    except BaseException:
+        if processes.main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    processes.wait()  # the output is in place for everyone
+    return summary
+
+
+def _finish(samples_csv, results, union, genes, options: Options, tmp: Path, out_dir: Path, start: float) -> dict:
+    """The tables (and the shards) into ``tmp``, then ``tmp`` into place; returns ``prepare.json``'s content."""
+    summary, frame = _write_tables(results, union, genes, options, tmp)
+    if options.store == "shards":
+        summary["store"] = shards.pack(tmp, frame, len(results))
+    summary.update(_summary(samples_csv, results, options, time.perf_counter() - start))
+    (tmp / "prepare.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    _move_into_place(tmp, out_dir)
     return summary
 
 
@@ -193,53 +223,68 @@ def _safe_name(barcode: str) -> str:
     return _UNSAFE.sub("_", barcode)
 
 
-def _cut_all(results: list[SampleResult], options: Options, tmp: Path) -> None:
-    """Every section's patches: in this process, or with ``options.num_workers`` processes, one section per
-    worker at a time (each sample cut whole by one worker: the same files, byte for byte)."""
-    workers = min(options.num_workers, len(results))
+def _cut_all(results: list[SampleResult], options: Options, tmp: Path, processes: Processes) -> None:
+    """This process's share of the sections' patches (``share``): cut here, or with ``options.num_workers``
+    worker processes, one section per worker at a time (each sample cut whole by one worker: the same
+    files, byte for byte). Every result gets its patch paths, whoever cut it."""
+    for result in results:
+        result.files = _patch_files(result, options)
+    mine = share(results, processes)
+    workers = min(options.num_workers, len(mine))
     if workers <= 1:
-        for index, result in enumerate(results):
-            _cut(result, options, tmp, index)
+        for index in mine:
+            _cut(results[index], options, tmp, index)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    light = [replace(r, section=replace(r.section, counts=None)) for r in results]  # no counts to the workers
+    light = [replace(results[i], section=replace(results[i].section, counts=None)) for i in mine]  # no counts
     context = multiprocessing.get_context("spawn")  # no forked threads or open files
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        jobs = pool.map(_cut_files, light, [options] * len(light), [tmp] * len(light), range(len(light)))
-        for result, files in progress_bar(zip(results, jobs), total=len(results), desc="samples", unit="sample"):
-            result.files = files
-            logger.info(f"{result.spec.sample_id}: {len(files)} patches (one of {workers} workers)")
+        jobs = pool.map(_cut, light, [options] * len(light), [tmp] * len(light), mine, [False] * len(light))
+        for index, _ in progress_bar(zip(mine, jobs), total=len(mine), desc="samples", unit="sample"):
+            logger.info(
+                f"{results[index].spec.sample_id}: {len(results[index].files)} patches (one of {workers} workers)"
+            )
 
 
-def _cut_files(result: SampleResult, options: Options, tmp: Path, index: int) -> list[str]:
-    """``_cut`` in a worker process: the files it wrote, for the parent's copy of ``result``."""
-    _cut(result, options, tmp, index, progress=False)
-    return result.files
+def share(results: list[SampleResult], processes: Processes) -> list[int]:
+    """The sample indices ``processes.index`` cuts: the largest sample first to the least-loaded process."""
+    if processes.count == 1:
+        return list(range(len(results)))
+    load, owner = [0] * processes.count, {}
+    for i in sorted(range(len(results)), key=lambda i: (-len(results[i].keep), i)):
+        owner[i] = load.index(min(load))
+        load[owner[i]] += len(results[i].keep)
+    return [i for i in range(len(results)) if owner[i] == processes.index]
+
+
+def _patch_files(result: SampleResult, options: Options) -> list[str]:
+    """The patches' paths in the output (``patches/<sample_id>/<barcode>.<ext>``), in row order."""
+    spec = result.spec
+    names = [_safe_name(str(b)) for b in result.section.barcodes[result.keep]]
+    if len(set(names)) != len(names):
+        raise IngestError(f"sample {spec.sample_id}: barcodes collide once made file-name safe ({names[:3]} ...)")
+    return [f"patches/{spec.sample_id}/{name}{IMAGE_FORMATS[options.image_format]}" for name in names]
 
 
 def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress: bool = True) -> None:
-    """Write the patches of one section (``patches/<sample_id>/<barcode>.<ext>``, or the sample's part of
-    the shards: ``expreg.ingest.shards``)."""
-    spec, section = result.spec, result.section
-    names = [_safe_name(str(b)) for b in section.barcodes[result.keep]]
-    if len(set(names)) != len(names):
-        raise IngestError(f"sample {spec.sample_id}: barcodes collide once made file-name safe ({names[:3]} ...)")
+    """Write the patches of one section (its ``files``, or its part of the shards: ``expreg.ingest.shards``)."""
+    spec = result.spec
     ext = IMAGE_FORMATS[options.image_format]
     kwargs = {"quality": JPEG_QUALITY} if ext == ".jpg" else {}
     part = shards.PartWriter(shards.part_path(tmp, index), ext, kwargs) if options.store == "shards" else None
     if part is None:
         (tmp / "patches" / spec.sample_id).mkdir(parents=True, exist_ok=True)
-    patches = zip(names, _patches(result, options))
-    bar = progress_bar(patches, enabled=progress, total=len(names), desc=f"patches {spec.sample_id}", unit="patch")
-    for name, patch in bar:
-        relative = f"patches/{spec.sample_id}/{name}{ext}"
+    patches = zip(result.files, _patches(result, options))
+    bar = progress_bar(
+        patches, enabled=progress, total=len(result.files), desc=f"patches {spec.sample_id}", unit="patch"
+    )
+    for relative, patch in bar:
         if part is None:
             patch.save(tmp / relative, **kwargs)
         else:
             part.add(relative, patch)
-        result.files.append(relative)
     if part is not None:
         part.close()
     logger.info(
