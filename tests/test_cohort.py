@@ -119,6 +119,17 @@ def test_a_dataset_from_shards_gives_the_pixels_of_the_files(cohort):
     frame.to_csv(shards / "with_targets.csv", index=False)
     ds = load_expression_dataset(shards / "with_targets.csv", shards.parent / "split.csv", patches=shards / "patches")
     assert set(ds) == {"train", "validation"} and image_files(ds["validation"])[0] in paths
+    # the decoded-image cache knows a stored image by its store's shards and row: a rewritten store is a new cache
+    from expreg.data.image_cache import fingerprint
+    from expreg.data.patch_store import PatchStore, stamp, use_store
+
+    registered = use_store(shards / "patches", shards)
+    assert stamp(paths[5]) == f"{registered.signature}:{registered.index[paths[5]]}" and stamp(str(files)) is None
+    before = fingerprint(paths[:3], 16)
+    shard = next((shards / "patches").glob("*.parquet"))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    assert PatchStore(shards / "patches", shards).signature != registered.signature
+    assert fingerprint(paths[:3], 16) == before  # the registered store, as this process opened it
 
 
 def _train(out: Path, name: str, prepared: Path, *extra: str) -> dict:

@@ -53,11 +53,18 @@ class ImageCacheError(OSError):
 
 def fingerprint(paths: list[str], image_size: int) -> str:
     """A digest of the image size, the Pillow version (its decoders and resize make the pixels) and
-    each image's path, size and modification time, in the order given."""
+    each image's path, size and modification time (a patch store's image: its shards' and its row), in
+    the order given."""
     import PIL
 
     digest = hashlib.sha256(f"expreg-image-cache v{FORMAT_VERSION} {image_size} Pillow {PIL.__version__}\n".encode())
+    from expreg.data.patch_store import stamp
+
     for path in paths:
+        stored = stamp(path)
+        if stored is not None:  # an image of a patch store (data.patches): its shards and row
+            digest.update(f"{path}\0store {stored}\n".encode())
+            continue
         try:
             st = os.stat(path)
             digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())

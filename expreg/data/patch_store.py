@@ -133,7 +133,10 @@ class PatchStore:
 
     def __init__(self, folder, root) -> None:
         self.folder, self.root = Path(folder).resolve(), Path(root).resolve()
-        table = _arrow_table(shard_files(self.folder))
+        files = shard_files(self.folder)
+        # what the image cache's fingerprint records for a stored image (the shards' names, sizes, times)
+        self.signature = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+        table = _arrow_table(files)
         root = str(self.root)  # paths resolve from the CSV's folder, as expreg.data.metadata resolves the CSV's
         self.index: dict[str, int] = {}
         for row, path in enumerate(table.column("path").to_pylist()):
@@ -197,6 +200,14 @@ def read_bytes(path: str) -> bytes | None:
     for store in _STORES:
         if path in store:
             return store.read(path)
+    return None
+
+
+def stamp(path: str) -> str | None:
+    """What identifies a stored image's bytes (its store's shards and its row), or None for a file."""
+    for store in _STORES:
+        if path in store:
+            return f"{store.signature}:{store.index[path]}"
     return None
 
 

@@ -1,0 +1,361 @@
+"""A cohort on one machine: what each stage costs, and whether it scales (issue 24's figures, one script).
+
+    python benchmarks/bench_cohort.py                      # about 25 min on 2 cores (the RESULTS.md run)
+    python benchmarks/bench_cohort.py --quick              # a minute: checks the script end to end
+
+On a synthetic Visium cohort (``benchmarks/make_cohort.py``: ``--sections`` sections of ``--spots``
+spots, 18,000 genes, 1 µm/px tiled JPEG images, cached in ``--work_dir``):
+
+1. ``expreg.prepare``: 1 worker vs 2 workers (image files), 2 workers into Parquet shards; wall time,
+   the peak RSS of the largest process of the command (a worker or the main one), disk size, files.
+2. Training throughput (images/s, one process, ``--backbone`` at ``--image_size`` px, batches of 32,
+   AdamW steps, DataLoader in the main process): expreg's loaders from the files, from the shards and
+   from the shards through the decoded-image cache (``data.image_cache=true``) vs a bare loop over the
+   same images decoded beforehand into one tensor; sides alternated.
+3. Gene choice (``hvg:50``) on ``--gene_spots`` spots x 18,000 genes (``bench_gene_choice.py``).
+4. Peak RSS of ``run_regression.py`` and ``expreg.cv`` at ``--rows`` (40,000 and 400,000) rows: a
+   store of that many 16-px patches (unique paths, a pool of encoded images), K=50 targets in the
+   CSV, ``test_resnet``, one epoch; ``expreg.cv`` with 2 folds, ``finetune,mean``.
+5. One whole-slide map of a cohort section (``expreg.map``, the model of 2), and the time of each stage
+   for a 100-section / 300,000-spot cohort, from the rates measured here (the extrapolation is stated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import REPO, alternate, environment, median
+
+GENES = 50
+FULL_SECTIONS, FULL_SPOTS = 100, 300_000  # the cohort the stage times are stated for
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work_dir", default=None, help="default: $EXPREG_CACHE/bench or ~/.cache/expreg/bench")
+    parser.add_argument("--sections", type=int, default=4, help="sections prepared (1 and 2 workers)")
+    parser.add_argument("--spots", type=int, default=3000)
+    parser.add_argument("--um_per_px", type=float, default=1.0)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--image_size", type=int, default=112)
+    parser.add_argument("--batches", type=int, default=12, help="training batches per timed side")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gene_spots", type=int, default=300_000)
+    parser.add_argument("--rows", default="40000,400000", help="rows of the peak-RSS runs")
+    parser.add_argument("--quick", action="store_true", help="small everything: checks the script")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sections, args.spots, args.um_per_px, args.backbone = 2, 150, 4.0, "test_resnet"
+        args.batches, args.repeats, args.gene_spots, args.rows = 2, 1, 3000, "2000,4000"
+    return args
+
+
+def work_dir(path: str | None) -> Path:
+    root = Path(path or os.environ.get("EXPREG_CACHE") or Path.home() / ".cache" / "expreg") / "bench"
+    root.mkdir(parents=True, exist_ok=True)
+    return root if path is None else Path(path)
+
+
+def run_measured(cmd: list[str], **kwargs) -> tuple[float, float, str]:
+    """``cmd`` in a small parent process: (seconds, peak RSS in GB of its largest process, stdout)."""
+    probe = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(r.stdout[-4000:]); print(r.stderr[-4000:], file=sys.stderr); "
+        "print(f'@@ {time.perf_counter() - t} {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}'); "
+        "sys.exit(r.returncode)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env=env, **kwargs)
+    if result.returncode != 0:
+        sys.exit(f"{' '.join(cmd[:6])} ...: failed\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    seconds, kb = result.stdout.strip().splitlines()[-1].split()[1:]
+    return float(seconds), int(kb) / 2**20, result.stdout
+
+
+def folder_size(folder: Path) -> tuple[float, int]:
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 1e9, len(files)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. prepare
+# ---------------------------------------------------------------------------------------------
+
+
+def cohort(args, root: Path) -> Path:
+    folder = root / f"cohort_{args.sections}x{args.spots}_{args.um_per_px:g}um"
+    if not (folder / "samples.csv").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        cmd = [sys.executable, str(REPO / "benchmarks" / "make_cohort.py"), "--out", str(folder)]
+        cmd += ["--sections", str(args.sections), "--spots", str(args.spots), "--um_per_px", str(args.um_per_px)]
+        cmd += ["--sections_per_patient", "1", "--genes", "2000" if args.quick else "18000"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return folder
+
+
+def prepare_runs(args, raw: Path, out: Path) -> dict:
+    runs = {}
+    for name, extra in (
+        ("files, 1 worker", []),
+        ("files, 2 workers", ["--num_workers", "2"]),
+        ("shards, 2 workers", ["--num_workers", "2", "--store", "shards"]),
+    ):
+        target = out / name.replace(", ", "_").replace(" ", "")
+        shutil.rmtree(target, ignore_errors=True)
+        cmd = [sys.executable, "-m", "expreg.prepare", "--samples", str(raw / "samples.csv"), "--out_dir", str(target)]
+        seconds, peak, _ = run_measured([*cmd, *extra])
+        size, count = folder_size(target)
+        runs[name] = {"seconds": seconds, "peak_gb": peak, "gb": size, "files": count, "out": target}
+    spots = len(open(runs["files, 1 worker"]["out"] / "metadata.csv").readlines()) - 1
+    one, two = runs["files, 1 worker"], runs["files, 2 workers"]
+    print(f"\n1. expreg.prepare on {args.sections} sections, {spots:,} spots (224-px PNG patches, 112 µm)")
+    print(f"  {'':22}{'wall':>9}{'patches/s':>11}{'peak RSS':>10}{'disk':>9}{'files':>8}")
+    for name, r in runs.items():
+        print(
+            f"  {name:22}{r['seconds']:8.1f}s{spots / r['seconds']:11.1f}{r['peak_gb']:9.2f}G"
+            f"{r['gb']:8.2f}G{r['files']:8d}"
+        )
+    print(f"  speed-up of 2 workers over 1: {one['seconds'] / two['seconds']:.2f}x (target >= 1.7)")
+    runs["spots"] = spots
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. training throughput
+# ---------------------------------------------------------------------------------------------
+
+
+def targets_csv(prepared: Path) -> Path:
+    """``metadata.csv`` with K seeded random targets (throughput does not depend on their values)."""
+    import pandas as pd
+
+    frame = pd.read_csv(prepared / "metadata.csv")
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(len(frame), GENES)).astype(np.float32)
+    frame = frame.assign(**{f"y{k}": values[:, k] for k in range(GENES)})
+    frame.to_csv(prepared / "targets.csv", index=False)
+    return prepared / "targets.csv"
+
+
+def training_rates(args, runs: dict, root: Path) -> dict:
+    import torch
+
+    from expreg.data import build_dataloaders, load_expression_dataset
+    from expreg.data.dataset import image_files
+    from expreg.data.image_cache import ensure_image_cache
+    from expreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
+    from expreg.modeling.model import build_model
+
+    files, shards = runs["files, 2 workers"]["out"], runs["shards, 2 workers"]["out"]
+    batch = 32
+    loaders = {}
+    for name, folder, patches in (("files", files, None), ("shards", shards, shards / "patches")):
+        ds = load_expression_dataset(targets_csv(folder), seed=0, patches=patches)
+        loaders[name] = build_dataloaders(ds, image_size=args.image_size, batch_size=batch, num_workers=0, seed=0)
+    paths = [p for part in ds.values() for p in image_files(part)]  # the shards' (data.image_cache=true)
+    cache = ensure_image_cache(paths, args.image_size, cache_root=root / "image_cache", progress=False)
+    loaders["cache"] = build_dataloaders(
+        ds, image_size=args.image_size, batch_size=batch, num_workers=0, seed=0, image_cache=cache
+    )
+    torch.manual_seed(0)
+    genes = [f"GENE{k:02d}" for k in range(GENES)]
+    model = build_model(
+        args.backbone, GENES, gene_names=genes, image_size=args.image_size, patch_um=112.0, patch_px=224
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    count = args.batches * batch
+    first = [b for _, b in zip(range(args.batches), loaders["files"]["train"])]
+    transform = ImageTransform(args.image_size, IMAGENET_MEAN, IMAGENET_STD, train=False)
+    decoded = torch.stack([transform(load_image(str(p))[0], p) for b in first for p in _files(files, b["path"])])
+    bare = [(decoded[i : i + batch], b["labels"]) for i, b in zip(range(0, count, batch), first)]
+
+    def step(x, y) -> None:
+        model(pixel_values=x, labels=y).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def side(batches):
+        def rate() -> float:
+            start = time.perf_counter()
+            seen = 0
+            for _, b in zip(range(args.batches), batches()):
+                x, y = (b["pixel_values"], b["labels"]) if isinstance(b, dict) else b
+                step(x, y)
+                seen += len(y)
+            return seen / (time.perf_counter() - start)
+
+        return rate
+
+    sides = {
+        "bare loop (decoded beforehand)": side(lambda: iter(bare)),
+        "expreg, image files": side(lambda: iter(loaders["files"]["train"])),
+        "expreg, Parquet shards": side(lambda: iter(loaders["shards"]["train"])),
+        "expreg, shards + image cache": side(lambda: iter(loaders["cache"]["train"])),
+    }
+    values = alternate(sides, args.repeats)
+    rates = {name: median(v) for name, v in values.items()}
+    bare_rate = rates["bare loop (decoded beforehand)"]
+    print(
+        f"\n2. training throughput: {args.backbone} at {args.image_size} px, batches of {batch}, {args.batches} "
+        f"batches per side, median of {args.repeats} (sides alternated), one process ({environment()})"
+    )
+    for name, rate in rates.items():
+        print(f"  {name:34}{rate:8.1f} images/s   ratio to bare {rate / bare_rate:.3f}")
+    print("  targets: shards >= 0.95 x bare, and >= files")
+    return {"rates": rates, "model": model}
+
+
+def _files(folder: Path, paths) -> list[Path]:
+    return [folder / p if not os.path.isabs(p) else Path(p) for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. gene choice
+# ---------------------------------------------------------------------------------------------
+
+
+def gene_choice(args) -> float:
+    cmd = [sys.executable, str(REPO / "benchmarks" / "bench_gene_choice.py"), "--baseline", "none"]
+    cmd += ["--spots", str(args.gene_spots), "--genes", "2000" if args.quick else "18000"]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+    print(f"\n3. gene choice (benchmarks/bench_gene_choice.py --baseline none --spots {args.gene_spots}):")
+    print("  " + result.stdout.strip().replace("\n", "\n  "))
+    line = [x for x in result.stdout.splitlines() if x.startswith("this checkout")][0]
+    return float(line.split()[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. peak RSS against rows
+# ---------------------------------------------------------------------------------------------
+
+
+def row_store(root: Path, rows: int) -> Path:
+    """``rows`` rows of 16-px patches in a patch store (unique paths; 1,000 distinct images), K=50 targets."""
+    import io
+
+    import pandas as pd
+    import pyarrow as pa
+    from PIL import Image
+
+    from expreg.data.patch_store import ShardWriter, shard_schema
+
+    folder = root / f"rows_{rows}"
+    if (folder / "metadata.csv").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    rng = np.random.default_rng(rows)
+    pool = []
+    for _ in range(1000):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        pool.append(buffer.getvalue())
+    frame = pd.DataFrame({"path": [f"patches/p{i:07d}.png" for i in range(rows)]})
+    frame["group_id"] = [f"G{i % 200:03d}" for i in range(rows)]
+    values = rng.normal(size=(rows, GENES)).astype(np.float32)
+    frame = pd.concat([frame, pd.DataFrame(values, columns=[f"y{k}" for k in range(GENES)])], axis=1)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    writer = ShardWriter(folder / "patches", shard_schema(table.schema))
+    for start in range(0, rows, 10_000):
+        chunk = table.slice(start, 10_000)
+        writer.write(chunk, pa.array([pool[i % 1000] for i in range(start, start + chunk.num_rows)], pa.binary()))
+    writer.finish()
+    frame.to_csv(folder / "metadata.csv", index=False)
+    return folder
+
+
+def rss_against_rows(args, root: Path) -> dict:
+    found = {}
+    common = ["data.image_size=16", "data.batch_size=256", "data.num_workers=0", "train.epochs=1"]
+    for rows in [int(r) for r in args.rows.split(",")]:
+        folder = row_store(root, rows)
+        data = [f"data.metadata_csv={folder / 'metadata.csv'}", f"data.patches={folder / 'patches'}"]
+        out = Path(tempfile.mkdtemp(prefix="bench-cohort-"))
+        train = [sys.executable, str(REPO / "run_regression.py"), str(REPO / "recipes" / "tiny.yaml"), *data, *common]
+        t_train, rss_train, _ = run_measured([*train, f"logging.output_dir={out}", "logging.run_name=r"], cwd=REPO)
+        cv = [sys.executable, "-m", "expreg.cv", str(REPO / "recipes" / "tiny.yaml"), *data, *common]
+        cv += ["--n_folds", "2", "--methods", "finetune,mean", "--out_dir", str(out / "cv")]
+        t_cv, rss_cv, _ = run_measured(cv, cwd=REPO)
+        shutil.rmtree(out, ignore_errors=True)
+        found[rows] = {"train": (t_train, rss_train), "cv": (t_cv, rss_cv)}
+    print(
+        "\n4. peak RSS against rows (patch store of 16-px PNGs, K=50, test_resnet, 1 epoch; cv: 2 folds, "
+        "finetune + mean)"
+    )
+    for rows, r in found.items():
+        print(
+            f"  {rows:>9,} rows: run_regression {r['train'][1]:.2f} GB ({r['train'][0]:.0f} s), "
+            f"expreg.cv {r['cv'][1]:.2f} GB ({r['cv'][0]:.0f} s)"
+        )
+    small, large = (found[k] for k in sorted(found))
+    print(
+        f"  ratio: run_regression {large['train'][1] / small['train'][1]:.2f}, expreg.cv "
+        f"{large['cv'][1] / small['cv'][1]:.2f} for {max(found) / min(found):.0f}x the rows"
+    )
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a map, and the stage times of a whole cohort
+# ---------------------------------------------------------------------------------------------
+
+
+def one_map(args, raw: Path, model, root: Path) -> tuple[float, int]:
+    model_dir = root / "cohort_map_model"
+    model.save_pretrained(model_dir)
+    slide = sorted(raw.glob("S000/*.tif"))[0]
+    out = Path(tempfile.mkdtemp(prefix="bench-cohort-map-")) / "map"
+    cmd = [sys.executable, "-m", "expreg.map", "--model", str(model_dir), "--slide", str(slide), "--out_dir", str(out)]
+    seconds, peak, _ = run_measured([*cmd, "--um_per_px", str(args.um_per_px), "--num_workers", "0"], cwd=REPO)
+    summary = json.loads((out / "summary.json").read_text())
+    tiles = summary["tiles"]
+    shutil.rmtree(out.parent, ignore_errors=True)
+    print(
+        f"\n5. one whole-slide map of a cohort section ({slide.name}, {tiles:,} tiles, {summary['tiles_per_s']} "
+        f"tiles/s predicting): {seconds:.0f} s for the command, peak RSS {peak:.2f} GB"
+    )
+    return seconds, tiles
+
+
+def stage_times(args, runs: dict, rates: dict, gene_seconds: float, map_seconds: float) -> None:
+    per_spot = runs["shards, 2 workers"]["seconds"] / runs["spots"]
+    train_rate = rates["expreg, Parquet shards"]
+    fold_rows = FULL_SPOTS * 0.75 * 0.8  # 4-fold CV; 20 % of the training patients validate
+    epoch = fold_rows / train_rate + FULL_SPOTS * 0.75 * 0.2 / (3 * train_rate)  # evaluation ~3x faster
+    print(
+        f"\n   stage times for a {FULL_SECTIONS}-section, {FULL_SPOTS:,}-spot cohort on this machine "
+        f"(extrapolated linearly from the rates above; gene choice measured at {args.gene_spots:,} spots):"
+    )
+    print(f"  prepare, 2 workers, shards      {per_spot * FULL_SPOTS / 3600:6.1f} h")
+    print(f"  gene choice (hvg:50)            {gene_seconds * FULL_SPOTS / args.gene_spots / 60:6.1f} min")
+    print(f"  one CV fold, one epoch          {epoch / 3600:6.1f} h  ({args.backbone}, {args.image_size} px, CPU)")
+    print(f"  one map (one section)           {map_seconds / 60:6.1f} min  (x {FULL_SECTIONS} sections)")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    root = work_dir(args.work_dir)
+    start = time.perf_counter()
+    print(f"bench_cohort: {environment()}; work folder {root}")
+    raw = cohort(args, root)
+    runs = prepare_runs(args, raw, root / "prepared")
+    trained = training_rates(args, runs, root)
+    gene_seconds = gene_choice(args)
+    rss_against_rows(args, root)
+    map_seconds, _ = one_map(args, raw, trained["model"], root)
+    stage_times(args, runs, trained["rates"], gene_seconds, map_seconds)
+    print(f"\nbench_cohort: {time.perf_counter() - start:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
