@@ -357,7 +357,8 @@ def _read_rows(metadata, expression_file):
     table = _read_expression(expression_file)
     rows = _aligned_rows(metadata, table.obs, expression_file)
     samples = table.obs["sample_id"].astype(str).to_numpy()[rows] if "sample_id" in table.obs.columns else None
-    return table, table.X[rows], samples, rows
+    same_order = len(rows) == table.n_obs and np.array_equal(rows, np.arange(table.n_obs))
+    return table, (table.X if same_order else table.X[rows]), samples, rows  # prepare's order: no copy
 
 
 def _not_measured(table, samples, expression_file) -> dict[str, np.ndarray]:
