@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gene_spots", type=int, default=300_000)
     parser.add_argument("--rows", default="40000,400000", help="rows of the peak-RSS runs")
+    parser.add_argument(
+        "--parts", default="prepare,train,genes,rss,map", help="what to measure (train and map need prepare's output)"
+    )
     parser.add_argument("--quick", action="store_true", help="small everything: checks the script")
     args = parser.parse_args(argv)
     if args.quick:
@@ -130,6 +133,17 @@ def prepare_runs(args, raw: Path, out: Path) -> dict:
     return runs
 
 
+def reuse_prepared(out: Path) -> dict:
+    """The outputs of an earlier ``prepare`` part (``--parts`` without prepare)."""
+    runs = {
+        name: {"out": out / name.replace(", ", "_").replace(" ", "")}
+        for name in ("files, 2 workers", "shards, 2 workers")
+    }
+    if not all((r["out"] / "metadata.csv").is_file() for r in runs.values()):
+        sys.exit(f"{out}: no prepared cohort; run the prepare part first")
+    return runs
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. training throughput
 # ---------------------------------------------------------------------------------------------
@@ -205,15 +219,36 @@ def training_rates(args, runs: dict, root: Path) -> dict:
     }
     values = alternate(sides, args.repeats)
     rates = {name: median(v) for name, v in values.items()}
+    loading = {  # the loaders alone (no model): ms per batch, what each side adds to a step
+        name: median([1e3 * _loader_seconds(it, args.batches) / args.batches for _ in range(args.repeats)])
+        for name, it in (
+            ("expreg, image files", lambda: iter(loaders["files"]["train"])),
+            ("expreg, Parquet shards", lambda: iter(loaders["shards"]["train"])),
+            ("expreg, shards + image cache", lambda: iter(loaders["cache"]["train"])),
+        )
+    }
+    step_ms = 1e3 * batch / rates["bare loop (decoded beforehand)"]
     bare_rate = rates["bare loop (decoded beforehand)"]
     print(
         f"\n2. training throughput: {args.backbone} at {args.image_size} px, batches of {batch}, {args.batches} "
         f"batches per side, median of {args.repeats} (sides alternated), one process ({environment()})"
     )
     for name, rate in rates.items():
-        print(f"  {name:34}{rate:8.1f} images/s   ratio to bare {rate / bare_rate:.3f}")
+        extra = f"   loader alone {loading[name]:5.0f} ms per batch" if name in loading else ""
+        print(f"  {name:34}{rate:8.1f} images/s   ratio to bare {rate / bare_rate:.3f}{extra}")
+    print(
+        f"  a bare step takes {step_ms:.0f} ms per batch: the loader's time over (step + loader) is what a side "
+        "can lose when loading does not overlap the step (DataLoader in the main process)"
+    )
     print("  targets: shards >= 0.95 x bare, and >= files")
     return {"rates": rates, "model": model}
+
+
+def _loader_seconds(batches, count: int) -> float:
+    start = time.perf_counter()
+    for _ in zip(range(count), batches()):
+        pass
+    return time.perf_counter() - start
 
 
 def _files(folder: Path, paths) -> list[Path]:
@@ -311,7 +346,10 @@ def rss_against_rows(args, root: Path) -> dict:
 
 
 def one_map(args, raw: Path, model, root: Path) -> tuple[float, int]:
+    from transformers.utils import logging as hf_logging
+
     model_dir = root / "cohort_map_model"
+    hf_logging.disable_progress_bar()  # "Writing model shards"
     model.save_pretrained(model_dir)
     slide = sorted(raw.glob("S000/*.tif"))[0]
     out = Path(tempfile.mkdtemp(prefix="bench-cohort-map-")) / "map"
@@ -347,13 +385,17 @@ def main(argv=None) -> None:
     root = work_dir(args.work_dir)
     start = time.perf_counter()
     print(f"bench_cohort: {environment()}; work folder {root}")
+    parts = set(args.parts.split(","))
     raw = cohort(args, root)
-    runs = prepare_runs(args, raw, root / "prepared")
-    trained = training_rates(args, runs, root)
-    gene_seconds = gene_choice(args)
-    rss_against_rows(args, root)
-    map_seconds, _ = one_map(args, raw, trained["model"], root)
-    stage_times(args, runs, trained["rates"], gene_seconds, map_seconds)
+    runs = prepare_runs(args, raw, root / "prepared") if "prepare" in parts else reuse_prepared(root / "prepared")
+    trained = training_rates(args, runs, root) if parts & {"train", "map"} else None
+    gene_seconds = gene_choice(args) if "genes" in parts else None
+    if "rss" in parts:
+        rss_against_rows(args, root)
+    if "map" in parts:
+        map_seconds, _ = one_map(args, raw, trained["model"], root)
+        if "prepare" in parts and gene_seconds is not None:
+            stage_times(args, runs, trained["rates"], gene_seconds, map_seconds)
     print(f"\nbench_cohort: {time.perf_counter() - start:.0f} s in all")
 
 

@@ -60,7 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true", help="replace --out_csv if it exists")
     parser.add_argument("--tta", action="store_true", help="average over the 8 dihedral views (8x slower)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.patches and not args.metadata_csv:
+        parser.error("--patches goes with --metadata_csv (the store's images are named by the CSV's paths)")
+    return args
 
 
 def _inputs(args, genes: list[str]):

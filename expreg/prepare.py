@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,15 +81,17 @@ def _processes():
     """Under ``accelerate launch`` (several processes, on one or several machines sharing the output's file
     system): this process's place among them; else None (this process alone)."""
     import os
+    from datetime import timedelta
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, gather_object
 
-    from expreg.ingest.prepare import Processes
+    from expreg.ingest.processes import Processes
 
-    state = PartialState(cpu=True)  # cutting patches is CPU work: gloo barriers, on GPU machines too
+    # cutting patches is CPU work: gloo barriers, on GPU machines too; a share may take hours
+    state = PartialState(cpu=True, timeout=timedelta(hours=24))
     if state.num_processes != int(os.environ["WORLD_SIZE"]):
         raise SystemExit(f"expreg-prepare: error: {os.environ['WORLD_SIZE']} processes launched, not connected")
 
@@ -97,7 +100,10 @@ def _processes():
         broadcast_object_list(box, from_process=0)
         return box[0]
 
-    return Processes(state.process_index, state.num_processes, state.wait_for_everyone, agree)
+    def gather(value) -> list:
+        return gather_object([value])
+
+    return Processes(state.process_index, state.num_processes, state.wait_for_everyone, agree, gather)
 
 
 def main(argv=None) -> int:
@@ -140,7 +146,7 @@ def main(argv=None) -> int:
     if "store" in summary:
         print(
             f"patches in {len(summary['store']['shards'])} Parquet shard(s) ({summary['store']['bytes'] / 1e6:.0f} "
-            f"MB); train with data.patches={args.out_dir}/patches"
+            f"MB); train with data.patches={Path(args.out_dir).resolve() / 'patches'}"
         )
     print(
         f"wrote {summary['spots']} patches, metadata.csv, expression.h5ad ({summary['genes_measured']} genes) and prepare.json to {args.out_dir}"

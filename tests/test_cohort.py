@@ -75,6 +75,22 @@ def test_files_and_shards_with_one_or_two_workers_hold_the_same_patches_and_tabl
     assert record["bytes"] == sum(f.stat().st_size for f in second)
 
 
+def test_jpeg_patches_go_into_the_shards_as_the_files_hold_them(cohort, tmp_path):
+    raw = cohort["files", 1].parent / "raw" / "samples.csv"
+    sheet = tmp_path / "one.csv"
+    sheet.write_text("".join(raw.read_text().splitlines(keepends=True)[:2]).replace(",S", f",{raw.parent}/S", 1))
+    outs = {}
+    for store in ("files", "shards"):
+        options = Options(patch_um=112.0, patch_px=16, image_format="jpeg", store=store)
+        prepare(sheet, tmp_path / store, options)
+        outs[store] = tmp_path / store
+    rows = _shard_rows(outs["shards"])
+    assert len(rows) > 30 and all(p.endswith(".jpg") for p in rows["path"])
+    assert all(
+        image["bytes"] == (outs["files"] / path).read_bytes() for image, path in zip(rows["image"], rows["path"])
+    )
+
+
 def test_the_shards_open_with_load_dataset_parquet_as_images(cohort):
     from datasets import load_dataset
     from PIL import Image
@@ -89,7 +105,7 @@ def test_the_shards_open_with_load_dataset_parquet_as_images(cohort):
     assert row["sample_id"] == metadata["sample_id"][7] and row["x_px"] == pytest.approx(metadata["x_px"][7])
 
 
-def test_a_dataset_from_shards_gives_the_pixels_of_the_files(cohort):
+def test_a_dataset_from_shards_gives_the_pixels_of_the_files(cohort, tmp_path):
     from expreg.data import load_expression_dataset
     from expreg.data.dataset import image_files
     from expreg.data.metadata import MetadataError, read_metadata
@@ -113,23 +129,53 @@ def test_a_dataset_from_shards_gives_the_pixels_of_the_files(cohort):
     split = metadata.frame[["path", "group_id"]].assign(
         split=np.where(metadata.frame["group_id"] == "P000", "validation", "train")
     )
-    split.to_csv(shards.parent / "split.csv", index=False)
-    # in a notebook: a CSV with targets beside the store's metadata, its images from the store
+    # in a notebook: a CSV elsewhere, with targets, naming the store's patches from its own folder
     frame = metadata.frame.assign(y0=1.0, y1=2.0)
-    frame.to_csv(shards / "with_targets.csv", index=False)
-    ds = load_expression_dataset(shards / "with_targets.csv", shards.parent / "split.csv", patches=shards / "patches")
+    frame["path"] = [os.path.relpath(p, tmp_path) for p in paths]
+    frame.to_csv(tmp_path / "with_targets.csv", index=False)
+    split.assign(path=frame["path"]).to_csv(tmp_path / "split.csv", index=False)
+    ds = load_expression_dataset(tmp_path / "with_targets.csv", tmp_path / "split.csv", patches=shards / "patches")
     assert set(ds) == {"train", "validation"} and image_files(ds["validation"])[0] in paths
-    # the decoded-image cache knows a stored image by its store's shards and row: a rewritten store is a new cache
-    from expreg.data.image_cache import fingerprint
-    from expreg.data.patch_store import PatchStore, stamp, use_store
+    # a DataLoader worker started afresh (spawn) finds the store the parent registered
+    import multiprocessing
 
-    registered = use_store(shards / "patches", shards)
-    assert stamp(paths[5]) == f"{registered.signature}:{registered.index[paths[5]]}" and stamp(str(files)) is None
+    from expreg.data.patch_store import read_bytes
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        assert pool.apply(read_bytes, (paths[5],)) == (files / Path(paths[5]).relative_to(shards)).read_bytes()
+
+
+def test_the_image_cache_knows_a_stored_image_by_its_store_and_a_rewritten_store_is_opened_again(cohort):
+    from expreg.data.image_cache import fingerprint
+    from expreg.data.metadata import read_metadata
+    from expreg.data.patch_store import stamp, use_store
+
+    shards = cohort["shards", 1]
+    paths = read_metadata(shards / "metadata.csv", targets_required=False, patches=shards / "patches").image_paths()
+    registered = use_store(shards / "patches")
+    assert stamp(paths[5]) == f"{registered.signature}:{registered.index[paths[5]]}" and stamp(paths[5] + "x") is None
     before = fingerprint(paths[:3], 16)
     shard = next((shards / "patches").glob("*.parquet"))
-    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
-    assert PatchStore(shards / "patches", shards).signature != registered.signature
-    assert fingerprint(paths[:3], 16) == before  # the registered store, as this process opened it
+    times = (shard.stat().st_atime_ns, shard.stat().st_mtime_ns)
+    try:
+        os.utime(shard, ns=(times[0], times[1] + 10**9))  # as a new prepare --overwrite would leave it
+        reopened = use_store(shards / "patches")
+        assert reopened is not registered and reopened.signature != registered.signature
+        assert fingerprint(paths[:3], 16) != before
+    finally:
+        os.utime(shard, ns=times)
+        use_store(shards / "patches")
+
+
+def test_samples_are_shared_largest_first_to_the_least_loaded_process():
+    from types import SimpleNamespace
+
+    from expreg.ingest.processes import Processes, share
+
+    results = [SimpleNamespace(keep=range(n)) for n in (100, 900, 300, 500, 200)]
+    mine = [share(results, Processes(index=i, count=2)) for i in range(2)]
+    assert mine == [[0, 1], [2, 3, 4]]  # 900 + 100 against 500 + 300 + 200
+    assert sorted(mine[0] + mine[1]) == list(range(5)) and share(results, Processes()) == list(range(5))
 
 
 def _train(out: Path, name: str, prepared: Path, *extra: str) -> dict:
@@ -202,7 +248,9 @@ def test_prepare_under_accelerate_launch_shares_the_samples_and_writes_what_one_
     result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [line.startswith("wrote ") for line in result.stdout.splitlines()].count(True) == 1  # the main one reports
-    for name in ("metadata.csv", *(f.relative_to(reference) for f in (reference / "patches").glob("*.parquet"))):
+    shard_names = sorted(f.relative_to(reference) for f in (reference / "patches").glob("*.parquet"))
+    assert sorted(f.relative_to(tmp_path / "out") for f in (tmp_path / "out" / "patches").glob("*")) == shard_names
+    for name in ("metadata.csv", *shard_names):
         assert (tmp_path / "out" / name).read_bytes() == (reference / name).read_bytes(), name
     a, b = read_h5ad(tmp_path / "out" / "expression.h5ad"), read_h5ad(reference / "expression.h5ad")
     assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)

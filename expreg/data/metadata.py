@@ -243,10 +243,10 @@ def _normalised_paths(csv_path: Path, paths: pd.Series) -> list[str]:
 
 def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists", patches=None) -> None:
     """Check that the images exist (``"exists"``) or also decode (``"decode"``), as files or in the patch
-    store ``patches`` (registered here, paths relative to the CSV's folder)."""
+    store ``patches`` (registered here: ``expreg.data.patch_store``)."""
     if mode not in CHECK_IMAGES_MODES:
         raise ValueError(f"check_images must be one of {CHECK_IMAGES_MODES}, got {mode!r}")
-    _use_patches(csv_path, patches)
+    store = _use_patches(csv_path, patches)
     if mode == "none":
         return
     from expreg.data.patch_store import image_exists, store_beside
@@ -254,8 +254,10 @@ def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists",
     paths = [resolve_image_path(csv_path, p) for p in frame["path"]]
     missing = [i for i, p in enumerate(paths) if not image_exists(p)]
     if missing:
-        store = store_beside(csv_path)
-        hint = f"; its patches are in the Parquet store {store}: set data.patches={store}" if store else ""
+        beside = store_beside(csv_path)
+        hint = f"; its patches are in the Parquet store {beside}: set data.patches={beside}" if beside else ""
+        if store is not None:
+            hint = f", nor in the patch store {store.folder} (it holds e.g. {store.example()})"
         raise _fail(
             csv_path, "path", np.asarray(missing) + 2, f"image file not found (e.g. {paths[missing[0]]}){hint}"
         )
@@ -304,14 +306,14 @@ def read_gene_names(path: str | os.PathLike, num_genes: int) -> list[str]:
     return names
 
 
-def _use_patches(csv_path: Path, patches) -> None:
-    """Register the patch store that holds the CSV's images (paths relative to the CSV's folder)."""
+def _use_patches(csv_path: Path, patches):
+    """Register the patch store that holds the CSV's images; returns it (None without one)."""
     if patches is None:
-        return
+        return None
     from expreg.data.patch_store import PatchStoreError, use_store
 
     try:
-        use_store(patches, csv_path.parent)
+        return use_store(patches)
     except PatchStoreError as err:
         raise MetadataError(f"{csv_path}: {err}") from err
 

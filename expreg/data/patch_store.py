@@ -12,20 +12,26 @@ notebook::
 and ``ds.push_to_hub(...)`` publishes it as a dataset.
 
 Training never unpacks it. The recipe key ``data.patches`` (``expreg.predict --patches``) names the
-store, ``use_store`` registers it, and from then on ``expreg.data.transforms.load_image`` reads any
-image path the store holds (the metadata's ``path``, resolved from the metadata CSV's folder as
-always) from the store instead of the file system: the splits, the image cache, the embedding store
-and every prediction file see the same paths as with image files. For random access the shards are
-converted once to Arrow by ``datasets`` (in its cache, as ``load_dataset`` does: a second run
-converts nothing) and memory-mapped, so DataLoader workers share the pages.
+store and ``use_store`` registers it. A stored ``path`` is relative to the store's parent folder
+(``expreg.prepare``'s output, where ``metadata.csv`` is), so it stands for the absolute path a
+metadata CSV anywhere resolves to, and ``expreg.data.transforms.load_image`` reads any such path from
+the store instead of the file system: the splits, the image cache, the embedding store and every
+prediction file see the same paths as with image files. The registered stores are also named in the
+environment (``EXPREG_PATCH_STORES``), so DataLoader workers started by ``spawn`` or ``forkserver``
+open them too. For random access the shards are converted once to Arrow by ``datasets`` (in its
+cache, ``HF_DATASETS_CACHE``, as ``load_dataset`` does: a second run converts nothing; the copy is as
+large as the store) and memory-mapped, so DataLoader workers share the pages.
 
-Owns the store's layout (``write_shards``, ``shard_writer``) and its reading (``PatchStore``,
+Owns the store's layout (``ShardWriter``, ``shard_schema``) and its reading (``PatchStore``,
 ``use_store``, ``read_bytes``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +39,8 @@ import numpy as np
 SHARD_BYTES = 256 * 2**20  # a shard is closed once its images pass this size
 ROW_GROUP_ROWS = 100  # rows per Parquet row group (as datasets' push_to_hub writes image data)
 SHARD_GLOB = "data-*.parquet"
+_SHARD_NAME = re.compile(r"data-(\d{5})-of-(\d{5})\.parquet")
+ENV = "EXPREG_PATCH_STORES"  # the registered stores, for worker processes that start afresh
 
 
 class PatchStoreError(ValueError):
@@ -111,7 +119,7 @@ class ShardWriter:
 
 
 def shard_files(folder) -> list[Path]:
-    """The store's shards, in order; an error naming the folder when it holds none."""
+    """The store's shards, in order; an error naming the folder when it holds none or an incomplete set."""
     folder = Path(folder)
     if not folder.is_dir():
         raise PatchStoreError(
@@ -120,24 +128,36 @@ def shard_files(folder) -> list[Path]:
     files = sorted(folder.glob(SHARD_GLOB))
     if not files:
         raise PatchStoreError(f"data.patches {folder}: no {SHARD_GLOB} shards in it (expreg.prepare --store shards)")
+    names = [_SHARD_NAME.fullmatch(f.name) for f in files]
+    total = {int(m.group(2)) for m in names if m}
+    if len(total) != 1 or sorted(int(m.group(1)) for m in names if m) != list(range(next(iter(total)))):
+        raise PatchStoreError(
+            f"data.patches {folder}: an incomplete set of shards ({', '.join(f.name for f in files[:4])}"
+            f"{' ...' if len(files) > 4 else ''}); expected data-00000-of-NNNNN.parquet up to NNNNN - 1: copy the "
+            "whole folder"
+        )
     return files
 
 
+def signature(files: list[Path]) -> str:
+    """A short digest of the shards' names, sizes and modification times (a rewritten store differs)."""
+    text = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 class PatchStore:
-    """Random access to a store's images by path (Arrow, memory-mapped; see the module docstring).
+    """Random access to a store's images by absolute path (Arrow, memory-mapped; see the module docstring).
 
     Args:
-        folder: The store (a folder of ``data-*.parquet`` shards).
-        root: The folder its ``path`` values are relative to: the metadata CSV's folder.
+        folder: The store (a folder of ``data-*.parquet`` shards); its paths are relative to its parent.
     """
 
-    def __init__(self, folder, root) -> None:
-        self.folder, self.root = Path(folder).resolve(), Path(root).resolve()
+    def __init__(self, folder) -> None:
+        self.folder = _absolute(folder)
         files = shard_files(self.folder)
-        # what the image cache's fingerprint records for a stored image (the shards' names, sizes, times)
-        self.signature = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
-        table = _arrow_table(files)
-        root = str(self.root)  # paths resolve from the CSV's folder, as expreg.data.metadata resolves the CSV's
+        self.signature = signature(files)  # what the image cache's fingerprint records for a stored image
+        table = _arrow_table(self.folder, files)
+        root = str(self.folder.parent)
         self.index: dict[str, int] = {}
         for row, path in enumerate(table.column("path").to_pylist()):
             key = os.path.normpath(os.path.join(root, path))
@@ -153,17 +173,24 @@ class PatchStore:
     def __contains__(self, path: str) -> bool:
         return path in self.index
 
+    def example(self) -> str:
+        """One path the store holds (for error messages)."""
+        return next(iter(self.index), "(none)")
+
     def read(self, path: str) -> bytes:
         """The encoded image stored for ``path`` (an absolute path, as the metadata resolves it)."""
         row = self.index[path]
         chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
         return self._chunks[chunk][row - self._starts[chunk]].as_py()
 
-    def __reduce__(self):  # a spawned worker re-opens the store (from datasets' cache: no conversion)
-        return (PatchStore, (self.folder, self.root))
+
+def _absolute(folder) -> Path:
+    """The store folder with its parent's symbolic links resolved (as metadata CSV paths are), not its own."""
+    folder = Path(folder).absolute()
+    return folder.parent.resolve() / folder.name
 
 
-def _arrow_table(files: list[Path]):
+def _arrow_table(folder: Path, files: list[Path]):
     """The shards' ``path`` and ``image`` columns as one memory-mapped Arrow table (converted once)."""
     import datasets
     from datasets.utils import logging as ds_logging
@@ -174,6 +201,11 @@ def _arrow_table(files: list[Path]):
     ds_logging.set_verbosity_error()
     try:
         ds = datasets.Dataset.from_parquet([str(f) for f in files], columns=["path", "image"])
+    except Exception as err:  # noqa: BLE001 - a broken shard, a full disk under datasets' cache, ...
+        raise PatchStoreError(
+            f"data.patches {folder}: cannot read the shards into datasets' cache "
+            f"({os.environ.get('HF_DATASETS_CACHE', '~/.cache/huggingface/datasets')}): {type(err).__name__}: {err}"
+        ) from err
     finally:
         ds_logging.set_verbosity(verbosity)
         if was_enabled:
@@ -181,43 +213,50 @@ def _arrow_table(files: list[Path]):
     return ds.data.table
 
 
-_STORES: list[PatchStore] = []
+_STORES: dict[Path, PatchStore] = {}
 
 
-def use_store(folder, root) -> PatchStore:
-    """Register the store at ``folder`` (paths relative to ``root``): ``read_bytes`` serves its images."""
-    folder, root = Path(folder).resolve(), Path(root).resolve()
-    for store in _STORES:
-        if store.folder == folder and store.root == root:
-            return store
-    store = PatchStore(folder, root)
-    _STORES.append(store)
+def use_store(folder) -> PatchStore:
+    """Register the store at ``folder``: ``read_bytes`` serves its images from now on (in this process, and
+    in worker processes it starts). A store rewritten since it was registered is opened again."""
+    folder = _absolute(folder)
+    store = _STORES.get(folder)
+    if store is None or store.signature != signature(shard_files(folder)):
+        _STORES[folder] = store = PatchStore(folder)
+        os.environ[ENV] = json.dumps(sorted(str(f) for f in _STORES))
     return store
+
+
+def _stores():
+    """The registered stores (a fresh worker process opens those its parent registered)."""
+    if not _STORES and os.environ.get(ENV):
+        for folder in json.loads(os.environ[ENV]):
+            use_store(folder)
+    return _STORES.values()
+
+
+def _holder(path: str) -> PatchStore | None:
+    for store in _stores():
+        if path in store:
+            return store
+    return None
 
 
 def read_bytes(path: str) -> bytes | None:
     """The encoded image a registered store holds for ``path``, or None (then it is a file)."""
-    for store in _STORES:
-        if path in store:
-            return store.read(path)
-    return None
+    store = _holder(path)
+    return None if store is None else store.read(path)
 
 
 def stamp(path: str) -> str | None:
     """What identifies a stored image's bytes (its store's shards and its row), or None for a file."""
-    for store in _STORES:
-        if path in store:
-            return f"{store.signature}:{store.index[path]}"
-    return None
-
-
-def is_stored(path: str) -> bool:
-    return any(path in store for store in _STORES)
+    store = _holder(path)
+    return None if store is None else f"{store.signature}:{store.index[path]}"
 
 
 def image_exists(path: str) -> bool:
     """``path`` is an image file or a registered store holds it."""
-    return is_stored(path) or os.path.isfile(path)
+    return _holder(path) is not None or os.path.isfile(path)
 
 
 def store_beside(csv_path) -> Path | None:

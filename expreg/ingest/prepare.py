@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from expreg.ingest.gene_join import GeneUnion, join_genes
 from expreg.ingest.geometry import check_image_size, resolve_scale
 from expreg.ingest.images import image_size, open_slide
 from expreg.ingest.patches import PatchGeometry, cut_patch, inside, patch_box
+from expreg.ingest.processes import Processes, share
 from expreg.ingest.readers import read_section
 from expreg.ingest.samples import read_sample_sheet
 from expreg.ingest.visium_hd import DEFAULT_MIN_TISSUE, describe_grid, pseudo_spots
@@ -81,22 +81,6 @@ class SampleResult:
     h5_rows: np.ndarray | None = None  # HEST patches only: each kept spot's row in patches/<id>.h5
 
 
-@dataclass
-class Processes:
-    """The processes sharing one preparation (``accelerate launch``, on one or several machines sharing a
-    file system): each cuts a share of the samples, the main one (index 0) writes the tables. The
-    command fills it from accelerate (``expreg.prepare``); the default is this process alone."""
-
-    index: int = 0
-    count: int = 1
-    wait: Callable[[], None] = lambda: None  # a barrier
-    agree: Callable[[object], object] = lambda value: value  # the main process's value, on every process
-
-    @property
-    def main(self) -> bool:
-        return self.index == 0
-
-
 def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: bool = False, processes=None):
     """Run the whole preparation (see the module docstring); returns the content of ``prepare.json`` (None
     on the processes other than the main one of ``processes``)."""
@@ -122,15 +106,39 @@ def prepare(samples_csv, out_dir, options: Options | None = None, overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
     processes.wait()
     try:
-        _cut_all(results, options, tmp, processes)
-        processes.wait()  # every share cut
-        summary = _finish(samples_csv, results, union, genes, options, tmp, out_dir, start) if processes.main else None
+        _cut_shared(results, options, tmp, processes)
+        if not processes.main:
+            return None  # the main process writes the tables
+        lost = shards.missing(tmp, results, options.store)
+        if lost:
+            raise IngestError(
+                f"the patches of sample(s) {', '.join(lost[:5])} are not in {tmp}: with several machines, each "
+                f"must see the output folder at the same path ({out_dir})"
+            )
+        return _finish(samples_csv, results, union, genes, options, tmp, out_dir, start)
     except BaseException:
         if processes.main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    processes.wait()  # the output is in place for everyone
-    return summary
+
+
+def _cut_shared(results: list[SampleResult], options: Options, tmp: Path, processes: Processes) -> None:
+    """``_cut_all`` on every process; an error on any one stops them all, each naming it (no process is
+    left waiting for one that failed)."""
+    if processes.count == 1:
+        _cut_all(results, options, tmp, processes)
+        return
+    error = None
+    try:
+        _cut_all(results, options, tmp, processes)
+    except Exception as err:  # noqa: BLE001 - told to the others, then raised here
+        error = err
+    reports = processes.gather(None if error is None else f"process {processes.index}: {error}")
+    if error is not None:
+        raise error
+    failed = [r for r in reports if r]
+    if failed:
+        raise IngestError("; ".join(failed))
 
 
 def _finish(samples_csv, results, union, genes, options: Options, tmp: Path, out_dir: Path, start: float) -> dict:
@@ -251,17 +259,6 @@ def _cut_all(results: list[SampleResult], options: Options, tmp: Path, processes
             )
 
 
-def share(results: list[SampleResult], processes: Processes) -> list[int]:
-    """The sample indices ``processes.index`` cuts: the largest sample first to the least-loaded process."""
-    if processes.count == 1:
-        return list(range(len(results)))
-    load, owner = [0] * processes.count, {}
-    for i in sorted(range(len(results)), key=lambda i: (-len(results[i].keep), i)):
-        owner[i] = load.index(min(load))
-        load[owner[i]] += len(results[i].keep)
-    return [i for i in range(len(results)) if owner[i] == processes.index]
-
-
 def _patch_files(result: SampleResult, options: Options) -> list[str]:
     """The patches' paths in the output (``patches/<sample_id>/<barcode>.<ext>``), in row order."""
     spec = result.spec
@@ -279,7 +276,7 @@ def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress
     part = shards.PartWriter(shards.part_path(tmp, index), ext, kwargs) if options.store == "shards" else None
     if part is None:
         (tmp / "patches" / spec.sample_id).mkdir(parents=True, exist_ok=True)
-    patches = zip(result.files, _patches(result, options))
+    patches = zip(result.files, _patches(result, options), strict=True)
     bar = progress_bar(
         patches, enabled=progress, total=len(result.files), desc=f"patches {spec.sample_id}", unit="patch"
     )
@@ -376,7 +373,7 @@ def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
     return frame.astype({"hd_bins": "Int64"}) if "hd_bins" in frame else frame  # blank for other samples
 
 
-def _write_tables(results, union: GeneUnion, genes, options: Options, tmp: Path) -> dict:
+def _write_tables(results, union: GeneUnion, genes, options: Options, tmp: Path) -> tuple[dict, pd.DataFrame]:
     """``metadata.csv`` (+ targets and ``genes.txt``) and ``expression.h5ad``; returns their summary and the
     metadata table."""
     frame = _metadata_frame(results)

@@ -49,6 +49,13 @@ class PartWriter:
         self._writer.close()
 
 
+def missing(tmp: Path, results, store: str) -> list[str]:
+    """The samples whose patches are not in ``tmp`` (another machine that wrote elsewhere, a lost file)."""
+    if store == "shards":
+        return [r.spec.sample_id for i, r in enumerate(results) if not part_path(tmp, i).is_file()]
+    return [r.spec.sample_id for r in results if not all((tmp / f).is_file() for f in r.files)]
+
+
 def part_path(tmp: Path, index: int) -> Path:
     return tmp / PARTS / f"{index:06d}.parquet"
 
@@ -64,6 +71,7 @@ def pack(tmp: Path, frame, num_samples: int) -> dict:
     import pyarrow.parquet as pq
 
     from expreg.data.patch_store import ShardWriter, shard_schema
+    from expreg.ingest.errors import IngestError
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
     writer = ShardWriter(tmp / "patches", shard_schema(table.schema))
@@ -71,12 +79,13 @@ def pack(tmp: Path, frame, num_samples: int) -> dict:
     for index in range(num_samples):
         for batch in pq.ParquetFile(str(part_path(tmp, index))).iter_batches(batch_size=1024):
             rows = table.slice(start, batch.num_rows)
-            if not rows.column("path").equals(pa.chunked_array([batch.column("path")])):
-                raise RuntimeError(f"patch store: part {index} is out of step with metadata.csv at row {start}")
+            expected = rows.column("path").cast(pa.string()).to_pylist()
+            if expected != batch.column("path").cast(pa.string()).to_pylist():
+                raise IngestError(f"patch store: sample {index + 1}'s patches are out of step with metadata.csv")
             writer.write(rows, batch.column("bytes"))
             start += batch.num_rows
     if start != len(frame):
-        raise RuntimeError(f"patch store: {start} patches for {len(frame)} metadata rows")
+        raise IngestError(f"patch store: {start} patches for {len(frame)} metadata rows")
     files = writer.finish()
     shutil.rmtree(tmp / PARTS)
     return {
