@@ -255,3 +255,23 @@ def test_prepare_under_accelerate_launch_shares_the_samples_and_writes_what_one_
     a, b = read_h5ad(tmp_path / "out" / "expression.h5ad"), read_h5ad(reference / "expression.h5ad")
     assert (a.X != b.X).nnz == 0 and a.obs.equals(b.obs)
     assert not list(tmp_path.glob(".out.*"))  # no temporary folder left
+
+
+@pytest.mark.slow  # two processes under accelerate launch: about 20 s
+def test_a_failure_on_one_process_of_prepare_stops_every_process_and_leaves_nothing(tmp_path):
+    from test_map import SPOT_PITCH_UM, make_spaceranger
+
+    rows = ["sample_id,group_id,path"]
+    for k, name in enumerate(("S1", "S2", "S3")):
+        sample, _ = make_spaceranger(tmp_path / "sr", name, seed=k)
+        rows.append(f"{name},P{k},{sample}")
+    (tmp_path / "sheet.csv").write_text("\n".join(rows) + "\n")
+    image = tmp_path / "sr" / "S2" / "S2_fullres.png"  # S2 is process 1's share (20 spots each: S1, S3 to 0)
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # its header reads, its pixels do not
+    cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]
+    cmd += ["-m", "expreg.prepare", "--samples", str(tmp_path / "sheet.csv"), "--out_dir", str(tmp_path / "out")]
+    cmd += ["--patch_px", "16", "--spot_pitch_um", str(SPOT_PITCH_UM), "--store", "shards"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert result.returncode != 0
+    assert "process 1: " in result.stderr and "S2_fullres.png" in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # nothing half-written
