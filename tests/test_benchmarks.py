@@ -122,6 +122,19 @@ def test_embeddings_benchmark_runs_end_to_end_in_quick_mode():
         assert float(cells[3].split()[0]) > 0 and float(cells[4].split()[0]) > 0
 
 
+@pytest.mark.slow  # about 2.5 minutes
+def test_cohort_benchmark_runs_end_to_end_in_quick_mode(tmp_path):
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_cohort.py"), "--quick", "--work_dir", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "speed-up of 2 workers over 1: " in out and "shards, 2 workers" in out
+    rates = [float(line.split("ratio to bare")[1].split()[0]) for line in out.splitlines() if "ratio to bare" in line]
+    assert len(rates) == 4 and rates[0] == 1.0 and all(0 < r < 3 for r in rates)
+    assert "hvg:50 on 3,000 spots" in out and "anonymous" in out
+    assert "one whole-slide map of a cohort section" in out and "one CV fold, one epoch" in out
+
+
 def test_the_synthetic_cohort_is_seeded_and_prepare_reads_it_at_its_scale(tmp_path):
     import numpy as np
 
