@@ -382,19 +382,40 @@ def one_map(args, raw: Path, model, root: Path) -> tuple[float, int]:
     return seconds, tiles
 
 
-def stage_times(args, runs: dict, rates: dict, gene_seconds: float, map_seconds: float) -> None:
-    per_spot = runs["shards, 2 workers"]["seconds"] / runs["spots"]
-    train_rate = rates["expreg, Parquet shards"]
+def stage_times(record: dict, args) -> None:
+    """The stages of a 100-section / 300,000-spot cohort, from the rates of this run and earlier ``--parts`` runs."""
     fold_rows = FULL_SPOTS * 0.75 * 0.8  # 4-fold CV; 20 % of the training patients validate
-    epoch = fold_rows / train_rate + FULL_SPOTS * 0.75 * 0.2 / (3 * train_rate)  # evaluation ~3x faster
+    lines = {
+        "prepare, 2 workers, shards": ("prepare_s_per_spot", lambda v: f"{v * FULL_SPOTS / 3600:6.1f} h"),
+        "gene choice (hvg:50)": ("gene_s_per_spot", lambda v: f"{v * FULL_SPOTS / 60:6.1f} min"),
+        "one CV fold, one epoch": (
+            "train_images_per_s",  # training rows, then the validation rows at ~3x the training rate
+            lambda v: (
+                f"{(fold_rows / v + FULL_SPOTS * 0.75 * 0.2 / (3 * v)) / 3600:6.1f} h  "
+                f"({args.backbone}, {args.image_size} px, this CPU)"
+            ),
+        ),
+        "one map (one section)": ("map_s", lambda v: f"{v / 60:6.1f} min  (x {FULL_SECTIONS} sections)"),
+    }
     print(
-        f"\n   stage times for a {FULL_SECTIONS}-section, {FULL_SPOTS:,}-spot cohort on this machine "
-        f"(extrapolated linearly from the rates above; gene choice measured at {args.gene_spots:,} spots):"
+        f"\nStage times for a {FULL_SECTIONS}-section, {FULL_SPOTS:,}-spot cohort on this machine, extrapolated "
+        "linearly from the rates measured (this run and earlier --parts runs, in "
+        f"{record['_file']}):"
     )
-    print(f"  prepare, 2 workers, shards      {per_spot * FULL_SPOTS / 3600:6.1f} h")
-    print(f"  gene choice (hvg:50)            {gene_seconds * FULL_SPOTS / args.gene_spots / 60:6.1f} min")
-    print(f"  one CV fold, one epoch          {epoch / 3600:6.1f} h  ({args.backbone}, {args.image_size} px, CPU)")
-    print(f"  one map (one section)           {map_seconds / 60:6.1f} min  (x {FULL_SECTIONS} sections)")
+    for name, (key, show) in lines.items():
+        print(f"  {name:32}{show(record[key]) if key in record else '  not measured (its --parts not run yet)'}")
+
+
+def _record(root: Path, args) -> dict:
+    path = (
+        root / f"bench_cohort_{args.sections}x{args.spots}_{args.um_per_px:g}um_{args.backbone}_{args.image_size}.json"
+    )
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return {**record, "_file": str(path)}
+
+
+def _save(record: dict) -> None:
+    Path(record["_file"]).write_text(json.dumps({k: v for k, v in record.items() if k != "_file"}, indent=1) + "\n")
 
 
 def main(argv=None) -> None:
@@ -403,16 +424,24 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     print(f"bench_cohort: {environment()}; work folder {root}")
     parts = set(args.parts.split(","))
+    record = _record(root, args)
     raw = cohort(args, root)
-    runs = prepare_runs(args, raw, root / "prepared") if "prepare" in parts else reuse_prepared(root / "prepared")
-    trained = training_rates(args, runs, root) if parts & {"train", "map"} else None
-    gene_seconds = gene_choice(args) if "genes" in parts else None
+    if "prepare" in parts:
+        runs = prepare_runs(args, raw, root / "prepared")
+        record["prepare_s_per_spot"] = runs["shards, 2 workers"]["seconds"] / runs["spots"]
+    else:
+        runs = reuse_prepared(root / "prepared")
+    if parts & {"train", "map"}:
+        trained = training_rates(args, runs, root)
+        record["train_images_per_s"] = trained["rates"]["expreg, Parquet shards"]
+    if "genes" in parts:
+        record["gene_s_per_spot"] = gene_choice(args) / args.gene_spots
     if "rss" in parts:
         rss_against_rows(args, root)
     if "map" in parts:
-        map_seconds, _ = one_map(args, raw, trained["model"], root)
-        if "prepare" in parts and gene_seconds is not None:
-            stage_times(args, runs, trained["rates"], gene_seconds, map_seconds)
+        record["map_s"] = one_map(args, raw, trained["model"], root)[0]
+    _save(record)
+    stage_times(record, args)
     print(f"\nbench_cohort: {time.perf_counter() - start:.0f} s in all")
 
 
