@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--gene_spots", type=int, default=300_000)
     parser.add_argument("--rows", default="40000,400000", help="rows of the peak-RSS runs")
     parser.add_argument(
+        "--rss_commands", default="run_regression,cv", help="commands of part rss (cv is the long one at 400k rows)"
+    )
+    parser.add_argument(
         "--parts", default="prepare,train,genes,rss,map", help="what to measure (train and map need prepare's output)"
     )
     parser.add_argument("--quick", action="store_true", help="small everything: checks the script")
@@ -178,7 +181,6 @@ def training_rates(args, runs: dict, root: Path) -> dict:
     from expreg.data.dataset import image_files
     from expreg.data.image_cache import ensure_image_cache
     from expreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
-    from expreg.modeling.model import build_model
 
     files, shards = runs["files, 2 workers"]["out"], runs["shards, 2 workers"]["out"]
     batch = 32
@@ -191,11 +193,7 @@ def training_rates(args, runs: dict, root: Path) -> dict:
     loaders["cache"] = build_dataloaders(
         ds, image_size=args.image_size, batch_size=batch, num_workers=0, seed=0, image_cache=cache
     )
-    torch.manual_seed(0)
-    genes = [f"GENE{k:02d}" for k in range(GENES)]
-    model = build_model(
-        args.backbone, GENES, gene_names=genes, image_size=args.image_size, patch_um=112.0, patch_px=224
-    )
+    model = _map_model(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     count = args.batches * batch
@@ -321,7 +319,9 @@ def row_store(root: Path, rows: int) -> Path:
 
 def rss_against_rows(args, root: Path) -> dict:
     found = {}
+    # 100 training steps (the rows' memory does not depend on how many are trained on); evaluation covers every row
     common = ["data.image_size=16", "data.batch_size=256", "data.num_workers=0", "train.epochs=1"]
+    common += ["train.max_steps_per_epoch=100"]
     for rows in [int(r) for r in args.rows.split(",")]:
         folder = row_store(root, rows)
         data = [f"data.metadata_csv={folder / 'metadata.csv'}", f"data.patches={folder / 'patches'}"]
@@ -329,12 +329,12 @@ def rss_against_rows(args, root: Path) -> dict:
         train = [sys.executable, str(REPO / "run_regression.py"), str(REPO / "recipes" / "tiny.yaml"), *data, *common]
         found[rows] = {"run_regression": run_measured([*train, f"logging.output_dir={out}", "logging.run_name=r"])}
         cv = [sys.executable, "-m", "expreg.cv", str(REPO / "recipes" / "tiny.yaml"), *data, *common]
-        found[rows]["expreg.cv"] = run_measured(
-            [*cv, "--n_folds", "2", "--methods", "finetune,mean", "--out_dir", str(out / "cv")]
-        )
+        if "cv" in args.rss_commands.split(","):
+            cv += ["--n_folds", "2", "--methods", "finetune,mean", "--out_dir", str(out / "cv")]
+            found[rows]["expreg.cv"] = run_measured(cv)
         shutil.rmtree(out, ignore_errors=True)
     print(
-        "\n4. memory against rows (a patch store of 16-px PNGs, K=50 targets in the CSV, test_resnet, 1 epoch; "
+        "\n4. memory against rows (a patch store of 16-px PNGs, K=50 targets in the CSV, test_resnet, 1 epoch of 100 steps; "
         "cv: 2 folds, finetune + mean). Peak RSS (largest process) and its anonymous part (RSS without "
         "memory-mapped files: the Arrow tables and the store are mapped)"
     )
@@ -360,6 +360,20 @@ def rss_against_rows(args, root: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # 5. a map, and the stage times of a whole cohort
 # ---------------------------------------------------------------------------------------------
+
+
+def _map_model(args):
+    """Part 2's model, seeded: ``--backbone`` for 50 genes and 112 µm / 224 px patches (a map's time does not
+    depend on the weights)."""
+    import torch
+
+    from expreg.modeling.model import build_model
+
+    torch.manual_seed(0)
+    genes = [f"GENE{k:02d}" for k in range(GENES)]
+    return build_model(
+        args.backbone, GENES, gene_names=genes, image_size=args.image_size, patch_um=112.0, patch_px=224
+    )
 
 
 def one_map(args, raw: Path, model, root: Path) -> tuple[float, int]:
@@ -431,15 +445,17 @@ def main(argv=None) -> None:
         record["prepare_s_per_spot"] = runs["shards, 2 workers"]["seconds"] / runs["spots"]
     else:
         runs = reuse_prepared(root / "prepared")
-    if parts & {"train", "map"}:
+    model = None
+    if "train" in parts:
         trained = training_rates(args, runs, root)
         record["train_images_per_s"] = trained["rates"]["expreg, Parquet shards"]
+        model = trained["model"]
     if "genes" in parts:
         record["gene_s_per_spot"] = gene_choice(args) / args.gene_spots
     if "rss" in parts:
         rss_against_rows(args, root)
     if "map" in parts:
-        record["map_s"] = one_map(args, raw, trained["model"], root)[0]
+        record["map_s"] = one_map(args, raw, model or _map_model(args), root)[0]
     _save(record)
     stage_times(record, args)
     print(f"\nbench_cohort: {time.perf_counter() - start:.0f} s in all")
