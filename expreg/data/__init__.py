@@ -56,6 +56,7 @@ _EXPORTS = {
     "Metadata": "metadata",
     "MetadataError": "metadata",
     "read_metadata": "metadata",
+    "read_recipe_metadata": "metadata",
     # splits
     "split_rows": "splits",
     "RowSplit": "splits",

@@ -378,3 +378,16 @@ def read_metadata(
     else:
         gene_names = list(target_columns)
     return Metadata(csv_path=csv_path, frame=frame, target_columns=target_columns, gene_names=gene_names)
+
+
+def read_recipe_metadata(data) -> Metadata:
+    """``read_metadata`` as a recipe's ``data`` section (``expreg.config.DataConfig``) asks: its CSV, gene
+    names, K, image check and patch store; target columns optional when the targets come from counts."""
+    return read_metadata(
+        data.metadata_csv,
+        data.gene_names_file,
+        data.num_genes,
+        data.check_images,
+        targets_required=not data.expression_file,
+        patches=data.patches,
+    )

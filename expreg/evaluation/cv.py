@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from expreg.config import ConfigError, RunConfig
-from expreg.data import read_metadata, resolve_metadata_csv
+from expreg.data import read_recipe_metadata, resolve_metadata_csv
 from expreg.data.splits import make_fold_table, write_table
 from expreg.evaluation.cv_report import UNDEFINED, describe, render_markdown, summarise  # noqa: F401 - re-exported
 from expreg.evaluation.depth import (
@@ -293,14 +293,7 @@ def _read_data(cfg, hest_task: str | None):
         cfg = replace(cfg, data=replace(data, num_genes=None))
     cfg = replace(cfg, data=replace(cfg.data, metadata_csv=resolve_metadata_csv(cfg.data.metadata_csv)))
     d = cfg.data
-    metadata = read_metadata(
-        d.metadata_csv,
-        d.gene_names_file,
-        d.num_genes,
-        d.check_images,
-        targets_required=not d.expression_file,
-        patches=d.patches,
-    )
+    metadata = read_recipe_metadata(d)
     if d.expression_file:  # bad expression input fails here, before out_dir exists (the choice is discarded)
         from expreg.data import expression_targets
 

@@ -21,7 +21,7 @@ from expreg.data import (
     compute_target_stats,
     expression_targets,
     image_files,
-    read_metadata,
+    read_recipe_metadata,
     resolve_metadata_csv,
     split_rows,
 )
@@ -66,14 +66,7 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
     d = cfg.data
     with accelerator.main_process_first():
         d.metadata_csv = resolve_metadata_csv(d.metadata_csv)
-        metadata = read_metadata(
-            d.metadata_csv,
-            d.gene_names_file,
-            d.num_genes,
-            d.check_images,
-            targets_required=not d.expression_file,
-            patches=d.patches,
-        )
+        metadata = read_recipe_metadata(d)
     d.metadata_csv = str(metadata.csv_path)
     if d.patches is not None:
         d.patches = str(Path(d.patches).resolve())
