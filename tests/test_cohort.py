@@ -259,13 +259,10 @@ def test_prepare_under_accelerate_launch_shares_the_samples_and_writes_what_one_
 
 @pytest.mark.slow  # two processes under accelerate launch: about 20 s
 def test_a_failure_on_one_process_of_prepare_stops_every_process_and_leaves_nothing(tmp_path):
-    from test_map import SPOT_PITCH_UM, make_spaceranger
+    from test_map import SPOT_PITCH_UM
+    from test_prepare_workers import three_sample_sheet
 
-    rows = ["sample_id,group_id,path"]
-    for k, name in enumerate(("S1", "S2", "S3")):
-        sample, _ = make_spaceranger(tmp_path / "sr", name, seed=k)
-        rows.append(f"{name},P{k},{sample}")
-    (tmp_path / "sheet.csv").write_text("\n".join(rows) + "\n")
+    three_sample_sheet(tmp_path)
     image = tmp_path / "sr" / "S2" / "S2_fullres.png"  # S2 is process 1's share (20 spots each: S1, S3 to 0)
     image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])  # its header reads, its pixels do not
     cmd = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "0"]

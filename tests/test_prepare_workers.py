@@ -14,12 +14,18 @@ from expreg.ingest.errors import IngestError
 from expreg.ingest.prepare import Options, prepare
 
 
-def test_two_workers_write_the_same_patches_and_tables_as_one(tmp_path):
+def three_sample_sheet(tmp_path):
+    """Space Ranger sections S1, S2, S3 (20 spots each, patients P0-P2) under ``tmp_path/sr`` and their sheet."""
     rows = ["sample_id,group_id,path"]
     for k, name in enumerate(("S1", "S2", "S3")):
         sample, _ = make_spaceranger(tmp_path / "sr", name, seed=k)
         rows.append(f"{name},P{k},{sample}")
     (tmp_path / "sheet.csv").write_text("\n".join(rows) + "\n")
+    return tmp_path / "sheet.csv"
+
+
+def test_two_workers_write_the_same_patches_and_tables_as_one(tmp_path):
+    three_sample_sheet(tmp_path)
     outs = {}
     for workers in (1, 2):
         options = Options(patch_um=112.0, patch_px=48, spot_pitch_um=SPOT_PITCH_UM, num_workers=workers)
