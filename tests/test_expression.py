@@ -17,7 +17,7 @@ import yaml
 
 from expreg.config import ConfigError, load_recipe
 from expreg.data.expression import choose_genes, detection_rate, expression_targets, transform_counts
-from expreg.data.h5ad import write_h5ad
+from expreg.data.h5ad import read_h5ad, write_h5ad
 from expreg.data.metadata import read_metadata
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,12 +242,14 @@ def test_the_expression_file_is_read_again_when_it_changes(make_dataset):
     first, _ = expression_targets(metadata, h5ad, rows, "var:3", min_detection=0.1, transform="log1p")
     again, _ = expression_targets(metadata, h5ad, rows, "var:3", min_detection=0.1, transform="log1p")
     cached = expression._EXPRESSION_CACHE["table"]
-    table = expression._read_expression(h5ad)
+    table, counts = expression._read_expression(h5ad)
     assert table is cached and np.array_equal(first.targets(), again.targets())
-    write_h5ad(h5ad, table.X * 2, table.obs, list(table.var_names))  # rewritten: a new size or time
+    matrix = read_h5ad(h5ad).X
+    assert (counts.read() != matrix).nnz == 0  # streamed by blocks: the file's rows, in order
+    write_h5ad(h5ad, matrix * 2, table.obs, list(table.var_names))  # rewritten: a new size or time
     os.utime(h5ad, ns=(1, 1))
-    assert expression._read_expression(h5ad) is not cached
-    np.testing.assert_allclose(expression._read_expression(h5ad).X.toarray(), cached.X.toarray() * 2)
+    assert expression._read_expression(h5ad)[0] is not cached
+    np.testing.assert_allclose(expression._read_expression(h5ad)[1].read().toarray(), matrix.toarray() * 2)
 
 
 def _given(metadata, h5ad, gene_file):

@@ -182,3 +182,27 @@ def test_prediction_tables_need_only_paths(dataset_csv):
     assert md.target_columns == [] and len(md.frame) > 0
     with pytest.raises(MetadataError, match="missing required column"):
         read_metadata(dataset_csv)
+
+
+def test_arrow_and_pandas_readers_give_the_same_table(dataset_csv, monkeypatch):
+    """The fast Arrow reader equals pandas' ``dtype=str`` reading on quoted commas and newlines, empty
+    cells, spaces around names and values, a BOM and CRLF; a file Arrow refuses (a ragged row) is read by
+    pandas, whose error names the line."""
+    from expreg.data import metadata
+
+    frame = pd.read_csv(dataset_csv, dtype=str, keep_default_na=False)
+    frame.insert(2, " note ", "")
+    frame.loc[0, " note "] = 'a, "quoted"\nline'
+    frame.loc[1, "y3"] = " 1.5 "
+    text = frame.to_csv(index=False).replace("\n", "\r\n")
+    dataset_csv.write_bytes(b"\xef\xbb\xbf" + text.encode())
+    fast = read_metadata(dataset_csv).frame
+    monkeypatch.setattr(metadata, "_read_with_arrow", lambda *a: None)
+    slow = read_metadata(dataset_csv).frame
+    pd.testing.assert_frame_equal(fast, slow)
+    assert fast.loc[0, "note"] == 'a, "quoted"\r\nline' and fast.loc[1, "y3"] == 1.5
+    assert fast["path"].dtype == object and fast["y0"].dtype == "float64"
+    monkeypatch.undo()
+    lines = dataset_csv.read_text(encoding="utf-8-sig").splitlines()
+    dataset_csv.write_text("\n".join([*lines[:4], lines[4] + ",extra", *lines[5:]]) + "\n")
+    assert re.search(r"could not parse as CSV: .*Expected 54 fields in line \d+, saw 55", _error(dataset_csv))

@@ -338,7 +338,7 @@ def test_genes_json_gives_each_genes_detection_and_its_spearman_with_depth(make_
         assert record["spearman_with_library_size"] == pytest.approx(expected, abs=1e-9)
     rare = sp.csr_matrix(np.eye(10, 4) * 5 + np.eye(10, 4, -4) * 3)  # each gene detected in 2 of 10 spots
     with caplog.at_level("WARNING", logger="expreg"):
-        _gene_stats(rare, np.log1p(rare.toarray()), [0, 1, 2, 3], ["A", "B", "C", "D"])
+        _gene_stats(np.asarray(rare.sum(axis=1)).ravel(), np.log1p(rare.toarray()), ["A", "B", "C", "D"])
     assert "detected in a median 20 % of the training spots" in caplog.text
 
 

@@ -2,7 +2,8 @@
 
 The transform itself lives in ``expreg.data.counts`` (re-exported here); the scores that choose genes
 in ``expreg.data.gene_scores``; this module reads the expression file, aligns it with the metadata,
-chooses (or reads) the genes and masks what a sample never measured.
+chooses (or reads) the genes and masks what a sample never measured. The counts are never read whole:
+``expreg.data.count_rows`` streams the file's rows in blocks for gene choice and for the targets.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from expreg.data.count_rows import CountRows
 from expreg.data.counts import CPM_TARGET_SUM, transform_counts  # noqa: F401 - re-exported: the targets' one place
 from expreg.data.gene_scores import detection_rate, gene_scores
 
@@ -232,13 +234,13 @@ def expression_targets(
     """
     from expreg.config import ConfigError
 
-    table, counts, samples, rows = _read_rows(metadata, expression_file)
+    table, counts, samples, rows = _read_rows(metadata, expression_file)  # counts: streamed from the file
     not_measured = _not_measured(table, samples, expression_file)
     considered = _eligibility_samples(samples, is_train, allow_unmeasured)
     groups = metadata.frame["group_id"].to_numpy()[is_train]
     try:
         choice = choose_genes(
-            counts[is_train],
+            counts.select(is_train),
             list(table.var_names),
             spec,
             min_detection=min_detection,
@@ -252,15 +254,27 @@ def expression_targets(
         raise ConfigError(str(err)) from err
     index = {g: i for i, g in enumerate(table.var_names)}
     columns = [index[g] for g in choice.genes]
-    targets = transform_counts(counts, columns, transform)
+    targets, library = _targets_and_depth(counts, columns, transform)
     choice.masked_unmeasured = _mask_unmeasured(
         targets, samples, is_train, not_measured, columns, choice, allow_unmeasured, expression_file
     )
-    choice.gene_stats = _gene_stats(counts[is_train], targets[is_train], columns, choice.genes)
-    return _with_targets(metadata, targets, counts, choice.genes), choice
+    choice.gene_stats = _gene_stats(library[is_train], targets[is_train], choice.genes)
+    return _with_targets(metadata, targets, library, choice.genes), choice
 
 
-def _with_targets(metadata, targets: np.ndarray, counts, genes: list[str]):
+def _targets_and_depth(counts: CountRows, columns: list[int], transform: str) -> tuple[np.ndarray, np.ndarray]:
+    """The targets of the count ``columns`` for every row and each row's library size, one block of rows at a
+    time (a row's targets need its own total only)."""
+    targets = np.zeros((counts.shape[0], len(columns)), dtype=np.float32)
+    library = np.zeros(counts.shape[0])
+    for where, block in counts.blocks():
+        totals = np.asarray(block.sum(axis=1), dtype=np.float64).reshape(-1)
+        targets[where] = transform_counts(block, columns, transform, totals)
+        library[where] = totals
+    return targets, library
+
+
+def _with_targets(metadata, targets: np.ndarray, library: np.ndarray, genes: list[str]):
     """The metadata with ``y0..`` and each spot's ``library_size``: its total over all its measured genes
     (what the depth-adjusted scores regress out)."""
     from expreg.data.metadata import Metadata
@@ -268,28 +282,26 @@ def _with_targets(metadata, targets: np.ndarray, counts, genes: list[str]):
     frame = metadata.frame.copy()
     names = [f"y{k}" for k in range(len(genes))]
     frame[names] = targets.astype(np.float64)
-    frame["library_size"] = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
+    frame["library_size"] = library
     return Metadata(metadata.csv_path, frame, names, list(genes))
 
 
 LOW_DETECTION = 0.3  # median detection of the chosen genes below this: their scores mostly follow depth
 
 
-def _gene_stats(train_counts, train_targets: np.ndarray, columns: list[int], genes: list[str]) -> dict[str, dict]:
+def _gene_stats(library: np.ndarray, train_targets: np.ndarray, genes: list[str]) -> dict[str, dict]:
     """Per chosen gene on the training spots: its detection rate and the Spearman of its target with the
-    spot's library size; a warning when the median detection is below ``LOW_DETECTION``."""
+    spot's library size; a warning when the median detection is below ``LOW_DETECTION``. A target is 0
+    exactly where the count is (every transform maps 0 to 0 and a count >= 1 above it)."""
     import logging
 
     from scipy.stats import rankdata
 
-    library = np.asarray(train_counts.sum(axis=1), dtype=np.float64).reshape(-1)
     detection, stats = np.zeros(len(genes)), {}
     for k, gene in enumerate(genes):
         values = train_targets[:, k]
         rows = ~np.isnan(values)  # the spots whose sample measured the gene (zeros elsewhere are no data)
-        column = train_counts[:, columns[k]]
-        detected = (column.toarray().ravel() if hasattr(column, "toarray") else np.asarray(column).ravel()) != 0
-        detection[k] = detected[rows].mean() if rows.any() else np.nan
+        detection[k] = (values[rows] != 0).mean() if rows.any() else np.nan
         ranks, depth = rankdata(values[rows]), rankdata(library[rows])
         with np.errstate(invalid="ignore", divide="ignore"):  # a constant gene or depth: undefined, said as None
             both = np.corrcoef(ranks, depth)[0, 1] if rows.sum() > 1 and np.ptp(ranks) > 0 else np.nan
@@ -325,21 +337,34 @@ def _eligibility_samples(samples, is_train: np.ndarray, allow_unmeasured: bool) 
 
 
 def _read_expression(path):
-    """The expression file, read once per process while it is unchanged: ``expreg.cv`` chooses each fold's
-    genes and trains each fold in one process, and every one of them reads the same file (a 300,000-spot
-    cohort's counts are gigabytes). Keyed on the file's path, size and modification time; read-only."""
+    """``(the expression file's obs, var and uns as an AnnData without X, its counts as CountRows)``, read once
+    per process while the file is unchanged: ``expreg.cv`` chooses each fold's genes and trains each fold in
+    one process. The counts stay on disk (``CountRows`` streams them: a 300,000-spot cohort's are
+    gigabytes). Keyed on the file's path, size and modification time; read-only."""
     from pathlib import Path
 
     stat = Path(path).stat() if Path(path).is_file() else None
     key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns) if stat else None
     if key is None or _EXPRESSION_CACHE.get("key") != key:
-        from expreg.data.h5ad import read_h5ad
+        _EXPRESSION_CACHE.clear()  # one file at a time
+        table, counts = _tables_and_counts(path)
+        _EXPRESSION_CACHE.update(key=key, table=table, counts=counts)
+        return table, counts
+    return _EXPRESSION_CACHE["table"], _EXPRESSION_CACHE["counts"]
 
-        _EXPRESSION_CACHE.clear()  # one file at a time: never two cohorts in memory
-        table = read_h5ad(path)
-        _EXPRESSION_CACHE.update(key=key, table=table)
-        return table
-    return _EXPRESSION_CACHE["table"]
+
+def _tables_and_counts(path):
+    """obs, var and uns of an ``.h5ad`` read by anndata (X left on disk), and its X as ``CountRows``."""
+    import anndata
+
+    from expreg.data.h5ad import read_h5ad
+
+    backed = read_h5ad(path, backed=True)
+    try:
+        table = anndata.AnnData(obs=backed.obs.copy(), var=backed.var.copy(), uns=dict(backed.uns))
+    finally:
+        backed.file.close()
+    return table, CountRows.open(path)
 
 
 _EXPRESSION_CACHE: dict = {}
@@ -354,11 +379,10 @@ def _read_rows(metadata, expression_file):
             f"{metadata.csv_path}: has target columns y0..; with data.expression_file the targets come from the "
             "raw counts: use a metadata CSV without y columns (expreg.prepare without --genes)"
         )
-    table = _read_expression(expression_file)
+    table, counts = _read_expression(expression_file)
     rows = _aligned_rows(metadata, table.obs, expression_file)
     samples = table.obs["sample_id"].astype(str).to_numpy()[rows] if "sample_id" in table.obs.columns else None
-    same_order = len(rows) == table.n_obs and np.array_equal(rows, np.arange(table.n_obs))
-    return table, (table.X if same_order else table.X[rows]), samples, rows  # prepare's order: no copy
+    return table, counts.select(rows), samples, rows
 
 
 def _not_measured(table, samples, expression_file) -> dict[str, np.ndarray]:

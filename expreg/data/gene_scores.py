@@ -20,24 +20,21 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from expreg.data.count_rows import CountRows, as_count_rows
 from expreg.data.counts import CPM_TARGET_SUM, transform_counts
 
 HVG_BINS = 20  # scanpy's n_bins
 BLOCK_BYTES = 32 * 2**20  # one block of transformed values (spots x genes, float64); its temporaries are ~4x that
 
 
-def detection_rate(counts, chunk_nnz: int = 1 << 22) -> np.ndarray:
-    """Fraction of spots (rows) in which each gene (column) has a non-zero count (sparse: ``chunk_nnz`` stored
-    entries at a time, never a copy of the matrix)."""
-    n = max(counts.shape[0], 1)
-    if sp.issparse(counts):
-        csr = sp.csr_matrix(counts)
-        nonzero = np.zeros(csr.shape[1], dtype=np.int64)
-        for start in range(0, csr.nnz, chunk_nnz):
-            part = slice(start, start + chunk_nnz)
-            nonzero += np.bincount(csr.indices[part][csr.data[part] != 0], minlength=csr.shape[1])
-        return nonzero.astype(np.float64) / n
-    return (np.asarray(counts) != 0).sum(axis=0).astype(np.float64) / n
+def detection_rate(counts, chunk_nnz: int | None = None) -> np.ndarray:
+    """Fraction of spots (rows) in which each gene (column) has a non-zero count; ``counts`` a matrix or
+    ``CountRows`` (read ``chunk_nnz`` stored entries at a time, never a copy of the matrix)."""
+    rows = as_count_rows(counts)
+    nonzero = np.zeros(rows.shape[1], dtype=np.int64)
+    for _, block in rows.blocks(chunk_nnz):
+        nonzero += np.bincount(block.indices[block.data != 0], minlength=rows.shape[1])
+    return nonzero.astype(np.float64) / max(rows.shape[0], 1)
 
 
 def linear_moments(log_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,58 +90,52 @@ def rank_genes(values: np.ndarray, method: str, spots=None) -> np.ndarray:
 
 def gene_scores(counts, columns, transform: str, method: str, spots=None, block_bytes: int = BLOCK_BYTES):
     """Scores of the count ``columns`` (transformed by ``transform``, library sizes over every gene); equal to
-    ``rank_genes(transform_counts(counts, columns, transform), ...)``. ``hvg``, ``var`` and ``mean`` work on
-    the non-zeros only (``sparse_moments``); ``svg`` on ``block_bytes`` of dense values at a time."""
+    ``rank_genes(transform_counts(counts, columns, transform), ...)``. ``counts``: a matrix or ``CountRows``.
+    ``hvg``, ``var`` and ``mean`` work on the non-zeros only, streamed (``sparse_moments``); ``svg`` on
+    ``block_bytes`` of dense values at a time, from the training rows' counts held in memory."""
     columns = np.asarray(columns, dtype=np.int64)
-    if method in ("hvg", "var", "mean") and sp.issparse(counts):
-        mean, var = sparse_moments(sp.csr_matrix(counts), transform, linear=method == "hvg")
+    if method in ("hvg", "var", "mean") and (sp.issparse(counts) or isinstance(counts, CountRows)):
+        mean, var = sparse_moments(counts, transform, linear=method == "hvg")
         if method == "hvg":
             return seurat_from_moments(mean[columns], var[columns])
         return (var if method == "var" else mean)[columns]
+    if isinstance(counts, CountRows):
+        counts = counts.read()
     return _dense_blocks(counts, columns, transform, method, spots, block_bytes)
 
 
-def sparse_moments(counts: sp.csr_matrix, transform: str, linear: bool = False, chunk_nnz: int = 1 << 22):
+def sparse_moments(counts, transform: str, linear: bool = False, chunk_nnz: int | None = None):
     """Per gene mean and variance (ddof 1) of the transformed values (``linear``: of their ``expm1``, as
     scanpy's Seurat flavour), from the non-zeros alone, ``chunk_nnz`` at a time (a zero count transforms to
-    0). Each value is the target's own: float64 arithmetic rounded to float32, as ``transform_counts``. Two
-    passes (the mean, then squared deviations) as the dense ``var``; the sums run in another order, so the
-    results agree with the dense ones to rounding (1e-12 relative)."""
-    n, genes = counts.shape
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).reshape(-1)
-    scale = np.ones(n)
-    if transform == "log1p_cpm":
-        scale = np.divide(CPM_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+    0); ``counts`` a sparse matrix or ``CountRows`` (read twice, never whole). Each value is the target's
+    own: float64 arithmetic rounded to float32, as ``transform_counts``. Two passes (the mean, then squared
+    deviations) as the dense ``var``; the sums run in another order, so the results agree with the dense
+    ones to rounding (1e-12 relative)."""
+    rows = as_count_rows(counts)
+    n, genes = rows.shape
 
-    def values(rows: slice) -> tuple[np.ndarray, np.ndarray]:
-        lo, hi = counts.indptr[rows.start], counts.indptr[rows.stop]
-        row_of = np.repeat(np.arange(rows.start, rows.stop), np.diff(counts.indptr[rows.start : rows.stop + 1]))
-        x = counts.data[lo:hi].astype(np.float64)
+    def values(block: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+        x = block.data.astype(np.float64)
         if transform != "none":
-            x = np.log1p(x * scale[row_of])
+            totals = np.asarray(block.sum(axis=1), dtype=np.float64).reshape(-1)
+            scale = np.ones_like(totals)
+            if transform == "log1p_cpm":
+                scale = np.divide(CPM_TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
+            x = np.log1p(x * np.repeat(scale, np.diff(block.indptr)))
         x = x.astype(np.float32).astype(np.float64)
-        return counts.indices[lo:hi], (np.expm1(x) if linear else x)
+        return block.indices, (np.expm1(x) if linear else x)
 
-    chunks = _row_chunks(counts.indptr, chunk_nnz)
     total, stored = np.zeros(genes), np.zeros(genes)  # stored: entries per gene (bincount of all would copy)
-    for rows in chunks:
-        index, x = values(rows)
+    for _, block in rows.blocks(chunk_nnz):
+        index, x = values(block)
         total += np.bincount(index, weights=x, minlength=genes)
         stored += np.bincount(index, minlength=genes)
     mean = total / max(n, 1)
     squares = (n - stored) * mean**2  # the zeros' deviations
-    for rows in chunks:
-        index, x = values(rows)
+    for _, block in rows.blocks(chunk_nnz):
+        index, x = values(block)
         squares += np.bincount(index, weights=(x - mean[index]) ** 2, minlength=genes)
     return mean, (squares / (n - 1) if n > 1 else np.zeros(genes))
-
-
-def _row_chunks(indptr: np.ndarray, chunk_nnz: int) -> list[slice]:
-    """Row ranges holding about ``chunk_nnz`` stored entries each."""
-    cuts = np.searchsorted(indptr, np.arange(0, indptr[-1], max(1, chunk_nnz)), side="right") - 1
-    starts = sorted(set(cuts.tolist()) | {0})
-    ends = starts[1:] + [len(indptr) - 1]
-    return [slice(a, b) for a, b in zip(starts, ends) if b > a]
 
 
 def _dense_blocks(counts, columns, transform: str, method: str, spots, block_bytes: int) -> np.ndarray:

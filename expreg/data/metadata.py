@@ -97,20 +97,19 @@ def _read_table(csv_path: Path) -> pd.DataFrame:
     if csv_path.stat().st_size == 0:
         raise MetadataError(f"{csv_path}: the file is empty (expected a header with path, group_id, y0..)")
     try:
-        # Everything as text first: numbers are checked column by column below, so that a bad
-        # cell is reported with its line instead of silently becoming NaN or an object column.
-        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        with open(csv_path, encoding="utf-8-sig", newline="") as fh:
+            header = next(csv.reader(fh), [])
     except UnicodeDecodeError as err:
         raise MetadataError(
             f"{csv_path}: not valid UTF-8 (byte {err.start}); save the CSV as UTF-8 and try again"
         ) from err
-    except pd.errors.ParserError as err:
-        raise MetadataError(f"{csv_path}: could not parse as CSV: {err}") from err
-    with open(csv_path, encoding="utf-8-sig", newline="") as fh:
-        header = [c.strip() for c in next(csv.reader(fh), [])]
-    duplicates = sorted({c for c in header if header.count(c) > 1})
+    names = [c.strip() for c in header]
+    duplicates = sorted({c for c in names if names.count(c) > 1})
     if duplicates:
         raise MetadataError(f"{csv_path}: duplicate column name(s) in the header: {', '.join(duplicates)}")
+    frame = _read_with_arrow(csv_path, header)
+    if frame is None:
+        frame = _read_with_pandas(csv_path)
     frame.columns = [str(c).strip() for c in frame.columns]
     if len(frame.columns) == 1 and ";" in frame.columns[0]:
         raise MetadataError(
@@ -120,6 +119,51 @@ def _read_table(csv_path: Path) -> pd.DataFrame:
     if frame.empty:
         raise MetadataError(f"{csv_path}: the CSV has a header but no data rows")
     return frame
+
+
+def _read_with_arrow(csv_path: Path, header: list[str]) -> pd.DataFrame | None:
+    """Every cell as text, read by Arrow: target columns stay Arrow strings (parsed to numbers by
+    ``_check_targets``), the others become Python strings as pandas gives them. None when Arrow cannot
+    read the file (ragged rows, bad UTF-8): ``_read_with_pandas`` then reads it or names the problem.
+
+    Measured (``benchmarks/bench_cohort.py --parts rss``): pandas' ``dtype=str`` made a Python string of
+    every cell, 1.65 GB for 400,000 rows x 52 columns; these columns cost about the file's size."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    try:
+        table = pacsv.read_csv(
+            csv_path,
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types={name: pa.string() for name in header},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
+        return None
+    if table.column_names != header:
+        return None
+    columns = {}
+    for name in header:
+        column = pd.Series(pd.arrays.ArrowStringArray(table.column(name)), copy=False)
+        columns[name] = column if TARGET_PATTERN.match(name.strip()) else column.astype(object)
+    del table
+    return pd.DataFrame(columns, copy=False)
+
+
+def _read_with_pandas(csv_path: Path) -> pd.DataFrame:
+    """Everything as text first: numbers are checked column by column, so that a bad cell is reported with
+    its line instead of silently becoming NaN or an object column."""
+    try:
+        return pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise MetadataError(
+            f"{csv_path}: not valid UTF-8 (byte {err.start}); save the CSV as UTF-8 and try again"
+        ) from err
+    except pd.errors.ParserError as err:
+        raise MetadataError(f"{csv_path}: could not parse as CSV: {err}") from err
 
 
 def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -> list[str]:
@@ -156,7 +200,9 @@ def _parse_numbers(column: pd.Series) -> np.ndarray | None:
         values = pc.cast(pc.utf8_trim_whitespace(pa.array(column, pa.string())), pa.float64())
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
         return None
-    return None if values.null_count else values.to_numpy(zero_copy_only=False)
+    if values.null_count:
+        return None
+    return values.to_numpy() if isinstance(values, pa.ChunkedArray) else values.to_numpy(zero_copy_only=False)
 
 
 def _check_targets(csv_path: Path, frame: pd.DataFrame, target_columns: list[str]) -> None:
