@@ -111,6 +111,7 @@ def test_targets_streamed_in_small_blocks_equal_the_whole_matrix(tmp_path, monke
         )
     (small, choice), (whole, whole_choice) = results[5], results[None]
     assert choice.genes == whole_choice.genes
+    np.testing.assert_array_equal(small.targets(), whole.targets())
     columns = [int(g[1:]) for g in choice.genes]
     expected = transform_counts(counts[order], columns, "log1p_cpm")
     np.testing.assert_array_equal(small.targets(), expected)
