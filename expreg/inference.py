@@ -47,10 +47,14 @@ def image_loader(model, files: list[str], batch_size: int, num_workers: int):
     from torch.utils.data import DataLoader
 
     from expreg.data import ImageTransform
+    from expreg.data.loaders import worker_context
 
     config = model.config
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
-    return DataLoader(ImageFiles(files, transform), batch_size=batch_size, num_workers=num_workers)
+    dataset = ImageFiles(files, transform)
+    return DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, multiprocessing_context=worker_context(num_workers)
+    )
 
 
 def dihedral_views(pixel_values):

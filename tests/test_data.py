@@ -312,3 +312,44 @@ def test_hed_jitter_changes_stain_not_geometry_and_is_seeded():
     c = hed_jitter(patch, 0.1, np.random.default_rng(8))
     assert not np.array_equal(a, c)  # another seed, another stain
     assert np.abs(a.astype(int) - patch).max() <= 0.1 * 255 * 3  # bounded by the strength
+
+
+@pytest.mark.slow
+def test_workers_start_from_a_fork_server_under_torch_distributed_with_the_same_batches(
+    dataset_csv, split_csv, tmp_path
+):
+    """Under a process group, DataLoader workers are started by ``forkserver`` (forking the process, whose
+    communication threads call into Python, can hang a worker: CPython gh-112275); the batches, augmented
+    and seeded, are the same as from forked workers, epoch after epoch, with the image cache too."""
+    import torch.distributed as dist
+
+    from expreg.data import build_dataloaders
+    from expreg.data.dataset import image_files
+    from expreg.data.image_cache import ensure_image_cache
+    from expreg.data.loaders import worker_context
+
+    ds = load_expression_dataset(dataset_csv, split_csv)
+    cache = ensure_image_cache([p for part in ds.values() for p in image_files(part)], 24, tmp_path / "cache")
+
+    def batches() -> list:
+        loaders = build_dataloaders(ds, image_size=24, batch_size=4, num_workers=2, seed=0, image_cache=cache)
+        out = []
+        for epoch in range(2):
+            loaders["train_sampler"].set_epoch(epoch)
+            loaders["train_transform"].set_epoch(epoch)
+            out += [(b["pixel_values"], b["labels"]) for b in loaders["train"]]
+        return out, loaders["train"].multiprocessing_context
+
+    assert worker_context(2) is None and worker_context(0) is None
+    forked, context = batches()
+    assert context is None
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert worker_context(2) == "forkserver" and worker_context(0) is None
+        served, context = batches()
+        assert context.get_start_method() == "forkserver"
+    finally:
+        dist.destroy_process_group()
+    assert len(forked) == len(served) > 0
+    for (x, y), (x2, y2) in zip(forked, served):
+        assert torch.equal(x, x2) and torch.equal(y, y2)

@@ -190,6 +190,8 @@ def _write(folder: Path, paths: list[str], image_size: int, num_workers: int, pr
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from expreg.data.loaders import worker_context
+
     nbytes = 3 * image_size * image_size
     schema = pa.schema(
         [("path", pa.string()), ("pixels", pa.binary(nbytes)), ("error", pa.string())],
@@ -201,6 +203,7 @@ def _write(folder: Path, paths: list[str], image_size: int, num_workers: int, pr
         num_workers=num_workers,
         collate_fn=_as_list,
         generator=torch.Generator().manual_seed(0),  # not the global RNG: a run is the same with or without a build
+        multiprocessing_context=worker_context(num_workers),
     )
     blank = bytes(nbytes)
     with pa.OSFile(str(folder / CACHE_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:

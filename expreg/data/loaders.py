@@ -231,13 +231,38 @@ def _transformed_split(part, transform):
     return part.cast_column("image", datasets.Image(decode=False)).with_transform(transform)
 
 
+def worker_context(num_workers: int) -> str | None:
+    """How DataLoader workers start: ``forkserver`` once ``torch.distributed`` runs, else the default (fork).
+
+    A process group's communication threads (gloo's run loops, NCCL's watchdog) call into Python when
+    a collective's tensors are released. ``fork`` at that moment copies a held interpreter lock into the
+    worker, which then hangs before it starts (CPython <= 3.11, gh-112275; seen here: a 2-process resume
+    hung in evaluation, its second worker stuck in ``PyOS_AfterFork_Child``). Workers forked from the
+    single-threaded fork server cannot inherit it. Results are the same either way (workers are seeded
+    from the loader's generator), and everything a worker gets is picklable (the image cache and the
+    patch stores reopen their files).
+    """
+    if num_workers == 0:
+        return None
+    import torch.distributed as dist
+
+    return "forkserver" if dist.is_available() and dist.is_initialized() else None
+
+
 def _dataloader(dataset, num_workers: int, **kwargs):
     """A DataLoader with what every split's loader shares: ``collate_fn`` and seeded workers."""
     from torch.utils.data import DataLoader
 
     from expreg.seeding import seed_worker
 
-    return DataLoader(dataset, num_workers=num_workers, collate_fn=collate_fn, worker_init_fn=seed_worker, **kwargs)
+    return DataLoader(
+        dataset,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        worker_init_fn=seed_worker,
+        multiprocessing_context=worker_context(num_workers),
+        **kwargs,
+    )
 
 
 def _train_loader(dataset, batch_size: int, seed: int, num_processes: int, num_workers: int):

@@ -34,13 +34,15 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
     from torch.utils.data import DataLoader
 
     from expreg.data import ImageTransform
+    from expreg.data.loaders import worker_context
 
     config, options = plan.model.config, plan.options
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
     tiles = SlideTiles(
         plan.slide.path, x0, y0, plan.geometry.box_px, plan.geometry.patch_px, plan.level, transform, names, plan.slide
     )
-    loader = DataLoader(tiles, batch_size=options.batch_size, num_workers=options.num_workers)
+    context = worker_context(options.num_workers)  # forkserver under several processes (see worker_context)
+    loader = DataLoader(tiles, batch_size=options.batch_size, num_workers=options.num_workers, multiprocessing_context=context)
     normalised = predict_loader(plan.model, loader, accelerator, tta=options.tta, desc=desc)
     return plan.model.to_expression(normalised.astype(np.float64))
 
