@@ -345,7 +345,7 @@ def test_workers_start_from_a_fork_server_under_torch_distributed_with_the_same_
     assert context is None
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
-        assert worker_context(2) == "forkserver" and worker_context(0) is None
+        assert worker_context(2).get_start_method() == "forkserver" and worker_context(0) is None
         served, context = batches()
         assert context.get_start_method() == "forkserver"
     finally:

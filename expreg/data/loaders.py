@@ -231,22 +231,32 @@ def _transformed_split(part, transform):
     return part.cast_column("image", datasets.Image(decode=False)).with_transform(transform)
 
 
-def worker_context(num_workers: int) -> str | None:
-    """How DataLoader workers start: ``forkserver`` once ``torch.distributed`` runs, else the default (fork).
+FORKSERVER_PRELOAD = ("numpy", "torch", "PIL.Image", "pyarrow", "datasets", "expreg.data.loaders", "expreg.data.transforms")
+
+
+def worker_context(num_workers: int):
+    """How DataLoader workers start: from a fork server once ``torch.distributed`` runs, else the default (fork).
 
     A process group's communication threads (gloo's run loops, NCCL's watchdog) call into Python when
     a collective's tensors are released. ``fork`` at that moment copies a held interpreter lock into the
     worker, which then hangs before it starts (CPython <= 3.11, gh-112275; seen here: a 2-process resume
     hung in evaluation, its second worker stuck in ``PyOS_AfterFork_Child``). Workers forked from the
-    single-threaded fork server cannot inherit it. Results are the same either way (workers are seeded
-    from the loader's generator), and everything a worker gets is picklable (the image cache and the
-    patch stores reopen their files).
+    single-threaded fork server cannot inherit it; the server imports ``FORKSERVER_PRELOAD`` once, so a
+    worker starts in milliseconds, not seconds. Results are the same either way (workers are seeded from
+    the loader's generator), and everything a worker gets is picklable (the image cache and the patch
+    stores reopen their files).
     """
     if num_workers == 0:
         return None
     import torch.distributed as dist
 
-    return "forkserver" if dist.is_available() and dist.is_initialized() else None
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(FORKSERVER_PRELOAD))  # read when the server starts (once per process)
+    return context
 
 
 def _dataloader(dataset, num_workers: int, **kwargs):
