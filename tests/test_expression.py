@@ -210,7 +210,7 @@ def test_cross_validation_folds_choose_their_own_genes(make_dataset, tmp_path, m
         ]
     )
     assert code == 0
-    assert len(reads) == 1  # the counts are read once for the check and the 5 folds' gene choices
+    assert len(reads) == 1  # obs, var and uns read once for the 5 folds; the counts are streamed (CountRows)
     summary = json.loads((out / "cv_summary.json").read_text())
     lists = {k: (out / f"genes_fold{k}.txt").read_text().split() for k in range(5)}
     test_fold_of_p04 = next(f["fold"] for f in summary["methods"]["mean"]["folds"] if f["test_groups"] == ["P04"])
