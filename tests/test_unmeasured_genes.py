@@ -24,7 +24,7 @@ from PIL import Image
 from expreg.config import ConfigError
 from expreg.data.dataset import TargetStats
 from expreg.data.expression import expression_targets
-from expreg.data.h5ad import H5adError, read_h5ad, write_h5ad
+from expreg.data.h5ad import H5adError, read_h5ad, read_h5ad_tables, write_h5ad
 from expreg.data.metadata import read_metadata
 from expreg.evaluation.baselines import fit_ridge
 from expreg.evaluation.metrics import compute_metrics
@@ -197,7 +197,7 @@ def test_a_run_with_unmeasured_genes_allowed_trains_and_scores_on_measured_targe
 # ------------------------------------------------------------------------ the records in expression.h5ad
 
 
-def test_a_12000_gene_record_and_unknown_items_are_never_dropped_silently(tmp_path):
+def test_a_12000_gene_record_and_unknown_items_are_never_dropped_silently(tmp_path, caplog):
     names = [f"G{i:05d}" for i in range(12_050)]
     obs = pd.DataFrame({"sample_id": ["WTA", "PANEL"]}, index=["a", "b"])
     uns = {"genes_not_measured": {"WTA": [], "PANEL": names[50:]}}
@@ -210,6 +210,17 @@ def test_a_12000_gene_record_and_unknown_items_are_never_dropped_silently(tmp_pa
     with h5py.File(tmp_path / "e.h5ad", "a") as f:
         f["uns"].create_dataset("pairs", data=np.zeros(2, dtype=[("a", "i4"), ("b", "f4")]))
     assert read_h5ad(tmp_path / "e.h5ad").uns["pairs"].dtype.names == ("a", "b")  # read, not dropped
+    tables = read_h5ad_tables(tmp_path / "e.h5ad")  # what gene choice reads: the counts stay on disk
+    assert tables.X is None and tables.shape == (2, len(names)) and tables.uns["pairs"].dtype.names == ("a", "b")
+    with h5py.File(tmp_path / "e.h5ad", "a") as f:
+        f["uns"].create_group("odd").attrs["encoding-type"] = "awkward-array"
+    with caplog.at_level("WARNING", logger="expreg"):
+        tables = read_h5ad_tables(tmp_path / "e.h5ad")  # read item by item, the unreadable one named
+    assert (
+        "pairs" in tables.uns
+        and "odd" not in tables.uns
+        and "left out what anndata cannot read: uns/odd" in caplog.text
+    )
     with h5py.File(tmp_path / "e.h5ad", "a") as f:
         f["obs"].attrs["column-order"] = ["sample_id", "odd"]
         f["obs"].create_group("odd").attrs["encoding-type"] = "awkward-array"

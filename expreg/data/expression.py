@@ -354,17 +354,10 @@ def _read_expression(path):
 
 
 def _tables_and_counts(path):
-    """obs, var and uns of an ``.h5ad`` read by anndata (X left on disk), and its X as ``CountRows``."""
-    import anndata
+    """obs, var and uns of an ``.h5ad`` (X left on disk), and its X as ``CountRows``."""
+    from expreg.data.h5ad import read_h5ad_tables
 
-    from expreg.data.h5ad import read_h5ad
-
-    backed = read_h5ad(path, backed=True)
-    try:
-        table = anndata.AnnData(obs=backed.obs.copy(), var=backed.var.copy(), uns=dict(backed.uns))
-    finally:
-        backed.file.close()
-    return table, CountRows.open(path)
+    return read_h5ad_tables(path), CountRows.open(path)
 
 
 _EXPRESSION_CACHE: dict = {}

@@ -49,9 +49,28 @@ def read_h5ad(path, *, backed: bool = False):
     return adata
 
 
-def _read_by_item(path: Path):
-    """The file read element by element when anndata cannot read it whole: X, obs, var and obsm must read;
-    an ``uns`` item that cannot (an encoding this anndata does not know) is left out with a warning that
+def read_h5ad_tables(path):
+    """``obs``, ``var`` and ``uns`` of an ``.h5ad`` as an AnnData without ``X`` (the counts stay on disk:
+    ``expreg.data.count_rows`` streams them). anndata reads the file backed; when it cannot, the tables
+    are read element by element as ``read_h5ad`` does (an unreadable ``uns`` item is left out, named)."""
+    import anndata
+
+    try:
+        backed = read_h5ad(path, backed=True)
+    except H5adError:
+        whole = _read_by_item(Path(path), with_x=False)
+        if whole is None:
+            raise
+        return whole
+    try:
+        return anndata.AnnData(obs=backed.obs.copy(), var=backed.var.copy(), uns=dict(backed.uns))
+    finally:
+        backed.file.close()
+
+
+def _read_by_item(path: Path, with_x: bool = True):
+    """The file read element by element when anndata cannot read it whole: X, obs, var and obsm (only obs
+    and var without ``with_x``) must read; an ``uns`` item that cannot (an encoding this anndata does not know) is left out with a warning that
     names it. None when X, obs, var or obsm cannot be read either."""
     import anndata
     import h5py
@@ -60,7 +79,8 @@ def _read_by_item(path: Path):
     try:
         with h5py.File(path, "r") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            parts = {key: read_elem(f[key]) for key in ("X", "obs", "var", "obsm") if key in f}
+            keys = ("X", "obs", "var", "obsm") if with_x else ("obs", "var")
+            parts = {key: read_elem(f[key]) for key in keys if key in f}
             uns, skipped = {}, []
             for key in f.get("uns", {}):
                 try:

@@ -231,7 +231,15 @@ def _transformed_split(part, transform):
     return part.cast_column("image", datasets.Image(decode=False)).with_transform(transform)
 
 
-FORKSERVER_PRELOAD = ("numpy", "torch", "PIL.Image", "pyarrow", "datasets", "expreg.data.loaders", "expreg.data.transforms")
+FORKSERVER_PRELOAD = (
+    "numpy",
+    "torch",
+    "PIL.Image",
+    "pyarrow",
+    "datasets",
+    "expreg.data.loaders",
+    "expreg.data.transforms",
+)
 
 
 def worker_context(num_workers: int):
