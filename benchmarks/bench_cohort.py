@@ -212,11 +212,12 @@ def training_rates(args, runs: dict, root: Path) -> dict:
 
     def side(batches):
         def rate() -> float:
-            seen = 0
-            for i, b in zip(range(WARMUP + args.batches), batches()):
-                if i == WARMUP:  # an epoch is thousands of batches: time the steady state, as a long epoch runs
-                    start, seen = time.perf_counter(), 0
-                x, y = (b["pixel_values"], b["labels"]) if isinstance(b, dict) else b
+            it = iter(batches())
+            for _ in range(WARMUP):  # an epoch is thousands of batches: time the steady state, as a long epoch runs
+                step(*_xy(next(it)))
+            start, seen = time.perf_counter(), 0
+            for _ in range(args.batches):  # every timed step fetches its own batch
+                x, y = _xy(next(it))
                 step(x, y)
                 seen += len(y)
             return seen / (time.perf_counter() - start)
@@ -255,6 +256,10 @@ def training_rates(args, runs: dict, root: Path) -> dict:
     )
     print("  targets: shards >= 0.95 x bare, and >= files")
     return {"rates": rates, "model": model}
+
+
+def _xy(batch):
+    return (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
 
 
 def _loader_seconds(batches, count: int) -> float:

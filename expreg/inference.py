@@ -47,13 +47,16 @@ def image_loader(model, files: list[str], batch_size: int, num_workers: int):
     from torch.utils.data import DataLoader
 
     from expreg.data import ImageTransform
-    from expreg.data.loaders import worker_context
+    from expreg.data.loaders import worker_context, worker_init
 
     config = model.config
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
-    dataset = ImageFiles(files, transform)
     return DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, multiprocessing_context=worker_context(num_workers)
+        ImageFiles(files, transform),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        worker_init_fn=worker_init(seed=False),
+        multiprocessing_context=worker_context(num_workers),
     )
 
 

@@ -353,3 +353,17 @@ def test_workers_start_from_a_fork_server_under_torch_distributed_with_the_same_
     assert len(forked) == len(served) > 0
     for (x, y), (x2, y2) in zip(forked, served):
         assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_a_worker_gets_the_patch_stores_registered_when_its_loader_was_built(monkeypatch):
+    """A fork server's workers start with the server's environment, from before a store registered later:
+    ``worker_init`` hands them the stores of the moment the DataLoader was built."""
+    import os
+
+    from expreg.data import loaders, patch_store
+
+    monkeypatch.setenv(patch_store.ENV, '["/data/cohort/patches"]')
+    init = loaders.worker_init(seed=False)
+    monkeypatch.delenv(patch_store.ENV)  # the worker's environment
+    init(0)
+    assert os.environ[patch_store.ENV] == '["/data/cohort/patches"]'

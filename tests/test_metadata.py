@@ -206,3 +206,9 @@ def test_arrow_and_pandas_readers_give_the_same_table(dataset_csv, monkeypatch):
     lines = dataset_csv.read_text(encoding="utf-8-sig").splitlines()
     dataset_csv.write_text("\n".join([*lines[:4], lines[4] + ",extra", *lines[5:]]) + "\n")
     assert re.search(r"could not parse as CSV: .*Expected 54 fields in line \d+, saw 55", _error(dataset_csv))
+
+
+def test_an_empty_header_cell_is_named_as_pandas_names_it(dataset_csv):
+    text = dataset_csv.read_text().splitlines()
+    dataset_csv.write_text("\n".join([text[0] + ",", *(line + ",x" for line in text[1:])]) + "\n")
+    assert read_metadata(dataset_csv).frame.columns[-1] == "Unnamed: 53"  # pandas' name, not ""

@@ -43,11 +43,11 @@ class CountRows:
     @classmethod
     def open(cls, path) -> CountRows:
         """The counts ``X`` of the ``.h5ad`` at ``path``, left on disk when it can be read by rows."""
-        source = _H5Source.open(Path(path))
-        if source is None:  # CSC: columns are contiguous, rows are not
+        source = _H5Source.open(Path(path).resolve())
+        if source is None:  # CSC (columns contiguous, rows not) or an older anndata's layout
             from expreg.data.h5ad import read_h5ad
 
-            logging.getLogger("expreg").info(f"{path}: X is stored by columns (CSC): read whole to take its rows")
+            logging.getLogger("expreg").info(f"{path}: X cannot be read by rows (CSC or an old layout): read whole")
             return cls(read_h5ad(path).X)
         return cls(source)
 
@@ -58,6 +58,8 @@ class CountRows:
     def select(self, rows) -> CountRows:
         """Rows ``rows`` of this selection (indices or a boolean mask), in that order."""
         rows = np.asarray(rows)
+        if rows.dtype == bool and len(rows) != len(self.rows):
+            raise ValueError(f"a mask of {len(rows)} rows for a selection of {len(self.rows)}")
         picked = self.rows[np.flatnonzero(rows)] if rows.dtype == bool else self.rows[rows.astype(np.int64)]
         return CountRows(self.source, picked)
 
@@ -124,6 +126,7 @@ class _H5Source:
 
     def __init__(self, path: Path, shape: tuple[int, int], indptr: np.ndarray | None):
         self.path, self.shape, self.indptr = path, shape, indptr
+        self.stamp = _stamp(path)
 
     @classmethod
     def open(cls, path: Path) -> _H5Source | None:
@@ -137,15 +140,15 @@ class _H5Source:
                     raise H5adError(f"{path}: no 'X' (the expression matrix) in this .h5ad file")
                 x = f["X"]
                 if isinstance(x, h5py.Dataset):
-                    if x.ndim != 2:
-                        raise H5adError(f"{path}: X is {x.ndim}-D, not spots x genes")
+                    if x.ndim != 2 or x.dtype.kind not in "biuf":
+                        raise H5adError(f"{path}: X is {x.ndim}-D {x.dtype}, not spots x genes of numbers")
                     return cls(path, tuple(int(s) for s in x.shape), None)
-                kind = x.attrs.get("encoding-type", "")
+                kind = x.attrs.get("encoding-type", x.attrs.get("h5sparse_format", ""))
                 kind = kind.decode() if isinstance(kind, bytes) else str(kind)
-                if kind == "csc_matrix":
-                    return None
-                if kind != "csr_matrix" or not {"data", "indices", "indptr"} <= set(x.keys()):
-                    raise H5adError(f"{path}: X is neither a CSR, CSC nor dense matrix (encoding-type {kind!r})")
+                if kind != "csr_matrix" or "encoding-type" not in x.attrs:
+                    return None  # CSC, or an older anndata's layout: anndata reads it whole
+                if not {"data", "indices", "indptr"} <= set(x.keys()) or x["data"].dtype.kind not in "biuf":
+                    raise H5adError(f"{path}: X is not a CSR matrix of numbers (data, indices, indptr)")
                 shape = tuple(int(s) for s in x.attrs["shape"])
                 return cls(path, shape, np.asarray(x["indptr"][:], dtype=np.int64))
         except OSError as err:
@@ -154,6 +157,10 @@ class _H5Source:
     def blocks(self, ordered: np.ndarray, order: np.ndarray, chunk_nnz: int):
         import h5py
 
+        from expreg.data.h5ad import H5adError
+
+        if _stamp(self.path) != self.stamp:
+            raise H5adError(f"{self.path}: rewritten while it was being read; run again")
         with h5py.File(self.path, "r") as f:
             x = f["X"]
             if self.indptr is None:
@@ -168,6 +175,11 @@ class _H5Source:
             starts, ends = indptr[ordered], indptr[ordered + 1]
             for part in _groups(starts, ends - starts, chunk_nnz):
                 yield order[part], _csr_rows(data, indices, starts[part], ends[part], self.shape[1])
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def _csr_rows(data, indices, starts: np.ndarray, ends: np.ndarray, n_genes: int) -> sp.csr_matrix:

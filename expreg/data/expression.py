@@ -355,9 +355,14 @@ def _read_expression(path):
 
 def _tables_and_counts(path):
     """obs, var and uns of an ``.h5ad`` (X left on disk), and its X as ``CountRows``."""
-    from expreg.data.h5ad import read_h5ad_tables
+    from expreg.data.h5ad import H5adError, read_h5ad_tables
 
-    return read_h5ad_tables(path), CountRows.open(path)
+    table, counts = read_h5ad_tables(path), CountRows.open(path)
+    if counts.shape != table.shape:
+        raise H5adError(
+            f"{path}: X is {counts.shape[0]} x {counts.shape[1]} but obs x var is {table.shape[0]} x {table.shape[1]}"
+        )
+    return table, counts
 
 
 _EXPRESSION_CACHE: dict = {}

@@ -50,28 +50,31 @@ def read_h5ad(path, *, backed: bool = False):
 
 
 def read_h5ad_tables(path):
-    """``obs``, ``var`` and ``uns`` of an ``.h5ad`` as an AnnData without ``X`` (the counts stay on disk:
-    ``expreg.data.count_rows`` streams them). anndata reads the file backed; when it cannot, the tables
-    are read element by element as ``read_h5ad`` does (an unreadable ``uns`` item is left out, named)."""
+    """``obs``, ``var`` and ``uns`` of an ``.h5ad`` as an AnnData without ``X``: the counts stay on disk
+    (``expreg.data.count_rows`` streams them), and so do ``layers``, ``obsm`` and the rest. Read element by
+    element (an unreadable ``uns`` item is left out, named); a file whose ``obs`` or ``var`` only anndata's
+    whole-file reader understands (older layouts) is read backed, ``X`` still left on disk."""
     import anndata
 
+    path = Path(path)
+    if not path.is_file():
+        raise H5adError(f"{path}: no such file (expected an AnnData .h5ad file)")
+    tables = _read_by_item(path, with_x=False)
+    if tables is not None:
+        return tables
+    backed = read_h5ad(path, backed=True)
     try:
-        backed = read_h5ad(path, backed=True)
-    except H5adError:
-        whole = _read_by_item(Path(path), with_x=False)
-        if whole is None:
-            raise
-        return whole
-    try:
-        return anndata.AnnData(obs=backed.obs.copy(), var=backed.var.copy(), uns=dict(backed.uns))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".* names are not unique")
+            return anndata.AnnData(obs=backed.obs.copy(), var=backed.var.copy(), uns=dict(backed.uns))
     finally:
         backed.file.close()
 
 
 def _read_by_item(path: Path, with_x: bool = True):
     """The file read element by element when anndata cannot read it whole: X, obs, var and obsm (only obs
-    and var without ``with_x``) must read; an ``uns`` item that cannot (an encoding this anndata does not know) is left out with a warning that
-    names it. None when X, obs, var or obsm cannot be read either."""
+    and var without ``with_x``) must read; an ``uns`` item that cannot (an encoding this anndata does not
+    know) is left out with a warning that names it. None when those cannot be read either."""
     import anndata
     import h5py
     from anndata.io import read_elem
@@ -87,6 +90,8 @@ def _read_by_item(path: Path, with_x: bool = True):
                     uns[key] = read_elem(f["uns"][key])
                 except Exception as err:  # noqa: BLE001 - whatever anndata raises for an unknown encoding
                     skipped.append(f"uns/{key} ({type(err).__name__})")
+            if not with_x and not {"obs", "var"} <= set(parts):
+                return None
             adata = anndata.AnnData(**parts, uns=uns)
     except Exception:  # noqa: BLE001 - the caller reports anndata's own error
         return None

@@ -267,17 +267,38 @@ def worker_context(num_workers: int):
     return context
 
 
+def worker_init(seed: bool = True):
+    """A DataLoader's ``worker_init_fn``: the patch stores registered now (a fork server's workers get the
+    server's environment, from before a store registered later), then, with ``seed``, ``seed_worker``."""
+    import functools
+    import os
+
+    from expreg.data.patch_store import ENV
+
+    return functools.partial(_init_worker, stores=os.environ.get(ENV), seed=seed)
+
+
+def _init_worker(worker_id: int, stores: str | None, seed: bool) -> None:
+    import os
+
+    from expreg.data.patch_store import ENV
+    from expreg.seeding import seed_worker
+
+    if stores is not None:
+        os.environ[ENV] = stores
+    if seed:
+        seed_worker(worker_id)
+
+
 def _dataloader(dataset, num_workers: int, **kwargs):
     """A DataLoader with what every split's loader shares: ``collate_fn`` and seeded workers."""
     from torch.utils.data import DataLoader
-
-    from expreg.seeding import seed_worker
 
     return DataLoader(
         dataset,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        worker_init_fn=seed_worker,
+        worker_init_fn=worker_init(),
         multiprocessing_context=worker_context(num_workers),
         **kwargs,
     )

@@ -143,8 +143,8 @@ def _read_with_arrow(csv_path: Path, header: list[str]) -> pd.DataFrame | None:
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
         return None
-    if table.column_names != header:
-        return None
+    if table.column_names != header or any(not name.strip() for name in header):
+        return None  # pandas names an empty header cell "Unnamed: N", as before
     columns = {}
     for name in header:
         column = pd.Series(pd.arrays.ArrowStringArray(table.column(name)), copy=False)

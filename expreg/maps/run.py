@@ -41,8 +41,12 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
     tiles = SlideTiles(
         plan.slide.path, x0, y0, plan.geometry.box_px, plan.geometry.patch_px, plan.level, transform, names, plan.slide
     )
-    context = worker_context(options.num_workers)  # forkserver under several processes (see worker_context)
-    loader = DataLoader(tiles, batch_size=options.batch_size, num_workers=options.num_workers, multiprocessing_context=context)
+    workers = options.num_workers
+    if workers and worker_context(workers) is not None and not plan.slide.tiled:
+        workers = 0  # a fork server's workers would each decode the whole plain image again
+    loader = DataLoader(
+        tiles, batch_size=options.batch_size, num_workers=workers, multiprocessing_context=worker_context(workers)
+    )
     normalised = predict_loader(plan.model, loader, accelerator, tta=options.tta, desc=desc)
     return plan.model.to_expression(normalised.astype(np.float64))
 
