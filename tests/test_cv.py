@@ -285,6 +285,7 @@ def test_every_cv_method_gives_identical_numbers_twice(make_dataset, tmp_path):
     assert summaries[0]["methods"]["linear_probe"]["spearman_mean"] is not None
 
 
+@pytest.mark.slow  # end to end (~25-50 s): moved out of the default run to keep it under 10 min
 def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_dataset, tmp_path):
     """Accumulation and precision reach the fold runs; their metrics.json carries cv_summary's held-out scores."""
     import subprocess

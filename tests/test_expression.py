@@ -137,6 +137,7 @@ def test_recipe_keys_are_checked():
         load_recipe(None, ["data.expression_file=x.h5ad", "data.genes=hvg:5", "data.min_gene_detection=2"])
 
 
+@pytest.mark.slow  # end to end (~25-50 s): moved out of the default run to keep it under 10 min
 def test_a_run_chooses_genes_on_its_training_split_and_records_them(make_dataset, tmp_path):
     csv, h5ad = _expression_set(make_dataset)
     split = pd.DataFrame({"path": pd.read_csv(csv)["path"], "group_id": pd.read_csv(csv)["group_id"]})

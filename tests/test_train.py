@@ -244,6 +244,7 @@ def test_gene_names_file_raw_targets_and_the_decode_check_through_the_command(da
     assert "Traceback" not in result.stderr and not (tmp_path / "decode").exists()  # before anything is written
 
 
+@pytest.mark.slow  # end to end (~25-50 s): moved out of the default run to keep it under 10 min
 def test_gradient_clipping_bounds_the_norm_the_optimizer_sees(data_csv, tmp_path, monkeypatch):
     from expreg.config import load_recipe
     from expreg.training.launch import build_accelerator
@@ -301,6 +302,7 @@ def test_two_processes_evaluate_like_one(reference_run, tmp_path):
     np.testing.assert_allclose(outputs[1]["scored"], outputs[1]["predictions"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # end to end (~25-50 s): moved out of the default run to keep it under 10 min
 def test_finished_run_is_never_overwritten_or_resumed(reference_run, data_csv):
     out = reference_run.parent
     before = (reference_run / "metrics.json").read_bytes()
@@ -507,6 +509,7 @@ def test_model_card_of_a_single_training_group_fold_says_what_was_done(make_data
     assert m["test_groups"] == ["P00"] and f"{m['test_spearman_mean']:.4f}" in card
 
 
+@pytest.mark.slow  # end to end (~25-50 s): moved out of the default run to keep it under 10 min
 def test_gradient_accumulation_matches_one_large_batch(data_csv, tmp_path):
     # test_vit has no BatchNorm, so 2 micro-batches of 4 accumulated == 1 batch of 8
     common = (
