@@ -47,17 +47,11 @@ def image_loader(model, files: list[str], batch_size: int, num_workers: int):
     from torch.utils.data import DataLoader
 
     from expreg.data import ImageTransform
-    from expreg.data.loaders import worker_context, worker_init
+    from expreg.data.loaders import worker_options
 
     config = model.config
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
-    return DataLoader(
-        ImageFiles(files, transform),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        worker_init_fn=worker_init(seed=False),
-        multiprocessing_context=worker_context(num_workers),
-    )
+    return DataLoader(ImageFiles(files, transform), batch_size=batch_size, **worker_options(num_workers, seed=False))
 
 
 def dihedral_views(pixel_values):

@@ -190,7 +190,7 @@ def _write(folder: Path, paths: list[str], image_size: int, num_workers: int, pr
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from expreg.data.loaders import worker_context, worker_init
+    from expreg.data.loaders import worker_options
 
     nbytes = 3 * image_size * image_size
     schema = pa.schema(
@@ -200,11 +200,9 @@ def _write(folder: Path, paths: list[str], image_size: int, num_workers: int, pr
     loader = DataLoader(
         _DecodeFiles(paths, image_size),
         batch_size=ROWS_PER_BATCH,
-        num_workers=num_workers,
         collate_fn=_as_list,
         generator=torch.Generator().manual_seed(0),  # not the global RNG: a run is the same with or without a build
-        worker_init_fn=worker_init(seed=False),
-        multiprocessing_context=worker_context(num_workers),
+        **worker_options(num_workers, seed=False),
     )
     blank = bytes(nbytes)
     with pa.OSFile(str(folder / CACHE_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:

@@ -278,6 +278,16 @@ def worker_init(seed: bool = True):
     return functools.partial(_init_worker, stores=os.environ.get(ENV), seed=seed)
 
 
+def worker_options(num_workers: int, seed: bool = True) -> dict:
+    """A DataLoader's ``num_workers``, ``worker_init_fn`` (``worker_init``) and ``multiprocessing_context``
+    (``worker_context``): what every loader of expreg passes."""
+    return {
+        "num_workers": num_workers,
+        "worker_init_fn": worker_init(seed),
+        "multiprocessing_context": worker_context(num_workers),
+    }
+
+
 def _init_worker(worker_id: int, stores: str | None, seed: bool) -> None:
     import os
 
@@ -294,14 +304,7 @@ def _dataloader(dataset, num_workers: int, **kwargs):
     """A DataLoader with what every split's loader shares: ``collate_fn`` and seeded workers."""
     from torch.utils.data import DataLoader
 
-    return DataLoader(
-        dataset,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        worker_init_fn=worker_init(),
-        multiprocessing_context=worker_context(num_workers),
-        **kwargs,
-    )
+    return DataLoader(dataset, collate_fn=collate_fn, **worker_options(num_workers), **kwargs)
 
 
 def _train_loader(dataset, batch_size: int, seed: int, num_processes: int, num_workers: int):

@@ -34,7 +34,7 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
     from torch.utils.data import DataLoader
 
     from expreg.data import ImageTransform
-    from expreg.data.loaders import worker_context
+    from expreg.data.loaders import worker_context, worker_options
 
     config, options = plan.model.config, plan.options
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
@@ -44,9 +44,7 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
     workers = options.num_workers
     if workers and worker_context(workers) is not None and not plan.slide.tiled:
         workers = 0  # a fork server's workers would each decode the whole plain image again
-    loader = DataLoader(
-        tiles, batch_size=options.batch_size, num_workers=workers, multiprocessing_context=worker_context(workers)
-    )
+    loader = DataLoader(tiles, batch_size=options.batch_size, **worker_options(workers, seed=False))
     normalised = predict_loader(plan.model, loader, accelerator, tta=options.tta, desc=desc)
     return plan.model.to_expression(normalised.astype(np.float64))
 
