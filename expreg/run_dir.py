@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -83,11 +84,16 @@ def read_status(run_dir: Path) -> str:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write via a temporary file in the same folder and ``os.replace``: readers never see half a file."""
+    atomic_write_lines(path, [text])
+
+
+def atomic_write_lines(path: Path, pieces) -> None:
+    """``atomic_write_text`` of the concatenated ``pieces`` (an iterable), written as they come."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
+            fh.writelines(pieces)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results are meant to be shared
@@ -138,15 +144,16 @@ def write_json(path: Path, data: dict) -> None:
 
 def write_table_csv(path: Path, header: list[str], rows) -> None:
     """A CSV with ``header`` and ``rows`` (floats as 6 significant digits), written atomically."""
-    lines = [",".join(_csv_cell(c) for c in header)]
-    for row in rows:
-        lines.append(",".join(f"{v:.6g}" if isinstance(v, (float, np.floating)) else _csv_cell(v) for v in row))
-    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    lines = (
+        ",".join(f"{v:.6g}" if isinstance(v, (float, np.floating)) else _csv_cell(v) for v in row) + "\n"
+        for row in rows
+    )
+    atomic_write_lines(Path(path), itertools.chain([",".join(_csv_cell(c) for c in header) + "\n"], lines))
 
 
 def write_predictions(path: Path, paths: list[str], groups: list[str], gene_names: list[str], values) -> None:
     """``path, group_id, <gene>...`` in expression units."""
-    rows = ([p, g, *row] for p, g, row in zip(paths, groups, np.asarray(values, dtype=np.float64)))
+    rows = ([p, g, *row.tolist()] for p, g, row in zip(paths, groups, np.asarray(values, dtype=np.float64)))
     write_table_csv(path, ["path", "group_id", *gene_names], rows)
 
 

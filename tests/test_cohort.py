@@ -153,7 +153,7 @@ def test_the_image_cache_knows_a_stored_image_by_its_store_and_a_rewritten_store
     shards = cohort["shards", 1]
     paths = read_metadata(shards / "metadata.csv", targets_required=False, patches=shards / "patches").image_paths()
     registered = use_store(shards / "patches")
-    assert stamp(paths[5]) == f"{registered.signature}:{registered.index[paths[5]]}" and stamp(paths[5] + "x") is None
+    assert stamp(paths[5]) == f"{registered.signature}:{registered.row(paths[5])}" and stamp(paths[5] + "x") is None
     before = fingerprint(paths[:3], 16)
     shard = next((shards / "patches").glob("*.parquet"))
     times = (shard.stat().st_atime_ns, shard.stat().st_mtime_ns)

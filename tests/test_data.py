@@ -367,3 +367,32 @@ def test_a_worker_gets_the_patch_stores_registered_when_its_loader_was_built(mon
     monkeypatch.delenv(patch_store.ENV)  # the worker's environment
     init(0)
     assert os.environ[patch_store.ENV] == '["/data/cohort/patches"]'
+
+
+def _tiny_store(folder: Path, paths: list[str]) -> Path:
+    """A patch store of ``paths`` (relative to ``folder``), image i holding the bytes ``b"img<i>"``."""
+    import pyarrow as pa
+
+    from expreg.data.patch_store import ShardWriter, shard_schema
+
+    table = pa.table({"path": paths, "group_id": ["G"] * len(paths)})
+    writer = ShardWriter(folder / "patches", shard_schema(table.schema))
+    writer.write(table, pa.array([f"img{i}".encode() for i in range(len(paths))], pa.binary()))
+    writer.finish()
+    return folder / "patches"
+
+
+@pytest.mark.parametrize("collide", [False, True])
+def test_the_patch_store_finds_each_path_and_refuses_a_path_twice(tmp_path, monkeypatch, collide):
+    import expreg.data.patch_store as patch_store
+
+    if collide:  # every path the same hash: lookups compare the paths themselves
+        monkeypatch.setattr(patch_store, "_hash", lambda path: 7)
+    paths = [f"patches/s{i % 3}/p{i}.png" for i in range(20)]
+    store = patch_store.PatchStore(_tiny_store(tmp_path / "ok", paths))
+    root = tmp_path / "ok"
+    for i in [0, 7, 19]:
+        assert store.read(str(root / paths[i])) == f"img{i}".encode()
+    assert str(root / "patches/s0/p1.png") not in store and len(store) == 20
+    with pytest.raises(patch_store.PatchStoreError, match="'patches/s1/p4.png' appears twice"):
+        patch_store.PatchStore(_tiny_store(tmp_path / "dup", paths[:5] + ["patches/s1/p4.png"] + paths[5:]))

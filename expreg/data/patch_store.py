@@ -145,6 +145,11 @@ def signature(files: list[Path]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _hash(path: str) -> int:
+    """The index's key of an absolute path (this process's string hash: each process builds its own index)."""
+    return hash(path)
+
+
 class PatchStore:
     """Random access to a store's images by absolute path (Arrow, memory-mapped; see the module docstring).
 
@@ -157,29 +162,65 @@ class PatchStore:
         files = shard_files(self.folder)
         self.signature = signature(files)  # what the image cache's fingerprint records for a stored image
         table = _arrow_table(self.folder, files)
-        root = str(self.folder.parent)
-        self.index: dict[str, int] = {}
-        for row, path in enumerate(table.column("path").to_pylist()):
-            key = os.path.normpath(os.path.join(root, path))
-            if self.index.setdefault(key, row) != row:
-                raise PatchStoreError(f"data.patches {self.folder}: the path {path!r} appears twice")
+        self._root = str(self.folder.parent)
+        self._paths = table.column("path")
+        self._hashes, self._rows = self._hash_index()
         images = table.column("image")
         self._chunks = [chunk.field("bytes") for chunk in images.chunks]
         self._starts = np.cumsum([0] + [len(c) for c in self._chunks])
 
+    def _key(self, row: int) -> str:
+        return os.path.normpath(os.path.join(self._root, self._paths[row].as_py()))
+
+    def _hash_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's absolute path hashed, sorted, with the rows in that order: 16 bytes a row instead of a
+        dict of path strings (~200 bytes a row, in every process that opens the store)."""
+        hashes = np.fromiter(
+            (_hash(os.path.normpath(os.path.join(self._root, p))) for p in self._paths.to_pylist()),
+            dtype=np.int64,
+            count=len(self._paths),
+        )
+        rows = np.argsort(hashes, kind="stable")
+        hashes = hashes[rows]
+        starts = np.flatnonzero(np.diff(hashes, prepend=hashes[:1] - 1, append=hashes[-1:] + 1) != 0)
+        for start, end in zip(starts[:-1], starts[1:]):
+            if end - start > 1:  # the same hash: the same path, or a rare collision
+                keys = [self._key(int(r)) for r in rows[start:end]]
+                twice = next((int(r) for r, k in zip(rows[start:end], keys) if keys.count(k) > 1), None)
+                if twice is not None:
+                    path = self._paths[twice].as_py()
+                    raise PatchStoreError(f"data.patches {self.folder}: the path {path!r} appears twice")
+        return hashes, rows
+
+    def row(self, path: str) -> int | None:
+        """The store's row holding the image at ``path`` (absolute, normalised), or None."""
+        h = _hash(path)
+        i = int(np.searchsorted(self._hashes, h))
+        while i < len(self._hashes) and self._hashes[i] == h:
+            if self._key(int(self._rows[i])) == path:
+                return int(self._rows[i])
+            i += 1
+        return None
+
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self._paths)
 
     def __contains__(self, path: str) -> bool:
-        return path in self.index
+        return self.row(path) is not None
 
     def example(self) -> str:
         """One path the store holds (for error messages)."""
-        return next(iter(self.index), "(none)")
+        return self._key(0) if len(self) else "(none)"
 
     def read(self, path: str) -> bytes:
         """The encoded image stored for ``path`` (an absolute path, as the metadata resolves it)."""
-        row = self.index[path]
+        row = self.row(path)
+        if row is None:
+            raise KeyError(path)
+        return self.read_row(row)
+
+    def read_row(self, row: int) -> bytes:
+        """The encoded image of the store's row ``row``."""
         chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
         return self._chunks[chunk][row - self._starts[chunk]].as_py()
 
@@ -244,14 +285,17 @@ def _holder(path: str) -> PatchStore | None:
 
 def read_bytes(path: str) -> bytes | None:
     """The encoded image a registered store holds for ``path``, or None (then it is a file)."""
-    store = _holder(path)
-    return None if store is None else store.read(path)
+    for store in _stores():
+        row = store.row(path)
+        if row is not None:
+            return store.read_row(row)
+    return None
 
 
 def stamp(path: str) -> str | None:
     """What identifies a stored image's bytes (its store's shards and its row), or None for a file."""
     store = _holder(path)
-    return None if store is None else f"{store.signature}:{store.index[path]}"
+    return None if store is None else f"{store.signature}:{store.row(path)}"
 
 
 def image_exists(path: str) -> bool:

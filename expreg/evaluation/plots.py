@@ -149,6 +149,7 @@ def redraw_run_plots(run_dir: Path) -> list[Path]:
 
     from expreg.config import config_from_dict
     from expreg.data import load_expression_dataset
+    from expreg.data.dataset import labels_array
 
     run_dir = Path(run_dir)
     cfg = config_from_dict(yaml.safe_load((run_dir / "config_resolved.yaml").read_text()), "run config")
@@ -160,4 +161,4 @@ def redraw_run_plots(run_dir: Path) -> list[Path]:
         val_frac=cfg.data.val_frac,
         check_images="none",
     )
-    return write_run_plots(run_dir, np.asarray(ds["validation"]["labels"], dtype=np.float64))
+    return write_run_plots(run_dir, labels_array(ds["validation"], dtype=np.float64))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from expreg.data import image_files
+from expreg.data.dataset import image_files, labels_array, string_list
 from expreg.embeddings import NUM_VIEWS, ensure_embedding_views
 from expreg.modeling.encoders import weights_digest
 
@@ -122,9 +122,9 @@ def setup_frozen_loaders(cfg, data, model, accelerator, dry_run_steps: int | Non
     for name, part in data.datasets.items():
         files = image_files(part)
         stores = data.embedding_stores if name == "train" else data.embedding_stores[:1]
-        labels = data.target_stats.normalize(np.asarray(part["labels"], dtype=np.float32))
+        labels = data.target_stats.normalize(labels_array(part))
         views, rows = [s.array for s in stores], [s.rows(files) for s in stores]
-        dataset = EmbeddingRows(views, labels, list(part["path"]), cfg.seed, rows=rows)
+        dataset = EmbeddingRows(views, labels, string_list(part, "path"), cfg.seed, rows=rows)
         loaders.update(_loaders(name, dataset, cfg, accelerator.num_processes))
     return loaders
 

@@ -13,7 +13,7 @@ import logging
 import numpy as np
 import torch
 
-from expreg.data import image_files
+from expreg.data.dataset import image_files, labels_array, string_list
 from expreg.embeddings import ensure_embeddings
 from expreg.evaluation.baselines import linear_probe_affine
 
@@ -41,8 +41,8 @@ def fit_linear_probe(trainer) -> tuple[float, float, np.ndarray]:
     )
     logger.info(f"embedding store: {store.folder}")
     embeddings = store.get(files).astype(np.float64)
-    targets = data.target_stats.normalize(np.asarray(train["labels"], dtype=np.float64))
-    groups = np.asarray(train["group_id"], dtype=object)
+    targets = data.target_stats.normalize(labels_array(train, dtype=np.float64))
+    groups = np.asarray(string_list(train, "group_id"), dtype=object)
     weights, bias, info = linear_probe_affine(embeddings, targets, groups, seed=cfg.seed)
     if info["pca_components"]:
         logger.info(f"linear probe: {info['pca_components']} PCA components, ridge alpha {info['alpha']:g}")

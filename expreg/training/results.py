@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expreg.data.dataset import library_sizes
+from expreg.data.dataset import group_names, labels_array, library_sizes, string_list
 from expreg.evaluation.metrics import compute_metrics
 from expreg.evaluation.plots import write_run_plots
 from expreg.inference import predict_loader
@@ -40,7 +40,7 @@ DEPTH_FIELDS = ("spearman_depth_adjusted_mean", "pearson_depth_adjusted_mean", "
 
 def split_summary(datasets) -> dict:
     """The groups and sample counts of every split the run uses (what it was fitted and selected on)."""
-    return {name: {"samples": len(part), "groups": sorted(set(part["group_id"]))} for name, part in datasets.items()}
+    return {name: {"samples": len(part), "groups": group_names(part)} for name, part in datasets.items()}
 
 
 def metrics_json(t, status: str) -> dict:
@@ -129,7 +129,7 @@ def score_fields(scores: dict, datasets) -> dict:
             test_pearson_mean=test.pearson_mean,
             num_test_samples=test.summary["num_samples"],
             num_genes_undefined_test_spearman=test.summary["num_genes_undefined_spearman"],
-            test_groups=sorted(set(datasets["test"]["group_id"])),
+            test_groups=group_names(datasets["test"]),
             test_per_gene_spearman={r["gene"]: r["spearman"] for r in test.per_gene_rows()},
         )
         fields.update({f"test_{k}": test.summary[k] for k in DEPTH_FIELDS})
@@ -179,7 +179,7 @@ def score_best(t, max_batches: int | None) -> dict:
 
 def targets(dataset, num_predictions: int, truncate: bool) -> np.ndarray:
     """The split's targets in dataset order; a count other than the predictions' is an error (not a silent cut)."""
-    truth = np.asarray(dataset["labels"], dtype=np.float64)
+    truth = labels_array(dataset, dtype=np.float64)
     if truncate:
         return truth[:num_predictions]
     if len(truth) != num_predictions:
@@ -199,7 +199,11 @@ def record_scores(t, scores: dict, result: dict) -> None:
     for split, (expression, metrics) in scores.items():
         part, n = data.datasets[split], len(expression)
         write_predictions(
-            run_dir / files[split][0], part["path"][:n], part["group_id"][:n], data.gene_names, expression
+            run_dir / files[split][0],
+            string_list(part, "path", n),
+            string_list(part, "group_id", n),
+            data.gene_names,
+            expression,
         )
         write_per_gene_metrics(run_dir / files[split][1], metrics.per_gene_rows())
     test = (
@@ -210,7 +214,7 @@ def record_scores(t, scores: dict, result: dict) -> None:
     best = next(h for h in state.history if h["epoch"] == state.best_epoch)
     card = model_card(t, best, val, test)
     atomic_write_text(run_dir / "checkpoints" / "best" / "README.md", card)
-    write_run_plots(run_dir, np.asarray(data.datasets["validation"]["labels"], dtype=np.float64), metrics=result)
+    write_run_plots(run_dir, labels_array(data.datasets["validation"], dtype=np.float64), metrics=result)
     logger.info(
         f"best epoch {result['best_epoch']} (checkpoints/best, scored in fp32): validation mean Spearman "
         f"{val.spearman_mean:.4f}, mean Pearson {val.pearson_mean:.4f}; {val.format_depth()}"

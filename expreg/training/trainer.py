@@ -24,7 +24,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from expreg.config import ConfigError, RunConfig
-from expreg.data.dataset import library_sizes
+from expreg.data.dataset import labels_array, library_sizes, string_list
 from expreg.evaluation.metrics import compute_metrics
 from expreg.inference import gather_outputs
 from expreg.modeling.hub import HubError
@@ -392,7 +392,7 @@ class Trainer:
         """Metrics, history, best model, predictions and the early-stopping count."""
         cfg, accelerator, data, state = self.cfg, self.accelerator, self.data, self.state
         val = data.datasets["validation"]
-        targets = np.asarray(val["labels"], dtype=np.float64)[: len(predictions)]
+        targets = labels_array(val, len(predictions), dtype=np.float64)
         expression = accelerator.unwrap_model(self.model).to_expression(predictions.astype(np.float64))
         depth = library_sizes(val, len(predictions))
         metrics = compute_metrics(expression, targets, data.gene_names, cfg.data.allow_unmeasured_genes, depth)
@@ -424,7 +424,11 @@ class Trainer:
         card = results.model_card(self, entry, metrics)
         checkpoint.save_best_model(self.accelerator, self.model, self.run_dir, card)
         write_predictions(
-            self.run_dir / "predictions_val.csv", val["path"][:n], val["group_id"][:n], metrics.gene_names, expression
+            self.run_dir / "predictions_val.csv",
+            string_list(val, "path", n),
+            string_list(val, "group_id", n),
+            metrics.gene_names,
+            expression,
         )
         write_per_gene_metrics(self.run_dir / "per_gene_metrics.csv", metrics.per_gene_rows())
 
