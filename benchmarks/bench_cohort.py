@@ -340,12 +340,12 @@ def rss_against_rows(args, root: Path) -> dict:
         found[rows] = {"run_regression": run_measured([*train, f"logging.output_dir={out}", "logging.run_name=r"])}
         cv = [sys.executable, "-m", "expreg.cv", str(REPO / "recipes" / "tiny.yaml"), *data, *common]
         if "cv" in args.rss_commands.split(","):
-            cv += ["--n_folds", "2", "--methods", "finetune,mean", "--out_dir", str(out / "cv")]
+            cv += ["--n_folds", "2", "--methods", "finetune,mean", "--no_tta", "--out_dir", str(out / "cv")]
             found[rows]["expreg.cv"] = run_measured(cv)
         shutil.rmtree(out, ignore_errors=True)
     print(
         "\n4. memory against rows (a patch store of 16-px PNGs, K=50 targets in the CSV, test_resnet, 1 epoch of 100 steps; "
-        "cv: 2 folds, finetune + mean). Peak RSS (largest process) and its anonymous part (RSS without "
+        "cv: 2 folds, finetune + mean, --no_tta). Peak RSS (largest process) and its anonymous part (RSS without "
         "memory-mapped files: the Arrow tables and the store are mapped)"
     )
     for rows, r in found.items():

@@ -53,6 +53,12 @@ def main(argv=None) -> int:
         "--hest_task",
         help="a HEST-Benchmark task folder (bench_data/<TASK>): its samples, folds and genes replace the recipe's data",
     )
+    parser.add_argument(
+        "--no_tta",
+        action="store_true",
+        help="leave out finetune's test-time-augmentation score (it predicts every held-out image 8 more times: "
+        "most of a large cohort's CV time)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for run_regression.py")
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     try:
@@ -74,7 +80,7 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
     from expreg.training.interrupts import Interrupted, TrainingError
 
     try:
-        accelerator, finetune = _finetune(cfg, methods)
+        accelerator, finetune = _finetune(cfg, methods, tta=not args.no_tta)
         summary = cross_validate(
             cfg,
             Path(args.recipe).name,
@@ -102,7 +108,7 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
     return 0
 
 
-def _finetune(cfg, methods: list[str]):
+def _finetune(cfg, methods: list[str], tta: bool = True):
     """``(accelerator, finetune)``: the recipe's accelerator when a method runs a model (training runs, and the
     probes' embeddings, built on its device), and the training of a fold bound to it (or None)."""
     if not {"finetune", "frozen", "depth_from_image", "linear_probe", "linear_probe_hest"} & set(methods):
@@ -115,7 +121,7 @@ def _finetune(cfg, methods: list[str]):
     if problem:
         raise ConfigError(problem)
     trains = {"finetune", "frozen", "depth_from_image"} & set(methods)
-    return accelerator, functools.partial(finetune_fold, accelerator=accelerator) if trains else None
+    return accelerator, functools.partial(finetune_fold, accelerator=accelerator, tta=tta) if trains else None
 
 
 if __name__ == "__main__":

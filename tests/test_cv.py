@@ -285,6 +285,28 @@ def test_every_cv_method_gives_identical_numbers_twice(make_dataset, tmp_path):
     assert summaries[0]["methods"]["linear_probe"]["spearman_mean"] is not None
 
 
+@pytest.mark.slow  # a fine-tuning CV end to end (~20 s)
+def test_cv_without_tta_scores_the_folds_without_predicting_them_again(make_dataset, tmp_path, monkeypatch):
+    """``--no_tta``: the 8-view score (8 more predictions of every held-out image) is left out, and said nowhere."""
+    import expreg.training.folds as folds
+
+    def no_tta(*args, **kwargs):
+        raise AssertionError("the TTA score was computed under --no_tta")
+
+    monkeypatch.setattr(folds, "_tta_metrics", no_tta)
+    csv = make_dataset(num_groups=4, samples_per_group=6)
+    out = tmp_path / "cv"
+    args = [str(REPO / "recipes" / "tiny.yaml"), f"data.metadata_csv={csv}", "--methods", "finetune,mean"]
+    assert cv_main([*args, "--n_folds", "2", "--no_tta", "train.epochs=1", "--out_dir", str(out)]) == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    assert [f["fold"] for f in summary["methods"]["finetune"]["folds"]] == [0, 1]
+    assert all(
+        "tta_spearman_mean" not in f and f["spearman_mean"] is not None
+        for f in summary["methods"]["finetune"]["folds"]
+    )
+    assert "Test-time augmentation" not in (out / "cv_summary.md").read_text()
+
+
 @pytest.mark.slow  # end to end (~25-50 s): moved out of the default run to keep it under 10 min
 def test_cv_folds_train_like_run_regression_and_report_held_out_scores(make_dataset, tmp_path):
     """Accumulation and precision reach the fold runs; their metrics.json carries cv_summary's held-out scores."""

@@ -141,7 +141,7 @@ def _method_notes(summary: dict) -> list[str]:
     """What a reader needs to read some rows: TTA, the constant mean, per-fold genes, HEST's probe."""
     methods, lines = summary["methods"], []
     if "finetune" in methods:
-        tta = mean_std([f["tta_spearman_mean"] for f in methods["finetune"]["folds"]])[0]
+        tta = mean_std([f.get("tta_spearman_mean") for f in methods["finetune"]["folds"]])[0]
         plain = methods["finetune"]["spearman_mean"]
         if tta is not None and plain is not None:
             lines += [
