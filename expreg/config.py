@@ -20,6 +20,7 @@ import yaml
 MIXED_PRECISION = ("no", "fp16", "bf16")
 HEADS = ("linear", "mlp")
 POOLINGS = ("avg", "cls", "cls+mean")  # expreg.modeling.encoders
+CONTEXTS = ("none", "multiscale")  # expreg.modeling.model: the spot's patch alone, or with a wider context patch
 TRAIN_MODES = ("finetune", "frozen", "linear_probe")
 DEMO_DATA = "demo"
 TARGET_TRANSFORMS = ("log1p_cpm", "log1p", "none")  # expreg.data.expression
@@ -62,6 +63,11 @@ class DataConfig:
     # physical side of the patches in µm (stored in the model for whole-slide maps); read from the
     # prepare.json beside an expreg.prepare metadata CSV, give it for hand-made CSVs
     patch_um: float | None = None
+    # physical side of the context patches in µm (model.context=multiscale): read from prepare.json as patch_um
+    context_um: float | None = None
+    # radius of a spot's neighbourhood in µm (expreg.cv --methods linear_probe_neighbourhood); None: one ring
+    # of the spot lattice (1.2 x the median distance to the nearest spot of the same section)
+    neighbourhood_um: float | None = None
 
     def __post_init__(self) -> None:
         _check_choice("data.check_images", self.check_images, ("none", "exists", "decode"))
@@ -81,6 +87,10 @@ class DataConfig:
         _check_choice("data.target_transform", self.target_transform, TARGET_TRANSFORMS)
         if self.patch_um is not None:
             _check_positive("data.patch_um", self.patch_um)
+        if self.context_um is not None:
+            _check_positive("data.context_um", self.context_um)
+        if self.neighbourhood_um is not None:
+            _check_positive("data.neighbourhood_um", self.neighbourhood_um)
         if not 0 <= self.min_gene_detection <= 1:
             raise ConfigError(f"data.min_gene_detection must be in [0, 1], got {self.min_gene_detection}")
         if (self.expression_file is None) != (self.genes is None):
@@ -104,9 +114,11 @@ class ModelConfig:
     dropout: float = 0.0
     pooling: str = "avg"  # avg, cls (a ViT's class token) or cls+mean (both, as Virchow2)
     encoder_args: str | None = None  # JSON object added to the encoder's timm arguments
+    context: str = "none"  # none | multiscale (the patch and a context patch around it, one shared encoder)
 
     def __post_init__(self) -> None:
         _check_choice("model.head", self.head, HEADS)
+        _check_choice("model.context", self.context, CONTEXTS)
         _check_choice("model.pooling", self.pooling, POOLINGS)
         self.encoder_kwargs()  # checked now
         _check_positive("model.head_hidden_dim", self.head_hidden_dim)
@@ -192,6 +204,11 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        if self.model.context == "multiscale" and self.train.mode != "finetune":
+            raise ConfigError(
+                f"model.context=multiscale trains the encoder on two views of each spot; train.mode={self.train.mode} "
+                "reads cached single-patch embeddings: use train.mode=finetune"
+            )
         if self.train.mode == "linear_probe" and self.model.head != "linear":
             raise ConfigError("train.mode=linear_probe fits a linear head: set model.head=linear")
         if self.train.mode == "frozen" and (self.data.color_jitter or self.data.hed_jitter):

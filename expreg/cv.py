@@ -29,6 +29,7 @@ from expreg.evaluation.cv import (
     DEFAULT_METHODS,
     HEST_PROBE,
     METHODS,
+    PROBES,
     check_config,
     cross_validate,
     output_dir,
@@ -111,7 +112,7 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
 def _finetune(cfg, methods: list[str], tta: bool = True):
     """``(accelerator, finetune)``: the recipe's accelerator when a method runs a model (training runs, and the
     probes' embeddings, built on its device), and the training of a fold bound to it (or None)."""
-    if not {"finetune", "frozen", "depth_from_image", "linear_probe", "linear_probe_hest"} & set(methods):
+    if not {"finetune", "frozen", "depth_from_image", *PROBES} & set(methods):
         return None, None
     from expreg.training.folds import finetune_fold
     from expreg.training.launch import build_accelerator, unconnected_launch_error

@@ -24,9 +24,12 @@ class PredictError(RuntimeError):
 
 
 class ImageFiles:
-    """A map-style dataset of image files -> ``pixel_values`` (the model's evaluation transform)."""
+    """A map-style dataset of image files -> ``pixel_values`` (the model's evaluation transform).
 
-    def __init__(self, files: list[str], transform) -> None:
+    An entry of ``files`` is a path, or ``(patch, context patch)`` for a multiscale model (6 channels).
+    """
+
+    def __init__(self, files: list, transform) -> None:
         self.files = files
         self.transform = transform
 
@@ -34,12 +37,19 @@ class ImageFiles:
         return len(self.files)
 
     def __getitem__(self, index: int):
+        import torch
+
+        entry = self.files[index]
+        paths = (entry,) if isinstance(entry, str) else tuple(entry)
+        return torch.cat([self._view(path, paths[0]) for path in paths], dim=0)
+
+    def _view(self, path: str, key: str):
         from expreg.data import UnreadableImageError, load_image
 
-        image, reason = load_image(self.files[index])
+        image, reason = load_image(path)
         if image is None:
-            raise UnreadableImageError(f"{self.files[index]}: cannot read the image ({reason})")
-        return self.transform(image, self.files[index])
+            raise UnreadableImageError(f"{path}: cannot read the image ({reason})")
+        return self.transform(image, key)
 
 
 def image_loader(model, files: list[str], batch_size: int, num_workers: int):

@@ -66,9 +66,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _inputs(args, genes: list[str]):
-    """(paths as written in the output, files to open, (targets or None, library sizes or None))."""
+def _inputs(args, model_config):
+    """(paths as written in the output, files to open (multiscale: (patch, context) pairs), (targets or None,
+    library sizes or None))."""
+    genes = list(model_config.gene_names)
+    multiscale = getattr(model_config, "context", "none") == "multiscale"
     if args.image_dir:
+        if multiscale:
+            raise PredictError(
+                "this model reads each spot's patch and its context patch (context=multiscale): give --metadata_csv "
+                "with a context_path column (python -m expreg.prepare --context_um), not --image_dir"
+            )
         files = list_images(args.image_dir)
         return files, files, (None, None)
     metadata = read_metadata(args.metadata_csv, num_genes=None, for_prediction=True, patches=args.patches)
@@ -83,6 +91,15 @@ def _inputs(args, genes: list[str]):
             f"{' ...' if len(differ) > 3 else ''}); metrics would compare different genes"
         )
     files = [resolve_image_path(metadata.csv_path, p) for p in metadata.frame["path"]]
+    if multiscale:
+        contexts = metadata.context_paths()
+        if contexts is None:
+            raise PredictError(
+                f"{metadata.csv_path}: this model reads each spot's context patch too (context=multiscale, "
+                f"{model_config.context_um} um): the CSV needs a context_path column (python -m expreg.prepare "
+                "--context_um)"
+            )
+        files = list(zip(files, contexts))
     targets = metadata.targets().astype(np.float64) if metadata.target_columns else None
     depth = None
     if "library_size" in metadata.frame.columns:  # the depth-adjusted scores need it; empty cells: n/a
@@ -99,7 +116,7 @@ def main(argv=None) -> int:
         if out.exists() and not args.overwrite:
             raise PredictError(f"{out} exists; choose another --out_csv or pass --overwrite")
         model = load_model(args.model)
-        paths, files, (targets, depth) = _inputs(args, list(model.config.gene_names))
+        paths, files, (targets, depth) = _inputs(args, model.config)
     except (PredictError, MetadataError) as err:
         print(f"expreg-predict: error: {err}", file=sys.stderr)
         return 2

@@ -73,6 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "of ~256 MB with every metadata column (patches/data-*.parquet; a cohort: train with "
         "data.patches=<out_dir>/patches)",
     )
+    parser.add_argument(
+        "--context_um",
+        type=float,
+        help="also cut a context patch per spot: this many µm wide (e.g. 3 x --patch_um), centred on the spot, "
+        "resized to --patch_px, written to context/<sample>/ and the metadata's context_path column (for "
+        "model.context=multiscale); parts outside the image are white, as for patches",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     return parser.parse_args(argv)
 
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
         hd_min_tissue=args.hd_min_tissue,
         num_workers=args.num_workers,
         store=args.store,
+        context_um=args.context_um,
     )
     processes = _processes()
     if processes is not None and not processes.main:

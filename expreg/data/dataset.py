@@ -142,13 +142,14 @@ def _remove_arrow_dir(pid: int) -> None:
         shutil.rmtree(_ARROW_DIRS[pid], ignore_errors=True)
 
 
-def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=None, fold=None):
+def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=None, fold=None, context: bool = False):
     """Build the ``DatasetDict`` from a validated table and per-row split names.
 
     Each split is converted to Arrow in ``ARROW_CHUNK_ROWS``-row record batches (the targets go
     over as float32 arrays, not as one Python float per value), written to a temporary file and
     memory-mapped (``datasets.Dataset.from_file``), so DataLoader workers share its pages
-    instead of copying the table.
+    instead of copying the table. ``context``: a ``context`` column holds each row's context patch
+    (absolute path, from the metadata's ``context_path``), for a multiscale model.
     """
     import datasets
     import pyarrow as pa
@@ -159,6 +160,7 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
             "labels": datasets.List(datasets.Value("float32"), length=metadata.num_genes),
             "group_id": datasets.Value("string"),
             "path": datasets.Value("string"),
+            **({"context": datasets.Value("string")} if context else {}),
             **{c: datasets.Value("string") for c in metadata.extra_columns},
         }
     )
@@ -175,6 +177,12 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
     )
     schema = features.arrow_schema
     image_paths = np.asarray(metadata.image_paths(), dtype=object)
+    context_paths = metadata.context_paths() if context else None
+    if context and context_paths is None:
+        raise MetadataError(
+            f"{metadata.csv_path}: model.context=multiscale needs a context_path column (each spot's context patch): "
+            "prepare the samples with python -m expreg.prepare --context_um <um>"
+        )
     targets = metadata.targets()
     folder = _arrow_dir() / f"build-{next(_BUILD_IDS)}"
     parts = {}
@@ -188,7 +196,7 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
             with pa.OSFile(str(arrow_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
                 for start in range(0, len(rows), ARROW_CHUNK_ROWS):
                     chunk = rows[start : start + ARROW_CHUNK_ROWS]
-                    writer.write_batch(_record_batch(metadata, chunk, image_paths, targets, schema))
+                    writer.write_batch(_record_batch(metadata, chunk, image_paths, targets, schema, context_paths))
         except OSError as err:
             raise OSError(
                 f"cannot write the dataset's Arrow file {arrow_file}: {err}. It needs about "
@@ -202,7 +210,9 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
     return datasets.DatasetDict(parts)
 
 
-def _record_batch(metadata: Metadata, rows: np.ndarray, image_paths: np.ndarray, targets: np.ndarray, schema):
+def _record_batch(
+    metadata: Metadata, rows: np.ndarray, image_paths: np.ndarray, targets: np.ndarray, schema, contexts
+):
     """Metadata rows -> one Arrow record batch in the dataset's schema (``image`` as a path-only struct)."""
     import pyarrow as pa
 
@@ -215,6 +225,7 @@ def _record_batch(metadata: Metadata, rows: np.ndarray, image_paths: np.ndarray,
         "labels": labels,
         "group_id": pa.array(frame["group_id"], pa.string()),
         "path": pa.array(frame["path"], pa.string()),
+        **({"context": pa.array([contexts[i] for i in rows], pa.string())} if contexts is not None else {}),
         **{c: pa.array(frame[c].astype(str), pa.string()) for c in metadata.extra_columns},
     }
     return pa.record_batch([columns[field.name].cast(field.type) for field in schema], schema=schema)
@@ -267,6 +278,11 @@ def image_files(dataset) -> list[str]:
     import pyarrow.compute as pc
 
     return pc.struct_field(arrow_column(dataset, "image"), "path").to_pylist()
+
+
+def context_files(dataset) -> list[str]:
+    """The absolute paths of a split's context patches (``model.context=multiscale``), or ``[]``."""
+    return string_list(dataset, "context") if "context" in dataset.column_names else []
 
 
 def dataset_gene_names(dataset) -> list[str]:

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 class ExpressionTransform:
     """``with_transform`` function: a batch of rows -> ``pixel_values`` and normalised ``labels``.
 
+    A row with a ``context`` (its context patch's path, ``model.context=multiscale``) gives the patch and the
+    context patch stacked as 6 channels, both transformed alike.
+
     Images are decoded here (the dataset's image column is cast to ``decode=False``), so that an
     image that became unreadable after validation is handled by ``bad_image_policy``: ``"fail"``
     raises ``UnreadableImageError`` naming the file; ``"skip"`` drops the sample (counted in the
@@ -53,19 +56,26 @@ class ExpressionTransform:
     def set_epoch(self, epoch: int) -> None:
         self.image_transform.set_epoch(epoch)
 
+    def _view(self, item, key: str):
+        """One image of a row, transformed; None when unreadable under ``bad_image_policy=skip``."""
+        image, reason = self._load(item)
+        if image is None and self.bad_image_policy == "fail":
+            path = item["path"] if isinstance(item, dict) else item
+            raise UnreadableImageError(
+                f"{path} (row path {key!r}) cannot be read: {reason}. Fix or remove the file (data.check_images="
+                "decode finds all such files before training), or set data.bad_image_policy=skip"
+            )
+        return None if image is None else self.image_transform(image, key)
+
     def __call__(self, batch: dict) -> dict:
         import torch
 
+        contexts = batch.get("context") or [None] * len(batch["path"])
         pixel_values = []
-        for item, key in zip(batch["image"], batch["path"]):
-            image, reason = self._load(item)
-            if image is None and self.bad_image_policy == "fail":
-                path = item["path"] if isinstance(item, dict) else item
-                raise UnreadableImageError(
-                    f"{path} (row path {key!r}) cannot be read: {reason}. Fix or remove the file (data.check_images="
-                    "decode finds all such files before training), or set data.bad_image_policy=skip"
-                )
-            pixel_values.append(None if image is None else self.image_transform(image, key))
+        for item, key, context in zip(batch["image"], batch["path"], contexts):
+            views = [self._view(item, key)] + ([] if context is None else [self._view(context, key)])
+            # a context patch is transformed as its patch (the same key: the same flips and jitter)
+            pixel_values.append(None if any(v is None for v in views) else torch.cat(views, dim=0))
         labels = np.asarray(batch["labels"], dtype=np.float32)
         if self.target_stats is not None:
             labels = self.target_stats.normalize(labels)

@@ -16,8 +16,10 @@ import numpy as np
 import pandas as pd
 
 REQUIRED_COLUMNS = ("path", "group_id")
+CONTEXT_COLUMN = "context_path"  # optional: each spot's context patch (expreg.prepare --context_um)
+IMAGE_COLUMNS = ("path", CONTEXT_COLUMN)
 # Names the dataset object uses for its own columns: an extra CSV column may not take them.
-RESERVED_COLUMNS = ("image", "labels", "pixel_values")
+RESERVED_COLUMNS = ("image", "labels", "pixel_values", "context")
 TARGET_PATTERN = re.compile(r"^y(\d+)$")
 CHECK_IMAGES_MODES = ("none", "exists", "decode")
 MAX_LISTED_ROWS = 5
@@ -63,6 +65,12 @@ class Metadata:
     def image_paths(self) -> list[str]:
         """Absolute, normalised image paths (relative ones resolved against the CSV's folder)."""
         return _normalised_paths(self.csv_path, self.frame["path"])
+
+    def context_paths(self) -> list[str] | None:
+        """The context patches' paths as ``image_paths`` gives the patches', or None without a ``context_path``."""
+        if CONTEXT_COLUMN not in self.frame.columns:
+            return None
+        return _normalised_paths(self.csv_path, self.frame[CONTEXT_COLUMN].astype(str).str.strip())
 
 
 def _is_plain_relative(path: str) -> bool:
@@ -320,9 +328,17 @@ def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists",
     store = _use_patches(csv_path, patches)
     if mode == "none":
         return
+    for column in [c for c in IMAGE_COLUMNS if c in frame.columns]:
+        _check_column_images(csv_path, frame, column, mode, store)
+
+
+def _check_column_images(csv_path: Path, frame: pd.DataFrame, column: str, mode: str, store) -> None:
     from expreg.data.patch_store import image_exists, store_beside
 
-    paths = [resolve_image_path(csv_path, p) for p in frame["path"]]
+    empty = (frame[column].astype(str).str.strip() == "").to_numpy()
+    if empty.any():
+        raise _fail(csv_path, column, np.flatnonzero(empty) + 2, f"empty {column}")
+    paths = [resolve_image_path(csv_path, p) for p in frame[column]]
     missing = [i for i, p in enumerate(paths) if not image_exists(p)]
     if missing:
         beside = store_beside(csv_path)
@@ -330,17 +346,17 @@ def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists",
         if store is not None:
             hint = f", nor in the patch store {store.folder} (it holds e.g. {store.example()})"
         raise _fail(
-            csv_path, "path", np.asarray(missing) + 2, f"image file not found (e.g. {paths[missing[0]]}){hint}"
+            csv_path, column, np.asarray(missing) + 2, f"image file not found (e.g. {paths[missing[0]]}){hint}"
         )
     if mode == "decode":
         bad, reasons = [], []
-        for i, p in enumerate(_progress(paths, "checking images")):
+        for i, p in enumerate(_progress(paths, f"checking images ({column})")):
             reason = image_decode_error(p)
             if reason:
                 bad.append(i)
                 reasons.append(reason)
         if bad:
-            raise _fail(csv_path, "path", np.asarray(bad) + 2, f"unreadable image ({reasons[0]})")
+            raise _fail(csv_path, column, np.asarray(bad) + 2, f"unreadable image ({reasons[0]})")
 
 
 def image_decode_error(path: str) -> str | None:

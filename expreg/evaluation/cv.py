@@ -23,6 +23,10 @@ there are at most 10 groups) and each method:
   own probe (``expreg.evaluation.hest_probe``: StandardScaler -> PCA(256) -> ``Ridge(alpha=100 /
   (components x genes), fit_intercept=False, solver="lsqr")``) on the same embeddings and folds,
   so HEST's numbers can be reproduced beside expreg's probe (the embedding time counts in both);
+- ``linear_probe_neighbourhood`` (asked for by name): ``linear_probe`` on each spot's embedding beside
+  the mean embedding of the spots of its own section within ``data.neighbourhood_um`` (default: one
+  ring of the spot lattice), itself included (``expreg.data.neighbours``). Images only, never
+  targets; a section belongs to one patient, so a neighbourhood never reaches into another fold;
 - ``ridge``: ridge regression on 62 colour/texture features per patch, the ridge strength
   chosen by an inner group k-fold on the training groups;
 - ``mean``: the training mean (its correlations are undefined, reported as such);
@@ -62,14 +66,15 @@ from pathlib import Path
 import numpy as np
 
 from expreg.config import ConfigError, RunConfig
-from expreg.data import read_recipe_metadata, resolve_metadata_csv
+from expreg.data import MetadataError, read_recipe_metadata, resolve_metadata_csv
+from expreg.data.neighbours import spot_positions
 from expreg.data.splits import make_fold_table, write_table
+from expreg.evaluation.cv_inputs import NEIGHBOURHOOD_PROBE, PROBES, probe_embeddings, shared_inputs  # noqa: F401 - re-exported
 from expreg.evaluation.cv_report import UNDEFINED, describe, render_markdown, summarise  # noqa: F401 - re-exported
 from expreg.evaluation.depth import (
     DEPTH_FROM_IMAGE,
     DEPTH_ORACLE,
     depth_from_image_fold,
-    depth_oracle_fit,
     frame_library_size,
 )
 from expreg.evaluation.hest_probe import PROBE_NAME, std_ddof0
@@ -81,6 +86,7 @@ METHODS = (
     "frozen",
     "linear_probe",
     "linear_probe_hest",
+    "linear_probe_neighbourhood",
     "ridge",
     "mean",
     "depth_oracle",
@@ -171,6 +177,7 @@ class _Folds:
     metadata: object = None  # with data.expression_file: the table without targets; each fold computes its own
     fold_genes: dict = field(default_factory=dict)  # fold -> genes chosen on its training groups (expression file)
     library_size: np.ndarray | None = None  # each row's total raw count, when known (depth-adjusted scores)
+    contexts: np.ndarray | None = None  # model.context=multiscale: each row's context patch (the TTA reads both)
 
 
 def _check_depth_methods(cfg, methods: list[str], metadata) -> None:
@@ -230,6 +237,13 @@ def cross_validate(
         )
     cfg, metadata, task = _read_data(cfg, hest_task)
     _check_depth_methods(cfg, methods, metadata)
+    if NEIGHBOURHOOD_PROBE in methods:
+        spot_positions(metadata)  # positions missing: an error now, before out_dir exists
+    if cfg.model.context == "multiscale" and metadata.context_paths() is None:
+        raise MetadataError(
+            f"{metadata.csv_path}: model.context=multiscale needs a context_path column (each spot's context "
+            "patch): prepare the samples with python -m expreg.prepare --context_um <um>"
+        )
     if task is None:
         n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
         targets = metadata.targets().astype(np.float64)
@@ -249,8 +263,9 @@ def cross_validate(
         finetune=finetune,
         metadata=metadata if cfg.data.expression_file else None,
         library_size=frame_library_size(metadata.frame),
+        contexts=np.array(metadata.context_paths()) if cfg.model.context == "multiscale" else None,
     )
-    folds.inputs = _shared_inputs(cfg, methods, list(folds.files), accelerator)
+    folds.inputs = shared_inputs(cfg, methods, list(folds.files), accelerator, metadata)
     results: dict[str, list[dict]] = {m: [] for m in methods}
     for k in range(n_folds):
         _score_fold(folds, k, methods, results)
@@ -353,7 +368,8 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
     for method in methods:
         start = time.perf_counter()
         if method in TRAINED:
-            test_files = (list(folds.files[test]), targets[test])
+            files = folds.files[test] if folds.contexts is None else zip(folds.files[test], folds.contexts[test])
+            test_files = (list(files), targets[test])
             summary, per_gene, extra = folds.finetune(
                 cfg, folds.folds_csv, k, folds.runs_dir, test_files, genes, mode=method
             )
@@ -430,63 +446,3 @@ def _gene_selection(cfg, fold_genes: dict, common: list[str]) -> dict:
         "per_fold": {str(k): len(g) for k, g in fold_genes.items()},
         "in_every_fold": len(common),
     }
-
-
-def _shared_inputs(cfg, methods: list[str], files: list[str], accelerator=None) -> dict:
-    """Per-image inputs computed once for all folds (colour/texture features, frozen embeddings), and
-    the fit function of each baseline: ``fit(x_train, y_train, groups_train, x_test, seed)``."""
-    from expreg.evaluation.baselines import extract_features, linear_probe, mean_fit, ridge_baseline
-    from expreg.evaluation.hest_probe import hest_linear_probe
-
-    inputs: dict = {"mean": (np.zeros((len(files), 0)), mean_fit)}  # the mean needs no input
-    inputs[DEPTH_ORACLE] = (None, depth_oracle_fit)  # its input: the fold's library sizes (_fit_baseline)
-    if "ridge" in methods:
-        start = time.perf_counter()
-        inputs["ridge"] = (extract_features(files), ridge_baseline)
-        inputs["ridge_seconds"] = time.perf_counter() - start
-    probes = [m for m in ("linear_probe", HEST_PROBE) if m in methods]
-    if probes:  # one embedding array for both probes, from the embedding store (built once, reused)
-        start = time.perf_counter()
-        embeddings = probe_embeddings(cfg, files, accelerator)
-        seconds = time.perf_counter() - start
-        fits = {"linear_probe": linear_probe, HEST_PROBE: hest_linear_probe}
-        for method in probes:  # each probe's time includes the embedding it needs
-            inputs[method], inputs[f"{method}_seconds"] = (embeddings, fits[method]), seconds
-    return inputs
-
-
-def probe_embeddings(cfg, files: list[str], accelerator=None) -> np.ndarray:
-    """Frozen embeddings ``(len(files), features)`` (float64) of the recipe's encoder, from the embedding store.
-
-    ``accelerator``: the store is built on its device(s), shared by its processes (None: this process, CPU).
-
-    The encoder is the recipe's (``model.backbone``, ``model.pretrained`` / ``model.pretrained_path``,
-    ``model.pooling``, ``data.image_size``); a randomly initialised one is seeded from ``cfg.seed``, so
-    it is the same one, and the same store, every time.
-    """
-    from expreg.embeddings import ensure_embeddings
-    from expreg.modeling.model import build_model
-    from expreg.seeding import seed_everything
-
-    seed_everything(cfg.seed)
-    m, d = cfg.model, cfg.data
-    model = build_model(
-        m.backbone,
-        1,
-        pretrained=m.pretrained,
-        pretrained_path=m.pretrained_path,
-        encoder_args=m.encoder_kwargs(),
-        pooling=m.pooling,
-        image_size=d.image_size,
-    )
-    store = ensure_embeddings(
-        model,
-        files,
-        accelerator=accelerator,
-        cache_root=d.image_cache_dir,
-        batch_size=d.eval_batch_size or 64,
-        num_workers=d.num_workers,
-        progress=accelerator is None or accelerator.is_local_main_process,
-    )
-    print(f"embeddings: {store.folder} ({len(store):,} images x {store.num_features:,} features)")
-    return store.get(files).astype(np.float64)

@@ -64,6 +64,7 @@ class Options:
     num_workers: int = 1  # processes cutting patches, one sample each at a time
     hd_min_tissue: float = DEFAULT_MIN_TISSUE  # Visium HD: a pseudo-spot keeps this share of a full cell's bins
     store: str = "files"  # files (patches/<sample>/<barcode>.png) or shards (Parquet, expreg.data.patch_store)
+    context_um: float | None = None  # also a context patch per spot (context/<sample>/<barcode>.png), patch_px wide
 
 
 @dataclass
@@ -173,6 +174,12 @@ def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
         raise IngestError(
             "--patch_um, --patch_px, --spot_pitch_um and --spot_diameter_um must be positive, finite numbers"
         )
+    if options.context_um is not None and not (
+        math.isfinite(options.context_um) and options.context_um > options.patch_um
+    ):
+        raise IngestError(f"--context_um {options.context_um:g}: wider than --patch_um ({options.patch_um:g} um)")
+    if options.context_um is not None and options.store != "files":
+        raise IngestError("--context_um writes context patches as files: use --store files with it")
     if not (isinstance(options.num_workers, int) and options.num_workers >= 1):
         raise IngestError(f"--num_workers {options.num_workers!r}: a whole number of processes, at least 1")
     if not 0 < options.hd_min_tissue <= 1:
@@ -200,6 +207,11 @@ def _plan(spec, section, options: Options) -> SampleResult:
     if section.layout == "visium_hd":
         section = pseudo_spots(section, scale.um_per_px, options.patch_um, options.hd_min_tissue)
         logger.info(f"sample {spec.sample_id}: {describe_grid(section)}")
+    if section.image is None and options.context_um is not None:
+        raise IngestError(
+            f"sample {spec.sample_id} ({spec.path}): --context_um cuts context patches from the whole image, and "
+            "this sample has only HEST's patches"
+        )
     if section.image is None:  # HEST patches only
         keep, h5_rows, dropped = hest_patches.patch_rows(section, options.patch_um)
         result = SampleResult(spec, section, scale, (0, 0), None, keep, dropped={**section.dropped, **dropped})
@@ -276,15 +288,19 @@ def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress
     part = shards.PartWriter(shards.part_path(tmp, index), ext, kwargs) if options.store == "shards" else None
     if part is None:
         (tmp / "patches" / spec.sample_id).mkdir(parents=True, exist_ok=True)
-    patches = zip(result.files, _patches(result, options), strict=True)
+    contexts = _patches(result, options, options.context_um) if options.context_um else (None for _ in result.files)
+    patches = zip(result.files, _patches(result, options), contexts, strict=True)
     bar = progress_bar(
         patches, enabled=progress, total=len(result.files), desc=f"patches {spec.sample_id}", unit="patch"
     )
-    for relative, patch in bar:
+    for relative, patch, context in bar:
         if part is None:
             patch.save(tmp / relative, **kwargs)
         else:
             part.add(relative, patch)
+        if context is not None:
+            (tmp / context_file(relative)).parent.mkdir(parents=True, exist_ok=True)
+            context.save(tmp / context_file(relative), **kwargs)
     if part is not None:
         part.close()
     logger.info(
@@ -292,13 +308,19 @@ def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress
     )
 
 
-def _patches(result: SampleResult, options: Options):
-    """The patch images of the kept spots, in order: cut from the image, or HEST's own (patches only)."""
+def context_file(patch_file: str) -> str:
+    """A patch's context patch in the output: ``patches/<sample>/<name>`` -> ``context/<sample>/<name>``."""
+    return "context/" + patch_file.split("/", 1)[1]
+
+
+def _patches(result: SampleResult, options: Options, side_um: float | None = None):
+    """The patch images of the kept spots, in order: cut from the image, or HEST's own (patches only).
+    ``side_um``: boxes of that side instead (context patches), resized to ``patch_px`` as well."""
     section = result.section
     if section.image is None:
         yield from hest_patches.read_patches(section.patches_h5, result.h5_rows, options.patch_px)
         return
-    geom = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px)
+    geom = PatchGeometry(side_um or options.patch_um, options.patch_px, result.scale.um_per_px)
     with open_slide(section.image) as slide:
         for row in result.keep:
             yield cut_patch(slide, section.x_px[row], section.y_px[row], geom)
@@ -351,7 +373,7 @@ def _union_counts(results: list[SampleResult], union: GeneUnion) -> sp.csr_matri
     return sp.vstack(blocks, format="csr")
 
 
-def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
+def _metadata_frame(results: list[SampleResult], context: bool = False) -> pd.DataFrame:
     frames = []
     for r in results:
         section = r.section
@@ -359,6 +381,7 @@ def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
             pd.DataFrame(
                 {
                     "path": r.files,
+                    **({"context_path": [context_file(f) for f in r.files]} if context else {}),
                     "group_id": r.spec.group_id,
                     "sample_id": r.spec.sample_id,
                     "barcode": [str(b) for b in section.barcodes[r.keep]],
@@ -376,7 +399,7 @@ def _metadata_frame(results: list[SampleResult]) -> pd.DataFrame:
 def _write_tables(results, union: GeneUnion, genes, options: Options, tmp: Path) -> tuple[dict, pd.DataFrame]:
     """``metadata.csv`` (+ targets and ``genes.txt``) and ``expression.h5ad``; returns their summary and the
     metadata table."""
-    frame = _metadata_frame(results)
+    frame = _metadata_frame(results, context=options.context_um is not None)
     counts = _union_counts(results, union)
     if genes is not None:
         targets = _targets(results, union, genes, options.target_transform)
@@ -434,6 +457,7 @@ def _summary(samples_csv, results, options: Options, seconds: float) -> dict:
             "patch_px": options.patch_px,
             "um_per_patch_px": options.patch_um / options.patch_px,
             "image_format": options.image_format,
+            **({"context_um": options.context_um} if options.context_um is not None else {}),
         },
         "samples": [_sample_summary(r) for r in results],
         "seconds": round(seconds, 1),

@@ -29,8 +29,9 @@ logger = logging.getLogger("expreg")
 DIAGNOSTIC_FILES = {"thumbnail.png", "mask.png", "no_tissue.json"}
 
 
-def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) -> np.ndarray:
-    """Predictions in expression units for the boxes ``(x0, y0, box_px, box_px)``, in their order."""
+def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str, centres=None) -> np.ndarray:
+    """Predictions in expression units for the boxes ``(x0, y0, box_px, box_px)``, in their order (a multiscale
+    model: with the context boxes around ``centres``, the boxes' own centres by default)."""
     from torch.utils.data import DataLoader
 
     from expreg.data import ImageTransform
@@ -38,8 +39,18 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
 
     config, options = plan.model.config, plan.options
     transform = ImageTransform(config.image_size, config.image_mean, config.image_std, train=False)
+    context = _context_boxes(plan, x0, y0, centres)
     tiles = SlideTiles(
-        plan.slide.path, x0, y0, plan.geometry.box_px, plan.geometry.patch_px, plan.level, transform, names, plan.slide
+        plan.slide.path,
+        x0,
+        y0,
+        plan.geometry.box_px,
+        plan.geometry.patch_px,
+        plan.level,
+        transform,
+        names,
+        plan.slide,
+        context=context,
     )
     workers = options.num_workers
     if workers and worker_context(workers) is not None and not plan.slide.tiled:
@@ -47,6 +58,29 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str) ->
     loader = DataLoader(tiles, batch_size=options.batch_size, **worker_options(workers, seed=False))
     normalised = predict_loader(plan.model, loader, accelerator, tta=options.tta, desc=desc)
     return plan.model.to_expression(normalised.astype(np.float64))
+
+
+def _context_boxes(plan: MapPlan, x0, y0, centres):
+    """A multiscale model's context boxes, ``(x0s, y0s, box_px, level)``: centred as ``expreg.prepare
+    --context_um`` centres them on a spot (the same level choice), or None for a single-patch model."""
+    from expreg.ingest.patches import PatchGeometry, patch_box
+    from expreg.maps.plan import MapError
+
+    config = plan.model.config
+    if getattr(config, "context", "none") != "multiscale":
+        return None
+    if getattr(config, "context_um", None) is None:
+        raise MapError(
+            "the model reads a context patch around each tile (context=multiscale) but does not record its size "
+            "(context_um); retrain on expreg.prepare --context_um output, or set data.context_um in the recipe"
+        )
+    geom = PatchGeometry(config.context_um, plan.geometry.patch_px, plan.geometry.um_per_px)
+    if centres is None:
+        half = plan.geometry.box_px / 2
+        centres = (np.asarray(x0) + half, np.asarray(y0) + half)
+    boxes = [patch_box(x, y, geom) for x, y in zip(*centres)]
+    x, y = (np.array([b[i] for b in boxes], dtype=np.int64) for i in (0, 1))
+    return x, y, geom.box_px, plan.slide.best_level(geom.downsample)
 
 
 def _measured_spots(plan: MapPlan) -> dict:
@@ -68,7 +102,9 @@ def _measured_spots(plan: MapPlan) -> dict:
 def _spot_comparison(plan: MapPlan, accelerator):
     """(spots, measured targets, predictions, metrics) at the measured spots, over the genes they measured."""
     spots = _measured_spots(plan)
-    predicted = _predict(plan, spots["x0"], spots["y0"], [f"spot {b}" for b in spots["barcode"]], accelerator, "spots")
+    names = [f"spot {b}" for b in spots["barcode"]]
+    centres = (spots["x_px"], spots["y_px"])
+    predicted = _predict(plan, spots["x0"], spots["y0"], names, accelerator, "spots", centres=centres)
     targets, missing = plan.measured.targets(plan.genes, plan.target_transform)
     targets = targets[spots["rows"]]
     if missing:

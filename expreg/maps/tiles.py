@@ -95,8 +95,11 @@ class SlideTiles:
             DataLoader workers instead of being decoded again by each; a tiled one is reopened.
     """
 
-    def __init__(self, path, x0, y0, box_px: int, patch_px: int, level: int, transform, names: list[str], slide=None):
+    def __init__(
+        self, path, x0, y0, box_px: int, patch_px: int, level: int, transform, names: list[str], slide=None, context=None
+    ):
         self.path = str(path)
+        self.context = context  # a multiscale model's context boxes: (x0s, y0s, box_px, level), one per box
         self.x0, self.y0 = np.asarray(x0, dtype=np.int64), np.asarray(y0, dtype=np.int64)
         self.box_px, self.patch_px, self.level = int(box_px), int(patch_px), int(level)
         self.transform, self.names = transform, names
@@ -116,17 +119,26 @@ class SlideTiles:
 
     def image(self, index: int):
         """The cut patch of box ``index`` as a PIL image (before the transform)."""
-        x0, y0 = int(self.x0[index]), int(self.y0[index])
+        return self._cut(index, int(self.x0[index]), int(self.y0[index]), self.box_px, self.level)
+
+    def _cut(self, index: int, x0: int, y0: int, box_px: int, level: int):
         try:
-            return cut_box(self._open(), (x0, y0, self.box_px, self.box_px), self.level, self.patch_px)
+            return cut_box(self._open(), (x0, y0, box_px, box_px), level, self.patch_px)
         except SlideError as err:
             raise TileReadError(
-                f"{self.path}: cannot read {self.names[index]} (level-0 x {x0}..{x0 + self.box_px}, "
-                f"y {y0}..{y0 + self.box_px}): {err}"
+                f"{self.path}: cannot read {self.names[index]} (level-0 x {x0}..{x0 + box_px}, "
+                f"y {y0}..{y0 + box_px}): {err}"
             ) from err
 
     def __getitem__(self, index: int):
-        return self.transform(self.image(index), self.names[index])
+        x = self.transform(self.image(index), self.names[index])
+        if self.context is None:
+            return x
+        import torch
+
+        cx0, cy0, box_px, level = self.context  # the context patch, transformed as its patch
+        context = self._cut(index, int(cx0[index]), int(cy0[index]), box_px, level)
+        return torch.cat([x, self.transform(context, self.names[index])], dim=0)
 
     def __getstate__(self):  # workers of a spawn/forkserver context open their own slide
         state = dict(self.__dict__)

@@ -25,6 +25,14 @@ from expreg.modeling.encoders import ModelError, check_pooling, create_backbone,
 __all__ = ["ExpRegConfig", "ExpRegModel", "ExpRegOutput", "ModelError", "build_model", "create_backbone"]
 
 
+CONTEXT_VIEWS = {"none": 1, "multiscale": 2}  # images per sample, each 3 channels of ``pixel_values``
+
+
+def input_channels(config) -> int:
+    """Channels of a model's ``pixel_values``: 3, or 6 for a multiscale model (patch, then context)."""
+    return 3 * CONTEXT_VIEWS[getattr(config, "context", "none")]
+
+
 class ExpRegConfig(PretrainedConfig):
     """Configuration of an ``ExpRegModel``.
 
@@ -54,6 +62,10 @@ class ExpRegConfig(PretrainedConfig):
         image_interpolation: The encoder's own resize interpolation (from its ``pretrained_cfg``), recorded
             for reference; expreg resizes bilinearly, and not at all when the patches have the input size.
         encoder_source: Where the encoder's weights came from (a timm name, ``hf-hub:`` id or local folder).
+        context: ``"none"`` (the spot's patch alone) or ``"multiscale"``: the input holds the patch and a
+            context patch of the same pixel size centred on the same spot (channels 0-2 and 3-5); one
+            encoder embeds both and the head reads the two pooled features concatenated.
+        context_um: Physical side of the context patches in µm (multiscale; None: unknown).
     """
 
     model_type = "expreg"
@@ -78,6 +90,8 @@ class ExpRegConfig(PretrainedConfig):
         pooling: str | None = None,
         image_interpolation: str | None = None,
         encoder_source: str | None = None,
+        context: str = "none",
+        context_um: float | None = None,
         **kwargs,
     ) -> None:
         self.backbone = backbone
@@ -98,6 +112,10 @@ class ExpRegConfig(PretrainedConfig):
         self.pooling = pooling
         self.image_interpolation = image_interpolation
         self.encoder_source = encoder_source
+        self.context = context
+        self.context_um = context_um
+        if context not in CONTEXT_VIEWS:
+            raise ValueError(f"context must be one of {', '.join(CONTEXT_VIEWS)}, got {context!r}")
         for name in ("gene_names", "target_mean", "target_std"):
             if len(getattr(self, name)) != num_genes:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for num_genes={num_genes}")
@@ -148,7 +166,7 @@ class ExpRegModel(ExpRegPreTrainedModel):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else create_backbone(config)
         check_pooling(self.backbone, config.pooling)
-        features = pooled_features(self.backbone, config.pooling)
+        features = pooled_features(self.backbone, config.pooling) * CONTEXT_VIEWS[config.context]
         self.dropout = nn.Dropout(config.dropout)
         if config.head == "mlp":
             self.head = nn.Sequential(
@@ -165,7 +183,8 @@ class ExpRegModel(ExpRegPreTrainedModel):
         """Predict normalised expression.
 
         Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalised images.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalised images
+                (6 channels for a multiscale model: the patch, then its context patch).
             labels (`torch.FloatTensor` of shape `(batch_size, num_genes)`, *optional*): normalised targets.
 
         Returns:
@@ -174,8 +193,18 @@ class ExpRegModel(ExpRegPreTrainedModel):
         return self.forward_head(self.embed(pixel_values), labels)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The pooled encoder embedding ``(batch_size, features)`` that the head reads."""
-        return pool(self.backbone, pixel_values, self.config.pooling)
+        """The pooled encoder embedding ``(batch_size, features)`` that the head reads (multiscale: the patch's
+        and the context patch's, concatenated; both go through the encoder in one batch)."""
+        views = CONTEXT_VIEWS[self.config.context]
+        if pixel_values.shape[1] != 3 * views:
+            raise ValueError(
+                f"this model takes {3 * views} input channels (context={self.config.context}), got "
+                f"pixel_values of shape {tuple(pixel_values.shape)}"
+            )
+        if views == 1:
+            return pool(self.backbone, pixel_values, self.config.pooling)
+        stacked = torch.cat(pixel_values.split(3, dim=1), dim=0)  # (views x batch, 3, H, W)
+        return torch.cat(pool(self.backbone, stacked, self.config.pooling).chunk(views, dim=0), dim=1)
 
     def forward_head(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> ExpRegOutput:
         """The head on embeddings (``embed``'s output): what ``train.mode=frozen`` trains on cached embeddings."""

@@ -25,6 +25,7 @@ from expreg.data import (
     resolve_metadata_csv,
     split_rows,
 )
+from expreg.data.dataset import context_files
 from expreg.modeling.model import ExpRegModel, build_model
 from expreg.run_dir import (
     CONFIG_FILE,
@@ -88,7 +89,8 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
         )
         logger.info(f"targets: {choice.describe()}")
         _check_same_genes(accelerator, choice.genes)
-    datasets = build_dataset_dict(metadata, split.names, split_csv=d.split_csv, fold=d.fold)
+    multiscale = cfg.model.context == "multiscale"
+    datasets = build_dataset_dict(metadata, split.names, split_csv=d.split_csv, fold=d.fold, context=multiscale)
     if "validation" not in datasets:
         raise ConfigError(f"{d.split_csv}: no validation rows; the loop selects the best epoch on validation")
     stats = compute_target_stats(datasets["train"], normalize=d.normalize_targets)
@@ -97,6 +99,8 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
         datasets, metadata.gene_names, stats, split_table=split.table, split_summary=summary, gene_choice=choice
     )
     d.patch_um, data.patch_px = patch_geometry(d.metadata_csv, d.patch_um)
+    if multiscale:
+        d.context_um = context_geometry(d.metadata_csv, d.context_um)
     return data
 
 
@@ -117,6 +121,18 @@ def patch_geometry(metadata_csv, patch_um: float | None) -> tuple[float | None, 
     if patch_um is not None and abs(patch_um - found_um) > 1e-6 * found_um:
         raise ConfigError(f"data.patch_um={patch_um:g}, but {record} says the patches are {found_um:g} um")
     return found_um, found_px
+
+
+def context_geometry(metadata_csv, context_um: float | None) -> float | None:
+    """The context patches' side in µm: from ``prepare.json`` (``expreg.prepare --context_um``), else
+    ``data.context_um``; a recipe value that contradicts ``prepare.json`` is an error."""
+    record = Path(metadata_csv).parent / "prepare.json"
+    found = json.loads(record.read_text()).get("patch", {}).get("context_um") if record.is_file() else None
+    if found is None:
+        return context_um
+    if context_um is not None and abs(context_um - float(found)) > 1e-6 * float(found):
+        raise ConfigError(f"data.context_um={context_um:g}, but {record} says the context patches are {found:g} um")
+    return float(found)
 
 
 OLD_SCALE_RULE = "--spot_diameter_um 55 um / spot_diameter_fullres"  # expreg.prepare's default before the lattice
@@ -162,6 +178,8 @@ def setup_model(cfg: RunConfig, gene_names: list[str], target_stats, patch_px: i
         target_mean=target_stats.mean.tolist(),
         target_std=target_stats.std.tolist(),
         image_size=cfg.data.image_size,
+        context=m.context,
+        context_um=cfg.data.context_um if m.context == "multiscale" else None,
         **({"patch_um": cfg.data.patch_um} if cfg.data.patch_um is not None else {}),
         **({"patch_px": patch_px} if patch_px is not None else {}),
         **({"target_transform": cfg.data.target_transform} if cfg.data.expression_file else {}),
@@ -181,7 +199,7 @@ def setup_image_cache(cfg: RunConfig, data, accelerator, dry_run: bool = False):
 
     if d.image_cache_dir is not None:
         d.image_cache_dir = str(Path(d.image_cache_dir).expanduser().resolve())  # the same cache on --resume
-    paths = {name: image_files(part) for name, part in data.datasets.items()}
+    paths = {name: image_files(part) + context_files(part) for name, part in data.datasets.items()}
     builder = accelerator.is_local_main_process
     cache = ensure_image_cache(
         [p for part in paths.values() for p in part],

@@ -11,7 +11,8 @@ bugs of whole-slide maps (issue 14), four of
 foundation-model encoders and the embedding store (issue 15), and eight from issue 22 (the four an
 audit planted, four of the spot lattice, unmeasured genes and the gene join), and three of the
 depth-adjusted scores and spatially variable genes (issue 27), three of Visium HD pseudo-spots and
-HEST-1k by id (issue 23).
+HEST-1k by id (issue 23), one of neighbourhood features and three of
+context patches (issue 25).
 """
 
 from __future__ import annotations
@@ -216,6 +217,30 @@ BUGS = {
         "        rows &= match\n",
         "        rows &= True\n",
         ["tests/test_hest_hub.py::test_selection_by_metadata_and_the_errors_that_say_what_exists"],
+    ),
+    "neighbours_across_sections": (
+        "expreg/data/neighbours.py",
+        "index = np.flatnonzero(sections == section)",
+        "index = np.arange(n) if section == sections[0] else np.arange(0)",
+        ["tests/test_neighbours.py::test_neighbours_are_the_spots_of_the_same_section_within_the_radius"],
+    ),
+    "context_patch_as_small_as_the_patch": (
+        "expreg/ingest/prepare.py",
+        "geom = PatchGeometry(side_um or options.patch_um, options.patch_px, result.scale.um_per_px)",
+        "geom = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px)",
+        ["tests/test_context.py::test_context_patches_are_centred_on_the_spot_and_white_outside_the_image"],
+    ),
+    "map_context_patch_off_centre": (
+        "expreg/maps/run.py",
+        "boxes = [patch_box(x, y, geom) for x, y in zip(*centres)]",
+        "boxes = [patch_box(x + geom.box_px / 2, y, geom) for x, y in zip(*centres)]",
+        ["tests/test_context.py::test_map_spots_agree_with_predict_on_the_prepared_context_patches"],
+    ),
+    "map_tile_context_off_centre": (
+        "expreg/maps/run.py",
+        "half = plan.geometry.box_px / 2",
+        "half = 0.0",
+        ["tests/test_context.py::test_map_spots_agree_with_predict_on_the_prepared_context_patches"],
     ),
 }
 

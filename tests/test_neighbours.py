@@ -1,0 +1,107 @@
+"""Neighbourhood features: the spots of a spot's own section within a radius, and the CV method on them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from expreg.data.metadata import Metadata, MetadataError
+from expreg.data.neighbours import lattice_radius, neighbourhood_features, neighbourhood_matrix, spot_positions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _lattice(rows: int, cols: int, pitch: float, origin=(0.0, 0.0)) -> np.ndarray:
+    """A hexagonal spot lattice (Visium's): rows offset by half a pitch, ``pitch * sqrt(3) / 2`` apart."""
+    points = [(c * pitch + (r % 2) * pitch / 2, r * pitch * np.sqrt(3) / 2) for r in range(rows) for c in range(cols)]
+    return np.asarray(points) + np.asarray(origin)
+
+
+def test_neighbours_are_the_spots_of_the_same_section_within_the_radius():
+    # two sections on the same coordinates: a neighbourhood never crosses into the other
+    xy = np.vstack([_lattice(6, 7, 100.0), _lattice(6, 7, 100.0, origin=(30.0, 0.0))])
+    sections = np.array(["S1"] * 42 + ["S2"] * 42)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(xy))  # rows of a cohort come in any order
+    xy, sections = xy[order], sections[order]
+    radius = lattice_radius(sections, xy)
+    assert radius == pytest.approx(120.0)  # one ring: 1.2 x the 100 µm pitch
+    matrix = neighbourhood_matrix(sections, xy, radius).toarray()
+    for i in range(len(xy)):  # brute force
+        distance = np.hypot(*(xy - xy[i]).T)
+        expected = (distance <= radius) & (sections == sections[i])
+        assert np.flatnonzero(matrix[i]).tolist() == np.flatnonzero(expected).tolist()
+        np.testing.assert_allclose(matrix[i][expected], 1 / expected.sum())
+    sizes = (matrix > 0).sum(axis=1)
+    assert sizes.max() == 7 and sizes.min() == 3  # an inner spot and its ring of 6; a corner spot
+
+
+def test_neighbourhood_features_are_the_spot_beside_its_neighbourhood_mean(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "path": [f"p{i}.png" for i in range(5)],
+            "group_id": ["A"] * 5,
+            "sample_id": ["S1", "S1", "S1", "S2", "S2"],
+            "x_px": ["0", "200", "1000", "0", "100"],  # 0.5 µm/px: 0, 100, 500 µm; S2 at 0 and 50 µm
+            "y_px": ["0"] * 5,
+            "um_per_px": ["0.5"] * 5,
+        }
+    )
+    metadata = Metadata(csv_path=tmp_path / "m.csv", frame=frame, target_columns=[], gene_names=[])
+    features = np.arange(10, dtype=np.float64).reshape(5, 2)
+    x, info = neighbourhood_features(features, metadata, radius_um=150.0)
+    np.testing.assert_array_equal(x[:, :2], features)
+    np.testing.assert_allclose(x[0, 2:], features[[0, 1]].mean(0))
+    np.testing.assert_allclose(x[2, 2:], features[2])  # alone within 150 µm: its own embedding
+    np.testing.assert_allclose(x[3, 2:], features[[3, 4]].mean(0))  # S2's own spots only
+    assert info == {"neighbourhood_um": 150.0, "mean_spots_per_neighbourhood": 1.8}
+
+
+def test_positions_missing_or_bad_are_named(tmp_path):
+    frame = pd.DataFrame({"path": ["a.png", "b.png"], "group_id": ["A", "A"], "sample_id": ["S", "S"]})
+    metadata = Metadata(csv_path=tmp_path / "m.csv", frame=frame, target_columns=[], gene_names=[])
+    with pytest.raises(MetadataError, match=r"m\.csv: neighbourhood features need .*x_px, y_px, um_per_px"):
+        spot_positions(metadata)
+    frame["pixel_x"], frame["pixel_y"], frame["src_um_per_px"] = ["1", "x"], ["1", "2"], ["1", "1"]
+    with pytest.raises(MetadataError, match=r"column pixel_x, line\(s\) 3: not a number \('x'\)"):
+        spot_positions(metadata)
+
+
+@pytest.fixture
+def placed_dataset(make_dataset) -> Path:
+    """The synthetic dataset with positions: each group one section, its spots on a 100 µm lattice."""
+    csv = make_dataset(num_groups=4, samples_per_group=9)
+    frame = pd.read_csv(csv)
+    index = frame.groupby("group_id").cumcount().to_numpy()
+    frame["sample_id"] = frame["group_id"]
+    frame["x_px"], frame["y_px"], frame["um_per_px"] = (index % 3) * 200, (index // 3) * 200, 0.5
+    frame.to_csv(csv, index=False)
+    return csv
+
+
+def test_cv_scores_the_neighbourhood_probe_on_the_folds_of_the_plain_probe(placed_dataset, tmp_path, capsys):
+    from expreg.cv import main as cv_main
+
+    out = tmp_path / "cv"
+    args = [str(REPO / "recipes" / "tiny.yaml"), f"data.metadata_csv={placed_dataset}", "--n_folds", "2"]
+    methods = "linear_probe,linear_probe_neighbourhood"
+    assert cv_main([*args, "--methods", methods, "--out_dir", str(out)]) == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    frame = pd.read_csv(placed_dataset)
+    xy, sections = frame[["x_px", "y_px"]].to_numpy() * 0.5, frame["sample_id"].to_numpy()
+    sizes = [((np.hypot(*(xy - p).T) <= 120) & (sections == s)).sum() for p, s in zip(xy, sections)]
+    plain, context = (summary["methods"][m] for m in ("linear_probe", "linear_probe_neighbourhood"))
+    assert [f["test_groups"] for f in plain["folds"]] == [f["test_groups"] for f in context["folds"]]
+    for fold in context["folds"]:
+        assert fold["neighbourhood_um"] == 120.0 and fold["mean_spots_per_neighbourhood"] == round(np.mean(sizes), 2)
+        assert fold["spearman_mean"] is not None
+    assert plain["spearman_mean"] != context["spearman_mean"]  # other inputs, other numbers
+    assert f"120.0 µm, {np.mean(sizes):.2f} spots on average" in capsys.readouterr().out
+    del_positions = pd.read_csv(placed_dataset).drop(columns=["x_px"])
+    del_positions.to_csv(placed_dataset, index=False)
+    assert cv_main([*args, "--methods", methods, "--out_dir", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists() and "neighbourhood features need" in capsys.readouterr().err
