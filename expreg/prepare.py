@@ -30,8 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--out_dir", required=True, help="folder to create (never overwritten without --overwrite)")
     parser.add_argument("--genes", help="gene names, one per line: also write their targets y0.. and genes.txt")
-    parser.add_argument("--patch_um", type=float, default=112.0, help="patch side in µm (default 112)")
-    parser.add_argument("--patch_px", type=int, default=224, help="patch side in pixels (default 224: 0.5 µm/px)")
+    _patch_arguments(parser)
     parser.add_argument(
         "--spot_pitch_um",
         type=float,
@@ -44,7 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="instead of the lattice: spot diameter in µm / spot_diameter_fullres of scalefactors_json.json "
         "(not recommended: 10x define that field as a theoretical 65 µm spot; the log says which source won)",
     )
-    parser.add_argument("--image_format", choices=["png", "jpeg"], default="png", help="patch files (default png)")
     parser.add_argument(
         "--target_transform",
         choices=["log1p_cpm", "log1p", "none"],
@@ -65,6 +63,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="processes cutting patches, one sample each at a time (default 1; the output is the same, byte "
         "for byte); a cohort on N cores: N",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
+    return parser.parse_args(argv)
+
+
+def _patch_arguments(parser) -> None:
+    """The patches' size, format and store (and their context patches)."""
+    parser.add_argument("--patch_um", type=float, default=112.0, help="patch side in µm (default 112)")
+    parser.add_argument("--patch_px", type=int, default=224, help="patch side in pixels (default 224: 0.5 µm/px)")
+    parser.add_argument("--image_format", choices=["png", "jpeg"], default="png", help="patch files (default png)")
     parser.add_argument(
         "--store",
         choices=["files", "shards"],
@@ -80,8 +87,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "resized to --patch_px, written to context/<sample>/ and the metadata's context_path column (for "
         "model.context=multiscale); parts outside the image are white, as for patches",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
-    return parser.parse_args(argv)
 
 
 def _processes():

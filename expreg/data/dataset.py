@@ -154,16 +154,7 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
     import datasets
     import pyarrow as pa
 
-    features = datasets.Features(
-        {
-            "image": datasets.Image(),
-            "labels": datasets.List(datasets.Value("float32"), length=metadata.num_genes),
-            "group_id": datasets.Value("string"),
-            "path": datasets.Value("string"),
-            **({"context": datasets.Value("string")} if context else {}),
-            **{c: datasets.Value("string") for c in metadata.extra_columns},
-        }
-    )
+    features = _features(metadata, context)
     description = json.dumps(
         {
             INFO_KEY: {
@@ -177,12 +168,7 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
     )
     schema = features.arrow_schema
     image_paths = np.asarray(metadata.image_paths(), dtype=object)
-    context_paths = metadata.context_paths() if context else None
-    if context and context_paths is None:
-        raise MetadataError(
-            f"{metadata.csv_path}: model.context=multiscale needs a context_path column (each spot's context patch): "
-            "prepare the samples with python -m expreg.prepare --context_um <um>"
-        )
+    context_paths = required_context_paths(metadata) if context else None
     targets = metadata.targets()
     folder = _arrow_dir() / f"build-{next(_BUILD_IDS)}"
     parts = {}
@@ -208,6 +194,32 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
     if "train" not in parts:
         raise MetadataError(f"{split_csv or metadata.csv_path}: no rows assigned to train")
     return datasets.DatasetDict(parts)
+
+
+def _features(metadata: Metadata, context: bool):
+    import datasets
+
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "labels": datasets.List(datasets.Value("float32"), length=metadata.num_genes),
+            "group_id": datasets.Value("string"),
+            "path": datasets.Value("string"),
+            **({"context": datasets.Value("string")} if context else {}),
+            **{c: datasets.Value("string") for c in metadata.extra_columns},
+        }
+    )
+
+
+def required_context_paths(metadata: Metadata) -> list[str]:
+    """The context patches of a multiscale model's rows; an error saying how to make them when there are none."""
+    paths = metadata.context_paths()
+    if paths is None:
+        raise MetadataError(
+            f"{metadata.csv_path}: model.context=multiscale needs a context_path column (each spot's context patch): "
+            "prepare the samples with python -m expreg.prepare --context_um <um>"
+        )
+    return paths
 
 
 def _record_batch(

@@ -66,7 +66,8 @@ from pathlib import Path
 import numpy as np
 
 from expreg.config import ConfigError, RunConfig
-from expreg.data import MetadataError, read_recipe_metadata, resolve_metadata_csv
+from expreg.data import read_recipe_metadata, resolve_metadata_csv
+from expreg.data.dataset import required_context_paths
 from expreg.data.neighbours import spot_positions
 from expreg.data.splits import make_fold_table, write_table
 from expreg.evaluation.cv_inputs import NEIGHBOURHOOD_PROBE, PROBES, probe_embeddings, shared_inputs  # noqa: F401 - re-exported
@@ -178,6 +179,7 @@ class _Folds:
     fold_genes: dict = field(default_factory=dict)  # fold -> genes chosen on its training groups (expression file)
     library_size: np.ndarray | None = None  # each row's total raw count, when known (depth-adjusted scores)
     contexts: np.ndarray | None = None  # model.context=multiscale: each row's context patch (the TTA reads both)
+    n_folds: int = 0
 
 
 def _check_depth_methods(cfg, methods: list[str], metadata) -> None:
@@ -235,25 +237,41 @@ def cross_validate(
             "cross_validate: methods finetune, frozen and depth_from_image need finetune= "
             "(expreg.training.folds.finetune_fold)"
         )
+    cfg, folds, task = _prepare_folds(cfg, hest_task, n_folds, methods, out_dir, finetune, accelerator)
+    results: dict[str, list[dict]] = {m: [] for m in methods}
+    for k in range(folds.n_folds):
+        _score_fold(folds, k, methods, results)
+    genes = folds.genes if folds.metadata is None else _genes_in_every_fold(folds.fold_genes)
+    summary = summarise(results, genes, recipe_name, str(folds.folds_csv), cfg.seed)
+    if folds.metadata is not None:
+        summary["gene_selection"] = _gene_selection(cfg, folds.fold_genes, genes)
+    if task is not None:
+        summary["hest_task"] = task.record()
+    _add_hest_spread(summary)
+    write_json(out_dir / "cv_summary.json", summary)
+    atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
+    return summary
+
+
+def _prepare_folds(cfg, hest_task, n_folds, methods, out_dir: Path, finetune, accelerator):
+    """``(cfg, folds, task)``: the data read and checked (bad input fails before ``out_dir`` exists), the folds
+    written, the shared inputs computed. The metadata table itself is not kept: each fold run reads it again,
+    and at 400,000 rows it would be held through every run (``benchmarks/bench_cohort.py --parts rss``)."""
     cfg, metadata, task = _read_data(cfg, hest_task)
     _check_depth_methods(cfg, methods, metadata)
-    if NEIGHBOURHOOD_PROBE in methods:
-        spot_positions(metadata)  # positions missing: an error now, before out_dir exists
-    if cfg.model.context == "multiscale" and metadata.context_paths() is None:
-        raise MetadataError(
-            f"{metadata.csv_path}: model.context=multiscale needs a context_path column (each spot's context "
-            "patch): prepare the samples with python -m expreg.prepare --context_um <um>"
-        )
+    contexts = required_context_paths(metadata) if cfg.model.context == "multiscale" else None  # errors now,
+    if NEIGHBOURHOOD_PROBE in methods:  # before out_dir exists
+        spot_positions(metadata)
     if task is None:
         n_folds, folds_csv, fold_of = _write_folds(metadata, n_folds, cfg.seed, out_dir)
-        targets = metadata.targets().astype(np.float64)
+        targets = metadata.targets()  # float32, as the CSV's numbers reach training; float64 fold by fold
     else:
         n_folds, folds_csv, fold_of = _write_task_folds(metadata, task, out_dir)
         # the float64 values as written (log1p of the counts, as HEST computes them), not Metadata's float32
         targets = metadata.frame[metadata.target_columns].to_numpy(dtype=np.float64)
     folds = _Folds(
         cfg=cfg,
-        files=np.array(metadata.image_paths()),
+        files=np.array(metadata.image_paths(), dtype=object),  # not fixed-width unicode (4 bytes a character)
         targets=targets,
         groups=metadata.frame["group_id"].to_numpy(),
         genes=metadata.gene_names,
@@ -263,22 +281,11 @@ def cross_validate(
         finetune=finetune,
         metadata=metadata if cfg.data.expression_file else None,
         library_size=frame_library_size(metadata.frame),
-        contexts=np.array(metadata.context_paths()) if cfg.model.context == "multiscale" else None,
+        contexts=None if contexts is None else np.array(contexts, dtype=object),
+        n_folds=n_folds,
     )
     folds.inputs = shared_inputs(cfg, methods, list(folds.files), accelerator, metadata)
-    results: dict[str, list[dict]] = {m: [] for m in methods}
-    for k in range(n_folds):
-        _score_fold(folds, k, methods, results)
-    genes = folds.genes if folds.metadata is None else _genes_in_every_fold(folds.fold_genes)
-    summary = summarise(results, genes, recipe_name, str(folds_csv), cfg.seed)
-    if folds.metadata is not None:
-        summary["gene_selection"] = _gene_selection(cfg, folds.fold_genes, genes)
-    if task is not None:
-        summary["hest_task"] = task.record()
-    _add_hest_spread(summary)
-    write_json(out_dir / "cv_summary.json", summary)
-    atomic_write_text(out_dir / "cv_summary.md", render_markdown(summary))
-    return summary
+    return cfg, folds, task
 
 
 def _add_hest_spread(summary: dict) -> None:
@@ -369,7 +376,7 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
         start = time.perf_counter()
         if method in TRAINED:
             files = folds.files[test] if folds.contexts is None else zip(folds.files[test], folds.contexts[test])
-            test_files = (list(files), targets[test])
+            test_files = (list(files), targets[test].astype(np.float64))
             summary, per_gene, extra = folds.finetune(
                 cfg, folds.folds_csv, k, folds.runs_dir, test_files, genes, mode=method
             )
@@ -377,7 +384,7 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
             rows = (folds.files, folds.groups, folds.fold_of)
             work = folds.runs_dir.parent / DEPTH_FROM_IMAGE
             summary, per_gene, extra = depth_from_image_fold(
-                folds.finetune, cfg, k, work, rows, test, targets[test], genes, folds.library_size
+                folds.finetune, cfg, k, work, rows, test, targets[test].astype(np.float64), genes, folds.library_size
             )
         else:
             summary, per_gene, extra = _fit_baseline(folds, method, train, test, targets, genes)
@@ -395,9 +402,10 @@ def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, 
     cfg, groups = folds.cfg, folds.groups
     if method == DEPTH_ORACLE:  # the input is each spot's measured library size, known once the fold's table is
         x = folds.library_size[:, None]
-    predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)
+    y_train, y_test = (np.asarray(targets[rows], dtype=np.float64) for rows in (train, test))
+    predictions, extra = fit(x[train], y_train, groups[train], x[test], seed=cfg.seed)
     depth = folds.library_size[test] if folds.library_size is not None else None
-    metrics = compute_metrics(predictions, targets[test], genes, cfg.data.allow_unmeasured_genes, depth)
+    metrics = compute_metrics(predictions, y_test, genes, cfg.data.allow_unmeasured_genes, depth)
     return metrics.summary, {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}, extra
 
 
@@ -426,7 +434,7 @@ def _fold_targets(folds: _Folds, k: int, fit: np.ndarray) -> tuple[RunConfig, np
     print(f"fold {k}: {choice.describe()} -> {genes_file.name}")
     cfg = replace(folds.cfg, data=replace(d, genes=str(genes_file)))
     folds.library_size = frame_library_size(table.frame)  # each spot's total over all its measured genes
-    return cfg, table.targets().astype(np.float64), list(choice.genes)
+    return cfg, table.targets(), list(choice.genes)
 
 
 def _genes_in_every_fold(fold_genes: dict) -> list[str]:

@@ -276,17 +276,18 @@ def setup_run_dir(
 
 def write_run_files(cfg: RunConfig, data: RunData, run_dir: Path, is_main_process: bool) -> None:
     """``log.txt``, the split made by the run, ``config_resolved.yaml`` and ``target_stats.json``."""
-    if data.split_table is not None:
+    table, data.split_table = data.split_table, None  # written once, not held through training (a row each)
+    if table is not None:
         cfg.data.split_csv = str(run_dir / "split.csv")
     if data.gene_choice is not None:
         cfg.data.genes = str(run_dir / "genes.txt")  # the resolved config names the exact list
     if not is_main_process:
         return
     log_to_file(run_dir)
-    if data.split_table is not None:
+    if table is not None:
         from expreg.data.splits import write_table
 
-        write_table(data.split_table, cfg.data.split_csv)
+        write_table(table, cfg.data.split_csv)
         logger.info(f"made a group-aware split from seed {cfg.seed} -> {cfg.data.split_csv}\n{data.split_summary}")
     if data.gene_choice is not None:
         atomic_write_text(run_dir / "genes.txt", "\n".join(data.gene_choice.genes) + "\n")

@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUGS = {
     "cv_ridge_fitted_on_all_rows": (
         "expreg/evaluation/cv.py",
-        "predictions, extra = fit(x[train], targets[train], groups[train], x[test], seed=cfg.seed)",
-        "predictions, extra = fit(x, targets, groups, x[test], seed=cfg.seed)",
+        "predictions, extra = fit(x[train], y_train, groups[train], x[test], seed=cfg.seed)",
+        "predictions, extra = fit(x, np.asarray(targets, np.float64), groups, x[test], seed=cfg.seed)",
         ["tests/test_cv.py::test_cross_validation_runs_every_method_on_the_same_group_folds"],
     ),
     "target_stats_from_all_rows": (
