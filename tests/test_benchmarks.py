@@ -161,3 +161,13 @@ def test_the_synthetic_cohort_is_seeded_and_prepare_reads_it_at_its_scale(tmp_pa
     assert 500 < np.median(library) < 30_000 and (counts == 0).mean() > 0.25  # ~90 % zeros at 18,000 genes
     assert any(len(v) for v in table.uns["genes_not_measured"].values())  # ~1 % of genes missing per section
     assert any(name.endswith("-1") for name in table.var_names)  # a symbol naming two ids
+
+
+def test_context_benchmark_runs_end_to_end_in_quick_mode():
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_context.py"), "--quick"]
+    result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("  ")}
+    assert float(rows["none"][0]) > 0 and float(rows["multiscale"][0]) > 0
+    ratio = result.stdout.split("multiscale / single: throughput ")[1].split(",")[0]
+    assert 0 < float(ratio) < 1.5  # twice the images per step: not faster than one

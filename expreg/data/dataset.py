@@ -321,12 +321,14 @@ class TargetStats:
 
     @classmethod
     def from_labels(cls, labels) -> TargetStats:
-        labels = np.asarray(labels, dtype=np.float64)
-        if np.isnan(labels).any():
-            std = np.nanstd(labels, axis=0)
-            return cls(mean=np.nanmean(labels, axis=0), std=np.where(std > 0, std, 1.0))
-        std = labels.std(axis=0)
-        return cls(mean=labels.mean(axis=0), std=np.where(std > 0, std, 1.0))
+        """Mean and std of each column, in float64 one column at a time (a float32 table is never copied whole)."""
+        labels = np.asarray(labels)
+        columns = [np.asarray(labels[:, j], dtype=np.float64) for j in range(labels.shape[1])]
+        if any(np.isnan(c).any() for c in columns):
+            mean, std = np.array([np.nanmean(c) for c in columns]), np.array([np.nanstd(c) for c in columns])
+        else:
+            mean, std = np.array([c.mean() for c in columns]), np.array([c.std() for c in columns])
+        return cls(mean=mean, std=np.where(std > 0, std, 1.0))
 
     @classmethod
     def identity(cls, num_genes: int) -> TargetStats:
@@ -348,7 +350,7 @@ class TargetStats:
 
 def compute_target_stats(train_dataset, normalize: bool = True) -> TargetStats:
     """Target statistics from the **training** split only (identity when ``normalize`` is False)."""
-    labels = labels_array(train_dataset, dtype=np.float64)
+    labels = labels_array(train_dataset)  # float32; the statistics are computed in float64 gene by gene
     if not normalize:
         return TargetStats.identity(labels.shape[1])
     return TargetStats.from_labels(labels)

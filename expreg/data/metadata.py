@@ -59,8 +59,12 @@ class Metadata:
         return [c for c in self.frame.columns if c not in known]
 
     def targets(self) -> np.ndarray:
-        """Targets as a float32 array of shape ``(num_samples, num_genes)``."""
-        return self.frame[self.target_columns].to_numpy(dtype=np.float32)
+        """Targets as a float32 array of shape ``(num_samples, num_genes)`` (filled column by column: no float64
+        copy of the whole table on the way)."""
+        out = np.empty((len(self.frame), len(self.target_columns)), dtype=np.float32)
+        for j, column in enumerate(self.target_columns):
+            out[:, j] = self.frame[column].to_numpy(dtype=np.float64)
+        return out
 
     def image_paths(self) -> list[str]:
         """Absolute, normalised image paths (relative ones resolved against the CSV's folder)."""
