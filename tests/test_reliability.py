@@ -97,6 +97,25 @@ def test_sigkill_then_resume_equals_uninterrupted(reference, data_csv, point):
     assert_same_run(reference, out / name)
 
 
+@pytest.mark.slow  # three training runs (~45 s)
+def test_a_multiscale_run_killed_then_resumed_equals_uninterrupted(data_csv, tmp_path):
+    """``model.context=multiscale`` (each spot's patch and its context patch): the same exact resume."""
+    frame = pd.read_csv(data_csv)
+    frame["context_path"] = frame["path"].iloc[::-1].to_numpy()  # another image of the set as each context
+    csv = data_csv.parent / "metadata_context.csv"
+    frame.to_csv(csv, index=False)
+    settings = (f"data.metadata_csv={csv}", "model.context=multiscale", "data.context_um=48", *COMMON)
+    train(tmp_path, "reference", *settings)
+    process = start(tmp_path, "killed", *settings, pause="step:3")
+    wait_for_marker(process, "EXPREG_FAULT_POINT step:3")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    assert "resumed at epoch" in resume(tmp_path / "killed" / "checkpoints" / "last").stdout
+    assert_same_run(tmp_path / "reference", tmp_path / "killed")
+    config = json.loads((tmp_path / "killed" / "checkpoints" / "best" / "config.json").read_text())
+    assert config["context"] == "multiscale" and config["context_um"] == 48.0
+
+
 @pytest.mark.parametrize(
     "signum", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGINT], ids=["SIGTERM", "SIGINT"]
 )
