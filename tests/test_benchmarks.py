@@ -163,6 +163,7 @@ def test_the_synthetic_cohort_is_seeded_and_prepare_reads_it_at_its_scale(tmp_pa
     assert any(name.endswith("-1") for name in table.var_names)  # a symbol naming two ids
 
 
+@pytest.mark.slow  # two training processes (~15 s)
 def test_context_benchmark_runs_end_to_end_in_quick_mode():
     command = [sys.executable, str(REPO / "benchmarks" / "bench_context.py"), "--quick"]
     result = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=REPO, timeout=300)
