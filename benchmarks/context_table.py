@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def run(out: Path, seeds: list[int]) -> None:
             folder = out / f"{name}_s{seed}"
             if (folder / "cv_summary.json").is_file():
                 continue
+            if folder.exists():  # an interrupted run: expreg.cv never writes into an existing folder
+                print(f"{folder}: incomplete (no cv_summary.json), run again", flush=True)
+                shutil.rmtree(folder)
             command = [sys.executable, "-m", "expreg.cv", recipe, *arguments, f"seed={seed}", "--out_dir", str(folder)]
             if "finetune" in arguments:
                 command.append("--no_tta")

@@ -195,9 +195,24 @@ def test_a_multiscale_run_trains_and_its_model_predicts_its_validation_rows(make
     assert run(cfg, accelerator)["status"] == "finished"
     model = load_model(str(tmp_path / "ms"))
     assert model.config.context == "multiscale" and model.config.context_um == 48.0
+    card = (
+        tmp_path / "ms" / "checkpoints" / "best" / "README.md"
+    ).read_text()  # the model card says what the model reads
+    assert "pixel_values: (batch, 6 (the patch's 3, then its context patch's 3)" in card and "context_path" in card
     val = pd.read_csv(tmp_path / "ms" / "predictions_val.csv")
     rows = frame.set_index("path").loc[val["path"]]
     pairs = [(str(csv.parent / p), str(csv.parent / c)) for p, c in zip(val["path"], rows["context_path"])]
     expected = predict_files(model, pairs, accelerator, 8, 0)
     genes = [c for c in val.columns if c not in ("path", "group_id")]
     np.testing.assert_allclose(val[genes].to_numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cv_refuses_single_patch_trainings_beside_a_multiscale_recipe():
+    from expreg.config import ConfigError, load_recipe
+    from expreg.evaluation.cv import check_config
+
+    multiscale = load_recipe(None, ["model.context=multiscale"])
+    for method in ("frozen", "depth_from_image"):
+        with pytest.raises(ConfigError, match="model.context=none"):
+            check_config(multiscale, ["finetune", method])
+    check_config(multiscale, ["finetune", "linear_probe", "linear_probe_neighbourhood", "mean"])  # probes: patches

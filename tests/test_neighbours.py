@@ -58,6 +58,11 @@ def test_neighbourhood_features_are_the_spot_beside_its_neighbourhood_mean(tmp_p
     np.testing.assert_allclose(x[0, 2:], features[[0, 1]].mean(0))
     np.testing.assert_allclose(x[2, 2:], features[2])  # alone within 150 µm: its own embedding
     np.testing.assert_allclose(x[3, 2:], features[[3, 4]].mean(0))  # S2's own spots only
+    frame["group_id"] = ["A", "A", "A", "B", "C"]  # S2 under two patients (two cohorts pooled): two sections
+    metadata = Metadata(csv_path=tmp_path / "m.csv", frame=frame, target_columns=[], gene_names=[])
+    x, _ = neighbourhood_features(features, metadata, radius_um=150.0)
+    np.testing.assert_allclose(x[3, 2:], features[3])
+    np.testing.assert_allclose(x[0, 2:], features[[0, 1]].mean(0))
     assert info == {"neighbourhood_um": 150.0, "mean_spots_per_neighbourhood": 1.8}
 
 

@@ -27,7 +27,8 @@ RING_FACTOR = 1.2  # one ring of the lattice: the nearest spots (at the pitch), 
 
 
 def spot_positions(metadata) -> tuple[np.ndarray, np.ndarray]:
-    """``(section of each row, (rows, 2) positions in µm)`` from the metadata's position columns."""
+    """``(section of each row, (rows, 2) positions in µm)`` from the metadata's position columns; a section
+    is a ``group_id``'s ``sample_id`` (the same sample id under two groups is two sections)."""
     frame = metadata.frame
     names = next((c for c in POSITION_COLUMNS if all(n in frame.columns for n in c)), None)
     if names is None:
@@ -49,7 +50,10 @@ def spot_positions(metadata) -> tuple[np.ndarray, np.ndarray]:
                 f"not a {'positive ' if column == scale else ''}number ({text.iloc[rows[0]]!r})"
             )
     xy = np.stack([values[x] * values[scale], values[y] * values[scale]], axis=1)
-    return frame[section].astype(str).to_numpy(), xy
+    sections = frame[section].astype(str).to_numpy()
+    if "group_id" in frame.columns:  # a sample id two patients share (two cohorts pooled) is two sections
+        sections = np.char.add(np.char.add(frame["group_id"].astype(str).to_numpy().astype(str), "/"), sections)
+    return sections, xy
 
 
 def lattice_radius(sections: np.ndarray, xy_um: np.ndarray) -> float:

@@ -142,6 +142,11 @@ def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds:
             "--hest_task: a HEST-Benchmark task gives no spot library sizes, which depth_oracle and depth_from_image "
             "need; run them on an expreg.prepare output of the same samples"
         )
+    if cfg.model.context == "multiscale" and {"frozen", DEPTH_FROM_IMAGE} & set(methods):
+        raise ConfigError(
+            "model.context=multiscale: frozen and depth_from_image train on single patches; run them in a second "
+            "expreg.cv with model.context=none (the same seed and groups give the same folds)"
+        )
     _check_encoder_folder(cfg)
 
 

@@ -177,7 +177,7 @@ def _check_options(options: Options, out_dir: Path, overwrite: bool) -> None:
     if options.context_um is not None and not (
         math.isfinite(options.context_um) and options.context_um > options.patch_um
     ):
-        raise IngestError(f"--context_um {options.context_um:g}: wider than --patch_um ({options.patch_um:g} um)")
+        raise IngestError(f"--context_um {options.context_um:g}: must exceed --patch_um ({options.patch_um:g} um)")
     if options.context_um is not None and options.store != "files":
         raise IngestError("--context_um writes context patches as files: use --store files with it")
     if not (isinstance(options.num_workers, int) and options.num_workers >= 1):
@@ -288,12 +288,11 @@ def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress
     part = shards.PartWriter(shards.part_path(tmp, index), ext, kwargs) if options.store == "shards" else None
     if part is None:
         (tmp / "patches" / spec.sample_id).mkdir(parents=True, exist_ok=True)
-    contexts = _patches(result, options, options.context_um) if options.context_um else (None for _ in result.files)
-    patches = zip(result.files, _patches(result, options), contexts, strict=True)
+    patches = zip(result.files, _patches(result, options), strict=True)
     bar = progress_bar(
         patches, enabled=progress, total=len(result.files), desc=f"patches {spec.sample_id}", unit="patch"
     )
-    for relative, patch, context in bar:
+    for relative, (patch, context) in bar:
         if part is None:
             patch.save(tmp / relative, **kwargs)
         else:
@@ -313,17 +312,20 @@ def context_file(patch_file: str) -> str:
     return "context/" + patch_file.split("/", 1)[1]
 
 
-def _patches(result: SampleResult, options: Options, side_um: float | None = None):
-    """The patch images of the kept spots, in order: cut from the image, or HEST's own (patches only).
-    ``side_um``: boxes of that side instead (context patches), resized to ``patch_px`` as well."""
+def _patches(result: SampleResult, options: Options):
+    """``(patch, context patch or None)`` of each kept spot, in order: cut from the image (opened once for
+    both; a context patch covers ``context_um``, resized to ``patch_px``), or HEST's own patches."""
     section = result.section
     if section.image is None:
-        yield from hest_patches.read_patches(section.patches_h5, result.h5_rows, options.patch_px)
+        for patch in hest_patches.read_patches(section.patches_h5, result.h5_rows, options.patch_px):
+            yield patch, None
         return
-    geom = PatchGeometry(side_um or options.patch_um, options.patch_px, result.scale.um_per_px)
+    geom = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px)
+    wide = PatchGeometry(options.context_um, options.patch_px, result.scale.um_per_px) if options.context_um else None
     with open_slide(section.image) as slide:
         for row in result.keep:
-            yield cut_patch(slide, section.x_px[row], section.y_px[row], geom)
+            x, y = section.x_px[row], section.y_px[row]
+            yield cut_patch(slide, x, y, geom), None if wide is None else cut_patch(slide, x, y, wide)
 
 
 def _read_gene_list(path) -> list[str]:

@@ -76,7 +76,7 @@ def _context_boxes(plan: MapPlan, x0, y0, centres):
         )
     geom = PatchGeometry(config.context_um, plan.geometry.patch_px, plan.geometry.um_per_px)
     if centres is None:
-        half = plan.geometry.box_px / 2
+        half = plan.geometry.box_px // 2  # the centre patch_box puts a box of this x0 around (odd sides too)
         centres = (np.asarray(x0) + half, np.asarray(y0) + half)
     boxes = [patch_box(x, y, geom) for x, y in zip(*centres)]
     x, y = (np.array([b[i] for b in boxes], dtype=np.int64) for i in (0, 1))

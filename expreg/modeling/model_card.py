@@ -166,7 +166,7 @@ Metadata: `{data["metadata_csv"]}` ({data["num_genes"]} genes).{_patches(cfg)}
 
 {_training_table(cfg, best)}
 
-{_usage(cfg["data"]["image_size"], data["num_genes"])}
+{_usage(cfg["data"]["image_size"], data["num_genes"], cfg["model"].get("context", "none"))}
 
 {_limits(data)}"""
 
@@ -227,7 +227,11 @@ def _training_table(cfg: dict, best: dict) -> str:
 | seed | {cfg["seed"]} |"""
 
 
-def _usage(image_size: int, num_genes: int) -> str:
+def _usage(image_size: int, num_genes: int, context: str = "none") -> str:
+    channels, images = "3", "a CSV with a `path` column or a folder of images"
+    if context == "multiscale":  # the patch, then its context patch (expreg.prepare --context_um)
+        channels = "6 (the patch's 3, then its context patch's 3)"
+        images = "a CSV with `path` and `context_path` columns (`expreg.prepare --context_um`)"
     return f"""## How to use
 
 ```python
@@ -235,13 +239,13 @@ import expreg.model  # registers the "expreg" model type with AutoModel
 from transformers import AutoModel
 
 model = AutoModel.from_pretrained("path/or/hub-id")
-# pixel_values: (batch, 3, {image_size}, {image_size}), normalised with
+# pixel_values: (batch, {channels}, {image_size}, {image_size}), normalised with
 # model.config.image_mean / image_std
 expression = model.predict_expression(pixel_values)   # (batch, {num_genes}), expression units
 genes = model.config.gene_names
 ```
 
-Or from the command line, for a CSV with a `path` column or a folder of images:
+Or from the command line, for {images}:
 
 ```bash
 python -m expreg.predict --model path/or/hub-id --metadata_csv patches.csv --out_csv predictions.csv
