@@ -28,11 +28,6 @@ __all__ = ["ExpRegConfig", "ExpRegModel", "ExpRegOutput", "ModelError", "build_m
 CONTEXT_VIEWS = {"none": 1, "multiscale": 2}  # images per sample, each 3 channels of ``pixel_values``
 
 
-def input_channels(config) -> int:
-    """Channels of a model's ``pixel_values``: 3, or 6 for a multiscale model (patch, then context)."""
-    return 3 * CONTEXT_VIEWS[getattr(config, "context", "none")]
-
-
 class ExpRegConfig(PretrainedConfig):
     """Configuration of an ``ExpRegModel``.
 
