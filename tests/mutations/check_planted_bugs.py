@@ -226,8 +226,8 @@ BUGS = {
     ),
     "context_patch_as_small_as_the_patch": (
         "expreg/ingest/prepare.py",
-        "geom = PatchGeometry(side_um or options.patch_um, options.patch_px, result.scale.um_per_px)",
-        "geom = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px)",
+        "wide = PatchGeometry(options.context_um, options.patch_px, result.scale.um_per_px) if options.context_um",
+        "wide = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px) if options.context_um",
         ["tests/test_context.py::test_context_patches_are_centred_on_the_spot_and_white_outside_the_image"],
     ),
     "map_context_patch_off_centre": (
@@ -238,8 +238,8 @@ BUGS = {
     ),
     "map_tile_context_off_centre": (
         "expreg/maps/run.py",
-        "half = plan.geometry.box_px / 2",
-        "half = 0.0",
+        "half = plan.geometry.box_px // 2",
+        "half = 0",
         ["tests/test_context.py::test_map_spots_agree_with_predict_on_the_prepared_context_patches"],
     ),
 }
