@@ -12,6 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+HER2ST_DEV = REPO.parent / "shared" / "data" / "her2st_dev" / "metadata.csv"
+
 
 def _env() -> dict:
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
@@ -102,6 +104,7 @@ def test_map_benchmark_runs_end_to_end_in_quick_mode(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not HER2ST_DEV.is_file(), reason=f"its default images, {HER2ST_DEV}, are absent")
 def test_embeddings_benchmark_runs_end_to_end_in_quick_mode():
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_embeddings.py"), "--quick"],
