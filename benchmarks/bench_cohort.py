@@ -449,11 +449,11 @@ def main(argv=None) -> None:
     print(f"bench_cohort: {environment()}; work folder {root}")
     parts = set(args.parts.split(","))
     record = _record(root, args)
-    raw = cohort(args, root)
+    raw = cohort(args, root) if parts & {"prepare", "map"} else None  # genes and rss make their own data
     if "prepare" in parts:
         runs = prepare_runs(args, raw, root / "prepared")
         record["prepare_s_per_spot"] = runs["shards, 2 workers"]["seconds"] / runs["spots"]
-    else:
+    elif "train" in parts:
         runs = reuse_prepared(root / "prepared")
     model = None
     if "train" in parts:
