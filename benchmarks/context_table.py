@@ -24,25 +24,50 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEV = "../shared/data/her2st_dev/metadata.csv"
 PROBES = "linear_probe,linear_probe_neighbourhood"
+RINGS2 = ["data.neighbourhood_rings=2", "--methods", "linear_probe_neighbourhood"]
+NEIGHBOURHOOD = "model.context=neighbourhood"
+FROZEN = ["train.mode=frozen", "data.hed_jitter=0", "--methods", "frozen"]  # the trained head on cached embeddings
 EXPERIMENTS = {  # name: (data set, recipe, arguments)
     "dev_probe": ("her2st_dev", "recipes/her2st.yaml", [f"data.metadata_csv={DEV}", "--methods", PROBES]),
+    "dev_probe2": ("her2st_dev", "recipes/her2st.yaml", [f"data.metadata_csv={DEV}", *RINGS2]),
+    "dev_frozen": ("her2st_dev", "recipes/her2st.yaml", [f"data.metadata_csv={DEV}", *FROZEN]),
+    "dev_frozen_nb": ("her2st_dev", "recipes/her2st.yaml", [f"data.metadata_csv={DEV}", NEIGHBOURHOOD, *FROZEN]),
     "st_probe": ("her2st_st", "recipes/her2st_st_context.yaml", ["model.context=none", "--methods", PROBES]),
+    "st_probe2": ("her2st_st", "recipes/her2st_st_context.yaml", ["model.context=none", *RINGS2]),
+    "st_frozen": ("her2st_st", "recipes/her2st_st_context.yaml", ["model.context=none", *FROZEN]),
+    "st_frozen_nb": ("her2st_st", "recipes/her2st_st_context.yaml", [NEIGHBOURHOOD, *FROZEN]),
     "st_single": ("her2st_st", "recipes/her2st_st_context.yaml", ["model.context=none", "--methods", "finetune"]),
     "st_multi": ("her2st_st", "recipes/her2st_st_context.yaml", ["--methods", "finetune"]),
+    "st_multi_gated": ("her2st_st", "recipes/her2st_st_context.yaml", ["model.fusion=gated", "--methods", "finetune"]),
+    "st_multi_separate": (
+        "her2st_st",
+        "recipes/her2st_st_context.yaml",
+        ["model.context_encoder=separate", "--methods", "finetune"],
+    ),
 }
 ROWS = [  # (experiment, method, label)
-    ("dev_probe", "linear_probe", "frozen (linear probe)"),
-    ("dev_probe", "linear_probe_neighbourhood", "frozen + neighbourhood (one ring)"),
-    ("st_probe", "linear_probe", "frozen (linear probe)"),
-    ("st_probe", "linear_probe_neighbourhood", "frozen + neighbourhood (one ring)"),
+    ("dev_probe", "linear_probe", "linear probe"),
+    ("dev_probe", "linear_probe_neighbourhood", "linear probe + neighbourhood (one ring)"),
+    ("dev_probe2", "linear_probe_neighbourhood", "linear probe + neighbourhood (two rings)"),
+    ("dev_frozen", "frozen", "frozen encoder, trained head"),
+    ("dev_frozen_nb", "frozen", "frozen encoder, trained head + neighbourhood (one ring)"),
+    ("st_probe", "linear_probe", "linear probe"),
+    ("st_probe", "linear_probe_neighbourhood", "linear probe + neighbourhood (one ring)"),
+    ("st_probe2", "linear_probe_neighbourhood", "linear probe + neighbourhood (two rings)"),
+    ("st_frozen", "frozen", "frozen encoder, trained head"),
+    ("st_frozen_nb", "frozen", "frozen encoder, trained head + neighbourhood (one ring)"),
     ("st_single", "finetune", "fine-tuned, single patch (112 µm)"),
-    ("st_multi", "finetune", "fine-tuned, multiscale (112 + 336 µm)"),
+    ("st_multi", "finetune", "fine-tuned, multiscale (112 + 336 µm), shared encoder, concatenated"),
+    ("st_multi_gated", "finetune", "fine-tuned, multiscale, shared encoder, gated fusion"),
+    ("st_multi_separate", "finetune", "fine-tuned, multiscale, separate context encoder, concatenated"),
 ]
 
 
-def run(out: Path, seeds: list[int]) -> None:
+def run(out: Path, seeds: list[int], only: list[str] | None = None) -> None:
     for seed in seeds:
         for name, (_, recipe, arguments) in EXPERIMENTS.items():
+            if only and name not in only:
+                continue
             folder = out / f"{name}_s{seed}"
             if (folder / "cv_summary.json").is_file():
                 continue
@@ -83,10 +108,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="results/context_table")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     parser.add_argument("--collect", action="store_true", help="only print the table of what has run")
+    parser.add_argument("--only", nargs="+", choices=sorted(EXPERIMENTS), help="run these experiments alone")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if not args.collect:
-        run(out, args.seeds)
+        run(out, args.seeds, args.only)
     print(collect(out))
     return 0
 

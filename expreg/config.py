@@ -20,7 +20,10 @@ import yaml
 MIXED_PRECISION = ("no", "fp16", "bf16")
 HEADS = ("linear", "mlp")
 POOLINGS = ("avg", "cls", "cls+mean")  # expreg.modeling.encoders
-CONTEXTS = ("none", "multiscale")  # expreg.modeling.model: the spot's patch alone, or with a wider context patch
+# expreg.modeling.model: the spot's patch alone, with a wider context patch, or beside its neighbourhood's embeddings
+CONTEXTS = ("none", "multiscale", "neighbourhood")
+CONTEXT_ENCODERS = ("shared", "separate")
+FUSIONS = ("concat", "gated")
 TRAIN_MODES = ("finetune", "frozen", "linear_probe")
 DEMO_DATA = "demo"
 TARGET_TRANSFORMS = ("log1p_cpm", "log1p", "none")  # expreg.data.expression
@@ -65,9 +68,12 @@ class DataConfig:
     patch_um: float | None = None
     # physical side of the context patches in µm (model.context=multiscale): read from prepare.json as patch_um
     context_um: float | None = None
-    # radius of a spot's neighbourhood in µm (expreg.cv --methods linear_probe_neighbourhood); None: one ring
-    # of the spot lattice (1.2 x the median distance to the nearest spot of the same section)
+    # radius of a spot's neighbourhood in µm (model.context=neighbourhood, expreg.cv --methods
+    # linear_probe_neighbourhood); None: neighbourhood_rings rings of the spot lattice
     neighbourhood_um: float | None = None
+    # with neighbourhood_um=null: the radius is (rings + 0.2) x the median distance to the nearest spot of the
+    # same section, on the training rows (1: the nearest spots; 2: and the ring beyond them)
+    neighbourhood_rings: int = 1
 
     def __post_init__(self) -> None:
         _check_choice("data.check_images", self.check_images, ("none", "exists", "decode"))
@@ -91,6 +97,7 @@ class DataConfig:
             _check_positive("data.context_um", self.context_um)
         if self.neighbourhood_um is not None:
             _check_positive("data.neighbourhood_um", self.neighbourhood_um)
+        _check_positive("data.neighbourhood_rings", self.neighbourhood_rings)
         if not 0 <= self.min_gene_detection <= 1:
             raise ConfigError(f"data.min_gene_detection must be in [0, 1], got {self.min_gene_detection}")
         if (self.expression_file is None) != (self.genes is None):
@@ -114,11 +121,21 @@ class ModelConfig:
     dropout: float = 0.0
     pooling: str = "avg"  # avg, cls (a ViT's class token) or cls+mean (both, as Virchow2)
     encoder_args: str | None = None  # JSON object added to the encoder's timm arguments
-    context: str = "none"  # none | multiscale (the patch and a context patch around it, one shared encoder)
+    context: str = "none"  # none | multiscale (the patch and a context patch around it) | neighbourhood (frozen mode)
+    context_encoder: str = "shared"  # multiscale: shared (one encoder for both patches) | separate (a second one)
+    fusion: str = "concat"  # with a context: concat (side by side) | gated (the context scaled by a learned gate)
 
     def __post_init__(self) -> None:
         _check_choice("model.head", self.head, HEADS)
         _check_choice("model.context", self.context, CONTEXTS)
+        _check_choice("model.context_encoder", self.context_encoder, CONTEXT_ENCODERS)
+        _check_choice("model.fusion", self.fusion, FUSIONS)
+        if self.context_encoder == "separate" and self.context != "multiscale":
+            raise ConfigError(
+                "model.context_encoder=separate is a second encoder for context patches: set model.context=multiscale"
+            )
+        if self.fusion == "gated" and self.context == "none":
+            raise ConfigError("model.fusion=gated fuses a spot's features with its context's: set model.context")
         _check_choice("model.pooling", self.pooling, POOLINGS)
         self.encoder_kwargs()  # checked now
         _check_positive("model.head_hidden_dim", self.head_hidden_dim)
@@ -208,6 +225,11 @@ class RunConfig:
             raise ConfigError(
                 f"model.context=multiscale trains the encoder on two views of each spot; train.mode={self.train.mode} "
                 "reads cached single-patch embeddings: use train.mode=finetune"
+            )
+        if self.model.context == "neighbourhood" and self.train.mode != "frozen":
+            raise ConfigError(
+                f"model.context=neighbourhood trains the head on cached embeddings of each spot and its neighbourhood; "
+                f"train.mode={self.train.mode}: use train.mode=frozen (expreg.cv has linear_probe_neighbourhood too)"
             )
         if self.train.mode == "linear_probe" and self.model.head != "linear":
             raise ConfigError("train.mode=linear_probe fits a linear head: set model.head=linear")

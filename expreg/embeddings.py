@@ -36,13 +36,13 @@ import numpy as np
 from expreg.data.demo import default_cache_dir
 from expreg.data.image_cache import fingerprint
 from expreg.formatting import fmt_bytes
+from expreg.inference import NUM_VIEWS, dihedral_view  # noqa: F401 - NUM_VIEWS: also this module's name
 from expreg.run_dir import process_alive
 
 STORE_VERSION = 1  # bump when the numbers a store holds would change for the same identity
 EMBEDDINGS_FILE = "embeddings.npy"
 PATHS_FILE = "paths.json"
 INFO_FILE = "info.json"
-NUM_VIEWS = 8
 MAX_DISK_FRACTION = 0.95
 
 
@@ -76,17 +76,6 @@ class EmbeddingStore:
 
     def get(self, files: list[str]) -> np.ndarray:
         return np.asarray(self.array[self.rows(files)], dtype=np.float32)
-
-
-def dihedral_view(pixel_values, view: int):
-    """View ``view`` (0-7) of a batch ``(B, C, H, W)``: rotation by ``view // 2`` quarter turns, then a
-    horizontal flip when ``view`` is odd (the order of ``expreg.inference.dihedral_views``)."""
-    import torch
-
-    if view == 0:
-        return pixel_values
-    rotated = torch.rot90(pixel_values, view // 2, dims=(2, 3))
-    return torch.flip(rotated, dims=(3,)) if view % 2 else rotated
 
 
 def store_identity(model, files: list[str], view: int = 0, weights_sha256: str | None = None) -> dict:

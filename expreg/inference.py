@@ -64,6 +64,20 @@ def image_loader(model, files: list[str], batch_size: int, num_workers: int):
     return DataLoader(ImageFiles(files, transform), batch_size=batch_size, **worker_options(num_workers, seed=False))
 
 
+NUM_VIEWS = 8  # the dihedral views of a square image: 4 rotations, each also flipped
+
+
+def dihedral_view(pixel_values, view: int):
+    """View ``view`` (0-7) of a batch ``(B, C, H, W)``: rotation by ``view // 2`` quarter turns, then a
+    horizontal flip when ``view`` is odd (the order of ``expreg.inference.dihedral_views``)."""
+    import torch
+
+    if view == 0:
+        return pixel_values
+    rotated = torch.rot90(pixel_values, view // 2, dims=(2, 3))
+    return torch.flip(rotated, dims=(3,)) if view % 2 else rotated
+
+
 def dihedral_views(pixel_values):
     """The 8 flips/90-degree rotations of a batch ``(B, C, H, W)`` (identity first)."""
     import torch
@@ -135,7 +149,16 @@ def gather_outputs(
     return (result, np.concatenate(labels) if labels else None) if with_labels else result
 
 
-def predict_loader(model, loader, accelerator, *, tta: bool = False, max_batches: int | None = None, desc="predict"):
+def predict_loader(
+    model,
+    loader,
+    accelerator,
+    *,
+    tta: bool = False,
+    max_batches: int | None = None,
+    desc="predict",
+    neighbourhood=None,
+):
     """Normalised predictions ``(num_samples, num_genes)`` of a saved ``model`` over ``loader``, in dataset order.
 
     Args:
@@ -144,31 +167,73 @@ def predict_loader(model, loader, accelerator, *, tta: bool = False, max_batches
             over the processes here (pass the plain, unprepared loader).
         tta: Average over the 8 dihedral views.
         max_batches: Stop after this many batches per process (dry runs).
+        neighbourhood: A ``context=neighbourhood`` model's row-normalised ``(num_samples, num_samples)``
+            matrix (``expreg.data.neighbours.neighbourhood_matrix``): every sample is embedded first, then
+            the head reads each embedding beside its neighbourhood's mean (two passes).
     """
     model = model.to(accelerator.device).eval()
     sharded = accelerator.prepare_data_loader(loader)
-    predictions = gather_outputs(
-        lambda pixel_values: forward_tta(model, pixel_values, tta),
-        sharded,
-        accelerator,
-        max_batches=max_batches,
-        desc=desc,
-    )
+    if neighbourhood is not None:
+        predictions = _neighbourhood_predictions(model, sharded, accelerator, neighbourhood, tta, desc)
+    else:
+        predictions = gather_outputs(
+            lambda pixel_values: forward_tta(model, pixel_values, tta),
+            sharded,
+            accelerator,
+            max_batches=max_batches,
+            desc=desc,
+        )
     if predictions is None:
         return np.zeros((0, model.config.num_genes), dtype=np.float32)
     return predictions
 
 
+def _neighbourhood_predictions(model, sharded, accelerator, matrix, tta: bool, desc: str) -> np.ndarray | None:
+    """Embed every sample (each process its shard, gathered in order), average over neighbourhoods, then the
+    head; with ``tta`` the mean over the 8 dihedral views of the whole (each view's neighbourhood of that view)."""
+    import torch
+
+    views = range(NUM_VIEWS) if tta else range(1)
+    total = None
+    for view in views:
+        label = f"{desc}: embed" + (f" view {view + 1}/{NUM_VIEWS}" if tta else "")
+        embeddings = gather_outputs(
+            lambda pv, v=view: model.embed(dihedral_view(pv, v)), sharded, accelerator, desc=label
+        )
+        if embeddings is None:
+            return None
+        features = np.hstack([embeddings, matrix @ embeddings.astype(np.float64)]).astype(np.float32)
+        with torch.inference_mode():
+            predictions = np.concatenate(
+                [
+                    model.forward_head(torch.from_numpy(chunk).to(accelerator.device))
+                    .predictions.float()
+                    .cpu()
+                    .numpy()
+                    for chunk in np.array_split(features, max(1, len(features) // 4096))
+                ]
+            )
+        total = predictions if total is None else total + predictions
+    return total / len(views)
+
+
 def predict_files(
-    model, files: list[str], accelerator, batch_size: int = 64, num_workers: int = 2, tta: bool = False
+    model,
+    files: list[str],
+    accelerator,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    tta: bool = False,
+    neighbourhood=None,
 ) -> np.ndarray:
     """Predictions in expression units, shape ``(len(files), num_genes)``, in the order of ``files``.
 
     Every process predicts its shard; ``gather_for_metrics`` reassembles exactly ``len(files)`` rows.
     With ``tta``, each prediction is the mean over the 8 dihedral views of the image (8x the compute).
+    ``neighbourhood``: a neighbourhood model's averaging matrix over ``files`` (``predict_loader``).
     """
     loader = image_loader(model, files, batch_size, num_workers)
-    normalised = predict_loader(model, loader, accelerator, tta=tta)
+    normalised = predict_loader(model, loader, accelerator, tta=tta, neighbourhood=neighbourhood)
     return model.to_expression(normalised.astype(np.float64))
 
 

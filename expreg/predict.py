@@ -68,17 +68,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _inputs(args, model_config):
     """(paths as written in the output, files to open (multiscale: (patch, context) pairs), (targets or None,
-    library sizes or None))."""
+    library sizes or None), a neighbourhood model's averaging matrix over the rows or None)."""
     genes = list(model_config.gene_names)
-    multiscale = getattr(model_config, "context", "none") == "multiscale"
+    context = getattr(model_config, "context", "none")
     if args.image_dir:
-        if multiscale:
+        if context != "none":
             raise PredictError(
                 "this model reads each spot's patch and its context patch (context=multiscale): give --metadata_csv "
                 "with a context_path column (python -m expreg.prepare --context_um), not --image_dir"
+                if context == "multiscale"
+                else "this model reads each spot beside its neighbourhood (context=neighbourhood): give --metadata_csv "
+                "with each spot's section and position (the sample_id, x_px, y_px, um_per_px columns of "
+                "python -m expreg.prepare), not --image_dir"
             )
         files = list_images(args.image_dir)
-        return files, files, (None, None)
+        return files, files, (None, None), None
     metadata = read_metadata(args.metadata_csv, num_genes=None, for_prediction=True, patches=args.patches)
     if metadata.target_columns and metadata.num_genes != len(genes):
         raise PredictError(
@@ -91,7 +95,7 @@ def _inputs(args, model_config):
             f"{' ...' if len(differ) > 3 else ''}); metrics would compare different genes"
         )
     files = [resolve_image_path(metadata.csv_path, p) for p in metadata.frame["path"]]
-    if multiscale:
+    if context == "multiscale":
         contexts = metadata.context_paths()
         if contexts is None:
             raise PredictError(
@@ -106,7 +110,21 @@ def _inputs(args, model_config):
         import pandas as pd
 
         depth = pd.to_numeric(metadata.frame["library_size"].replace("", "nan"), errors="coerce").to_numpy(float)
-    return list(metadata.frame["path"]), files, (targets, depth)
+    return list(metadata.frame["path"]), files, (targets, depth), _neighbourhood(metadata, model_config)
+
+
+def _neighbourhood(metadata, model_config):
+    """A neighbourhood model's averaging matrix over the CSV's rows (the radius it was trained with), else None."""
+    if getattr(model_config, "context", "none") != "neighbourhood":
+        return None
+    from expreg.data.neighbours import neighbourhood_matrix, spot_positions
+
+    if not getattr(model_config, "neighbourhood_um", None):
+        raise PredictError(
+            "the model reads each spot's neighbourhood but does not record its radius (neighbourhood_um)"
+        )
+    sections, xy = spot_positions(metadata)
+    return neighbourhood_matrix(sections, xy, model_config.neighbourhood_um)
 
 
 def main(argv=None) -> int:
@@ -116,7 +134,7 @@ def main(argv=None) -> int:
         if out.exists() and not args.overwrite:
             raise PredictError(f"{out} exists; choose another --out_csv or pass --overwrite")
         model = load_model(args.model)
-        paths, files, (targets, depth) = _inputs(args, model.config)
+        paths, files, (targets, depth), neighbourhood = _inputs(args, model.config)
     except (PredictError, MetadataError) as err:
         print(f"expreg-predict: error: {err}", file=sys.stderr)
         return 2
@@ -133,7 +151,9 @@ def main(argv=None) -> int:
     from expreg.data import UnreadableImageError, error_message
 
     try:
-        expression = predict_files(model, files, accelerator, args.batch_size, args.num_workers, tta=args.tta)
+        expression = predict_files(
+            model, files, accelerator, args.batch_size, args.num_workers, tta=args.tta, neighbourhood=neighbourhood
+        )
     except UnreadableImageError as err:
         print(f"expreg-predict: error: {error_message(err)}", file=sys.stderr)
         return 2

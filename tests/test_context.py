@@ -216,3 +216,104 @@ def test_cv_refuses_single_patch_trainings_beside_a_multiscale_recipe():
         with pytest.raises(ConfigError, match="model.context=none"):
             check_config(multiscale, ["finetune", method])
     check_config(multiscale, ["finetune", "linear_probe", "linear_probe_neighbourhood", "mean"])  # probes: patches
+
+
+def test_a_separate_context_encoder_embeds_the_context_patches_alone(tmp_path):
+    from transformers import AutoModel
+
+    from expreg.modeling.encoders import pool
+    from expreg.modeling.model import build_model
+
+    model = build_model("test_resnet", 3, image_size=32, context="multiscale", context_encoder="separate").eval()
+    shared = build_model("test_resnet", 3, image_size=32, context="multiscale")
+    assert model.num_parameters() > shared.num_parameters()  # a second encoder
+    with torch.no_grad():
+        for p in model.context_backbone.parameters():
+            p.mul_(0.5)  # the two encoders now differ
+    x = torch.randn(4, 6, 32, 32)
+    with torch.no_grad():
+        both = model.embed(x)
+        patch, context = pool(model.backbone, x[:, :3], "avg"), pool(model.context_backbone, x[:, 3:], "avg")
+        torch.testing.assert_close(both, torch.cat([patch, context], dim=1), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(context, pool(model.backbone, x[:, 3:], "avg"), atol=1e-4)
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModel.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config.context_encoder == "separate"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).predictions, model(x).predictions)
+
+
+def test_gated_fusion_scales_the_context_part_by_a_learned_gate(tmp_path):
+    from transformers import AutoModel
+
+    from expreg.modeling.model import build_model
+
+    model = build_model("test_resnet", 3, image_size=32, context="multiscale", fusion="gated").eval()
+    width = model.head.in_features // 2
+    features = torch.randn(5, 2 * width)
+    torch.testing.assert_close(model.fuse(features), torch.cat([features[:, :width], 0.5 * features[:, width:]], 1))
+    with torch.no_grad():  # a trained gate: sigmoid(W [own, context] + b) per context feature
+        model.fusion_gate.weight.normal_()
+        model.fusion_gate.bias.normal_()
+        gate = torch.sigmoid(features @ model.fusion_gate.weight.T + model.fusion_gate.bias)
+    fused = model.fuse(features)
+    torch.testing.assert_close(fused[:, :width], features[:, :width])
+    torch.testing.assert_close(fused[:, width:], gate * features[:, width:])
+    model.save_pretrained(tmp_path / "m")
+    loaded = AutoModel.from_pretrained(tmp_path / "m").eval()
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).predictions, model(x).predictions)
+
+
+def test_context_options_that_do_not_fit_the_context_are_refused():
+    from expreg.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="context_encoder=separate .* set model.context=multiscale"):
+        load_recipe(None, ["model.context_encoder=separate"])
+    with pytest.raises(ConfigError, match="fusion=gated .* set model.context"):
+        load_recipe(None, ["model.fusion=gated"])
+    with pytest.raises(ConfigError, match="model.context=neighbourhood .* use train.mode=frozen"):
+        load_recipe(None, ["model.context=neighbourhood"])
+    load_recipe(None, ["model.context=neighbourhood", "train.mode=frozen", "model.fusion=gated"])
+    load_recipe(None, ["model.context=multiscale", "model.context_encoder=separate", "model.fusion=gated"])
+
+
+def test_map_spots_and_tiles_of_a_neighbourhood_model_agree_with_predict(marked, tmp_path, capsys):
+    from expreg.data.neighbours import neighbourhood_matrix
+    from expreg.inference import load_model, predict_files
+    from expreg.ingest.images import open_slide
+    from expreg.ingest.patches import PatchGeometry, cut_patch
+    from expreg.map import main
+    from expreg.predict import main as predict_main
+    from expreg.training.launch import build_accelerator
+
+    radius = 150.0  # the spots' 100 µm pitch: 4 neighbours and the spot; tiles (112 µm apart): 4 and the tile
+    model_dir = save_model(tmp_path / "model", context="neighbourhood", neighbourhood_um=radius)
+    out = tmp_path / "out"
+    assert main(map_args(model_dir, marked["image"], out, "--measured", str(marked["prepared"]))) == 0
+    prepared = marked["prepared"]
+    predicted = tmp_path / "p.csv"
+    args = ["--model", str(model_dir), "--metadata_csv", str(prepared / "metadata.csv"), "--out_csv", str(predicted)]
+    assert predict_main([*args, "--num_workers", "0"]) == 0
+    expected = pd.read_csv(predicted)
+    barcodes = expected["path"].str.extract(r"/([^/]+)\.png$")[0]
+    table = pd.read_csv(out / "measured_vs_predicted.csv").set_index("barcode").loc[barcodes]
+    np.testing.assert_allclose(table[[f"predicted:{g}" for g in GENES]].to_numpy(), expected[GENES], rtol=1e-5, atol=1e-6)
+    # the tiles: each beside the mean of the tiles whose centres lie within the radius of its own
+    tiles = pd.read_csv(out / "predictions.csv", index_col="tile")
+    cut = []
+    with open_slide(marked["image"]) as slide:
+        for i, (x, y) in enumerate(zip(tiles["x_px"], tiles["y_px"])):
+            cut_patch(slide, x, y, PatchGeometry(PATCH_UM, PATCH_PX, 1.0)).save(tmp_path / f"t{i}.png")
+            cut.append(str(tmp_path / f"t{i}.png"))
+    xy = tiles[["x_px", "y_px"]].to_numpy(dtype=np.float64)  # 1 µm per px
+    matrix = neighbourhood_matrix(np.zeros(len(xy)), xy, radius)
+    assert 1 < np.diff(matrix.indptr).mean() < 5
+    model = load_model(str(model_dir))
+    by_hand = predict_files(model, cut, build_accelerator(), 8, 0, neighbourhood=matrix)
+    np.testing.assert_allclose(tiles[GENES].to_numpy(), by_hand, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="pass neighbourhood="):
+        model(torch.zeros(1, 3, 32, 32))
+    args = ["--model", str(model_dir), "--image_dir", str(prepared / "patches"), "--out_csv", str(tmp_path / "q")]
+    assert predict_main(args) == 2 and "context=neighbourhood" in capsys.readouterr().err

@@ -110,3 +110,89 @@ def test_cv_scores_the_neighbourhood_probe_on_the_folds_of_the_plain_probe(place
     del_positions.to_csv(placed_dataset, index=False)
     assert cv_main([*args, "--methods", methods, "--out_dir", str(tmp_path / "b")]) == 2
     assert not (tmp_path / "b").exists() and "neighbourhood features need" in capsys.readouterr().err
+
+
+def test_two_rings_reach_the_spots_beyond_the_nearest():
+    xy = _lattice(9, 9, 100.0)
+    sections = np.array(["S1"] * len(xy))
+    radius = lattice_radius(sections, xy, rings=2)
+    assert radius == pytest.approx(220.0)
+    sizes = np.diff(neighbourhood_matrix(sections, xy, radius).indptr)
+    assert sizes.max() == 19  # an inner spot, its 6 nearest and the 12 of the next ring (at 173 and 200 µm)
+
+
+def _write_rows(frame: pd.DataFrame, folder: Path, name: str) -> Path:
+    path = folder / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+def test_a_neighbourhood_model_trains_on_embeddings_and_predicts_its_validation_rows(placed_dataset, tmp_path):
+    from expreg.config import load_recipe
+    from expreg.inference import load_model
+    from expreg.predict import main as predict_main
+    from expreg.training.launch import build_accelerator
+    from expreg.training.trainer import run
+
+    overrides = [f"data.metadata_csv={placed_dataset}", "model.context=neighbourhood", "train.mode=frozen"]
+    overrides += [f"logging.output_dir={tmp_path}", "logging.run_name=nb", f"data.image_cache_dir={tmp_path / 'c'}"]
+    cfg = load_recipe(str(REPO / "recipes" / "tiny.yaml"), overrides)
+    assert run(cfg, build_accelerator(cfg))["status"] == "finished"
+    model = load_model(str(tmp_path / "nb"))
+    assert model.config.context == "neighbourhood" and model.config.neighbourhood_um == pytest.approx(120.0)
+    val = pd.read_csv(tmp_path / "nb" / "predictions_val.csv")
+    frame = pd.read_csv(placed_dataset).set_index("path").loc[val["path"]].reset_index()
+    rows = _write_rows(frame, placed_dataset.parent, "val_rows.csv")
+    out = tmp_path / "pred.csv"
+    assert predict_main(["--model", str(tmp_path / "nb"), "--metadata_csv", str(rows), "--out_csv", str(out)]) == 0
+    genes = [c for c in val.columns if c not in ("path", "group_id")]
+    np.testing.assert_allclose(pd.read_csv(out)[genes].to_numpy(), val[genes].to_numpy(), rtol=1e-4, atol=1e-4)
+    _run_the_model_card_snippet(tmp_path / "nb", frame, placed_dataset.parent, val[genes].to_numpy())
+    alone = frame.assign(x_px=frame.index * 10_000)  # spots far apart: each its own neighbourhood, other numbers
+    rows = _write_rows(alone, placed_dataset.parent, "far.csv")
+    out = tmp_path / "far.csv"
+    assert predict_main(["--model", str(tmp_path / "nb"), "--metadata_csv", str(rows), "--out_csv", str(out)]) == 0
+    assert not np.allclose(pd.read_csv(out)[genes].to_numpy(), val[genes].to_numpy(), atol=1e-4)
+
+
+def test_cv_runs_the_neighbourhood_head_beside_the_probes_and_refuses_encoder_training(placed_dataset, tmp_path):
+    from expreg.config import ConfigError, load_recipe
+    from expreg.cv import main as cv_main
+    from expreg.evaluation.cv import check_config
+
+    context = ["model.context=neighbourhood", "train.mode=frozen"]
+    with pytest.raises(ConfigError, match="model.context=none"):
+        check_config(load_recipe(None, context), ["frozen", "finetune"])
+    out = tmp_path / "cv"
+    args = [str(REPO / "recipes" / "tiny.yaml"), f"data.metadata_csv={placed_dataset}", *context, "--n_folds", "2"]
+    args += ["--methods", "frozen,linear_probe_neighbourhood", "--out_dir", str(out)]
+    assert cv_main(args) == 0
+    summary = json.loads((out / "cv_summary.json").read_text())
+    frozen = summary["methods"]["frozen"]["folds"]
+    assert len(frozen) == 2 and all(f["spearman_mean"] is not None for f in frozen)
+    for fold in range(2):
+        config = json.loads(next((out / "runs").glob(f"frozen__fold{fold}/checkpoints/best/config.json")).read_text())
+        assert config["context"] == "neighbourhood" and config["neighbourhood_um"] == pytest.approx(120.0)
+
+
+def _run_the_model_card_snippet(run: Path, frame: pd.DataFrame, folder: Path, expected: np.ndarray) -> None:
+    """The model card's "How to use" code, run on the validation rows, gives the run's predictions."""
+    import re
+
+    import torch
+
+    from expreg.data import ImageTransform
+    from expreg.inference import ImageFiles
+
+    card = (run / "checkpoints" / "best" / "README.md").read_text()
+    code = re.search(r"## How to use\n\n```python\n(.*?)```", card, re.S).group(1)
+    assert "neighbourhood_matrix" in code
+    config = json.loads((run / "checkpoints" / "best" / "config.json").read_text())
+    transform = ImageTransform(config["image_size"], config["image_mean"], config["image_std"], train=False)
+    images = ImageFiles([str(folder / p) for p in frame["path"]], transform)
+    pixel_values = torch.stack([images[i] for i in range(len(images))])
+    xy_um = frame[["x_px", "y_px"]].to_numpy(dtype=np.float64) * frame[["um_per_px"]].to_numpy(dtype=np.float64)
+    assert frame["sample_id"].nunique() == 1  # one section, as the snippet says
+    scope = {"pixel_values": pixel_values, "xy_um": xy_um}
+    exec(code.replace("path/or/hub-id", str(run / "checkpoints" / "best")), scope)
+    np.testing.assert_allclose(scope["expression"].numpy(), expected, rtol=1e-4, atol=1e-4)

@@ -23,42 +23,57 @@ POSITION_COLUMNS = (
     ("sample_id", "x_px", "y_px", "um_per_px"),  # expreg.prepare
     ("sample_id", "pixel_x", "pixel_y", "src_um_per_px"),  # the HER2ST patch CSV (../shared/data/her2st_dev)
 )
-RING_FACTOR = 1.2  # one ring of the lattice: the nearest spots (at the pitch), not the next ones (at >= 1.73x)
+RING_FACTOR = 1.2  # one ring of the lattice: the nearest spots (at the pitch), not the next ones (at >= 1.73x);
+# k rings: (k + 0.2) x the pitch (two: the nearest and the next, at <= 2x on hexagonal and square lattices)
 
 
 def spot_positions(metadata) -> tuple[np.ndarray, np.ndarray]:
     """``(section of each row, (rows, 2) positions in µm)`` from the metadata's position columns; a section
     is a ``group_id``'s ``sample_id`` (the same sample id under two groups is two sections)."""
     frame = metadata.frame
-    names = next((c for c in POSITION_COLUMNS if all(n in frame.columns for n in c)), None)
+    return _positions(lambda c: frame[c].astype(str).to_numpy(), frame.columns, str(metadata.csv_path))
+
+
+def dataset_positions(dataset, source: str = "the metadata") -> tuple[np.ndarray, np.ndarray]:
+    """``spot_positions`` of a split (a ``datasets.Dataset`` built from the metadata: its columns are strings)."""
+    from expreg.data.dataset import arrow_column
+
+    def column(name: str) -> np.ndarray:
+        return np.asarray(arrow_column(dataset, name).to_numpy(zero_copy_only=False), dtype=str)
+
+    return _positions(column, dataset.column_names, source)
+
+
+def _positions(column, available, source: str) -> tuple[np.ndarray, np.ndarray]:
+    names = next((c for c in POSITION_COLUMNS if all(n in available for n in c)), None)
     if names is None:
         raise MetadataError(
-            f"{metadata.csv_path}: neighbourhood features need each spot's section and position: columns "
+            f"{source}: neighbourhood features need each spot's section and position: columns "
             + " or ".join(", ".join(c) for c in POSITION_COLUMNS)
             + " (expreg.prepare writes the first)"
         )
     section, x, y, scale = names
     values = {}
-    for column in (x, y, scale):
-        text = frame[column].astype(str).str.strip()
-        values[column] = pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64)
-        bad = ~np.isfinite(values[column]) | ((values[column] <= 0) if column == scale else False)
+    for name in (x, y, scale):
+        text = np.char.strip(column(name).astype(str))
+        values[name] = pd.to_numeric(pd.Series(text), errors="coerce").to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(values[name]) | ((values[name] <= 0) if name == scale else False)
         if bad.any():
             rows = np.flatnonzero(bad)
             raise MetadataError(
-                f"{metadata.csv_path}: column {column}, line(s) {', '.join(str(r + 2) for r in rows[:5])}: "
-                f"not a {'positive ' if column == scale else ''}number ({text.iloc[rows[0]]!r})"
+                f"{source}: column {name}, line(s) {', '.join(str(r + 2) for r in rows[:5])}: "
+                f"not a {'positive ' if name == scale else ''}number ({str(text[rows[0]])!r})"
             )
     xy = np.stack([values[x] * values[scale], values[y] * values[scale]], axis=1)
-    sections = frame[section].astype(str).to_numpy()
-    if "group_id" in frame.columns:  # a sample id two patients share (two cohorts pooled) is two sections
-        sections = np.char.add(np.char.add(frame["group_id"].astype(str).to_numpy().astype(str), "/"), sections)
+    sections = column(section).astype(str)
+    if "group_id" in available:  # a sample id two patients share (two cohorts pooled) is two sections
+        sections = np.char.add(np.char.add(column("group_id").astype(str), "/"), sections)
     return sections, xy
 
 
-def lattice_radius(sections: np.ndarray, xy_um: np.ndarray) -> float:
-    """One ring of the spot lattice: ``RING_FACTOR`` x the median distance from a spot to the nearest other
-    spot of its section (Visium: ~120 µm, ST: ~240 µm)."""
+def lattice_radius(sections: np.ndarray, xy_um: np.ndarray, rings: int = 1) -> float:
+    """``rings`` rings of the spot lattice: ``rings + 0.2`` x the median distance from a spot to the nearest
+    other spot of its section (one ring: Visium ~120 µm, ST ~240 µm)."""
     from scipy.spatial import cKDTree
 
     nearest = []
@@ -69,7 +84,24 @@ def lattice_radius(sections: np.ndarray, xy_um: np.ndarray) -> float:
             nearest.append(distance[:, 1])
     if not nearest:
         raise ValueError("neighbourhood: no section has two spots; set data.neighbourhood_um")
-    return RING_FACTOR * float(np.median(np.concatenate(nearest)))
+    return (rings + RING_FACTOR - 1) * float(np.median(np.concatenate(nearest)))
+
+
+def split_neighbourhoods(datasets, radius_um: float | None, rings: int = 1) -> tuple[dict, float]:
+    """Each split's ``neighbourhood_matrix`` (its rows, in order) and the radius: ``radius_um``, else ``rings``
+    rings of the training rows' lattice. A section lies in one split (splits are made of whole groups)."""
+    positions = {name: dataset_positions(part, f"the {name} split's metadata") for name, part in datasets.items()}
+    radius = radius_um if radius_um is not None else lattice_radius(*positions["train"], rings)
+    return {name: neighbourhood_matrix(*where, radius) for name, where in positions.items()}, radius
+
+
+def first_rows(matrix, n: int):
+    """The neighbourhood matrix of the first ``n`` rows alone (a dry run's cut), rows averaging again."""
+    import scipy.sparse as sp
+
+    part = matrix[:n, :n].tocsr()
+    part.data = np.ones_like(part.data)
+    return sp.diags(1.0 / np.asarray(part.sum(axis=1)).ravel()) @ part
 
 
 def neighbourhood_matrix(sections: np.ndarray, xy_um: np.ndarray, radius_um: float):
@@ -92,11 +124,13 @@ def neighbourhood_matrix(sections: np.ndarray, xy_um: np.ndarray, radius_um: flo
     return sp.csr_matrix((1.0 / counts[r], (r, c)), shape=(n, n))
 
 
-def neighbourhood_features(features: np.ndarray, metadata, radius_um: float | None = None) -> tuple[np.ndarray, dict]:
+def neighbourhood_features(
+    features: np.ndarray, metadata, radius_um: float | None = None, rings: int = 1
+) -> tuple[np.ndarray, dict]:
     """``[features, neighbourhood mean of features]`` for every metadata row, and what was used: the radius
     and the mean number of spots per neighbourhood."""
     sections, xy = spot_positions(metadata)
-    radius = radius_um if radius_um is not None else lattice_radius(sections, xy)
+    radius = radius_um if radius_um is not None else lattice_radius(sections, xy, rings)
     matrix = neighbourhood_matrix(sections, xy, radius)
     sizes = np.diff(matrix.indptr)
     info = {"neighbourhood_um": round(radius, 2), "mean_spots_per_neighbourhood": round(float(sizes.mean()), 2)}

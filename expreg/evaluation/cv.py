@@ -147,6 +147,12 @@ def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds:
             "model.context=multiscale: frozen and depth_from_image train on single patches; run them in a second "
             "expreg.cv with model.context=none (the same seed and groups give the same folds)"
         )
+    if cfg.model.context == "neighbourhood" and {"finetune", DEPTH_FROM_IMAGE} & set(methods):
+        raise ConfigError(
+            "model.context=neighbourhood trains heads on cached embeddings (--methods frozen); finetune and "
+            "depth_from_image train encoders on single patches: run them in a second expreg.cv with model.context=none "
+            "(the same seed and groups give the same folds)"
+        )
     _check_encoder_folder(cfg)
 
 

@@ -37,7 +37,9 @@ def shared_inputs(cfg, methods: list[str], files: list[str], accelerator=None, m
         fits = {"linear_probe": linear_probe, HEST_PROBE: hest_linear_probe}
         for method in probes:  # each probe's time includes the embedding it needs
             if method == NEIGHBOURHOOD_PROBE:
-                x, info = neighbourhood_features(embeddings, metadata, cfg.data.neighbourhood_um)
+                x, info = neighbourhood_features(
+                    embeddings, metadata, cfg.data.neighbourhood_um, cfg.data.neighbourhood_rings
+                )
                 print(f"{method}: each spot's embedding beside the mean of its neighbourhood ({_describe(info)})")
                 inputs[method] = (x, functools.partial(_with_info, linear_probe, info))
             else:

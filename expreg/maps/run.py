@@ -56,8 +56,32 @@ def _predict(plan: MapPlan, x0, y0, names: list[str], accelerator, desc: str, ce
     if workers and worker_context(workers) is not None and not plan.slide.tiled:
         workers = 0  # a fork server's workers would each decode the whole plain image again
     loader = DataLoader(tiles, batch_size=options.batch_size, **worker_options(workers, seed=False))
-    normalised = predict_loader(plan.model, loader, accelerator, tta=options.tta, desc=desc)
+    neighbourhood = _neighbourhood(plan, x0, y0, centres)
+    normalised = predict_loader(
+        plan.model, loader, accelerator, tta=options.tta, desc=desc, neighbourhood=neighbourhood
+    )
     return plan.model.to_expression(normalised.astype(np.float64))
+
+
+def _neighbourhood(plan: MapPlan, x0, y0, centres):
+    """A neighbourhood model's averaging matrix over the boxes (the boxes whose centres lie within its radius of
+    each other, ``centres`` or the boxes' own), or None for other models. Tiles on a grid finer than the spot
+    lattice put more boxes in a neighbourhood than a section's spots, covering the same disc of tissue."""
+    from expreg.data.neighbours import neighbourhood_matrix
+    from expreg.maps.plan import MapError
+
+    config = plan.model.config
+    if getattr(config, "context", "none") != "neighbourhood":
+        return None
+    if not getattr(config, "neighbourhood_um", None):
+        raise MapError(
+            "the model reads each spot's neighbourhood (context=neighbourhood) but does not record its radius"
+        )
+    if centres is None:
+        half = plan.geometry.box_px // 2
+        centres = (np.asarray(x0) + half, np.asarray(y0) + half)
+    xy_um = np.stack([np.asarray(c, dtype=np.float64) for c in centres], axis=1) * plan.geometry.um_per_px
+    return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um, config.neighbourhood_um)
 
 
 def _context_boxes(plan: MapPlan, x0, y0, centres):

@@ -12,6 +12,7 @@ keeps timm's own initialisation and ``_init_weights`` only rebuilds non-persiste
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,10 @@ from expreg.modeling.encoders import ModelError, check_pooling, create_backbone,
 __all__ = ["ExpRegConfig", "ExpRegModel", "ExpRegOutput", "ModelError", "build_model", "create_backbone"]
 
 
-CONTEXT_VIEWS = {"none": 1, "multiscale": 2}  # images per sample, each 3 channels of ``pixel_values``
+CONTEXT_VIEWS = {"none": 1, "multiscale": 2, "neighbourhood": 1}  # images per sample, 3 channels each
+CONTEXT_PARTS = {"none": 1, "multiscale": 2, "neighbourhood": 2}  # pooled features the head reads, side by side
+CONTEXT_ENCODERS = ("shared", "separate")
+FUSIONS = ("concat", "gated")
 
 
 class ExpRegConfig(PretrainedConfig):
@@ -57,10 +61,18 @@ class ExpRegConfig(PretrainedConfig):
         image_interpolation: The encoder's own resize interpolation (from its ``pretrained_cfg``), recorded
             for reference; expreg resizes bilinearly, and not at all when the patches have the input size.
         encoder_source: Where the encoder's weights came from (a timm name, ``hf-hub:`` id or local folder).
-        context: ``"none"`` (the spot's patch alone) or ``"multiscale"``: the input holds the patch and a
-            context patch of the same pixel size centred on the same spot (channels 0-2 and 3-5); one
-            encoder embeds both and the head reads the two pooled features concatenated.
+        context: ``"none"`` (the spot's patch alone), ``"multiscale"``: the input holds the patch and a
+            context patch of the same pixel size centred on the same spot (channels 0-2 and 3-5), both
+            embedded and the head reads the two pooled features side by side; or ``"neighbourhood"``: the
+            head reads the spot's embedding beside the mean embedding of the spots of its section within
+            ``neighbourhood_um`` (``forward(..., neighbourhood=...)``; ``expreg.data.neighbours``).
         context_um: Physical side of the context patches in µm (multiscale; None: unknown).
+        context_encoder: ``"shared"`` (one encoder embeds the patch and its context patch) or ``"separate"``
+            (a second encoder, initialised as the first, embeds the context patches; multiscale only).
+        fusion: How the head reads the two parts (multiscale, neighbourhood): ``"concat"`` (side by side)
+            or ``"gated"`` (the context part scaled per feature by ``sigmoid(W [own; context] + b)``, which
+            starts at 0.5 and learns how much of the context to let through).
+        neighbourhood_um: Radius of a spot's neighbourhood in µm (neighbourhood), as used in training.
     """
 
     model_type = "expreg"
@@ -87,6 +99,9 @@ class ExpRegConfig(PretrainedConfig):
         encoder_source: str | None = None,
         context: str = "none",
         context_um: float | None = None,
+        context_encoder: str = "shared",
+        fusion: str = "concat",
+        neighbourhood_um: float | None = None,
         **kwargs,
     ) -> None:
         self.backbone = backbone
@@ -109,12 +124,28 @@ class ExpRegConfig(PretrainedConfig):
         self.encoder_source = encoder_source
         self.context = context
         self.context_um = context_um
-        if context not in CONTEXT_VIEWS:
-            raise ValueError(f"context must be one of {', '.join(CONTEXT_VIEWS)}, got {context!r}")
+        self.context_encoder = context_encoder
+        self.fusion = fusion
+        self.neighbourhood_um = neighbourhood_um
+        _check_context(context, context_encoder, fusion)
         for name in ("gene_names", "target_mean", "target_std"):
             if len(getattr(self, name)) != num_genes:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries for num_genes={num_genes}")
         super().__init__(**kwargs)
+
+
+def _check_context(context: str, context_encoder: str, fusion: str) -> None:
+    for name, value, choices in (
+        ("context", context, CONTEXT_VIEWS),
+        ("context_encoder", context_encoder, CONTEXT_ENCODERS),
+        ("fusion", fusion, FUSIONS),
+    ):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    if context_encoder == "separate" and context != "multiscale":
+        raise ValueError("context_encoder=separate needs context=multiscale (a second encoder for the context patch)")
+    if fusion == "gated" and context == "none":
+        raise ValueError("fusion=gated fuses a spot's features with its context's: it needs a context")
 
 
 def masked_mse(predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -161,7 +192,14 @@ class ExpRegModel(ExpRegPreTrainedModel):
         super().__init__(config)
         self.backbone = backbone if backbone is not None else create_backbone(config)
         check_pooling(self.backbone, config.pooling)
-        features = pooled_features(self.backbone, config.pooling) * CONTEXT_VIEWS[config.context]
+        if getattr(config, "context_encoder", "shared") == "separate":  # the context patches' own encoder
+            self.context_backbone = copy.deepcopy(self.backbone)
+        width = pooled_features(self.backbone, config.pooling)
+        features = width * CONTEXT_PARTS[config.context]
+        if getattr(config, "fusion", "concat") == "gated":
+            self.fusion_gate = nn.Linear(features, width)
+            nn.init.zeros_(self.fusion_gate.weight)  # the gate starts at sigmoid(0) = 0.5 for every feature
+            nn.init.zeros_(self.fusion_gate.bias)
         self.dropout = nn.Dropout(config.dropout)
         if config.head == "mlp":
             self.head = nn.Sequential(
@@ -174,40 +212,74 @@ class ExpRegModel(ExpRegPreTrainedModel):
             self.head = nn.Linear(features, config.num_genes)
         self.post_init()
 
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> ExpRegOutput:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        neighbourhood: torch.Tensor | None = None,
+        **kwargs,
+    ) -> ExpRegOutput:
         """Predict normalised expression.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`): normalised images
                 (6 channels for a multiscale model: the patch, then its context patch).
             labels (`torch.FloatTensor` of shape `(batch_size, num_genes)`, *optional*): normalised targets.
+            neighbourhood (`torch.FloatTensor` of shape `(batch_size, features)`): a neighbourhood model's
+                mean ``embed`` of each spot's neighbourhood (``expreg.data.neighbours``); other models take none.
 
         Returns:
             ``ExpRegOutput`` with ``predictions`` and, given labels, ``loss`` (MSE, computed in float32).
         """
-        return self.forward_head(self.embed(pixel_values), labels)
+        features = self.embed(pixel_values)
+        if self.config.context == "neighbourhood":
+            if neighbourhood is None:
+                raise ValueError(
+                    "this model reads each spot's neighbourhood (context=neighbourhood): pass neighbourhood=<the mean "
+                    "embed() of the spot's neighbours>, or predict a section's spots together with expreg.predict "
+                    "(a CSV with positions) or expreg.map"
+                )
+            features = torch.cat([features, neighbourhood.to(features.dtype)], dim=1)
+        elif neighbourhood is not None:
+            raise ValueError(
+                f"neighbourhood= is for context=neighbourhood models; this one is context={self.config.context}"
+            )
+        return self.forward_head(features, labels)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The pooled encoder embedding ``(batch_size, features)`` that the head reads (multiscale: the patch's
-        and the context patch's, concatenated; both go through the encoder in one batch)."""
+        """The pooled encoder embedding ``(batch_size, features)`` of the images (multiscale: the patch's and the
+        context patch's, side by side; one shared encoder embeds both in one batch, or each has its own)."""
         views = CONTEXT_VIEWS[self.config.context]
         if pixel_values.shape[1] != 3 * views:
             raise ValueError(
                 f"this model takes {3 * views} input channels (context={self.config.context}), got "
                 f"pixel_values of shape {tuple(pixel_values.shape)}"
             )
+        pooling = self.config.pooling
         if views == 1:
-            return pool(self.backbone, pixel_values, self.config.pooling)
+            return pool(self.backbone, pixel_values, pooling)
+        if hasattr(self, "context_backbone"):
+            patch, context = pixel_values.split(3, dim=1)
+            return torch.cat([pool(self.backbone, patch, pooling), pool(self.context_backbone, context, pooling)], 1)
         stacked = torch.cat(pixel_values.split(3, dim=1), dim=0)  # (views x batch, 3, H, W)
-        return torch.cat(pool(self.backbone, stacked, self.config.pooling).chunk(views, dim=0), dim=1)
+        return torch.cat(pool(self.backbone, stacked, pooling).chunk(views, dim=0), dim=1)
 
     def forward_head(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> ExpRegOutput:
-        """The head on embeddings (``embed``'s output): what ``train.mode=frozen`` trains on cached embeddings."""
-        predictions = self.head(self.dropout(features))
+        """The head on the features it reads (``embed``'s output, and a neighbourhood model's neighbourhood mean
+        beside it): what ``train.mode=frozen`` trains on cached embeddings."""
+        predictions = self.head(self.dropout(self.fuse(features)))
         loss = None
         if labels is not None:
             loss = masked_mse(predictions.float(), labels.float())
         return ExpRegOutput(loss=loss, predictions=predictions)
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """``[own, context]`` as the head reads it: unchanged (``fusion=concat``) or ``[own, gate * context]``
+        with ``gate = sigmoid(fusion_gate([own, context]))`` per feature (``fusion=gated``)."""
+        if not hasattr(self, "fusion_gate"):
+            return features
+        own, context = features.chunk(2, dim=1)
+        return torch.cat([own, torch.sigmoid(self.fusion_gate(features)) * context], dim=1)
 
     def to_expression(self, predictions: torch.Tensor | np.ndarray):
         """Map normalised predictions back to expression units with the stored training statistics."""
@@ -218,9 +290,11 @@ class ExpRegModel(ExpRegPreTrainedModel):
         return np.asarray(predictions) * np.asarray(self.config.target_std) + np.asarray(self.config.target_mean)
 
     @torch.inference_mode()
-    def predict_expression(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Predictions in expression units, shape ``(batch_size, num_genes)``."""
-        return self.to_expression(self(pixel_values).predictions.float())
+    def predict_expression(
+        self, pixel_values: torch.Tensor, neighbourhood: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predictions in expression units, shape ``(batch_size, num_genes)`` (``neighbourhood``: as ``forward``)."""
+        return self.to_expression(self(pixel_values, neighbourhood=neighbourhood).predictions.float())
 
 
 def build_model(

@@ -232,6 +232,15 @@ def _usage(image_size: int, num_genes: int, context: str = "none") -> str:
     if context == "multiscale":  # the patch, then its context patch (expreg.prepare --context_um)
         channels = "6 (the patch's 3, then its context patch's 3)"
         images = "a CSV with `path` and `context_path` columns (`expreg.prepare --context_um`)"
+    call = "expression = model.predict_expression(pixel_values)   # (batch, {k}), expression units"
+    if context == "neighbourhood":  # each spot beside the mean embedding of its section's spots nearby
+        images = "a CSV with `path` and each spot's section and position (`expreg.prepare` writes them)"
+        call = """# the spots of one section together; xy_um: their centres in µm, (spots, 2)
+import numpy as np, torch
+from expreg.data.neighbours import neighbourhood_matrix
+matrix = neighbourhood_matrix(np.zeros(len(xy_um)), xy_um, model.config.neighbourhood_um)
+mean = torch.from_numpy(matrix @ model.embed(pixel_values).detach().double().numpy()).float()
+expression = model.predict_expression(pixel_values, neighbourhood=mean)   # (spots, {k})"""
     return f"""## How to use
 
 ```python
@@ -241,7 +250,7 @@ from transformers import AutoModel
 model = AutoModel.from_pretrained("path/or/hub-id")
 # pixel_values: (batch, {channels}, {image_size}, {image_size}), normalised with
 # model.config.image_mean / image_std
-expression = model.predict_expression(pixel_values)   # (batch, {num_genes}), expression units
+{call.format(k=num_genes)}
 genes = model.config.gene_names
 ```
 

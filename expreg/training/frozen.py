@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from expreg.data.dataset import image_files, labels_array, string_list
+from expreg.data.neighbours import first_rows
 from expreg.embeddings import NUM_VIEWS, ensure_embedding_views
 from expreg.modeling.encoders import weights_digest
 
@@ -60,12 +61,14 @@ class EmbeddingRows:
 
     ``views[v]`` is the (memory-mapped) array of view ``v`` and ``rows[v][i]`` the row of sample ``i``
     in it: nothing is loaded into memory beyond the batch being read. Yields the batches the training
-    loop expects: ``pixel_values`` (the embeddings), normalised ``labels``, ``path`` and ``skipped``
-    (always 0: every image was embedded).
+    loop expects: ``pixel_values`` (the embeddings; with ``context``, a neighbourhood model's, each
+    sample's ``context`` row beside its own), normalised ``labels``, ``path`` and ``skipped`` (always 0:
+    every image was embedded).
     """
 
-    def __init__(self, views, labels: np.ndarray, paths: list[str], seed: int, rows=None) -> None:
+    def __init__(self, views, labels: np.ndarray, paths: list[str], seed: int, rows=None, context=None) -> None:
         self.views, self.labels, self.paths, self.seed = views, labels.astype(np.float32), paths, seed
+        self.context = context
         identity = np.arange(len(paths), dtype=np.int64)
         self.rows = rows if rows is not None else [identity] * len(views)
         self.epoch_views = np.zeros(len(paths), dtype=np.int64)
@@ -87,6 +90,8 @@ class EmbeddingRows:
         for view in np.unique(self.epoch_views[index]):
             chosen = self.epoch_views[index] == view
             batch[chosen] = self.views[view][self.rows[view][index[chosen]]]
+        if self.context is not None:
+            batch = np.hstack([batch, self.context[index]])
         return {
             "pixel_values": torch.from_numpy(batch),
             "labels": torch.from_numpy(self.labels[index]),
@@ -124,9 +129,17 @@ def setup_frozen_loaders(cfg, data, model, accelerator, dry_run_steps: int | Non
         stores = data.embedding_stores if name == "train" else data.embedding_stores[:1]
         labels = data.target_stats.normalize(labels_array(part))
         views, rows = [s.array for s in stores], [s.rows(files) for s in stores]
-        dataset = EmbeddingRows(views, labels, string_list(part, "path"), cfg.seed, rows=rows)
+        context = _neighbourhood_means(data.neighbourhoods[name], stores[0], rows[0]) if data.neighbourhoods else None
+        dataset = EmbeddingRows(views, labels, string_list(part, "path"), cfg.seed, rows=rows, context=context)
         loaders.update(_loaders(name, dataset, cfg, accelerator.num_processes))
     return loaders
+
+
+def _neighbourhood_means(matrix, store, rows: np.ndarray) -> np.ndarray:
+    """Each sample's neighbourhood mean of the images as they are (view 0), float32 ``(samples, features)``.
+    With ``data.augment_dihedral`` a sample's own embedding takes its epoch's view; its neighbourhood is the
+    tissue around it, as seen unturned."""
+    return np.asarray(matrix @ np.asarray(store.array[rows], dtype=np.float64), dtype=np.float32)
 
 
 def _loaders(name: str, dataset: EmbeddingRows, cfg, num_processes: int) -> dict:
@@ -152,6 +165,8 @@ def _cut_for_dry_run(cfg, data, num_processes: int, steps: int) -> None:
     for name, part in data.datasets.items():
         n = min(len(part), keep.get(name, 2 * (d.eval_batch_size or d.batch_size) * num_processes))
         data.datasets[name] = part.select(range(n))
+        if data.neighbourhoods:
+            data.neighbourhoods[name] = first_rows(data.neighbourhoods[name], n)
     logger.info(
         f"dry run: only the rows it reads are embedded ({', '.join(f'{k} {len(v)}' for k, v in data.datasets.items())})"
     )

@@ -26,6 +26,7 @@ from expreg.data import (
     split_rows,
 )
 from expreg.data.dataset import context_files
+from expreg.data.neighbours import split_neighbourhoods
 from expreg.modeling.model import ExpRegModel, build_model
 from expreg.run_dir import (
     CONFIG_FILE,
@@ -54,6 +55,7 @@ class RunData:
     gene_choice: object = None  # expreg.data.expression.GeneChoice when the genes were chosen here
     patch_px: int | None = None  # side of the patch files (from prepare.json), when known
     embedding_stores: list = field(default_factory=list)  # train.mode=frozen: the stores its loaders read
+    neighbourhoods: dict = field(default_factory=dict)  # model.context=neighbourhood: each split's averaging matrix
 
 
 def setup_data(cfg: RunConfig, accelerator) -> RunData:
@@ -101,6 +103,13 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
     d.patch_um, data.patch_px = patch_geometry(d.metadata_csv, d.patch_um)
     if multiscale:
         d.context_um = context_geometry(d.metadata_csv, d.context_um)
+    if cfg.model.context == "neighbourhood":  # the radius, from the training rows' lattice unless given
+        data.neighbourhoods, d.neighbourhood_um = split_neighbourhoods(
+            datasets, d.neighbourhood_um, d.neighbourhood_rings
+        )
+        logger.info(
+            f"neighbourhood: the spots of the same section within {d.neighbourhood_um:g} um, the spot included"
+        )
     return data
 
 
@@ -180,6 +189,9 @@ def setup_model(cfg: RunConfig, gene_names: list[str], target_stats, patch_px: i
         image_size=cfg.data.image_size,
         context=m.context,
         context_um=cfg.data.context_um if m.context == "multiscale" else None,
+        context_encoder=m.context_encoder,
+        fusion=m.fusion,
+        neighbourhood_um=cfg.data.neighbourhood_um if m.context == "neighbourhood" else None,
         **({"patch_um": cfg.data.patch_um} if cfg.data.patch_um is not None else {}),
         **({"patch_px": patch_px} if patch_px is not None else {}),
         **({"target_transform": cfg.data.target_transform} if cfg.data.expression_file else {}),
