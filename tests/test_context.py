@@ -299,7 +299,9 @@ def test_map_spots_and_tiles_of_a_neighbourhood_model_agree_with_predict(marked,
     expected = pd.read_csv(predicted)
     barcodes = expected["path"].str.extract(r"/([^/]+)\.png$")[0]
     table = pd.read_csv(out / "measured_vs_predicted.csv").set_index("barcode").loc[barcodes]
-    np.testing.assert_allclose(table[[f"predicted:{g}" for g in GENES]].to_numpy(), expected[GENES], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        table[[f"predicted:{g}" for g in GENES]].to_numpy(), expected[GENES], rtol=1e-5, atol=1e-6
+    )
     # the tiles: each beside the mean of the tiles whose centres lie within the radius of its own
     tiles = pd.read_csv(out / "predictions.csv", index_col="tile")
     cut = []

@@ -196,3 +196,35 @@ def _run_the_model_card_snippet(run: Path, frame: pd.DataFrame, folder: Path, ex
     scope = {"pixel_values": pixel_values, "xy_um": xy_um}
     exec(code.replace("path/or/hub-id", str(run / "checkpoints" / "best")), scope)
     np.testing.assert_allclose(scope["expression"].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_planted_neighbourhood_effect_is_found_by_the_neighbourhood_probe_alone(tmp_path):
+    """The positive control: expression that follows the neighbours' tissue is predicted only with their images."""
+    from expreg.cv import main as cv_main
+    from expreg.data.demo import make_synthetic_dataset
+
+    scores = {}
+    for effect in (0.0, 0.8):
+        csv = make_synthetic_dataset(
+            tmp_path / f"w{effect}",
+            num_groups=4,
+            samples_per_group=36,
+            image_size=24,
+            num_genes=10,
+            seed=3,
+            neighbourhood_effect=effect,
+            positions=True,
+        )
+        out = tmp_path / f"cv{effect}"
+        args = [
+            str(REPO / "recipes" / "tiny.yaml"),
+            f"data.metadata_csv={csv}",
+            "data.image_size=24",
+            "--n_folds",
+            "2",
+        ]
+        assert cv_main([*args, "--methods", "linear_probe,linear_probe_neighbourhood", "--out_dir", str(out)]) == 0
+        methods = json.loads((out / "cv_summary.json").read_text())["methods"]
+        scores[effect] = {m: methods[m]["spearman_mean"] for m in methods}
+    assert scores[0.8]["linear_probe_neighbourhood"] > scores[0.8]["linear_probe"] + 0.1
+    assert abs(scores[0.0]["linear_probe_neighbourhood"] - scores[0.0]["linear_probe"]) < 0.1

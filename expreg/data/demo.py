@@ -72,12 +72,22 @@ def make_synthetic_dataset(
     image_dir: str = "images",
     csv_name: str = "metadata.csv",
     write_gene_names: bool = True,
+    neighbourhood_effect: float = 0.0,
+    positions: bool = False,
 ) -> Path:
     """Write ``images/``, ``metadata.csv`` and ``genes.txt`` into ``out_dir``; return the CSV path.
 
     Groups are named ``P00, P01, ...`` (patients) and have slightly different sizes and factor
     distributions, as real patients do.
+
+    ``neighbourhood_effect`` ``w`` in [0, 1): a positive control for spatial context. Each group is then one
+    section whose spots lie on a square lattice (``x_px``, ``y_px``, ``um_per_px`` columns: 100 µm apart),
+    and expression follows ``(1 - w)`` x the spot's own factors + ``w`` x the mean factors of its nearest
+    lattice neighbours (not itself): a part no image of the spot alone shows. ``positions``: the lattice
+    columns without an effect. Neither (the default) writes exactly the dataset it always did.
     """
+    if not 0 <= neighbourhood_effect < 1:
+        raise ValueError(f"neighbourhood_effect must be in [0, 1), got {neighbourhood_effect}")
     from PIL import Image
 
     out = Path(out_dir)
@@ -96,17 +106,47 @@ def make_synthetic_dataset(
         all_factors.append(factors)
         groups += [f"P{g:02d}"] * n
     factors = np.concatenate(all_factors)
+    positions = _lattice_positions(groups) if positions or neighbourhood_effect else None
+    if neighbourhood_effect:
+        around = _neighbour_means(factors, groups, positions)
+        factors = (1 - neighbourhood_effect) * factors + neighbourhood_effect * around
     group_offset = dict(zip(sorted(set(groups)), rng.normal(0, 0.2, num_groups)))
     offsets = np.array([group_offset[x] for x in groups])
     y = _expression(gene_rng, factors, num_genes, offsets[:, None])
     header = ",".join(["path", "group_id"] + [f"y{k}" for k in range(num_genes)] + ["sample_id"])
-    lines = [header]
-    for name, gid, values in zip(rows, groups, y):
-        lines.append(",".join([name, gid] + [f"{v:.6f}" for v in values] + [f"{gid}_s1"]))
+    lines = [header + (",x_px,y_px,um_per_px" if positions is not None else "")]
+    for i, (name, gid, values) in enumerate(zip(rows, groups, y)):
+        place = [] if positions is None else [str(positions[i, 0]), str(positions[i, 1]), str(DEMO_UM_PER_PX)]
+        lines.append(",".join([name, gid] + [f"{v:.6f}" for v in values] + [f"{gid}_s1", *place]))
     (out / csv_name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     if write_gene_names:
         (out / "genes.txt").write_text("\n".join(f"GENE{k:02d}" for k in range(num_genes)) + "\n", encoding="utf-8")
     return out / csv_name
+
+
+DEMO_PITCH_PX, DEMO_UM_PER_PX = 200, 0.5  # the positive control's lattice: 100 µm between spots
+
+
+def _lattice_positions(groups: list[str]) -> np.ndarray:
+    """Each group's spots on a square lattice, row by row, as wide as the square root of its spot count."""
+    positions = np.zeros((len(groups), 2), dtype=np.int64)
+    names = np.asarray(groups)
+    for group in dict.fromkeys(groups):
+        rows = np.flatnonzero(names == group)
+        width = int(np.ceil(np.sqrt(len(rows))))
+        index = np.arange(len(rows))
+        positions[rows] = np.stack([index % width, index // width], axis=1) * DEMO_PITCH_PX
+    return positions
+
+
+def _neighbour_means(factors: np.ndarray, groups: list[str], positions: np.ndarray) -> np.ndarray:
+    """The mean factors of each spot's nearest lattice neighbours in its own group (itself excluded)."""
+    names = np.asarray(groups)
+    means = np.empty_like(factors)
+    for i in range(len(factors)):
+        near = (names == names[i]) & (np.abs(positions - positions[i]).sum(axis=1) == DEMO_PITCH_PX)
+        means[i] = factors[near].mean(axis=0) if near.any() else factors[i]
+    return means
 
 
 def default_cache_dir() -> Path:

@@ -78,8 +78,7 @@ def _neighbourhood(plan: MapPlan, x0, y0, centres):
             "the model reads each spot's neighbourhood (context=neighbourhood) but does not record its radius"
         )
     if centres is None:
-        half = plan.geometry.box_px // 2
-        centres = (np.asarray(x0) + half, np.asarray(y0) + half)
+        centres = _box_centres(plan, x0, y0)
     xy_um = np.stack([np.asarray(c, dtype=np.float64) for c in centres], axis=1) * plan.geometry.um_per_px
     return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um, config.neighbourhood_um)
 
@@ -100,11 +99,16 @@ def _context_boxes(plan: MapPlan, x0, y0, centres):
         )
     geom = PatchGeometry(config.context_um, plan.geometry.patch_px, plan.geometry.um_per_px)
     if centres is None:
-        half = plan.geometry.box_px // 2  # the centre patch_box puts a box of this x0 around (odd sides too)
-        centres = (np.asarray(x0) + half, np.asarray(y0) + half)
+        centres = _box_centres(plan, x0, y0)
     boxes = [patch_box(x, y, geom) for x, y in zip(*centres)]
     x, y = (np.array([b[i] for b in boxes], dtype=np.int64) for i in (0, 1))
     return x, y, geom.box_px, plan.slide.best_level(geom.downsample)
+
+
+def _box_centres(plan: MapPlan, x0, y0) -> tuple[np.ndarray, np.ndarray]:
+    """The centres of the tiles at ``(x0, y0)``: where ``patch_box`` puts a tile of this corner (odd sides too)."""
+    half = plan.geometry.box_px // 2
+    return np.asarray(x0) + half, np.asarray(y0) + half
 
 
 def _measured_spots(plan: MapPlan) -> dict:

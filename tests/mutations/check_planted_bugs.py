@@ -242,6 +242,36 @@ BUGS = {
         "half = 0",
         ["tests/test_context.py::test_map_spots_agree_with_predict_on_the_prepared_context_patches"],
     ),
+    "gate_on_the_spot_not_the_context": (
+        "expreg/modeling/model.py",
+        "return torch.cat([own, torch.sigmoid(self.fusion_gate(features)) * context], dim=1)",
+        "return torch.cat([torch.sigmoid(self.fusion_gate(features)) * own, context], dim=1)",
+        ["tests/test_context.py::test_gated_fusion_scales_the_context_part_by_a_learned_gate"],
+    ),
+    "separate_encoder_unused": (
+        "expreg/modeling/model.py",
+        "pool(self.context_backbone, context, pooling)], 1)",
+        "pool(self.backbone, context, pooling)], 1)",
+        ["tests/test_context.py::test_a_separate_context_encoder_embeds_the_context_patches_alone"],
+    ),
+    "frozen_neighbourhood_rows_misaligned": (
+        "expreg/training/frozen.py",
+        "return np.asarray(matrix @ np.asarray(store.array[rows], dtype=np.float64), dtype=np.float32)",
+        "return np.asarray(matrix @ np.asarray(store.array[rows[::-1]], dtype=np.float64), dtype=np.float32)",
+        ["tests/test_neighbours.py::test_a_neighbourhood_model_trains_on_embeddings_and_predicts_its_validation_rows"],
+    ),
+    "map_neighbourhood_at_half_the_scale": (
+        "expreg/maps/run.py",
+        "return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um, config.neighbourhood_um)",
+        "return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um / 2, config.neighbourhood_um)",
+        ["tests/test_context.py::test_map_spots_and_tiles_of_a_neighbourhood_model_agree_with_predict"],
+    ),
+    "planted_neighbourhood_effect_ignored": (
+        "expreg/data/demo.py",
+        "factors = (1 - neighbourhood_effect) * factors + neighbourhood_effect * around",
+        "factors = factors + 0 * around",
+        ["tests/test_neighbours.py::test_a_planted_neighbourhood_effect_is_found_by_the_neighbourhood_probe_alone"],
+    ),
 }
 
 
