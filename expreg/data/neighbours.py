@@ -1,7 +1,8 @@
 """A spot's neighbourhood: the spots of its own section within a radius, from the metadata's positions.
 
-Neighbourhood features (``expreg.cv --methods linear_probe_neighbourhood``) are a spot's embedding
-beside the mean embedding of its neighbourhood (the spot itself included, so it is never empty).
+Neighbourhood features (``expreg.cv --methods linear_probe_neighbourhood``, and ``model.context=neighbourhood``
+with ``train.mode=frozen``, which ``expreg.predict`` and ``expreg.map`` apply) are a spot's embedding beside
+the mean embedding of its neighbourhood (the spot itself included, so it is never empty).
 Only images enter them, never targets, and only spots of the same section: sections belong to one
 patient, and folds and splits are made of whole patients, so a neighbourhood never reaches into
 another fold. At prediction time the neighbours of a held-out spot are other held-out spots of its

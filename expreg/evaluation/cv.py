@@ -14,7 +14,9 @@ there are at most 10 groups) and each method:
   ``expreg.training.folds.finetune_fold`` to its accelerator);
 - ``frozen`` (asked for by name; not in the default list): the same training run with
   ``train.mode=frozen`` (the head trained on cached embeddings of the recipe's encoder; colour and
-  stain jitter are turned off for it, since cached embeddings cannot be jittered); no TTA;
+  stain jitter are turned off for it, since cached embeddings cannot be jittered); no TTA. With a
+  ``model.context=neighbourhood`` recipe (and ``train.mode=frozen``) the head reads each spot beside
+  its neighbourhood's mean embedding;
 - ``linear_probe``: as in HEST-Benchmark, frozen embeddings of the recipe's backbone (its
   pretrained or local weights when the recipe asks for them, else random init) -> standardise ->
   PCA (256 or fewer components) -> ridge (strength by an inner group k-fold), all fitted on the

@@ -11,6 +11,10 @@ several-process sharding as fine-tuning. ``checkpoints/best`` is a complete ``Ex
 Augmentation: with ``data.augment_dihedral=true`` the training images are embedded in all 8
 dihedral views (8 stores) and each epoch uses a seeded view per sample; evaluation uses the
 image as it is. Colour and stain jitter cannot be cached (``RunConfig`` refuses them).
+
+``model.context=neighbourhood``: each sample's embedding is read beside the mean embedding (view 0) of
+the spots of its section within ``data.neighbourhood_um`` (``expreg.data.neighbours``; a split's
+neighbourhoods, computed once in ``setup_data``, stay inside the split: sections are whole groups).
 """
 
 from __future__ import annotations
