@@ -98,6 +98,11 @@ class DataConfig:
         if self.neighbourhood_um is not None:
             _check_positive("data.neighbourhood_um", self.neighbourhood_um)
         _check_positive("data.neighbourhood_rings", self.neighbourhood_rings)
+        if self.neighbourhood_um is not None and self.neighbourhood_rings != 1:
+            raise ConfigError(
+                f"data.neighbourhood_um={self.neighbourhood_um:g} sets the radius; data.neighbourhood_rings="
+                f"{self.neighbourhood_rings} would be ignored: give one of them"
+            )
         if not 0 <= self.min_gene_detection <= 1:
             raise ConfigError(f"data.min_gene_detection must be in [0, 1], got {self.min_gene_detection}")
         if (self.expression_file is None) != (self.genes is None):

@@ -171,6 +171,10 @@ def predict_loader(
             matrix (``expreg.data.neighbours.neighbourhood_matrix``): every sample is embedded first, then
             the head reads each embedding beside its neighbourhood's mean (two passes).
     """
+    if neighbourhood is not None and max_batches is not None:
+        raise ValueError(
+            "max_batches cuts the samples a neighbourhood matrix spans: cut the matrix (first_rows) instead"
+        )
     model = model.to(accelerator.device).eval()
     sharded = accelerator.prepare_data_loader(loader)
     if neighbourhood is not None:
@@ -189,12 +193,13 @@ def predict_loader(
 
 
 def _neighbourhood_predictions(model, sharded, accelerator, matrix, tta: bool, desc: str) -> np.ndarray | None:
-    """Embed every sample (each process its shard, gathered in order), average over neighbourhoods, then the
-    head; with ``tta`` the mean over the 8 dihedral views of the whole (each view's neighbourhood of that view)."""
+    """Embed every sample (each process its shard, gathered in order), average the embeddings over each
+    neighbourhood, then the head. With ``tta``: the mean over the 8 dihedral views of each sample's own
+    embedding beside the same neighbourhood mean of the images as they are (as a frozen head was trained)."""
     import torch
 
     views = range(NUM_VIEWS) if tta else range(1)
-    total = None
+    total, around = None, None
     for view in views:
         label = f"{desc}: embed" + (f" view {view + 1}/{NUM_VIEWS}" if tta else "")
         embeddings = gather_outputs(
@@ -202,7 +207,9 @@ def _neighbourhood_predictions(model, sharded, accelerator, matrix, tta: bool, d
         )
         if embeddings is None:
             return None
-        features = np.hstack([embeddings, matrix @ embeddings.astype(np.float64)]).astype(np.float32)
+        if around is None:  # view 0: the images as they are
+            around = np.asarray(matrix @ embeddings.astype(np.float64), dtype=np.float32)
+        features = np.hstack([embeddings, around])
         with torch.inference_mode():
             predictions = np.concatenate(
                 [

@@ -78,8 +78,8 @@ def _inputs(args, model_config):
                 "with a context_path column (python -m expreg.prepare --context_um), not --image_dir"
                 if context == "multiscale"
                 else "this model reads each spot beside its neighbourhood (context=neighbourhood): give --metadata_csv "
-                "with each spot's section and position (the sample_id, x_px, y_px, um_per_px columns of "
-                "python -m expreg.prepare), not --image_dir"
+                "with each spot's section and position (sample_id, x_px, y_px, um_per_px as python -m expreg.prepare "
+                "writes them, or the HER2ST patch CSV's sample_id, pixel_x, pixel_y, src_um_per_px), not --image_dir"
             )
         files = list_images(args.image_dir)
         return files, files, (None, None), None
@@ -121,7 +121,8 @@ def _neighbourhood(metadata, model_config):
 
     if not getattr(model_config, "neighbourhood_um", None):
         raise PredictError(
-            "the model reads each spot's neighbourhood but does not record its radius (neighbourhood_um)"
+            "the model reads each spot's neighbourhood (context=neighbourhood) but its config.json records no radius "
+            "(neighbourhood_um): set it there to the radius it was trained with, or train it again"
         )
     sections, xy = spot_positions(metadata)
     return neighbourhood_matrix(sections, xy, model_config.neighbourhood_um)

@@ -315,7 +315,27 @@ def test_map_spots_and_tiles_of_a_neighbourhood_model_agree_with_predict(marked,
     model = load_model(str(model_dir))
     by_hand = predict_files(model, cut, build_accelerator(), 8, 0, neighbourhood=matrix)
     np.testing.assert_allclose(tiles[GENES].to_numpy(), by_hand, rtol=1e-5, atol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["neighbourhood_um"] == radius
+    assert summary["mean_tiles_per_neighbourhood"] == round(np.diff(matrix.indptr).mean(), 2)
+    # TTA: each view's own embedding beside the neighbourhood mean of the tiles as they are (as in training)
+    tta = predict_files(model, cut, build_accelerator(), 8, 0, tta=True, neighbourhood=matrix)
+    np.testing.assert_allclose(tta, _tta_by_hand(model, cut, matrix), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="pass neighbourhood="):
         model(torch.zeros(1, 3, 32, 32))
     args = ["--model", str(model_dir), "--image_dir", str(prepared / "patches"), "--out_csv", str(tmp_path / "q")]
     assert predict_main(args) == 2 and "context=neighbourhood" in capsys.readouterr().err
+
+
+def _tta_by_hand(model, files: list[str], matrix) -> np.ndarray:
+    from expreg.data import ImageTransform
+    from expreg.inference import ImageFiles, dihedral_view
+
+    config = model.config
+    images = ImageFiles(files, ImageTransform(config.image_size, config.image_mean, config.image_std, train=False))
+    pixels = torch.stack([images[i] for i in range(len(images))])
+    with torch.no_grad():
+        own = [model.embed(dihedral_view(pixels, v)).double() for v in range(8)]
+        around = torch.from_numpy(matrix @ own[0].numpy()).double()
+        normalised = sum(model.forward_head(torch.cat([o, around], 1).float()).predictions for o in own) / 8
+    return model.to_expression(normalised.double()).numpy()

@@ -136,10 +136,12 @@ def test_a_neighbourhood_model_trains_on_embeddings_and_predicts_its_validation_
 
     overrides = [f"data.metadata_csv={placed_dataset}", "model.context=neighbourhood", "train.mode=frozen"]
     overrides += [f"logging.output_dir={tmp_path}", "logging.run_name=nb", f"data.image_cache_dir={tmp_path / 'c'}"]
+    overrides += ["model.fusion=gated"]
     cfg = load_recipe(str(REPO / "recipes" / "tiny.yaml"), overrides)
     assert run(cfg, build_accelerator(cfg))["status"] == "finished"
     model = load_model(str(tmp_path / "nb"))
     assert model.config.context == "neighbourhood" and model.config.neighbourhood_um == pytest.approx(120.0)
+    assert model.fusion_gate.weight.abs().sum() > 0  # the gate (zero at the start) was trained with the head
     val = pd.read_csv(tmp_path / "nb" / "predictions_val.csv")
     frame = pd.read_csv(placed_dataset).set_index("path").loc[val["path"]].reset_index()
     rows = _write_rows(frame, placed_dataset.parent, "val_rows.csv")
@@ -204,6 +206,14 @@ def test_a_planted_neighbourhood_effect_is_found_by_the_neighbourhood_probe_alon
     from expreg.data.demo import make_synthetic_dataset
 
     scores = {}
+    frozen = [
+        "model.context=neighbourhood",
+        "train.mode=frozen",
+        "train.epochs=8",
+        "train.lr=0.01",
+        "--methods",
+        "frozen",
+    ]
     for effect in (0.0, 0.8):
         csv = make_synthetic_dataset(
             tmp_path / f"w{effect}",
@@ -226,5 +236,43 @@ def test_a_planted_neighbourhood_effect_is_found_by_the_neighbourhood_probe_alon
         assert cv_main([*args, "--methods", "linear_probe,linear_probe_neighbourhood", "--out_dir", str(out)]) == 0
         methods = json.loads((out / "cv_summary.json").read_text())["methods"]
         scores[effect] = {m: methods[m]["spearman_mean"] for m in methods}
+    out = tmp_path / "frozen"  # the neighbourhood model (a trained head) on the same folds finds it too
+    assert cv_main([*args, *frozen, "--out_dir", str(out)]) == 0
+    head = json.loads((out / "cv_summary.json").read_text())["methods"]["frozen"]["spearman_mean"]
+    assert head > scores[0.8]["linear_probe"] + 0.1
     assert scores[0.8]["linear_probe_neighbourhood"] > scores[0.8]["linear_probe"] + 0.1
     assert abs(scores[0.0]["linear_probe_neighbourhood"] - scores[0.0]["linear_probe"]) < 0.1
+
+
+def test_a_dry_run_cuts_each_neighbourhood_to_the_rows_it_reads(placed_dataset, tmp_path):
+    import scipy.sparse as sp
+
+    from expreg.config import load_recipe
+    from expreg.data.neighbours import first_rows
+    from expreg.training.launch import build_accelerator
+    from expreg.training.trainer import run
+
+    matrix = sp.csr_matrix(np.array([[0.5, 0.5, 0, 0], [1 / 3, 1 / 3, 0, 1 / 3], [0, 0, 1, 0], [0, 0.5, 0, 0.5]]))
+    np.testing.assert_allclose(first_rows(matrix, 2).toarray(), [[0.5, 0.5], [0.5, 0.5]])
+    np.testing.assert_allclose(first_rows(matrix, 3).toarray(), [[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1]])
+    overrides = [f"data.metadata_csv={placed_dataset}", "model.context=neighbourhood", "train.mode=frozen"]
+    overrides += [f"logging.output_dir={tmp_path}", f"data.image_cache_dir={tmp_path / 'c'}"]
+    cfg = load_recipe(str(REPO / "recipes" / "tiny.yaml"), overrides)
+    assert run(cfg, build_accelerator(cfg), dry_run=True)["status"] == "finished"
+
+
+def test_bad_positions_are_named_by_their_line_in_the_csv(placed_dataset, tmp_path):
+    from expreg.config import ConfigError, load_recipe
+    from expreg.training.launch import build_accelerator
+    from expreg.training.trainer import run
+
+    frame = pd.read_csv(placed_dataset, dtype=str, keep_default_na=False)
+    frame.loc[30, "x_px"] = ""
+    frame.to_csv(placed_dataset, index=False)
+    overrides = [f"data.metadata_csv={placed_dataset}", "model.context=neighbourhood", "train.mode=frozen"]
+    cfg = load_recipe(str(REPO / "recipes" / "tiny.yaml"), [*overrides, f"logging.output_dir={tmp_path / 'runs'}"])
+    with pytest.raises(MetadataError, match=r"metadata\.csv: column x_px, line\(s\) 32: not a number \(''\)"):
+        run(cfg, build_accelerator(cfg))
+    assert not (tmp_path / "runs").exists()  # nothing written
+    with pytest.raises(ConfigError, match="neighbourhood_rings=2 would be ignored"):
+        load_recipe(None, [*overrides, "data.neighbourhood_um=100", "data.neighbourhood_rings=2"])

@@ -35,16 +35,6 @@ def spot_positions(metadata) -> tuple[np.ndarray, np.ndarray]:
     return _positions(lambda c: frame[c].astype(str).to_numpy(), frame.columns, str(metadata.csv_path))
 
 
-def dataset_positions(dataset, source: str = "the metadata") -> tuple[np.ndarray, np.ndarray]:
-    """``spot_positions`` of a split (a ``datasets.Dataset`` built from the metadata: its columns are strings)."""
-    from expreg.data.dataset import arrow_column
-
-    def column(name: str) -> np.ndarray:
-        return np.asarray(arrow_column(dataset, name).to_numpy(zero_copy_only=False), dtype=str)
-
-    return _positions(column, dataset.column_names, source)
-
-
 def _positions(column, available, source: str) -> tuple[np.ndarray, np.ndarray]:
     names = next((c for c in POSITION_COLUMNS if all(n in available for n in c)), None)
     if names is None:
@@ -74,7 +64,7 @@ def _positions(column, available, source: str) -> tuple[np.ndarray, np.ndarray]:
 
 def lattice_radius(sections: np.ndarray, xy_um: np.ndarray, rings: int = 1) -> float:
     """``rings`` rings of the spot lattice: ``rings + 0.2`` x the median distance from a spot to the nearest
-    other spot of its section (one ring: Visium ~120 µm, ST ~240 µm)."""
+    other spot of its section (one ring: Visium ~120 µm, HER2ST's ST sections ~225-235 µm)."""
     from scipy.spatial import cKDTree
 
     nearest = []
@@ -84,16 +74,36 @@ def lattice_radius(sections: np.ndarray, xy_um: np.ndarray, rings: int = 1) -> f
             distance, _ = cKDTree(points).query(points, k=2)
             nearest.append(distance[:, 1])
     if not nearest:
-        raise ValueError("neighbourhood: no section has two spots; set data.neighbourhood_um")
+        raise MetadataError(
+            "neighbourhood: no section has two spots to measure its lattice; set data.neighbourhood_um"
+        )
     return (rings + RING_FACTOR - 1) * float(np.median(np.concatenate(nearest)))
 
 
-def split_neighbourhoods(datasets, radius_um: float | None, rings: int = 1) -> tuple[dict, float]:
-    """Each split's ``neighbourhood_matrix`` (its rows, in order) and the radius: ``radius_um``, else ``rings``
-    rings of the training rows' lattice. A section lies in one split (splits are made of whole groups)."""
-    positions = {name: dataset_positions(part, f"the {name} split's metadata") for name, part in datasets.items()}
-    radius = radius_um if radius_um is not None else lattice_radius(*positions["train"], rings)
-    return {name: neighbourhood_matrix(*where, radius) for name, where in positions.items()}, radius
+def split_neighbourhoods(
+    metadata, assignment: np.ndarray, radius_um: float | None, rings: int = 1
+) -> tuple[dict, float]:
+    """Each split's ``neighbourhood_matrix`` over its rows (in metadata order, as ``build_dataset_dict`` puts them)
+    and the radius: ``radius_um``, else ``rings`` rings of the training rows' lattice. Positions are checked on
+    the whole metadata first, so an error names the CSV's line. Splits of whole groups keep every section in
+    one split; a section that a row-level split cuts is warned about (its neighbourhoods stop at the cut)."""
+    import logging
+
+    sections, xy = spot_positions(metadata)
+    train = assignment == "train"
+    radius = radius_um if radius_um is not None else lattice_radius(sections[train], xy[train], rings)
+    matrices = {}
+    for name in dict.fromkeys(assignment.tolist()):
+        rows = np.flatnonzero(assignment == name)
+        matrices[str(name)] = neighbourhood_matrix(sections[rows], xy[rows], radius)
+    splits_per_section = pd.Series(assignment).groupby(sections).nunique()
+    cut = splits_per_section.index[splits_per_section > 1].tolist()
+    if cut:
+        logging.getLogger("expreg").warning(
+            f"{len(cut)} section(s) lie in more than one split ({', '.join(cut[:3])}): their spots' neighbourhoods "
+            "hold only the spots of their own split"
+        )
+    return matrices, radius
 
 
 def first_rows(matrix, n: int):

@@ -75,7 +75,8 @@ def _neighbourhood(plan: MapPlan, x0, y0, centres):
         return None
     if not getattr(config, "neighbourhood_um", None):
         raise MapError(
-            "the model reads each spot's neighbourhood (context=neighbourhood) but does not record its radius"
+            "the model reads each spot's neighbourhood (context=neighbourhood) but its config.json records no radius "
+            "(neighbourhood_um): set it there to the radius it was trained with, or train it again"
         )
     if centres is None:
         centres = _box_centres(plan, x0, y0)
@@ -275,6 +276,17 @@ def _summary(plan: MapPlan, seconds: float, processes: int) -> dict:
         "genes": len(plan.genes),
         "maps_drawn": len(plan.drawn),
         **_uns_info(plan),
+        **_neighbourhood_sizes(plan),
         "warnings": plan.warnings,
         "expreg": expreg.__version__,
     }
+
+
+def _neighbourhood_sizes(plan: MapPlan) -> dict:
+    """A neighbourhood model's radius and the mean number of tiles a tile's neighbourhood holds (itself included):
+    tiles lie closer than the spots it was trained on, so a neighbourhood holds more of them."""
+    matrix = _neighbourhood(plan, plan.grid.x0, plan.grid.y0, None)
+    if matrix is None:
+        return {}
+    size = float(np.diff(matrix.indptr).mean())
+    return {"neighbourhood_um": plan.model.config.neighbourhood_um, "mean_tiles_per_neighbourhood": round(size, 2)}

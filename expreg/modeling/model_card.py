@@ -239,7 +239,8 @@ def _usage(image_size: int, num_genes: int, context: str = "none") -> str:
 import numpy as np, torch
 from expreg.data.neighbours import neighbourhood_matrix
 matrix = neighbourhood_matrix(np.zeros(len(xy_um)), xy_um, model.config.neighbourhood_um)
-mean = torch.from_numpy(matrix @ model.embed(pixel_values).detach().double().numpy()).float()
+with torch.no_grad():
+    mean = torch.from_numpy(matrix @ model.embed(pixel_values).double().numpy()).float()
 expression = model.predict_expression(pixel_values, neighbourhood=mean)   # (spots, {k})"""
     return f"""## How to use
 

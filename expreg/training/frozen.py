@@ -36,14 +36,16 @@ logger = logging.getLogger("expreg")
 class FrozenHead(nn.Module):
     """The trainable part of an ``ExpRegModel`` on embeddings: ``forward(pixel_values=embeddings, labels)``.
 
-    Holds the model's own ``dropout`` and ``head`` modules (training this trains the model's head);
-    ``config``, ``to_expression`` and ``save_pretrained`` are the full model's.
+    Holds the model's own ``dropout`` and ``head`` modules, and its ``fusion_gate`` with ``model.fusion=gated``
+    (training this trains them); ``config``, ``to_expression`` and ``save_pretrained`` are the full model's.
     """
 
     def __init__(self, model) -> None:
         super().__init__()
         self.dropout = model.dropout
         self.head = model.head
+        if hasattr(model, "fusion_gate"):
+            self.fusion_gate = model.fusion_gate
         object.__setattr__(self, "full_model", model)  # not a submodule: its encoder is not trained or checkpointed
 
     @property
@@ -65,14 +67,15 @@ class EmbeddingRows:
 
     ``views[v]`` is the (memory-mapped) array of view ``v`` and ``rows[v][i]`` the row of sample ``i``
     in it: nothing is loaded into memory beyond the batch being read. Yields the batches the training
-    loop expects: ``pixel_values`` (the embeddings; with ``context``, a neighbourhood model's, each
-    sample's ``context`` row beside its own), normalised ``labels``, ``path`` and ``skipped`` (always 0:
-    every image was embedded).
+    loop expects: ``pixel_values`` (the embeddings; with ``neighbourhood``, a neighbourhood model's
+    row-normalised matrix over the samples, each sample's embedding beside the mean view-0 embedding of
+    its neighbourhood, read for the batch's neighbours alone), normalised ``labels``, ``path`` and
+    ``skipped`` (always 0: every image was embedded).
     """
 
-    def __init__(self, views, labels: np.ndarray, paths: list[str], seed: int, rows=None, context=None) -> None:
+    def __init__(self, views, labels: np.ndarray, paths: list[str], seed: int, rows=None, neighbourhood=None) -> None:
         self.views, self.labels, self.paths, self.seed = views, labels.astype(np.float32), paths, seed
-        self.context = context
+        self.neighbourhood = neighbourhood
         identity = np.arange(len(paths), dtype=np.int64)
         self.rows = rows if rows is not None else [identity] * len(views)
         self.epoch_views = np.zeros(len(paths), dtype=np.int64)
@@ -94,8 +97,8 @@ class EmbeddingRows:
         for view in np.unique(self.epoch_views[index]):
             chosen = self.epoch_views[index] == view
             batch[chosen] = self.views[view][self.rows[view][index[chosen]]]
-        if self.context is not None:
-            batch = np.hstack([batch, self.context[index]])
+        if self.neighbourhood is not None:
+            batch = np.hstack([batch, self._neighbourhood_means(index)])
         return {
             "pixel_values": torch.from_numpy(batch),
             "labels": torch.from_numpy(self.labels[index]),
@@ -105,6 +108,18 @@ class EmbeddingRows:
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])
+
+    def _neighbourhood_means(self, index: np.ndarray) -> np.ndarray:
+        """The mean view-0 embedding of each sample's neighbourhood: the rows of the matrix, over the embeddings
+        of the samples they name (only those are read). With ``data.augment_dihedral`` a sample's own embedding
+        takes its epoch's view; its neighbourhood is the tissue around it, as seen unturned (as in prediction)."""
+        import scipy.sparse as sp
+
+        part = self.neighbourhood[index].tocoo()
+        samples, local = np.unique(part.col, return_inverse=True)
+        weights = sp.csr_matrix((part.data, (part.row, local)), shape=(len(index), len(samples)))
+        embeddings = np.asarray(self.views[0][self.rows[0][samples]], dtype=np.float64)
+        return np.asarray(weights @ embeddings, dtype=np.float32)
 
 
 def _as_batch(batch: dict) -> dict:
@@ -133,17 +148,12 @@ def setup_frozen_loaders(cfg, data, model, accelerator, dry_run_steps: int | Non
         stores = data.embedding_stores if name == "train" else data.embedding_stores[:1]
         labels = data.target_stats.normalize(labels_array(part))
         views, rows = [s.array for s in stores], [s.rows(files) for s in stores]
-        context = _neighbourhood_means(data.neighbourhoods[name], stores[0], rows[0]) if data.neighbourhoods else None
-        dataset = EmbeddingRows(views, labels, string_list(part, "path"), cfg.seed, rows=rows, context=context)
+        neighbourhood = data.neighbourhoods.get(name)
+        dataset = EmbeddingRows(
+            views, labels, string_list(part, "path"), cfg.seed, rows=rows, neighbourhood=neighbourhood
+        )
         loaders.update(_loaders(name, dataset, cfg, accelerator.num_processes))
     return loaders
-
-
-def _neighbourhood_means(matrix, store, rows: np.ndarray) -> np.ndarray:
-    """Each sample's neighbourhood mean of the images as they are (view 0), float32 ``(samples, features)``.
-    With ``data.augment_dihedral`` a sample's own embedding takes its epoch's view; its neighbourhood is the
-    tissue around it, as seen unturned."""
-    return np.asarray(matrix @ np.asarray(store.array[rows], dtype=np.float64), dtype=np.float32)
 
 
 def _loaders(name: str, dataset: EmbeddingRows, cfg, num_processes: int) -> dict:

@@ -104,9 +104,8 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
     if multiscale:
         d.context_um = context_geometry(d.metadata_csv, d.context_um)
     if cfg.model.context == "neighbourhood":  # the radius, from the training rows' lattice unless given
-        data.neighbourhoods, d.neighbourhood_um = split_neighbourhoods(
-            datasets, d.neighbourhood_um, d.neighbourhood_rings
-        )
+        found = split_neighbourhoods(metadata, split.names, d.neighbourhood_um, d.neighbourhood_rings)
+        data.neighbourhoods, d.neighbourhood_um = found
         logger.info(
             f"neighbourhood: the spots of the same section within {d.neighbourhood_um:g} um, the spot included"
         )

@@ -256,8 +256,20 @@ BUGS = {
     ),
     "frozen_neighbourhood_rows_misaligned": (
         "expreg/training/frozen.py",
-        "return np.asarray(matrix @ np.asarray(store.array[rows], dtype=np.float64), dtype=np.float32)",
-        "return np.asarray(matrix @ np.asarray(store.array[rows[::-1]], dtype=np.float64), dtype=np.float32)",
+        "embeddings = np.asarray(self.views[0][self.rows[0][samples]], dtype=np.float64)",
+        "embeddings = np.asarray(self.views[0][self.rows[0][samples][::-1]], dtype=np.float64)",
+        ["tests/test_neighbours.py::test_a_neighbourhood_model_trains_on_embeddings_and_predicts_its_validation_rows"],
+    ),
+    "tta_neighbourhood_of_each_view": (
+        "expreg/inference.py",
+        "if around is None:  # view 0: the images as they are",
+        "if True:",
+        ["tests/test_context.py::test_map_spots_and_tiles_of_a_neighbourhood_model_agree_with_predict"],
+    ),
+    "frozen_gate_not_trained": (
+        "expreg/training/frozen.py",
+        "            self.fusion_gate = model.fusion_gate\n",
+        "            pass\n",
         ["tests/test_neighbours.py::test_a_neighbourhood_model_trains_on_embeddings_and_predicts_its_validation_rows"],
     ),
     "map_neighbourhood_at_half_the_scale": (
