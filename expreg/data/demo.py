@@ -113,15 +113,19 @@ def make_synthetic_dataset(
     group_offset = dict(zip(sorted(set(groups)), rng.normal(0, 0.2, num_groups)))
     offsets = np.array([group_offset[x] for x in groups])
     y = _expression(gene_rng, factors, num_genes, offsets[:, None])
-    header = ",".join(["path", "group_id"] + [f"y{k}" for k in range(num_genes)] + ["sample_id"])
+    _write_csv(out / csv_name, rows, groups, y, positions)
+    if write_gene_names:
+        (out / "genes.txt").write_text("\n".join(f"GENE{k:02d}" for k in range(num_genes)) + "\n", encoding="utf-8")
+    return out / csv_name
+
+
+def _write_csv(path: Path, rows: list[str], groups: list[str], y: np.ndarray, positions: np.ndarray | None) -> None:
+    header = ",".join(["path", "group_id"] + [f"y{k}" for k in range(y.shape[1])] + ["sample_id"])
     lines = [header + (",x_px,y_px,um_per_px" if positions is not None else "")]
     for i, (name, gid, values) in enumerate(zip(rows, groups, y)):
         place = [] if positions is None else [str(positions[i, 0]), str(positions[i, 1]), str(DEMO_UM_PER_PX)]
         lines.append(",".join([name, gid] + [f"{v:.6f}" for v in values] + [f"{gid}_s1", *place]))
-    (out / csv_name).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if write_gene_names:
-        (out / "genes.txt").write_text("\n".join(f"GENE{k:02d}" for k in range(num_genes)) + "\n", encoding="utf-8")
-    return out / csv_name
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 DEMO_PITCH_PX, DEMO_UM_PER_PX = 200, 0.5  # the positive control's lattice: 100 µm between spots
