@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -72,7 +73,8 @@ def collect(out: Path) -> str:
     ]
     for effect in EFFECTS:
         for name, method, label in ROWS:
-            summaries = [json.loads(f.read_text()) for f in sorted(out.glob(f"w{effect:g}_{name}_s*/cv_summary.json"))]
+            found = sorted(out.glob(f"w{effect:g}_{name}_s*/cv_summary.json"))
+            summaries = [json.loads(f.read_text()) for f in found if re.fullmatch(r".*_s\d+", f.parent.name)]
             folds = [[f["spearman_mean"] for f in s["methods"][method]["folds"]] for s in summaries]
             if not folds:
                 continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -87,7 +88,7 @@ def collect(out: Path) -> str:
         "|---|---|---|---|---|",
     ]
     for name, method, label in ROWS:
-        summaries = [json.loads(f.read_text()) for f in sorted(out.glob(f"{name}_s*/cv_summary.json"))]
+        summaries = [json.loads(f.read_text()) for f in _summaries(out, name)]
         folds = [
             [f["spearman_mean"] for f in s["methods"][method]["folds"]] for s in summaries if method in s["methods"]
         ]
@@ -101,6 +102,12 @@ def collect(out: Path) -> str:
             f"| {data} | {label} | {statistics.mean(means):.4f} ± {spread:.4f} | {fold_std:.4f} | {len(means)} |"
         )
     return "\n".join(lines)
+
+
+def _summaries(out: Path, name: str) -> list[Path]:
+    """The finished runs of experiment ``name`` (``<name>_s<seed>``, not another experiment named like it)."""
+    found = out.glob(f"{name}_s*/cv_summary.json")
+    return sorted(f for f in found if re.fullmatch(rf"{re.escape(name)}_s\d+", f.parent.name))
 
 
 def main(argv=None) -> int:
