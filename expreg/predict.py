@@ -115,17 +115,13 @@ def _inputs(args, model_config):
 
 def _neighbourhood(metadata, model_config):
     """A neighbourhood model's averaging matrix over the CSV's rows (the radius it was trained with), else None."""
-    if getattr(model_config, "context", "none") != "neighbourhood":
-        return None
-    from expreg.data.neighbours import neighbourhood_matrix, spot_positions
+    from expreg.data.neighbours import model_radius, neighbourhood_matrix, spot_positions
 
-    if not getattr(model_config, "neighbourhood_um", None):
-        raise PredictError(
-            "the model reads each spot's neighbourhood (context=neighbourhood) but its config.json records no radius "
-            "(neighbourhood_um): set it there to the radius it was trained with, or train it again"
-        )
-    sections, xy = spot_positions(metadata)
-    return neighbourhood_matrix(sections, xy, model_config.neighbourhood_um)
+    try:
+        radius = model_radius(model_config)
+    except ValueError as err:
+        raise PredictError(str(err)) from err
+    return None if radius is None else neighbourhood_matrix(*spot_positions(metadata), radius)
 
 
 def main(argv=None) -> int:

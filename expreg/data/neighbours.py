@@ -106,6 +106,20 @@ def split_neighbourhoods(
     return matrices, radius
 
 
+def model_radius(config) -> float | None:
+    """A saved model's neighbourhood radius in µm (the one it was trained with), None for a model without
+    neighbourhood context; ``ValueError`` saying what to do when a neighbourhood model lacks it."""
+    if getattr(config, "context", "none") != "neighbourhood":
+        return None
+    radius = getattr(config, "neighbourhood_um", None)
+    if not radius:
+        raise ValueError(
+            "the model reads each spot's neighbourhood (context=neighbourhood) but its config.json records no radius "
+            "(neighbourhood_um): set it there to the radius it was trained with, or train it again"
+        )
+    return float(radius)
+
+
 def first_rows(matrix, n: int):
     """The neighbourhood matrix of the first ``n`` rows alone (a dry run's cut), rows averaging again."""
     import scipy.sparse as sp

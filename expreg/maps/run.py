@@ -67,21 +67,19 @@ def _neighbourhood(plan: MapPlan, x0, y0, centres):
     """A neighbourhood model's averaging matrix over the boxes (the boxes whose centres lie within its radius of
     each other, ``centres`` or the boxes' own), or None for other models. Tiles on a grid finer than the spot
     lattice put more boxes in a neighbourhood than a section's spots, covering the same disc of tissue."""
-    from expreg.data.neighbours import neighbourhood_matrix
+    from expreg.data.neighbours import model_radius, neighbourhood_matrix
     from expreg.maps.plan import MapError
 
-    config = plan.model.config
-    if getattr(config, "context", "none") != "neighbourhood":
+    try:
+        radius = model_radius(plan.model.config)
+    except ValueError as err:
+        raise MapError(str(err)) from err
+    if radius is None:
         return None
-    if not getattr(config, "neighbourhood_um", None):
-        raise MapError(
-            "the model reads each spot's neighbourhood (context=neighbourhood) but its config.json records no radius "
-            "(neighbourhood_um): set it there to the radius it was trained with, or train it again"
-        )
     if centres is None:
         centres = _box_centres(plan, x0, y0)
     xy_um = np.stack([np.asarray(c, dtype=np.float64) for c in centres], axis=1) * plan.geometry.um_per_px
-    return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um, config.neighbourhood_um)
+    return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um, radius)
 
 
 def _context_boxes(plan: MapPlan, x0, y0, centres):

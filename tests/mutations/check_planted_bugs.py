@@ -274,8 +274,8 @@ BUGS = {
     ),
     "map_neighbourhood_at_half_the_scale": (
         "expreg/maps/run.py",
-        "return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um, config.neighbourhood_um)",
-        "return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um / 2, config.neighbourhood_um)",
+        "return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um, radius)",
+        "return neighbourhood_matrix(np.zeros(len(xy_um), dtype=np.int64), xy_um / 2, radius)",
         ["tests/test_context.py::test_map_spots_and_tiles_of_a_neighbourhood_model_agree_with_predict"],
     ),
     "planted_neighbourhood_effect_ignored": (
