@@ -110,7 +110,11 @@ def file_sha256(path: str | os.PathLike | None) -> str | None:
 
     if path is None or not Path(path).is_file():
         return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:  # in blocks: a cohort's metadata CSV is hundreds of MB
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:
@@ -151,8 +155,8 @@ def write_table_csv(path: Path, header: list[str], rows) -> None:
     atomic_write_lines(Path(path), itertools.chain([",".join(_csv_cell(c) for c in header) + "\n"], lines))
 
 
-def write_predictions(path: Path, paths: list[str], groups: list[str], gene_names: list[str], values) -> None:
-    """``path, group_id, <gene>...`` in expression units."""
+def write_predictions(path: Path, paths, groups, gene_names: list[str], values) -> None:
+    """``path, group_id, <gene>...`` in expression units; ``paths`` and ``groups`` are iterables (read as written)."""
     rows = ([p, g, *row.tolist()] for p, g, row in zip(paths, groups, np.asarray(values, dtype=np.float64)))
     write_table_csv(path, ["path", "group_id", *gene_names], rows)
 

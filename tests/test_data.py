@@ -192,7 +192,7 @@ def test_splits_are_memory_mapped_arrow_files_removed_at_exit_or_after_a_crash(d
         "print(files[0]); assert len(files) == len(ds)"
     )
     env = {"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    from expreg.data.dataset import _host
+    from expreg.data.arrow_files import host_name as _host
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left_by_a_killed_run = tmp_path / f"expreg-arrow-{_host()}-{int(dead.stdout)}-abc123"

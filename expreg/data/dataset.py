@@ -20,7 +20,6 @@ and batched in ``expreg.data.loaders``.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from expreg.data.metadata import Metadata, MetadataError, read_metadata
+from expreg.data.arrow_files import new_path, space_error
+from expreg.data.metadata import CONTEXT_COLUMN, Metadata, MetadataError, read_metadata
 from expreg.data.splits import SPLIT_NAMES, RowSplit, split_rows
 
 if TYPE_CHECKING:
@@ -98,48 +98,6 @@ def build_split_datasets(
 
 
 ARROW_CHUNK_ROWS = 50_000  # rows converted to Arrow at a time (the conversion's temporaries stay this small)
-_ARROW_DIRS: dict[int, Path] = {}  # pid -> this process's folder (a forked child makes its own)
-_BUILD_IDS = itertools.count()
-
-
-def _host() -> str:
-    """This machine's name as it appears in temporary-folder names (no ``-``, which separates the parts)."""
-    import re
-    import socket
-
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
-
-
-def _arrow_dir() -> Path:
-    """This process's folder for dataset Arrow files: ``$TMPDIR/expreg-arrow-<host>-<pid>-*``, removed at exit.
-
-    Folders left by killed processes of *this* machine (no exit handler ran) are removed on first
-    use; a TMPDIR shared between nodes also holds other machines' folders, whose process ids mean
-    nothing here, and those are never touched.
-    """
-    pid = os.getpid()
-    if pid not in _ARROW_DIRS:
-        import atexit
-        import shutil
-        import tempfile
-
-        from expreg.run_dir import process_alive
-
-        prefix = f"expreg-arrow-{_host()}-"
-        for old in Path(tempfile.gettempdir()).glob(f"{prefix}*-*"):
-            owner = old.name[len(prefix) :].split("-")[0]
-            if owner.isdigit() and not process_alive(int(owner)):
-                shutil.rmtree(old, ignore_errors=True)
-        _ARROW_DIRS[pid] = Path(tempfile.mkdtemp(prefix=f"{prefix}{pid}-"))
-        atexit.register(_remove_arrow_dir, pid)
-    return _ARROW_DIRS[pid]
-
-
-def _remove_arrow_dir(pid: int) -> None:
-    import shutil
-
-    if os.getpid() == pid:  # not in a forked child that inherited the exit handler
-        shutil.rmtree(_ARROW_DIRS[pid], ignore_errors=True)
 
 
 def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=None, fold=None, context: bool = False):
@@ -167,10 +125,9 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
         }
     )
     schema = features.arrow_schema
-    image_paths = np.asarray(metadata.image_paths(), dtype=object)
-    context_paths = required_context_paths(metadata) if context else None
-    targets = metadata.targets()
-    folder = _arrow_dir() / f"build-{next(_BUILD_IDS)}"
+    if context:
+        require_context_paths(metadata)
+    folder = new_path("build")
     parts = {}
     for name in SPLIT_NAMES:
         rows = np.flatnonzero(assignment == name)
@@ -182,13 +139,9 @@ def build_dataset_dict(metadata: Metadata, assignment: np.ndarray, split_csv=Non
             with pa.OSFile(str(arrow_file), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
                 for start in range(0, len(rows), ARROW_CHUNK_ROWS):
                     chunk = rows[start : start + ARROW_CHUNK_ROWS]
-                    writer.write_batch(_record_batch(metadata, chunk, image_paths, targets, schema, context_paths))
+                    writer.write_batch(_record_batch(metadata, chunk, schema, context))
         except OSError as err:
-            raise OSError(
-                f"cannot write the dataset's Arrow file {arrow_file}: {err}. It needs about "
-                f"{len(rows) * (targets.shape[1] * 4 + 200) / 1e6:.0f} MB in the temporary folder: set TMPDIR "
-                "to a folder with space"
-            ) from err
+            raise space_error(arrow_file, err, len(rows) * (metadata.num_genes * 4 + 200) / 1e6) from err
         info = datasets.DatasetInfo(description=description, features=features)
         parts[name] = datasets.Dataset.from_file(str(arrow_file), info=info, split=name, in_memory=False)
     if "train" not in parts:
@@ -211,34 +164,39 @@ def _features(metadata: Metadata, context: bool):
     )
 
 
-def required_context_paths(metadata: Metadata) -> list[str]:
-    """The context patches of a multiscale model's rows; an error saying how to make them when there are none."""
-    paths = metadata.context_paths()
-    if paths is None:
+def require_context_paths(metadata: Metadata) -> None:
+    """A multiscale model's rows need their context patches: an error saying how to make them when there are none."""
+    if CONTEXT_COLUMN not in metadata.frame.columns:
         raise MetadataError(
             f"{metadata.csv_path}: model.context=multiscale needs a context_path column (each spot's context patch): "
             "prepare the samples with python -m expreg.prepare --context_um <um>"
         )
-    return paths
 
 
-def _record_batch(
-    metadata: Metadata, rows: np.ndarray, image_paths: np.ndarray, targets: np.ndarray, schema, contexts
-):
-    """Metadata rows -> one Arrow record batch in the dataset's schema (``image`` as a path-only struct)."""
+def _text(column):
+    """A text column of the metadata frame as an Arrow array (a view of the mapped CSV where it is one)."""
+    import pandas as pd
+    import pyarrow as pa
+
+    return pa.array(column if isinstance(column.dtype, pd.StringDtype) else column.astype(str), pa.string())
+
+
+def _record_batch(metadata: Metadata, rows: np.ndarray, schema, context: bool):
+    """Metadata rows -> one Arrow record batch in the dataset's schema (``image`` as a path-only struct); the
+    rows' paths and targets made here, a chunk at a time."""
     import pyarrow as pa
 
     frame = metadata.frame.iloc[rows]
-    paths = pa.array(image_paths[rows].tolist(), pa.string())
+    paths = pa.array(metadata.image_paths(rows), pa.string())
     image = pa.StructArray.from_arrays([pa.nulls(len(rows), pa.binary()), paths], names=["bytes", "path"])
-    labels = pa.FixedSizeListArray.from_arrays(pa.array(targets[rows].reshape(-1)), metadata.num_genes)
+    labels = pa.FixedSizeListArray.from_arrays(pa.array(metadata.targets(rows).reshape(-1)), metadata.num_genes)
     columns = {
         "image": image,
         "labels": labels,
-        "group_id": pa.array(frame["group_id"], pa.string()),
-        "path": pa.array(frame["path"], pa.string()),
-        **({"context": pa.array([contexts[i] for i in rows], pa.string())} if contexts is not None else {}),
-        **{c: pa.array(frame[c].astype(str), pa.string()) for c in metadata.extra_columns},
+        "group_id": _text(frame["group_id"]),
+        "path": _text(frame["path"]),
+        **({"context": pa.array(metadata.context_paths(rows), pa.string())} if context else {}),
+        **{c: _text(frame[c]) for c in metadata.extra_columns},
     }
     return pa.record_batch([columns[field.name].cast(field.type) for field in schema], schema=schema)
 
@@ -250,25 +208,49 @@ def arrow_column(dataset, name: str):
 
 
 def labels_array(dataset, num_rows: int | None = None, dtype=np.float32) -> np.ndarray:
-    """The ``labels`` of a split as a ``(rows, K)`` array (``num_rows``: the first rows only).
+    """The ``labels`` of a split as a ``(rows, K)`` array (``num_rows``: the first rows only), filled chunk by
+    chunk from the memory-mapped table (the array itself is the only copy).
 
     Measured at 320,000 rows x 50 genes: 57 s and ~0.5 GB through ``dataset["labels"]`` (a Python list of
     floats per row), a fraction of a second and the array itself from Arrow."""
-    import pyarrow.compute as pc
-
     column = arrow_column(dataset, "labels")
     if num_rows is not None:
         column = column.slice(0, num_rows)
     width = column.type.list_size
-    values = pc.list_flatten(column)
-    flat = np.concatenate([c.to_numpy(zero_copy_only=False) for c in values.chunks]) if values.num_chunks else []
-    return np.asarray(flat, dtype=dtype).reshape(-1, width)
+    out = np.empty((len(column), width), dtype=dtype)
+    start = 0
+    for chunk in column.chunks:
+        out[start : start + len(chunk)] = _flat_values(chunk).reshape(-1, width)
+        start += len(chunk)
+    return out
+
+
+def _flat_values(chunk) -> np.ndarray:
+    """A fixed-size-list chunk's values, in row order (a view of the mapped file where Arrow allows)."""
+    return chunk.flatten().to_numpy(zero_copy_only=False)
+
+
+def label_columns(dataset):
+    """The ``labels`` of a split one gene at a time, as float64 arrays in row order (a ``(rows, K)`` copy never
+    exists: each column is gathered from the memory-mapped table's chunks)."""
+    column = arrow_column(dataset, "labels")
+    width = column.type.list_size
+    for j in range(width):
+        parts = [_flat_values(chunk)[j::width] for chunk in column.chunks]
+        yield np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
 
 
 def string_list(dataset, name: str, num_rows: int | None = None) -> list[str]:
     """A string column (``path``, ``group_id``) of a split's first ``num_rows`` rows as a list."""
     column = arrow_column(dataset, name)
     return (column if num_rows is None else column.slice(0, num_rows)).to_pylist()
+
+
+def iter_strings(dataset, name: str, num_rows: int | None = None):
+    """``string_list`` one Arrow chunk at a time (a cohort's 80,000 validation paths never all Python strings)."""
+    column = arrow_column(dataset, name)
+    for chunk in (column if num_rows is None else column.slice(0, num_rows)).chunks:
+        yield from chunk.to_pylist()
 
 
 def group_names(dataset) -> list[str]:
@@ -281,8 +263,10 @@ def library_sizes(dataset, num_rows: int | None = None) -> np.ndarray | None:
     ``library_size`` column (an empty cell is NaN: the depth-adjusted scores then say n/a)."""
     if "library_size" not in dataset.column_names:
         return None
-    cells = string_list(dataset, "library_size", num_rows)
-    return np.array([float(v) if v is not None and v.strip() not in ("", "nan", "None") else np.nan for v in cells])
+    cells = iter_strings(dataset, "library_size", num_rows)
+    return np.fromiter(
+        (float(v) if v is not None and v.strip() not in ("", "nan", "None") else np.nan for v in cells), float
+    )
 
 
 def image_files(dataset) -> list[str]:
@@ -321,13 +305,19 @@ class TargetStats:
 
     @classmethod
     def from_labels(cls, labels) -> TargetStats:
-        """Mean and std of each column, in float64 one column at a time (a float32 table is never copied whole)."""
+        """Mean and std of each column of a ``(rows, K)`` array, in float64 one column at a time."""
         labels = np.asarray(labels)
-        columns = [np.asarray(labels[:, j], dtype=np.float64) for j in range(labels.shape[1])]
-        if any(np.isnan(c).any() for c in columns):
-            mean, std = np.array([np.nanmean(c) for c in columns]), np.array([np.nanstd(c) for c in columns])
-        else:
-            mean, std = np.array([c.mean() for c in columns]), np.array([c.std() for c in columns])
+        return cls.from_columns(np.asarray(labels[:, j], dtype=np.float64) for j in range(labels.shape[1]))
+
+    @classmethod
+    def from_columns(cls, columns) -> TargetStats:
+        """Mean and std of each float64 column of an iterable, one held at a time."""
+        mean, std = [], []
+        for c in columns:
+            missing = np.isnan(c).any()
+            mean.append(np.nanmean(c) if missing else c.mean())
+            std.append(np.nanstd(c) if missing else c.std())
+        mean, std = np.array(mean, dtype=np.float64), np.array(std, dtype=np.float64)
         return cls(mean=mean, std=np.where(std > 0, std, 1.0))
 
     @classmethod
@@ -350,7 +340,6 @@ class TargetStats:
 
 def compute_target_stats(train_dataset, normalize: bool = True) -> TargetStats:
     """Target statistics from the **training** split only (identity when ``normalize`` is False)."""
-    labels = labels_array(train_dataset)  # float32; the statistics are computed in float64 gene by gene
     if not normalize:
-        return TargetStats.identity(labels.shape[1])
-    return TargetStats.from_labels(labels)
+        return TargetStats.identity(arrow_column(train_dataset, "labels").type.list_size)
+    return TargetStats.from_columns(label_columns(train_dataset))  # float32 values, statistics in float64

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from expreg.data.paths import RowPaths, duplicate_paths, normalised_paths, resolve_image_path, row_chunks
+
 REQUIRED_COLUMNS = ("path", "group_id")
 CONTEXT_COLUMN = "context_path"  # optional: each spot's context patch (expreg.prepare --context_um)
 IMAGE_COLUMNS = ("path", CONTEXT_COLUMN)
@@ -58,35 +60,34 @@ class Metadata:
         known = set(REQUIRED_COLUMNS) | set(self.target_columns)
         return [c for c in self.frame.columns if c not in known]
 
-    def targets(self) -> np.ndarray:
-        """Targets as a float32 array of shape ``(num_samples, num_genes)`` (filled column by column: no float64
-        copy of the whole table on the way)."""
-        out = np.empty((len(self.frame), len(self.target_columns)), dtype=np.float32)
+    def targets(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """Targets as a float32 array of shape ``(num_samples, num_genes)``, or of ``rows`` only (filled column by
+        column: no float64 copy of the whole table on the way)."""
+        frame = self.frame if rows is None else self.frame.iloc[rows]
+        out = np.empty((len(frame), len(self.target_columns)), dtype=np.float32)
         for j, column in enumerate(self.target_columns):
-            out[:, j] = self.frame[column].to_numpy(dtype=np.float64)
+            out[:, j] = frame[column].to_numpy(dtype=np.float64)
         return out
 
-    def image_paths(self) -> list[str]:
-        """Absolute, normalised image paths (relative ones resolved against the CSV's folder)."""
-        return _normalised_paths(self.csv_path, self.frame["path"])
+    def image_paths(self, rows: np.ndarray | None = None) -> list[str]:
+        """Absolute, normalised image paths (relative ones resolved against the CSV's folder), of ``rows`` only
+        when given (a cohort's callers go chunk by chunk: a Python string per row costs ~100 bytes)."""
+        paths = self.frame["path"] if rows is None else self.frame["path"].iloc[rows]
+        return normalised_paths(self.csv_path, paths)
 
-    def context_paths(self) -> list[str] | None:
+    def path_rows(self, column: str = "path") -> RowPaths:
+        """``image_paths`` (or a ``context_path`` column's) as a ``RowPaths`` sequence: each path made when read."""
+        cells = self.frame[column]
+        if column != "path":
+            cells = (cells if isinstance(cells.dtype, pd.StringDtype) else cells.astype(str)).str.strip()
+        return RowPaths(self.csv_path, cells)
+
+    def context_paths(self, rows: np.ndarray | None = None) -> list[str] | None:
         """The context patches' paths as ``image_paths`` gives the patches', or None without a ``context_path``."""
         if CONTEXT_COLUMN not in self.frame.columns:
             return None
-        return _normalised_paths(self.csv_path, self.frame[CONTEXT_COLUMN].astype(str).str.strip())
-
-
-def _is_plain_relative(path: str) -> bool:
-    """True when joining ``path`` onto a folder needs no normalisation (no ``.``/``..`` parts, no ``//``)."""
-    return not ("/." in "/" + path or "//" in path or path.endswith("/") or (os.altsep and os.altsep in path))
-
-
-def resolve_image_path(csv_path: str | os.PathLike, path: str) -> str:
-    """Resolve an image path from the CSV: relative paths are relative to the CSV's folder."""
-    if os.path.isabs(path):
-        return path
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(csv_path)), path))
+        column = self.frame[CONTEXT_COLUMN] if rows is None else self.frame[CONTEXT_COLUMN].iloc[rows]
+        return normalised_paths(self.csv_path, column.astype(str).str.strip())
 
 
 def describe_rows(line_numbers: list[int] | np.ndarray) -> str:
@@ -134,14 +135,17 @@ def _read_table(csv_path: Path) -> pd.DataFrame:
 
 
 def _read_with_arrow(csv_path: Path, header: list[str]) -> pd.DataFrame | None:
-    """Read by Arrow: the target columns as numbers when every cell is a finite number (else every cell
-    as text, for ``_check_targets`` to name the bad ones), the other columns as Python strings, as pandas
-    gives them. None when Arrow cannot read the file (ragged rows, bad UTF-8): ``_read_with_pandas`` then
-    reads it or names the problem.
+    """Read by Arrow into a memory-mapped file (``expreg.data.arrow_files``): the target columns as numbers
+    when every cell is a finite number (else every cell as text, for ``_check_targets`` to name the bad
+    ones), the other columns as text. The frame's columns are views of the mapped table (pandas' Arrow-backed
+    ``str``, which pandas 3 makes the default, and ``double[pyarrow]``): no Python object per cell and no
+    anonymous memory per row. None when Arrow cannot read the file (ragged rows, bad UTF-8):
+    ``_read_with_pandas`` then reads it or names the problem.
 
     Measured (``benchmarks/bench_cohort.py --parts rss``): pandas' ``dtype=str`` made a Python string of
-    every cell, 1.65 GB for 400,000 rows x 52 columns; these columns cost about the file's size."""
+    every cell, 1.65 GB for 400,000 rows x 52 columns."""
     import pyarrow as pa
+    from pandas.core.arrays.string_arrow import ArrowStringArrayNumpySemantics
 
     table = _arrow_csv(csv_path, header, numbers=True)
     if table is not None and not all(_finite(table.column(n)) for n in header if TARGET_PATTERN.match(n.strip())):
@@ -154,32 +158,21 @@ def _read_with_arrow(csv_path: Path, header: list[str]) -> pd.DataFrame | None:
     for name in header:
         column = table.column(name)
         if pa.types.is_floating(column.type):
-            columns[name] = pd.Series(column.to_numpy(), copy=False)
-        elif TARGET_PATTERN.match(name.strip()):
-            columns[name] = pd.Series(pd.arrays.ArrowStringArray(column), copy=False)
+            columns[name] = pd.Series(pd.arrays.ArrowExtensionArray(column), copy=False)
         else:
-            columns[name] = pd.Series(pd.arrays.ArrowStringArray(column), copy=False).astype(object)
-    del table
+            columns[name] = pd.Series(ArrowStringArrayNumpySemantics(column), copy=False)
     return pd.DataFrame(columns, copy=False)
 
 
 def _arrow_csv(csv_path: Path, header: list[str], numbers: bool):
-    """The CSV as an Arrow table of text cells (``numbers``: target columns as float64), or None when Arrow
-    cannot read it that way."""
+    """The CSV as a memory-mapped Arrow table of text cells (``numbers``: target columns as float64), or None
+    when Arrow cannot read it that way."""
     import pyarrow as pa
-    import pyarrow.csv as pacsv
+
+    from expreg.data.arrow_files import read_csv_mapped
 
     types = {name: pa.float64() if numbers and TARGET_PATTERN.match(name.strip()) else pa.string() for name in header}
-    try:
-        return pacsv.read_csv(
-            csv_path,
-            parse_options=pacsv.ParseOptions(newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(
-                column_types=types, null_values=[], strings_can_be_null=False, quoted_strings_can_be_null=False
-            ),
-        )
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OSError):
-        return None
+    return read_csv_mapped(csv_path, types)
 
 
 def _finite(column) -> bool:
@@ -286,42 +279,36 @@ def _check_library_size(csv_path: Path, frame: pd.DataFrame) -> None:
 
 def _check_paths_and_groups(csv_path: Path, frame: pd.DataFrame, required=REQUIRED_COLUMNS) -> None:
     for col in required:
-        frame[col] = frame[col].str.strip()
-        empty = (frame[col] == "").to_numpy()
+        frame[col] = _stripped(frame[col])
+        empty = (frame[col] == "").to_numpy(dtype=bool)
         if empty.any():
             raise _fail(csv_path, col, np.flatnonzero(empty) + 2, f"empty {col}")
-    keys = pd.Series(_normalised_paths(csv_path, frame["path"]), index=frame.index)
-    dup = keys.duplicated(keep=False).to_numpy()
-    if dup.any():
-        rows = np.flatnonzero(dup)
-        first = rows[0]
-        same = np.flatnonzero((keys == keys.iloc[first]).to_numpy())
-        texts = " and ".join(repr(frame["path"].iloc[i]) for i in same[:2])
-        groups = ""
-        if "group_id" in frame.columns:
-            groups = " (groups " + " and ".join(repr(frame["group_id"].iloc[i]) for i in same[:2]) + ")"
-        raise _fail(
-            csv_path,
-            "path",
-            rows + 2,
-            f"duplicate image: lines {same[0] + 2} and {same[1] + 2} name the same file {keys.iloc[first]!r} "
-            f"as {texts}{groups}; each image once",
-        )
+    found = duplicate_paths(csv_path, frame["path"])
+    if found is None:
+        return
+    rows, same = found
+    texts = " and ".join(repr(frame["path"].iloc[i]) for i in same[:2])
+    groups = ""
+    if "group_id" in frame.columns:
+        groups = " (groups " + " and ".join(repr(frame["group_id"].iloc[i]) for i in same[:2]) + ")"
+    key = normalised_paths(csv_path, frame["path"].iloc[same[:1]])[0]
+    raise _fail(
+        csv_path,
+        "path",
+        rows + 2,
+        f"duplicate image: lines {same[0] + 2} and {same[1] + 2} name the same file {key!r} as {texts}{groups}; "
+        "each image once",
+    )
 
 
-def _normalised_paths(csv_path: Path, paths: pd.Series) -> list[str]:
-    """Each path as an absolute, normalised path (``./a.png``, ``a//b.png``, ``x/../a.png`` compare equal).
+def _stripped(column: pd.Series) -> pd.Series:
+    """``column`` without spaces around its cells (copied only when some cell has them)."""
+    if getattr(column.dtype, "storage", None) != "pyarrow":
+        return column.str.strip()
+    import pyarrow.compute as pc
 
-    Only paths that need it go through ``normpath`` (measured: the plain join is what keeps a
-    1M-row CSV fast)."""
-    folder = os.path.join(os.path.dirname(os.path.abspath(csv_path)), "")  # ends with one separator
-    plain = _is_plain_relative  # no "." / ".." parts, no "//": joining needs no normalisation
-    return [
-        (p if plain(p[1:]) else os.path.normpath(p))
-        if os.path.isabs(p)
-        else (folder + p if plain(p) else os.path.normpath(folder + p))
-        for p in paths
-    ]
+    spaced = pc.match_substring_regex(column.array.__arrow_array__(), r"^\s|\s$")
+    return column.str.strip() if pc.any(spaced).as_py() else column
 
 
 def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists", patches=None) -> None:
@@ -339,22 +326,26 @@ def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists",
 def _check_column_images(csv_path: Path, frame: pd.DataFrame, column: str, mode: str, store) -> None:
     from expreg.data.patch_store import image_exists, store_beside
 
-    empty = (frame[column].astype(str).str.strip() == "").to_numpy()
+    text = frame[column] if isinstance(frame[column].dtype, pd.StringDtype) else frame[column].astype(str)
+    empty = (_stripped(text) == "").to_numpy(dtype=bool)
     if empty.any():
         raise _fail(csv_path, column, np.flatnonzero(empty) + 2, f"empty {column}")
-    paths = [resolve_image_path(csv_path, p) for p in frame[column]]
-    missing = [i for i, p in enumerate(paths) if not image_exists(p)]
+    missing, example = [], None
+    for rows in row_chunks(len(frame)):
+        paths = [resolve_image_path(csv_path, p) for p in frame[column].iloc[rows.start : rows.stop]]
+        found = [rows.start + i for i, p in enumerate(paths) if not image_exists(p)]
+        example = example or (paths[found[0] - rows.start] if found else None)
+        missing += found
     if missing:
         beside = store_beside(csv_path)
         hint = f"; its patches are in the Parquet store {beside}: set data.patches={beside}" if beside else ""
         if store is not None:
             hint = f", nor in the patch store {store.folder} (it holds e.g. {store.example()})"
-        raise _fail(
-            csv_path, column, np.asarray(missing) + 2, f"image file not found (e.g. {paths[missing[0]]}){hint}"
-        )
+        raise _fail(csv_path, column, np.asarray(missing) + 2, f"image file not found (e.g. {example}){hint}")
     if mode == "decode":
         bad, reasons = [], []
-        for i, p in enumerate(_progress(paths, f"checking images ({column})")):
+        paths = (resolve_image_path(csv_path, p) for p in frame[column])
+        for i, p in enumerate(_progress(paths, f"checking images ({column})", len(frame))):
             reason = image_decode_error(p)
             if reason:
                 bad.append(i)
@@ -371,12 +362,12 @@ def image_decode_error(path: str) -> str | None:
     return None if image is not None else f"{path}: {reason}"
 
 
-def _progress(items, desc: str):
+def _progress(items, desc: str, total: int):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
         return items
-    return tqdm(items, desc=desc, unit="img", disable=len(items) < 200)
+    return tqdm(items, desc=desc, unit="img", total=total, disable=total < 200)
 
 
 def read_gene_names(path: str | os.PathLike, num_genes: int) -> list[str]:

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from expreg.data.metadata import Metadata, MetadataError, describe_rows
-from expreg.run_dir import atomic_write_text
+from expreg.data.paths import row_chunks
+from expreg.run_dir import atomic_write_lines
 
 SPLIT_NAMES = ("train", "validation", "test")
 # Random group orders tried when searching the split closest to the requested fractions.
@@ -192,7 +193,11 @@ def write_table(table: pd.DataFrame, out_csv: str | os.PathLike, overwrite: bool
     out = Path(out_csv)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another --out_csv or pass --overwrite")
-    atomic_write_text(out, table.to_csv(index=False, lineterminator="\n"))
+    chunks = (
+        table.iloc[rows.start : rows.stop].to_csv(index=False, header=rows.start == 0, lineterminator="\n")
+        for rows in row_chunks(len(table))
+    )  # a cohort's table is written a chunk at a time, not made into one string
+    atomic_write_lines(out, chunks if len(table) else [table.to_csv(index=False, lineterminator="\n")])
     return out
 
 

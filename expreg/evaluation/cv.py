@@ -69,7 +69,8 @@ import numpy as np
 
 from expreg.config import ConfigError, RunConfig
 from expreg.data import read_recipe_metadata, resolve_metadata_csv
-from expreg.data.dataset import required_context_paths
+from expreg.data.dataset import require_context_paths
+from expreg.data.metadata import CONTEXT_COLUMN
 from expreg.data.neighbours import spot_positions
 from expreg.data.splits import make_fold_table, write_table
 from expreg.evaluation.cv_inputs import NEIGHBOURHOOD_PROBE, PROBES, probe_embeddings, shared_inputs  # noqa: F401 - re-exported
@@ -272,7 +273,8 @@ def _prepare_folds(cfg, hest_task, n_folds, methods, out_dir: Path, finetune, ac
     and at 400,000 rows it would be held through every run (``benchmarks/bench_cohort.py --parts rss``)."""
     cfg, metadata, task = _read_data(cfg, hest_task)
     _check_depth_methods(cfg, methods, metadata)
-    contexts = required_context_paths(metadata) if cfg.model.context == "multiscale" else None  # errors now,
+    if cfg.model.context == "multiscale":  # errors now, before out_dir exists
+        require_context_paths(metadata)
     if NEIGHBOURHOOD_PROBE in methods:  # before out_dir exists
         spot_positions(metadata)
     if task is None:
@@ -282,11 +284,14 @@ def _prepare_folds(cfg, hest_task, n_folds, methods, out_dir: Path, finetune, ac
         n_folds, folds_csv, fold_of = _write_task_folds(metadata, task, out_dir)
         # the float64 values as written (log1p of the counts, as HEST computes them), not Metadata's float32
         targets = metadata.frame[metadata.target_columns].to_numpy(dtype=np.float64)
+    import pandas as pd
+
+    codes, names = pd.factorize(metadata.frame["group_id"], sort=True)
     folds = _Folds(
         cfg=cfg,
-        files=np.array(metadata.image_paths(), dtype=object),  # not fixed-width unicode (4 bytes a character)
+        files=metadata.path_rows(),  # made when read: no Python string per row held through the folds
         targets=targets,
-        groups=metadata.frame["group_id"].to_numpy(),
+        groups=np.asarray(names, dtype=object)[codes],  # one string per group, referred to from each row
         genes=metadata.gene_names,
         fold_of=fold_of,
         folds_csv=folds_csv,
@@ -294,10 +299,10 @@ def _prepare_folds(cfg, hest_task, n_folds, methods, out_dir: Path, finetune, ac
         finetune=finetune,
         metadata=metadata if cfg.data.expression_file else None,
         library_size=frame_library_size(metadata.frame),
-        contexts=None if contexts is None else np.array(contexts, dtype=object),
+        contexts=metadata.path_rows(CONTEXT_COLUMN) if cfg.model.context == "multiscale" else None,
         n_folds=n_folds,
     )
-    folds.inputs = shared_inputs(cfg, methods, list(folds.files), accelerator, metadata)
+    folds.inputs = shared_inputs(cfg, methods, folds.files, accelerator, metadata)
     return cfg, folds, task
 
 
@@ -368,16 +373,17 @@ def _write_folds(metadata, n_folds: int | None, seed: int, out_dir: Path) -> tup
     Returns:
         ``(n_folds, folds.csv path, the fold of each metadata row)``.
     """
-    groups = metadata.frame["group_id"].to_numpy()
-    n_groups = len(set(groups.tolist()))
+    n_groups = metadata.frame["group_id"].nunique()
     n_folds = n_folds or (n_groups if n_groups <= 10 else 5)
     table, fold_summary = make_fold_table(metadata, n_folds, seed)
     out_dir.mkdir(parents=True, exist_ok=False)
     folds_csv = write_table(table, out_dir / "folds.csv")
     print(
-        f"{n_folds} group folds of {len(groups)} samples in {n_groups} groups -> {folds_csv}\n{fold_summary.format()}"
+        f"{n_folds} group folds of {len(metadata.frame)} samples in {n_groups} groups -> {folds_csv}\n"
+        f"{fold_summary.format()}"
     )
-    return n_folds, folds_csv, table.set_index("path").loc[metadata.frame["path"], "fold"].to_numpy()
+    fold_of_group = table.drop_duplicates("group_id").set_index("group_id")["fold"]  # whole groups are folded
+    return n_folds, folds_csv, metadata.frame["group_id"].map(fold_of_group).to_numpy(dtype=np.int64)
 
 
 def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, list[dict]]) -> None:
@@ -388,10 +394,8 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
     for method in methods:
         start = time.perf_counter()
         if method in TRAINED:
-            files = folds.files[test] if folds.contexts is None else zip(folds.files[test], folds.contexts[test])
-            test_files = (list(files), targets[test].astype(np.float64))
             summary, per_gene, extra = folds.finetune(
-                cfg, folds.folds_csv, k, folds.runs_dir, test_files, genes, mode=method
+                cfg, folds.folds_csv, k, folds.runs_dir, _held_out(folds, test, targets), genes, mode=method
             )
         elif method == DEPTH_FROM_IMAGE:
             rows = (folds.files, folds.groups, folds.fold_of)
@@ -407,6 +411,17 @@ def _score_fold(folds: _Folds, k: int, methods: list[str], results: dict[str, li
             {"fold": k, "test_groups": test_groups, **_fold_result(summary, per_gene, seconds, extra)}
         )
         print(f"fold {k} ({', '.join(test_groups)}) {method}: {describe(summary)} [{seconds:.0f} s]")
+
+
+def _held_out(folds: _Folds, test: np.ndarray, targets: np.ndarray):
+    """A function giving ``(image paths, float64 targets)`` of the held-out rows, for the 8-view TTA score: made
+    only when that score is computed (a cohort's held-out fold is 200,000 paths, each a Python string)."""
+
+    def made() -> tuple[list, np.ndarray]:
+        files = folds.files[test] if folds.contexts is None else zip(folds.files[test], folds.contexts[test])
+        return list(files), targets[test].astype(np.float64)
+
+    return made
 
 
 def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, genes: list[str]):

@@ -65,7 +65,7 @@ def depth_from_image_fold(finetune, cfg, k: int, work: Path, rows, test, targets
         finetune: ``expreg.training.folds.finetune_fold`` bound to the accelerator.
         cfg: The recipe.
         work: ``<out_dir>/depth_from_image``: its tables and ``runs/finetune__fold<k>``.
-        rows: ``(image paths (absolute), groups, fold of each row)`` of every row.
+        rows: ``(image paths (absolute; a sequence indexed by a row mask), groups, fold of each row)`` of every row.
         test: Which rows fold ``k`` holds out.
         targets_test, genes: The held-out rows' gene targets and their names.
         library_size: Every row's library size.
@@ -83,15 +83,22 @@ def depth_from_image_fold(finetune, cfg, k: int, work: Path, rows, test, targets
         genes=None,
         allow_unmeasured_genes=False,
     )
-    test_files = (list(np.asarray(files)[test]), np.log1p(library_size[test])[:, None])
+    test_files = list(files[test])
     depth_cfg = replace(cfg, data=data)  # the recipe's own training (its train.mode), no 8-view TTA
     mode = cfg.train.mode if cfg.train.mode in ("finetune", "frozen") else "finetune"
     depth_summary, _, extra = finetune(
-        depth_cfg, folds_csv, k, work / "runs", test_files, [DEPTH_GENE], mode=mode, tta=False
+        depth_cfg,
+        folds_csv,
+        k,
+        work / "runs",
+        lambda: (test_files, np.log1p(library_size[test])[:, None]),
+        [DEPTH_GENE],
+        mode=mode,
+        tta=False,
     )
     predictions_csv = work / "runs" / f"{mode}__fold{k}" / "predictions_test.csv"
     predicted = pd.read_csv(predictions_csv, float_precision="round_trip").set_index("path")
-    column = predicted.loc[list(np.asarray(files)[test]), DEPTH_GENE].to_numpy(dtype=np.float64)
+    column = predicted.loc[test_files, DEPTH_GENE].to_numpy(dtype=np.float64)
     predictions = np.repeat(column[:, None], len(genes), axis=1)
     allow = cfg.data.allow_unmeasured_genes
     metrics = compute_metrics(predictions, targets_test, genes, allow, library_size[test])

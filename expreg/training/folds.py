@@ -19,7 +19,7 @@ from expreg.training.trainer import run
 
 
 def finetune_fold(
-    cfg, folds_csv: Path, fold: int, runs_dir: Path, test_files, genes, *, accelerator, mode="finetune", tta=True
+    cfg, folds_csv: Path, fold: int, runs_dir: Path, held_out, genes, *, accelerator, mode="finetune", tta=True
 ):
     """Train with ``fold`` held out; the run scores its best model on the fold (``metrics.json``'s ``test_*``).
 
@@ -29,7 +29,8 @@ def finetune_fold(
 
     Args:
         cfg: The recipe (not changed: the fold run gets a copy pointing at ``folds_csv`` and ``fold``).
-        test_files: ``(image paths, targets)`` of the held-out fold, for the 8-view TTA score.
+        held_out: A function giving ``(image paths, targets)`` of the held-out fold, for the 8-view TTA score
+            (called only for that score).
         genes: The gene names (columns of the targets).
         accelerator: The recipe's ``Accelerator`` (``expreg.training.launch.build_accelerator``).
 
@@ -57,7 +58,7 @@ def finetune_fold(
         "num_genes_undefined_spearman": result["num_genes_undefined_test_spearman"],
         "num_samples": result["num_test_samples"],
     }
-    tta = _tta_metrics(cfg, run_dir, test_files, genes, accelerator) if mode == "finetune" and tta else None
+    tta = _tta_metrics(cfg, run_dir, held_out(), genes, accelerator) if mode == "finetune" and tta else None
     used = json.loads((run_dir / SPLIT_SUMMARY_FILE).read_text())
     extra = {
         "fit_groups": sorted(set(used["train"]["groups"]) | set(used["validation"]["groups"])),  # training + selection

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expreg.data.dataset import group_names, labels_array, library_sizes, string_list
+from expreg.data.dataset import group_names, iter_strings, labels_array, library_sizes
 from expreg.evaluation.metrics import compute_metrics
 from expreg.evaluation.plots import write_run_plots
 from expreg.inference import predict_loader
@@ -179,7 +179,7 @@ def score_best(t, max_batches: int | None) -> dict:
 
 def targets(dataset, num_predictions: int, truncate: bool) -> np.ndarray:
     """The split's targets in dataset order; a count other than the predictions' is an error (not a silent cut)."""
-    truth = labels_array(dataset, dtype=np.float64)
+    truth = labels_array(dataset)  # float32 as stored; the scores convert it to float64 a block of genes at a time
     if truncate:
         return truth[:num_predictions]
     if len(truth) != num_predictions:
@@ -200,8 +200,8 @@ def record_scores(t, scores: dict, result: dict) -> None:
         part, n = data.datasets[split], len(expression)
         write_predictions(
             run_dir / files[split][0],
-            string_list(part, "path", n),
-            string_list(part, "group_id", n),
+            iter_strings(part, "path", n),
+            iter_strings(part, "group_id", n),
             data.gene_names,
             expression,
         )

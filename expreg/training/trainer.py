@@ -24,8 +24,8 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from expreg.config import ConfigError, RunConfig
-from expreg.data.dataset import labels_array, library_sizes, string_list
-from expreg.evaluation.metrics import compute_metrics
+from expreg.data.dataset import iter_strings, labels_array, library_sizes
+from expreg.evaluation.metrics import compute_metrics, mean_squared_error
 from expreg.inference import gather_outputs
 from expreg.modeling.hub import HubError
 from expreg.progress import progress_bar
@@ -392,7 +392,7 @@ class Trainer:
         """Metrics, history, best model, predictions and the early-stopping count."""
         cfg, accelerator, data, state = self.cfg, self.accelerator, self.data, self.state
         val = data.datasets["validation"]
-        targets = labels_array(val, len(predictions), dtype=np.float64)
+        targets = labels_array(val, len(predictions))  # float32; compute_metrics converts a block at a time
         expression = accelerator.unwrap_model(self.model).to_expression(predictions.astype(np.float64))
         depth = library_sizes(val, len(predictions))
         metrics = compute_metrics(expression, targets, data.gene_names, cfg.data.allow_unmeasured_genes, depth)
@@ -425,8 +425,8 @@ class Trainer:
         checkpoint.save_best_model(self.accelerator, self.model, self.run_dir, card)
         write_predictions(
             self.run_dir / "predictions_val.csv",
-            string_list(val, "path", n),
-            string_list(val, "group_id", n),
+            iter_strings(val, "path", n),
+            iter_strings(val, "group_id", n),
             metrics.gene_names,
             expression,
         )
@@ -470,9 +470,7 @@ def evaluate(model, dataloader, accelerator, max_batches: int | None = None):
             f"evaluation returned {len(predictions)} predictions for {len(dataloader.dataset)} samples; every "
             "evaluation image must be read (metrics on misaligned rows would be wrong)"
         )
-    squared = (predictions.astype(np.float64) - labels) ** 2
-    loss = np.nanmean(squared) if np.isnan(labels).any() else squared.mean()  # NaN: a target not measured
-    return float(loss), predictions
+    return mean_squared_error(predictions, labels), predictions
 
 
 def _improved(spearman: float, state: checkpoint.TrainerState) -> bool:
