@@ -56,12 +56,22 @@ class EmbeddingStore:
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
         self.info = json.loads((self.folder / INFO_FILE).read_text())
-        self.paths = json.loads((self.folder / PATHS_FILE).read_text())
         self.array = np.load(self.folder / EMBEDDINGS_FILE, mmap_mode="r")
-        self._row = {path: i for i, path in enumerate(self.paths)}
+        self._paths, self._hashes, self._order = _path_index(self.folder / PATHS_FILE)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self._paths)
+
+    def _row(self, path: str) -> int:
+        """The store's row of an absolute path; KeyError when it holds no such image."""
+        h = hash(path)
+        i = int(np.searchsorted(self._hashes, h))
+        while i < len(self._hashes) and self._hashes[i] == h:
+            row = int(self._order[i])
+            if self._paths[row].as_py() == path:
+                return row
+            i += 1
+        raise KeyError(path)
 
     @property
     def num_features(self) -> int:
@@ -70,12 +80,25 @@ class EmbeddingStore:
     def rows(self, files: list[str]) -> np.ndarray:
         """The row of each file; ``EmbeddingStoreError`` naming the first file the store does not hold."""
         try:
-            return np.fromiter((self._row[os.path.abspath(f)] for f in files), dtype=np.int64, count=len(files))
+            return np.fromiter((self._row(os.path.abspath(f)) for f in files), dtype=np.int64, count=len(files))
         except KeyError as err:
             raise EmbeddingStoreError(f"{err.args[0]} is not in the embedding store {self.folder}") from err
 
     def get(self, files: list[str]) -> np.ndarray:
         return np.asarray(self.array[self.rows(files)], dtype=np.float32)
+
+
+def _path_index(paths_file: Path):
+    """A store's paths as one Arrow string array, their hashes sorted and the rows in that order: 16 bytes a row
+    beside the paths' own bytes, instead of a Python list and dict of them (~250 bytes a row, 100 MB for a
+    400,000-spot cohort, in every process that reads the store)."""
+    import pyarrow as pa
+
+    paths = json.loads(paths_file.read_text())
+    hashes = np.fromiter((hash(p) for p in paths), dtype=np.int64, count=len(paths))
+    paths = pa.array(paths, pa.string())
+    order = np.argsort(hashes, kind="stable")
+    return paths, hashes[order], order
 
 
 def store_identity(model, files: list[str], view: int = 0, weights_sha256: str | None = None) -> dict:

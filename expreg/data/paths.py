@@ -15,8 +15,9 @@ import pandas as pd
 CHUNK_ROWS = 50_000  # rows turned into Python strings at a time by the checks (their memory stays this small)
 
 
-def row_chunks(num_rows: int, size: int = CHUNK_ROWS):
-    """``range`` objects of at most ``size`` consecutive row indices covering ``num_rows`` rows."""
+def row_chunks(num_rows: int, size: int | None = None):
+    """``range`` objects of at most ``size`` (default ``CHUNK_ROWS``) consecutive row indices covering ``num_rows`` rows."""
+    size = size or CHUNK_ROWS
     return (range(start, min(start + size, num_rows)) for start in range(0, num_rows, size))
 
 

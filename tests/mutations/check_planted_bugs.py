@@ -12,7 +12,8 @@ foundation-model encoders and the embedding store (issue 15), and eight from iss
 audit planted, four of the spot lattice, unmeasured genes and the gene join), and three of the
 depth-adjusted scores and spatially variable genes (issue 27), three of Visium HD pseudo-spots and
 HEST-1k by id (issue 23), one of neighbourhood features and three of
-context patches (issue 25).
+context patches (issue 25), and four of a cohort's table read in chunks of rows and blocks of genes
+(issue 24).
 """
 
 from __future__ import annotations
@@ -28,6 +29,33 @@ REPO = Path(__file__).resolve().parents[2]
 
 # name: (file, text to replace, replacement, tests that must catch it)
 BUGS = {
+    # issue 24: a cohort's table in bounded memory (chunks of rows, blocks of genes)
+    "duplicate_paths_compared_unsorted": (
+        "expreg/data/paths.py",
+        "met = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])",
+        "met = np.flatnonzero(hashes[1:] == hashes[:-1]); order = np.arange(len(hashes))",
+        [
+            "tests/test_cohort_memory.py::test_a_duplicate_and_a_missing_image_in_a_later_chunk_are_named_by_their_lines"
+        ],
+    ),
+    "label_columns_read_as_rows": (
+        "expreg/data/dataset.py",
+        "parts = [_flat_values(chunk)[j::width] for chunk in column.chunks]",
+        "parts = [_flat_values(chunk).reshape(width, -1)[j] for chunk in column.chunks]",
+        ["tests/test_data.py", "tests/test_cohort_memory.py"],
+    ),
+    "evaluation_rows_overwritten": (
+        "expreg/inference.py",
+        "        self.filled += len(batch)\n",
+        "",
+        ["tests/test_cohort_memory.py::test_evaluation_rows_are_collected_in_order_into_one_array"],
+    ),
+    "every_gene_block_scores_the_first": (
+        "expreg/evaluation/metrics.py",
+        "_block_scores(p[:, j : j + GENE_BLOCK], t[:, j : j + GENE_BLOCK], depth)",
+        "_block_scores(p[:, 0:GENE_BLOCK], t[:, 0:GENE_BLOCK], depth)",
+        ["tests/test_cohort_memory.py::test_scores_by_blocks_of_genes_equal_the_whole_matrix"],
+    ),
     "cv_ridge_fitted_on_all_rows": (
         "expreg/evaluation/cv.py",
         "predictions, extra = fit(x[train], y_train, groups[train], x[test], seed=cfg.seed)",
@@ -55,8 +83,8 @@ BUGS = {
     ),
     "per_gene_mse_over_the_wrong_axis": (
         "expreg/evaluation/metrics.py",
-        "mse=((p - t) ** 2).mean(axis=0),",
-        "mse=((p - t) ** 2).mean(axis=1),",
+        '"mse": ((p - t) ** 2).mean(axis=0),',
+        '"mse": ((p - t) ** 2).mean(axis=1),',
         ["tests/test_metrics.py::test_summary_excludes_and_counts_undefined_genes"],
     ),
     "rgba_not_composited_on_white": (
