@@ -38,6 +38,28 @@ def test_unknown_keys_are_named(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("train.learning_rate", "train.lr"),  # transformers' name
+        ("learning_rate", "train.lr"),
+        ("epochs", "train.epochs"),  # the right name in no section
+        ("train.num_epochs", "train.epochs"),
+        ("max_epochs", "train.epochs"),  # Lightning's
+        ("gradient_accumulation_steps", "train.grad_accum_steps"),
+        ("data.batchsize", "data.batch_size"),  # a typo
+        ("model.backbon", "model.backbone"),
+        ("per_device_train_batch_size", "data.batch_size"),
+    ],
+)
+def test_an_unknown_key_suggests_the_key_meant_even_under_another_tools_name(typed, meant):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(None, [f"{typed}=1"])
+    suggested = str(err.value).split("did you mean ", 1)[1].split("?")[0].split(", ")
+    assert suggested[0] == meant, str(err.value)
+    assert str(err.value).endswith("Known keys: see recipes/base.yaml")
+
+
+@pytest.mark.parametrize(
     ("override", "message"),
     [
         ("data.batch_size=abc", "data.batch_size: expected int"),
@@ -116,3 +138,20 @@ def test_edge_values_that_are_allowed():
     cfg = load_recipe(None, ["train.warmup_ratio=0", "train.weight_decay=0", "train.max_grad_norm=null"])
     assert cfg.train.warmup_ratio == 0 and cfg.train.weight_decay == 0 and cfg.train.max_grad_norm is None
     assert load_recipe(None, ["train.warmup_ratio=1"]).train.warmup_ratio == 1
+
+
+def test_every_command_has_a_console_script():
+    """``python -m expreg.<command>`` and ``expreg-<command>`` are the same program, for every command."""
+    import configparser
+
+    root = Path(__file__).resolve().parents[1]
+    parser = configparser.ConfigParser()
+    parser.read(root / "setup.cfg")
+    scripts = dict(
+        line.replace(" ", "").split("=")
+        for line in parser["options.entry_points"]["console_scripts"].split("\n")
+        if line
+    )
+    commands = sorted(p.stem for p in (root / "expreg").glob("*.py") if 'if __name__ == "__main__"' in p.read_text())
+    assert {"cv", "map", "predict", "prepare", "splits"} <= set(commands)
+    assert {f"expreg-{c}": f"expreg.{c}:main" for c in commands}.items() <= scripts.items()

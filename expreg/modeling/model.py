@@ -287,7 +287,9 @@ class ExpRegModel(ExpRegPreTrainedModel):
             mean = torch.tensor(self.config.target_mean, dtype=predictions.dtype, device=predictions.device)
             std = torch.tensor(self.config.target_std, dtype=predictions.dtype, device=predictions.device)
             return predictions * std + mean
-        return np.asarray(predictions) * np.asarray(self.config.target_std) + np.asarray(self.config.target_mean)
+        out = np.asarray(predictions) * np.asarray(self.config.target_std)  # float64 (the statistics are)
+        out += np.asarray(self.config.target_mean)  # in place: one array of rows x genes, not two
+        return out
 
     @torch.inference_mode()
     def predict_expression(

@@ -393,7 +393,7 @@ class Trainer:
         cfg, accelerator, data, state = self.cfg, self.accelerator, self.data, self.state
         val = data.datasets["validation"]
         targets = labels_array(val, len(predictions))  # float32; compute_metrics converts a block at a time
-        expression = accelerator.unwrap_model(self.model).to_expression(predictions.astype(np.float64))
+        expression = accelerator.unwrap_model(self.model).to_expression(predictions)
         depth = library_sizes(val, len(predictions))
         metrics = compute_metrics(expression, targets, data.gene_names, cfg.data.allow_unmeasured_genes, depth)
         entry = _history_entry(state, train_loss, val_loss, metrics)
