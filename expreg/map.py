@@ -105,6 +105,9 @@ def _report(summary: dict, out_dir: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from expreg.progress import quiet_library_bars
+
+    quiet_library_bars()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
     from expreg.inference import PredictError, load_model
     from expreg.maps.plan import MapError, plan_map

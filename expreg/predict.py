@@ -126,6 +126,9 @@ def _neighbourhood(metadata, model_config):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from expreg.progress import quiet_library_bars
+
+    quiet_library_bars()
     out = Path(args.out_csv)
     try:
         if out.exists() and not args.overwrite:

@@ -188,9 +188,9 @@ def _write(folder: Path, paths: list[str], image_size: int, num_workers: int, pr
     import pyarrow as pa
     import torch
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from expreg.data.loaders import worker_options
+    from expreg.progress import progress_bar
 
     nbytes = 3 * image_size * image_size
     schema = pa.schema(
@@ -206,8 +206,8 @@ def _write(folder: Path, paths: list[str], image_size: int, num_workers: int, pr
     )
     blank = bytes(nbytes)
     with pa.OSFile(str(folder / CACHE_FILE), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        bar = tqdm(
-            total=len(paths), desc=f"caching decoded images ({image_size} px)", unit="img", disable=not progress
+        bar = progress_bar(
+            total=len(paths), desc=f"caching decoded images ({image_size} px)", unit="img", enabled=progress
         )
         for rows in loader:
             writer.write_batch(

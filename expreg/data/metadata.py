@@ -363,11 +363,9 @@ def image_decode_error(path: str) -> str | None:
 
 
 def _progress(items, desc: str, total: int):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return items
-    return tqdm(items, desc=desc, unit="img", total=total, disable=total < 200)
+    from expreg.progress import progress_bar
+
+    return progress_bar(items, enabled=total >= 200, desc=desc, unit="img", total=total)
 
 
 def read_gene_names(path: str | os.PathLike, num_genes: int) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from expreg.data import HED_FROM_RGB_OD, UnreadableImageError, load_image, to_rgb
+from expreg.progress import progress_bar
 
 RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 RANK_TOLERANCE = 1e-6  # PCA keeps components whose singular value exceeds this fraction of the largest
@@ -51,10 +52,9 @@ def patch_features(image) -> np.ndarray:
 
 def extract_features(image_paths: list[str], progress: bool = True) -> np.ndarray:
     """``(num_images, 62)`` features; an unreadable image is an error naming it."""
-    from tqdm.auto import tqdm
-
     rows = []
-    for path in tqdm(image_paths, desc="features", unit="img", disable=not progress or len(image_paths) < 200):
+    enabled = progress and len(image_paths) >= 200
+    for path in progress_bar(image_paths, enabled=enabled, desc="features", unit="img"):
         image, reason = load_image(path)
         if image is None:
             raise UnreadableImageError(f"{path}: cannot read the image ({reason})")

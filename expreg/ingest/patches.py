@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from expreg.ingest.images import Slide, SlideError
+from expreg.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +151,11 @@ def iter_patches(
     than ``max_outside`` of its area) or ``UNREADABLE`` (a tile could not be decoded; logged once per
     slide). The level is chosen once (``slide.best_level(geom.downsample)``); a tqdm bar counts spots.
     """
-    from tqdm.auto import tqdm
-
     xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
     if xs.shape != ys.shape or xs.ndim != 1:
         raise ValueError(f"xs and ys must be two 1-D sequences of one length, got shapes {xs.shape} and {ys.shape}")
     level, logged = slide.best_level(geom.downsample), False
-    bar = tqdm(total=len(xs), disable=not progress, desc=f"patches {slide.path}", unit="patch", leave=False)
+    bar = progress_bar(total=len(xs), enabled=progress, desc=f"patches {slide.path}", unit="patch")
     with bar:
         for index, (x, y) in enumerate(zip(xs.tolist(), ys.tolist())):
             bar.update(1)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from expreg.progress import quiet_library_bars
 from expreg.training.launch import cpu_precision_warning
 
 logger = logging.getLogger("expreg")
@@ -24,6 +25,7 @@ def setup_logging(accelerator) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(_LOG_FORMAT)
     logger.addHandler(console)
+    quiet_library_bars()  # transformers' bar at every checkpoint saved or loaded: noise in every epoch's log
 
 
 def log_to_file(run_dir: Path) -> None:

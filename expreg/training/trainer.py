@@ -224,7 +224,7 @@ class Trainer:
             state.epoch, state.batches_done = epoch + 1, 0
             state.loss_sums, state.loss_counts = [], []
             checkpoint.save_checkpoint(self.accelerator, self.run_dir, state, self.scheduler)
-            if self._early_stopped() or state.epoch >= epochs:
+            if state.epoch >= epochs or self._early_stopped():  # the last epoch ends the run: not "early"
                 continue  # the loop ends: finish even if a signal came in meanwhile
             if self._any_process(stop_requested()):
                 raise interrupted()
