@@ -190,6 +190,19 @@ def test_an_image_that_disagrees_with_the_scale_factors_is_an_error(tmp_path):
         ([{"sample_id": "a/b", "group_id": "P", "path": "S1"}], "line 2, column 'sample_id': 'a/b' is not a portable"),
         ([{"sample_id": "S1", "group_id": "P", "path": "S1"}] * 2, "line 3, column 'sample_id': 'S1' repeats line 2"),
         ([{"sample_id": "S1", "group_id": "", "path": "S1"}], "line 2, column 'group_id': empty"),
+        # a path that is not there: the line, the path as resolved and the rule for relative paths
+        (
+            [
+                {"sample_id": "S1", "group_id": "P", "path": "S1"},
+                {"sample_id": "S2", "group_id": "P", "path": "../S2"},
+            ],
+            r"samples.csv: line 3, column 'path': '../S2' does not exist \(looked for /.*/S2; relative paths "
+            r"start at the sheet's folder /",
+        ),
+        (
+            [{"sample_id": "S1", "group_id": "P", "path": "S1", "image": "S1/he.tif"}],
+            r"line 2, column 'image': 'S1/he.tif' does not exist \(looked for /.*/S1/he.tif; relative",
+        ),
     ],
 )
 def test_bad_sample_sheets_name_line_and_column(tmp_path, rows, message):

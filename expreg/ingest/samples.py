@@ -79,8 +79,8 @@ def _row(sheet: Path, row: pd.Series, line: int) -> SampleSpec:
     return SampleSpec(
         sample_id=sample_id,
         group_id=text("group_id"),
-        path=_resolve(sheet, text("path")),
-        image=_resolve(sheet, text("image")) if text("image") else None,
+        path=_existing(sheet, line, "path", text("path")),
+        image=_existing(sheet, line, "image", text("image")) if text("image") else None,
         um_per_px=_positive(sheet, line, "um_per_px", text("um_per_px")),
         spot_diameter_um=_positive(sheet, line, "spot_diameter_um", text("spot_diameter_um")),
         line=line,
@@ -95,6 +95,22 @@ def _resolve(sheet: Path, value: str) -> Path:
     except RuntimeError as err:  # ~unknownuser
         raise IngestError(f"{sheet}: path {value!r}: {err}") from err
     return path if path.is_absolute() else (sheet.parent / path).resolve()
+
+
+def _existing(sheet: Path, line: int, column: str, value: str) -> Path:
+    """``value`` resolved (``_resolve``); an error naming the line, the rule and the path looked for when nothing
+    is there."""
+    path = _resolve(sheet, value)
+    if not path.exists():
+        rule = (
+            ""
+            if Path(value).expanduser().is_absolute()
+            else f"; relative paths start at the sheet's folder {sheet.resolve().parent}"
+        )
+        raise IngestError(
+            f"{sheet}: line {line}, column '{column}': {value!r} does not exist (looked for {path}{rule})"
+        )
+    return path
 
 
 def _positive(sheet: Path, line: int, column: str, value: str) -> float | None:
