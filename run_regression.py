@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from expreg.config import ConfigError, load_recipe
     from expreg.data.metadata import MetadataError
+    from expreg.formatting import command_error
     from expreg.modeling.hub import HubError
     from expreg.modeling.model import ModelError
     from expreg.run_dir import RunDirError
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         else:
             cfg = load_recipe(args.recipe, args.overrides)
     except (ConfigError, RunDirError) as err:
-        print(f"run_regression: error: {err}", file=sys.stderr)
+        command_error("run_regression", f"{err}")
         return 2
 
     from expreg.data import UnreadableImageError, error_message
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     accelerator = build_accelerator(cfg)
     problem = unconnected_launch_error(accelerator)
     if problem:
-        print(f"run_regression: error: {problem}", file=sys.stderr)
+        command_error("run_regression", f"{problem}")
         return 2
     try:
         trainer = Trainer(
@@ -88,10 +89,10 @@ def main(argv=None) -> int:
         trainer.setup()
         trainer.train()
     except (ConfigError, RunDirError, MetadataError, ModelError) as err:
-        print(f"run_regression: error: {err}", file=sys.stderr)
+        command_error("run_regression", f"{err}")
         return 2
     except HubError as err:
-        print(f"run_regression: error: {err}", file=sys.stderr)
+        command_error("run_regression", f"{err}")
         return 3
     except Interrupted as err:
         print(
@@ -102,10 +103,10 @@ def main(argv=None) -> int:
         )
         return 128 + err.signum
     except (TrainingError, UnreadableImageError) as err:
-        print(f"run_regression: error: {error_message(err)}", file=sys.stderr)
+        command_error("run_regression", f"{error_message(err)}")
         return 1
     except OSError as err:  # disk full, read-only output, ...: metrics.json says the run did not finish
-        print(f"run_regression: error: {err}", file=sys.stderr)
+        command_error("run_regression", f"{err}")
         return 1
     accelerator.end_training()
     return 0

@@ -36,6 +36,7 @@ from expreg.evaluation.cv import (
     parse_methods,
     render_markdown,
 )
+from expreg.formatting import command_error
 from expreg.modeling.encoders import ModelError
 from expreg.run_dir import RunDirError
 
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
         check_config(cfg, methods, args.hest_task, args.n_folds)
         return _run(cfg, args, methods, output_dir(cfg, args.recipe, args.out_dir))
     except (ConfigError, MetadataError, RunDirError, ModelError) as err:
-        print(f"expreg.cv: error: {err}", file=sys.stderr)
+        command_error("expreg.cv", f"{err}")
         return 2
 
 
@@ -98,10 +99,10 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
         print(f"expreg.cv: interrupted by {err}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
         return 128 + err.signum
     except (TrainingError, UnreadableImageError, OSError) as err:
-        print(f"expreg.cv: error: {error_message(err)}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
+        command_error("expreg.cv", f"{error_message(err)}; {out_dir} is incomplete (no cv_summary.json)")
         return 1
     except ModelError as err:  # weights that do not fit the encoder (read once embedding starts)
-        print(f"expreg.cv: error: {err}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
+        command_error("expreg.cv", f"{err}; {out_dir} is incomplete (no cv_summary.json)")
         return 2
     print()
     print(render_markdown(summary))

@@ -58,3 +58,14 @@ def fmt_bytes(count: float) -> str:
         if count >= size:
             return f"{count / size:.1f} {unit}"
     return f"{int(count)} B"
+
+
+def command_error(program: str, message: str) -> None:
+    """``<program>: error: <message>`` on stderr, once per machine: under ``accelerate launch`` every process
+    meets the same bad recipe or data, and only the first process of each machine (``LOCAL_RANK`` 0, or no
+    launcher) says so."""
+    import os
+    import sys
+
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"{program}: error: {message}", file=sys.stderr)

@@ -721,3 +721,26 @@ def test_the_learning_rate_follows_the_schedule_at_every_optimizer_step(data_csv
 
     assert len(lrs) == total == metrics(tmp_path / "lr")["history"][-1]["step"]
     np.testing.assert_allclose(lrs, [scheduled(k) for k in range(total)], rtol=1e-9, atol=1e-15)
+
+
+def test_a_recipe_error_under_two_processes_is_reported_once_with_the_key_meant(tmp_path):
+    """Every process meets the same bad key; one says so (then torch's launcher summarises the failed ranks)."""
+    result = train(tmp_path, "bad", "train.learning_rate=1", launcher=TWO_PROCESSES, expect_ok=False)
+    assert result.returncode != 0
+    assert result.stderr.count("run_regression: error:") == 1, result.stderr[-3000:]
+    assert "unknown key(s) 'train.learning_rate' (did you mean train.lr?)" in result.stderr
+    assert not (tmp_path / "bad").exists()  # nothing written
+
+
+def test_a_command_error_is_said_by_the_first_process_of_each_machine(monkeypatch, capsys):
+    from expreg.formatting import command_error
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    command_error("run_regression", "bad key")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    command_error("run_regression", "bad key")
+    assert capsys.readouterr().err == "run_regression: error: bad key\n"
+    monkeypatch.delenv("LOCAL_RANK")  # no launcher: the one process says it
+    command_error("expreg.cv", "bad key")
+    assert capsys.readouterr().err == "expreg.cv: error: bad key\n"
