@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 
@@ -70,6 +71,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading tiles (default 2)")
     p.add_argument("--thumbnail_px", type=int, default=2048, help="longer side of the thumbnail (mask, pictures)")
     p.add_argument("--overview_genes", type=int, default=12, help="genes in overview.png (default 12)")
+    p.add_argument(
+        "--alpha",
+        type=_opacity,
+        default=0.9,
+        help="opacity of the predicted tiles over the H&E in the pictures, 0-1 (default 0.9; 0.5 shows the tissue)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
     return p.parse_args(argv)
 
@@ -82,12 +89,12 @@ def _options(args):
     return MapOptions(genes=genes, **{k: v for k, v in vars(args).items() if k in keys})
 
 
-def _report(summary: dict, out_dir: str) -> None:
+def _report(summary: dict, out_dir: str, seconds: float) -> None:
     from expreg.formatting import fmt_float
 
     print(
-        f"mapped {summary['tiles']:,} tiles ({summary['tissue_area_mm2']:.1f} mm² of tissue) x {summary['genes']} genes "
-        f"in {summary['seconds_predict']:.1f} s ({summary['tiles_per_s']} tiles/s, {summary['processes']} process(es)) "
+        f"mapped {summary['tiles']:,} tiles ({summary['tissue_area_mm2']:.1f} mm² of tissue) x {summary['genes']} genes: "
+        f"predicted in {summary['seconds_predict']:.1f} s ({summary['tiles_per_s']} tiles/s, {summary['processes']} process(es)) "
         f"-> {out_dir}"
     )
     measured = summary.get("measured")
@@ -98,12 +105,21 @@ def _report(summary: dict, out_dir: str) -> None:
             f"mean Spearman {fmt_float(measured['spearman_depth_adjusted_mean'])}, library size alone "
             f"{fmt_float(measured['depth_oracle_spearman_mean'])}"
         )
+    print(f"done in {seconds:.1f} s (the whole command: model, tissue, tiles, pictures)")
     print(f"scale: {summary['um_per_px']:.4g} µm/px from {summary['um_per_px_source']}")
     for warning in summary.get("warnings") or []:
         print(f"warning: {warning}")
 
 
+def _opacity(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: an opacity from 0 (tiles invisible) to 1 (H&E hidden)")
+    return value
+
+
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     from expreg.progress import quiet_library_bars
 
@@ -141,7 +157,7 @@ def main(argv=None) -> int:
     finally:
         plan.slide.close()
     if summary is not None:
-        _report(summary, args.out_dir)
+        _report(summary, args.out_dir, time.perf_counter() - started)
     return 0
 
 

@@ -378,6 +378,7 @@ def test_the_scale_and_a_disagreeing_tag_are_printed_at_the_end_of_the_run(tmp_p
     out = capsys.readouterr().out.splitlines()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["um_per_px"] == pytest.approx(1.0) and "square ST lattice" in summary["um_per_px_source"]
+    assert out[-3].startswith("done in ") and "s (the whole command" in out[-3]  # not only the prediction time
     assert out[-2].startswith("scale: 1 µm/px from ") and out[-2].endswith(summary["um_per_px_source"])
     assert out[-1].startswith("warning: ") and "gives 0.8 µm/px, but 1 from" in out[-1]  # the last lines, not a file
 
@@ -813,3 +814,34 @@ def test_tissue_running_off_the_slide_is_not_eroded_at_the_border():
     thumb[10:, 40:] = (180, 80, 160)  # tissue to the right and bottom edges
     mask = detect_tissue(thumb, (1.0, 1.0)).mask
     assert mask[10:, 40:].all() and not mask[:8].any() and not mask[:, :38].any()
+
+
+def test_every_picture_has_a_scale_bar_in_um_and_the_tiles_the_opacity_asked(tmp_path):
+    """Gene maps, the overview and the thumbnail carry a round-length scale bar; ``--alpha`` is the tiles' opacity
+    (0..1, anything else refused); the colour bar says the range is clipped."""
+    import argparse
+
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    from expreg.map import _opacity
+    from expreg.maps import pictures
+    from expreg.maps.grid import make_grid
+
+    assert [pictures.scale_bar_um(w) for w in (1000, 2600, 9000, 60)] == [200, 500, 1000, 10]
+    with pytest.raises(argparse.ArgumentTypeError, match="an opacity from 0"):
+        _opacity("1.5")
+    assert _opacity("0.4") == 0.4
+    thumbnail = np.full((96, 128, 3), 230, np.uint8)
+    grid = make_grid((256, 192), 32, 32, _full_mask((192, 256)), 0.5)
+    maps = pictures.GeneMaps(thumbnail, (256, 192), grid, "log1p CPM", "slide", um_per_px=2.0, alpha=0.4)
+    maps.draw(tmp_path / "g.png", np.arange(len(grid), dtype=float), "G1")
+    bars = [a for a in maps.ax.artists if isinstance(a, AnchoredSizeBar)]
+    assert len(bars) == 1 and bars[0].txt_label.get_text() == "100 µm"  # 512 µm wide: a fifth, rounded
+    assert maps.image.get_alpha() == 0.4 and "clipped to its 1st-99th percentile" in maps.bar.ax.get_ylabel()
+    maps.close()
+    mask = np.zeros((96, 128), bool)
+    mask[20:70, 30:100] = True
+    pictures.save_thumbnail(tmp_path / "t.png", thumbnail, mask, um_per_thumbnail_px=4.0)
+    drawn = np.asarray(Image.open(tmp_path / "t.png"))
+    corner = drawn[-30:, :70]
+    assert (corner == 0).all(axis=2).sum() > 20 and (corner == 255).all(axis=2).sum() > 50  # black bar on white

@@ -107,7 +107,8 @@ def write_pictures(folder: Path, plan, expression: np.ndarray, progress: bool = 
     column = {g: k for k, g in enumerate(plan.genes)}
     args = (plan.thumbnail, plan.slide.size, plan.grid)
     (folder / "maps").mkdir(exist_ok=True)
-    maps = pictures.GeneMaps(*args, unit(plan), map_title(plan))
+    drawing = {"um_per_px": plan.geometry.um_per_px, "alpha": plan.options.alpha}
+    maps = pictures.GeneMaps(*args, unit(plan), map_title(plan), **drawing)
     names = map_file_names(plan.drawn)
     try:
         for gene in progress_bar(plan.drawn, enabled=progress, desc="gene maps", unit="map"):
@@ -120,13 +121,14 @@ def write_pictures(folder: Path, plan, expression: np.ndarray, progress: bool = 
         chosen = spatial_variance_order(expression, plan.genes)[: plan.options.overview_genes]
         why = f"the {len(chosen)} genes with the highest predicted spatial variance"
     matrix = expression[:, [column[g] for g in chosen]]
-    pictures.overview(folder / "overview.png", *args, matrix, chosen, unit(plan), f"{map_title(plan)}\n{why}")
+    pictures.overview(folder / "overview.png", *args, matrix, chosen, unit(plan), f"{map_title(plan)}\n{why}", **drawing)
     return chosen
 
 
 def write_diagnostics(folder: Path, plan) -> None:
     """``thumbnail.png`` with the tissue outline and ``mask.png``."""
-    pictures.save_thumbnail(folder / "thumbnail.png", plan.thumbnail, plan.tissue.mask)
+    um_per_thumbnail_px = plan.geometry.um_per_px * plan.slide.size[0] / plan.thumbnail.shape[1]
+    pictures.save_thumbnail(folder / "thumbnail.png", plan.thumbnail, plan.tissue.mask, um_per_thumbnail_px)
     pictures.save_mask(folder / "mask.png", plan.tissue.mask)
 
 
@@ -153,6 +155,7 @@ def write_measured(folder: Path, plan, spots, metrics, measured: np.ndarray, pre
         predicted,
         drawn,
         unit(plan),
+        plan.geometry.um_per_px,
     )
     return drawn
 

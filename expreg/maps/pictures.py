@@ -4,7 +4,8 @@ and measured | predicted side by side at the spots.
 Every gene picture paints values over a pale copy of the thumbnail, in level-0 pixel coordinates
 (so tiles and spots land where they are on the slide), with a colour bar labelled in the model's
 expression units and the colour range clipped to the 1st..99th percentile (one outlying tile does
-not wash out the map).
+not wash out the map; the colour bar says so), and a scale bar in µm. The tiles' opacity is
+``--alpha`` (the H&E shows through below 1).
 """
 
 from __future__ import annotations
@@ -18,6 +19,30 @@ from expreg.maps.tissue import outline
 
 OUTLINE_RGB = (0, 170, 60)
 CMAP = "magma"
+CLIPPED = "1st-99th percentile"  # the colour range of every gene picture (_limits)
+
+
+def scale_bar_um(width_um: float) -> float:
+    """A round length (1, 2 or 5 x 10^k µm) of about a fifth of ``width_um``: the scale bar of a picture that wide."""
+    target = max(width_um, 1e-9) / 5
+    power = 10 ** np.floor(np.log10(target))
+    return float(max(m * power for m in (1, 2, 5) if m * power <= target))
+
+
+def _scale_label(length_um: float) -> str:
+    return f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} µm"
+
+
+def add_scale_bar(ax, um_per_px: float, view) -> None:
+    """A scale bar in µm at the lower left of an axis drawn in level-0 pixel coordinates (``view``: its box)."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    length = scale_bar_um((view[1] - view[0]) * um_per_px)
+    bar = AnchoredSizeBar(
+        ax.transData, length / um_per_px, _scale_label(length), "lower left", pad=0.4, frameon=True, size_vertical=0
+    )
+    bar.patch.set_alpha(0.75)
+    ax.add_artist(bar)
 
 
 def _pyplot():
@@ -29,8 +54,9 @@ def _pyplot():
     return plt
 
 
-def save_thumbnail(path: Path, thumbnail: np.ndarray, mask: np.ndarray) -> None:
-    """``thumbnail`` with the outline of ``mask`` (resized to it) drawn in green, as PNG."""
+def save_thumbnail(path: Path, thumbnail: np.ndarray, mask: np.ndarray, um_per_thumbnail_px: float | None = None) -> None:
+    """``thumbnail`` with the outline of ``mask`` (resized to it) drawn in green, and a scale bar when the scale
+    is known, as PNG."""
     from PIL import Image
     from scipy import ndimage
 
@@ -40,7 +66,28 @@ def save_thumbnail(path: Path, thumbnail: np.ndarray, mask: np.ndarray) -> None:
     edge = ndimage.binary_dilation(outline(mask), iterations=max(1, max(mask.shape) // 400))
     picture = thumbnail.copy()
     picture[edge] = OUTLINE_RGB
-    Image.fromarray(picture).save(path)
+    image = Image.fromarray(picture)
+    if um_per_thumbnail_px:
+        _draw_scale_bar(image, um_per_thumbnail_px)
+    image.save(path)
+
+
+def _draw_scale_bar(image, um_per_px: float) -> None:
+    """A black scale bar with its length in µm, on a white box at the lower left of a PIL image."""
+    from PIL import ImageDraw, ImageFont
+
+    width, height = image.size
+    length = scale_bar_um(width * um_per_px)
+    bar_px, unit = max(1, round(length / um_per_px)), max(2, min(width, height) // 150)
+    font = ImageFont.load_default(size=max(10, 6 * unit))
+    draw = ImageDraw.Draw(image)
+    label = _scale_label(length)
+    text_w, text_h = (lambda b: (b[2] - b[0], b[3] - b[1]))(draw.textbbox((0, 0), label, font=font))
+    x0, y1 = 4 * unit, height - 4 * unit
+    box = (x0 - 2 * unit, y1 - text_h - 5 * unit, x0 + max(bar_px, text_w) + 2 * unit, y1 + 2 * unit)
+    draw.rectangle(box, fill=(255, 255, 255))
+    draw.rectangle((x0, y1 - unit, x0 + bar_px, y1), fill=(0, 0, 0))
+    draw.text((x0, y1 - text_h - 3 * unit), label, fill=(0, 0, 0), font=font, anchor="lt")
 
 
 def save_mask(path: Path, mask: np.ndarray) -> None:
@@ -108,15 +155,16 @@ def _background(ax, thumbnail: np.ndarray, slide_size: tuple[int, int], view) ->
     ax.set_yticks([])
 
 
-def _paint_tiles(ax, grid: TileGrid, values: np.ndarray):
-    """The tiles' values as squares of the stride, centred on the tiles; returns the image (for a colour bar)."""
+def _paint_tiles(ax, grid: TileGrid, values: np.ndarray, alpha: float = 0.9):
+    """The tiles' values as squares of the stride, centred on the tiles, at opacity ``alpha``; returns the image
+    (for a colour bar)."""
     rows, cols = grid.shape
     shift = (grid.box_px - grid.stride_px) / 2
     left, top = grid.origin[0] + shift, grid.origin[1] + shift
     extent = (left, left + cols * grid.stride_px, top + rows * grid.stride_px, top)
     low, high = _limits(values)
     raster = np.ma.masked_invalid(grid.raster(values))
-    return ax.imshow(raster, extent=extent, cmap=CMAP, vmin=low, vmax=high, interpolation="nearest", alpha=0.9)
+    return ax.imshow(raster, extent=extent, cmap=CMAP, vmin=low, vmax=high, interpolation="nearest", alpha=alpha)
 
 
 def _paint_spots(ax, x: np.ndarray, y: np.ndarray, values: np.ndarray, radius: float):
@@ -145,15 +193,16 @@ def spot_radius(x: np.ndarray, y: np.ndarray) -> float:
 class GeneMaps:
     """One figure drawn once (background, colour bar) and saved per gene with its values: ``draw(path, values, gene)``."""
 
-    def __init__(self, thumbnail, slide_size, grid: TileGrid, unit: str, title: str):
+    def __init__(self, thumbnail, slide_size, grid: TileGrid, unit: str, title: str, um_per_px: float, alpha: float):
         plt = _pyplot()
         self.grid, self.plt = grid, plt
         view = view_box(slide_size, grid)
         self.fig, self.ax = plt.subplots(figsize=(7.0 * _aspect(view) + 1.4, 7.6), layout="constrained")
         _background(self.ax, thumbnail, slide_size, view)
-        self.image = _paint_tiles(self.ax, grid, np.zeros(len(grid)))
+        self.image = _paint_tiles(self.ax, grid, np.zeros(len(grid)), alpha)
+        add_scale_bar(self.ax, um_per_px, view)
         self.bar = self.fig.colorbar(self.image, ax=self.ax, fraction=0.04, pad=0.02)
-        self.bar.set_label(f"predicted {unit}")
+        self.bar.set_label(f"predicted {unit}, clipped to its {CLIPPED}")
         self.fig.suptitle(title, fontsize=9)
 
     def draw(self, path: Path, values, gene: str) -> None:
@@ -166,8 +215,8 @@ class GeneMaps:
         self.plt.close(self.fig)
 
 
-def overview(path: Path, thumbnail, slide_size, grid: TileGrid, matrix, genes: list[str], unit: str, title: str):
-    """A grid of gene maps (up to 4 per row), each with its own colour bar."""
+def overview(path: Path, thumbnail, slide_size, grid: TileGrid, matrix, genes: list[str], unit: str, title: str, um_per_px: float, alpha: float):
+    """A grid of gene maps (up to 4 per row), each with its own colour bar and a scale bar."""
     plt = _pyplot()
     cols = min(4, len(genes))
     rows = -(-len(genes) // cols)
@@ -180,15 +229,18 @@ def overview(path: Path, thumbnail, slide_size, grid: TileGrid, matrix, genes: l
         ax.axis("off")
     for ax, gene, values in zip(axes.ravel(), genes, np.asarray(matrix).T):
         _background(ax, thumbnail, slide_size, view)
-        image = _paint_tiles(ax, grid, values)
+        image = _paint_tiles(ax, grid, values, alpha)
+        add_scale_bar(ax, um_per_px, view)
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
         ax.set_title(gene, fontsize=11, fontweight="bold")
-    fig.suptitle(f"{title}\ncolour: predicted {unit}, per gene (1st-99th percentile)", fontsize=11)
+    fig.suptitle(f"{title}\ncolour: predicted {unit}, per gene, clipped to its {CLIPPED}", fontsize=11)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def measured_vs_predicted(path: Path, thumbnail, slide_size, spots_xy, measured, predicted, rows: list[dict], unit):
+def measured_vs_predicted(
+    path: Path, thumbnail, slide_size, spots_xy, measured, predicted, rows: list[dict], unit, um_per_px: float
+):
     """One row per gene in ``rows`` (``gene``, ``spearman``, ``pearson``, ``label``, column index ``k``):
     measured | predicted at the spots, each panel on its own colour scale."""
     plt = _pyplot()
@@ -210,6 +262,7 @@ def measured_vs_predicted(path: Path, thumbnail, slide_size, spots_xy, measured,
         ):
             _background(ax, thumbnail, slide_size, view)
             art = _paint_spots(ax, x, y, values, radius)
+            add_scale_bar(ax, um_per_px, view)
             fig.colorbar(art, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=7)
             ax.set_title(f"{row['gene']}: {kind}", fontsize=10, fontweight="bold")
         pearson = "n/a" if row["pearson"] is None else f"{row['pearson']:.3f}"
@@ -221,8 +274,8 @@ def measured_vs_predicted(path: Path, thumbnail, slide_size, spots_xy, measured,
         )
     fig.suptitle(
         f"Measured | predicted {unit} at {len(x)} spots; best and worst genes by Spearman\n"
-        "(each panel on its own colour scale: compare patterns, not levels; depth-adjusted: the spot's library "
-        "size regressed out of both)",
+        f"(each panel on its own colour scale, clipped to its {CLIPPED}: compare patterns, not levels; "
+        "depth-adjusted: the spot's library size regressed out of both)",
         fontsize=11,
     )
     fig.savefig(path, dpi=100)

@@ -66,6 +66,7 @@ class MapOptions:
     thumbnail_px: int = 2048
     overview_genes: int = 12
     overwrite: bool = False
+    alpha: float = 0.9  # opacity of the predicted tiles over the H&E in the pictures
 
 
 @dataclass
