@@ -157,11 +157,11 @@ def fitted_on(groups_train) -> dict:
 
 def mean_baseline(y_train: np.ndarray, num_test: int) -> np.ndarray:
     """The training mean (of the measured targets) for every test row (its correlations are undefined by
-    construction)."""
+    construction), as a read-only view of one row: a 200,000-row fold needs no copy of it per row."""
     mean = (
         np.nanmean(y_train, axis=0, keepdims=True) if np.isnan(y_train).any() else y_train.mean(axis=0, keepdims=True)
     )
-    return np.repeat(mean, num_test, axis=0)
+    return np.broadcast_to(mean, (num_test, mean.shape[1]))
 
 
 def mean_fit(x_train, y_train, groups_train, x_test, seed: int = 0) -> tuple[np.ndarray, dict]:
