@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from expreg.data.dataset import image_files, labels_array, string_list
+from expreg.data.dataset import arrow_column, image_files, labels_array
 from expreg.data.neighbours import first_rows
 from expreg.embeddings import NUM_VIEWS, ensure_embedding_views
 from expreg.modeling.encoders import weights_digest
@@ -70,10 +70,11 @@ class EmbeddingRows:
     loop expects: ``pixel_values`` (the embeddings; with ``neighbourhood``, a neighbourhood model's
     row-normalised matrix over the samples, each sample's embedding beside the mean view-0 embedding of
     its neighbourhood, read for the batch's neighbours alone), normalised ``labels``, ``path`` and
-    ``skipped`` (always 0: every image was embedded).
+    ``skipped`` (always 0: every image was embedded). ``paths``: a list, or the split's memory-mapped Arrow
+    column (a training run's: only the batch's paths become Python strings).
     """
 
-    def __init__(self, views, labels: np.ndarray, paths: list[str], seed: int, rows=None, neighbourhood=None) -> None:
+    def __init__(self, views, labels: np.ndarray, paths, seed: int, rows=None, neighbourhood=None) -> None:
         self.views, self.labels, self.paths, self.seed = views, labels.astype(np.float32), paths, seed
         self.neighbourhood = neighbourhood
         identity = np.arange(len(paths), dtype=np.int64)
@@ -102,7 +103,9 @@ class EmbeddingRows:
         return {
             "pixel_values": torch.from_numpy(batch),
             "labels": torch.from_numpy(self.labels[index]),
-            "path": [self.paths[i] for i in index],
+            "path": self.paths.take(index).to_pylist()
+            if hasattr(self.paths, "take")
+            else [self.paths[i] for i in index],
             "skipped": 0,
         }
 
@@ -149,9 +152,8 @@ def setup_frozen_loaders(cfg, data, model, accelerator, dry_run_steps: int | Non
         labels = data.target_stats.normalize(labels_array(part))
         views, rows = [s.array for s in stores], [s.rows(files) for s in stores]
         neighbourhood = data.neighbourhoods.get(name)
-        dataset = EmbeddingRows(
-            views, labels, string_list(part, "path"), cfg.seed, rows=rows, neighbourhood=neighbourhood
-        )
+        paths = arrow_column(part, "path")  # the mapped column: no Python string per row held through training
+        dataset = EmbeddingRows(views, labels, paths, cfg.seed, rows=rows, neighbourhood=neighbourhood)
         loaders.update(_loaders(name, dataset, cfg, accelerator.num_processes))
     return loaders
 
