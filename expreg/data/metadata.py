@@ -258,10 +258,30 @@ def _check_targets(csv_path: Path, frame: pd.DataFrame, target_columns: list[str
 LIBRARY_SIZE = "library_size"  # optional: each spot's total raw count (the depth-adjusted scores need it)
 
 
+def library_size_values(frame: pd.DataFrame) -> np.ndarray | None:
+    """The ``library_size`` column as float64 (NaN where empty), parsed by Arrow (no Python object per cell);
+    None when some cell is not a number (``_check_library_size`` names it) or there is no such column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if LIBRARY_SIZE not in frame.columns:
+        return None
+    try:
+        text = pc.utf8_trim_whitespace(pa.array(frame[LIBRARY_SIZE], pa.string()))
+        cells = pc.if_else(pc.equal(text, ""), pa.scalar(None, pa.string()), text)
+        values = pc.fill_null(pc.cast(cells, pa.float64()), float("nan"))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return None
+    return values.to_numpy() if isinstance(values, pa.ChunkedArray) else values.to_numpy(zero_copy_only=False)
+
+
 def _check_library_size(csv_path: Path, frame: pd.DataFrame) -> None:
     """An optional ``library_size`` column: non-negative numbers, or empty where unknown (scores then say n/a)."""
     if LIBRARY_SIZE not in frame.columns:
         return
+    fast = library_size_values(frame)
+    if fast is not None and not (np.isinf(fast).any() or (fast < 0).any()):
+        return  # the slow path below finds and names a bad cell
     text = frame[LIBRARY_SIZE].astype(str).str.strip()
     values = pd.to_numeric(text.replace("", "nan"), errors="coerce").to_numpy(dtype=np.float64)
     bad = (np.isnan(values) & (text != "").to_numpy() & ~text.str.lower().isin(["nan"]).to_numpy()) | (values < 0)

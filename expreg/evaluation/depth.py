@@ -36,8 +36,13 @@ def frame_library_size(frame) -> np.ndarray | None:
     """The ``library_size`` column of a metadata table as floats (NaN where empty), or None without one."""
     import pandas as pd
 
+    from expreg.data.metadata import library_size_values
+
     if "library_size" not in frame.columns:
         return None
+    fast = library_size_values(frame)  # Arrow: no Python object per cell
+    if fast is not None:
+        return fast
     return pd.to_numeric(frame["library_size"].replace("", "nan"), errors="coerce").to_numpy(dtype=np.float64)
 
 
