@@ -215,3 +215,18 @@ def test_an_empty_header_cell_is_named_as_pandas_names_it(dataset_csv):
     text = dataset_csv.read_text().splitlines()
     dataset_csv.write_text("\n".join([text[0] + ",", *(line + ",x" for line in text[1:])]) + "\n")
     assert read_metadata(dataset_csv).frame.columns[-1] == "Unnamed: 53"  # pandas' name, not ""
+
+
+def test_a_prepared_folders_csv_without_targets_says_which_keys_to_set(dataset_csv):
+    """expreg.prepare writes no y columns (targets come from its counts): the error names prepare.json and the
+    two keys to set; a CSV of patches without a prepare.json gets the plain contract error."""
+    frame = pd.read_csv(dataset_csv, dtype=str, keep_default_na=False)
+    frame[["path", "group_id"]].to_csv(dataset_csv, index=False)
+    with pytest.raises(MetadataError, match=r"no target columns: expected y0, y1, \.\.\., y\{K-1\} in the header$"):
+        read_metadata(dataset_csv)
+    (dataset_csv.parent / "prepare.json").write_text("{}")
+    with pytest.raises(MetadataError) as err:
+        read_metadata(dataset_csv)
+    folder = dataset_csv.parent.resolve()
+    assert f"{folder / 'prepare.json'} says expreg.prepare wrote this folder" in str(err.value)
+    assert f"data.expression_file={folder / 'expression.h5ad'} and data.genes (e.g. hvg:50)" in str(err.value)

@@ -202,7 +202,9 @@ def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -
         )
     indices = sorted(int(m.group(1)) for c in columns if (m := TARGET_PATTERN.match(c)))
     if not indices:
-        raise MetadataError(f"{csv_path}: no target columns: expected y0, y1, ..., y{{K-1}} in the header")
+        raise MetadataError(
+            f"{csv_path}: no target columns: expected y0, y1, ..., y{{K-1}} in the header{_prepared_hint(csv_path)}"
+        )
     expected = list(range(len(indices)))
     if indices != expected:
         missing = sorted(set(range(max(indices) + 1)) - set(indices))
@@ -216,6 +218,20 @@ def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -
             f"but {num_genes} were expected"
         )
     return [f"y{i}" for i in expected]
+
+
+def _prepared_hint(csv_path: Path) -> str:
+    """For a CSV written by ``expreg.prepare`` (targets come from its counts): the keys to set."""
+    folder = csv_path.parent
+    return (
+        (
+            f". {folder / 'prepare.json'} says expreg.prepare wrote this folder: its targets come from the raw counts, "
+            f"chosen on the training rows. Set data.expression_file={folder / 'expression.h5ad'} and data.genes "
+            "(e.g. hvg:50), as recipes/her2st_st.yaml does"
+        )
+        if (folder / "prepare.json").is_file()
+        else ""
+    )
 
 
 def _parse_numbers(column: pd.Series) -> np.ndarray | None:
@@ -259,8 +275,8 @@ LIBRARY_SIZE = "library_size"  # optional: each spot's total raw count (the dept
 
 
 def library_size_values(frame: pd.DataFrame) -> np.ndarray | None:
-    """The ``library_size`` column as float64 (NaN where empty), parsed by Arrow (no Python object per cell);
-    None when some cell is not a number (``_check_library_size`` names it) or there is no such column."""
+    """``library_size`` as float64 (NaN where empty), parsed by Arrow (no Python object per cell); None without
+    the column or when a cell is not a number (``_check_library_size`` names it)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -345,6 +361,8 @@ def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists",
 
 def _check_column_images(csv_path: Path, frame: pd.DataFrame, column: str, mode: str, store) -> None:
     from expreg.data.patch_store import image_exists, store_beside
+    from expreg.data.paths import image_decode_error
+    from expreg.progress import progress_bar
 
     text = frame[column] if isinstance(frame[column].dtype, pd.StringDtype) else frame[column].astype(str)
     empty = (_stripped(text) == "").to_numpy(dtype=bool)
@@ -365,27 +383,16 @@ def _check_column_images(csv_path: Path, frame: pd.DataFrame, column: str, mode:
     if mode == "decode":
         bad, reasons = [], []
         paths = (resolve_image_path(csv_path, p) for p in frame[column])
-        for i, p in enumerate(_progress(paths, f"checking images ({column})", len(frame))):
+        bar = progress_bar(
+            paths, enabled=len(frame) >= 200, desc=f"checking images ({column})", unit="img", total=len(frame)
+        )
+        for i, p in enumerate(bar):
             reason = image_decode_error(p)
             if reason:
                 bad.append(i)
                 reasons.append(reason)
         if bad:
             raise _fail(csv_path, column, np.asarray(bad) + 2, f"unreadable image ({reasons[0]})")
-
-
-def image_decode_error(path: str) -> str | None:
-    """Return why ``path`` cannot be decoded as an image, or None when it decodes fully."""
-    from expreg.data.transforms import load_image
-
-    image, reason = load_image(path)
-    return None if image is not None else f"{path}: {reason}"
-
-
-def _progress(items, desc: str, total: int):
-    from expreg.progress import progress_bar
-
-    return progress_bar(items, enabled=total >= 200, desc=desc, unit="img", total=total)
 
 
 def read_gene_names(path: str | os.PathLike, num_genes: int) -> list[str]:

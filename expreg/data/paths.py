@@ -33,6 +33,14 @@ def resolve_image_path(csv_path: str | os.PathLike, path: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(csv_path)), path))
 
 
+def image_decode_error(path: str) -> str | None:
+    """Return why ``path`` cannot be decoded as an image, or None when it decodes fully."""
+    from expreg.data.transforms import load_image
+
+    image, reason = load_image(path)
+    return None if image is not None else f"{path}: {reason}"
+
+
 def duplicate_paths(csv_path: Path, paths: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
     """``(every row naming an image named twice, the rows naming the first such image)`` (as
     ``normalised_paths`` compares paths), or None.
