@@ -269,8 +269,9 @@ def cross_validate(
 
 def _prepare_folds(cfg, hest_task, n_folds, methods, out_dir: Path, finetune, accelerator):
     """``(cfg, folds, task)``: the data read and checked (bad input fails before ``out_dir`` exists), the folds
-    written, the shared inputs computed. The metadata table itself is not kept: each fold run reads it again,
-    and at 400,000 rows it would be held through every run (``benchmarks/bench_cohort.py --parts rss``)."""
+    written, the shared inputs computed. What is kept of the table holds no Python object per row: the paths
+    as a ``RowPaths`` view of the memory-mapped CSV (each fold run maps the same table again for free), one
+    string per group (``benchmarks/bench_cohort.py --parts rss``)."""
     cfg, metadata, task = _read_data(cfg, hest_task)
     _check_depth_methods(cfg, methods, metadata)
     if cfg.model.context == "multiscale":  # errors now, before out_dir exists
@@ -431,9 +432,8 @@ def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, 
     if method == DEPTH_ORACLE:  # the input is each spot's measured library size, known once the fold's table is
         x = folds.library_size[:, None]
     y_train = np.asarray(targets[train], dtype=np.float64)
-    y_test = targets[
-        test
-    ]  # float32 or float64 as the targets are: compute_metrics converts a block of genes at a time
+    # float32 or float64 as the targets are: compute_metrics converts a block of genes at a time
+    y_test = targets[test]
     predictions, extra = fit(x[train], y_train, groups[train], x[test], seed=cfg.seed)
     depth = folds.library_size[test] if folds.library_size is not None else None
     metrics = compute_metrics(predictions, y_test, genes, cfg.data.allow_unmeasured_genes, depth)
