@@ -274,7 +274,7 @@ def measured_vs_predicted(
         )
     fig.suptitle(
         f"Measured | predicted {unit} at {len(x)} spots; best and worst genes by Spearman\n"
-        f"(each panel on its own colour scale, clipped to its {CLIPPED}: compare patterns, not levels; "
+        f"(each panel on its own colour scale, clipped to its {CLIPPED}: compare patterns, not levels;\n"
         "depth-adjusted: the spot's library size regressed out of both)",
         fontsize=11,
     )
