@@ -77,7 +77,8 @@ def wait_for_marker(process: subprocess.Popen, marker: str, timeout: float = 120
 
 @pytest.mark.parametrize(
     "point",
-    ["step:3", "save:4", pytest.param("save:6", marks=pytest.mark.slow)],  # the slow tier: the fast one's budget
+    # the slow tier: the fast one's budget (one kill point stays in the fast tier)
+    ["step:3", pytest.param("save:4", marks=pytest.mark.slow), pytest.param("save:6", marks=pytest.mark.slow)],
     ids=["during-a-step", "during-save", "during-epoch-end-save"],
 )
 def test_sigkill_then_resume_equals_uninterrupted(reference, data_csv, point):
@@ -211,6 +212,7 @@ def _corrupt_images(data_csv: Path, tmp_path: Path, part: str, count: int) -> tu
     return data / "metadata.csv", split, victims
 
 
+@pytest.mark.slow  # 17 s of runs: the fast tier's budget (an unreadable validation image is tested there)
 def test_image_broken_after_validation_fails_or_is_skipped(data_csv, tmp_path):
     csv, split = _corrupt_one_training_image(data_csv, tmp_path)
     common = (f"data.metadata_csv={csv}", f"data.split_csv={split}", "train.epochs=1")
