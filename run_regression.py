@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         command_error("run_regression", f"{err}")
         return 2
     except HubError as err:
-        command_error("run_regression", f"{err}")
+        command_error("run_regression", f"{err}", every_process=True)
         return 3
     except Interrupted as err:
         print(
@@ -103,10 +103,10 @@ def main(argv=None) -> int:
         )
         return 128 + err.signum
     except (TrainingError, UnreadableImageError) as err:
-        command_error("run_regression", f"{error_message(err)}")
+        command_error("run_regression", f"{error_message(err)}", every_process=True)
         return 1
     except OSError as err:  # disk full, read-only output, ...: metrics.json says the run did not finish
-        command_error("run_regression", f"{err}")
+        command_error("run_regression", f"{err}", every_process=True)
         return 1
     accelerator.end_training()
     return 0

@@ -99,7 +99,9 @@ def _run(cfg, args, methods: list[str], out_dir: Path) -> int:
         print(f"expreg.cv: interrupted by {err}; {out_dir} is incomplete (no cv_summary.json)", file=sys.stderr)
         return 128 + err.signum
     except (TrainingError, UnreadableImageError, OSError) as err:
-        command_error("expreg.cv", f"{error_message(err)}; {out_dir} is incomplete (no cv_summary.json)")
+        command_error(
+            "expreg.cv", f"{error_message(err)}; {out_dir} is incomplete (no cv_summary.json)", every_process=True
+        )
         return 1
     except ModelError as err:  # weights that do not fit the encoder (read once embedding starts)
         command_error("expreg.cv", f"{err}; {out_dir} is incomplete (no cv_summary.json)")

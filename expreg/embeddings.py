@@ -62,6 +62,11 @@ class EmbeddingStore:
     def __len__(self) -> int:
         return len(self._paths)
 
+    @property
+    def paths(self) -> list[str]:
+        """The stored images' paths, in row order (made into Python strings when asked)."""
+        return self._paths.to_pylist()
+
     def _row(self, path: str) -> int:
         """The store's row of an absolute path; KeyError when it holds no such image."""
         h = hash(path)

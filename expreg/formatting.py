@@ -60,12 +60,13 @@ def fmt_bytes(count: float) -> str:
     return f"{int(count)} B"
 
 
-def command_error(program: str, message: str) -> None:
-    """``<program>: error: <message>`` on stderr, once per machine: under ``accelerate launch`` every process
-    meets the same bad recipe or data, and only the first process of each machine (``LOCAL_RANK`` 0, or no
-    launcher) says so."""
+def command_error(program: str, message: str, every_process: bool = False) -> None:
+    """``<program>: error: <message>`` on stderr. A bad recipe or bad data is met by every process of an
+    ``accelerate launch`` alike, so only the first process of each machine (``LOCAL_RANK`` 0, or no
+    launcher) says so; ``every_process``: an error one process meets alone (an image that breaks during
+    training, a full disk), which only that process can report."""
     import os
     import sys
 
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if every_process or os.environ.get("LOCAL_RANK", "0") == "0":
         print(f"{program}: error: {message}", file=sys.stderr)

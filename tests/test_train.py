@@ -745,3 +745,6 @@ def test_a_command_error_is_said_by_the_first_process_of_each_machine(monkeypatc
     monkeypatch.delenv("LOCAL_RANK")  # no launcher: the one process says it
     command_error("expreg.cv", "bad key")
     assert capsys.readouterr().err == "expreg.cv: error: bad key\n"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # an image that broke under this process alone: only it can say so
+    command_error("run_regression", "x.png cannot be read", every_process=True)
+    assert capsys.readouterr().err == "run_regression: error: x.png cannot be read\n"
