@@ -35,6 +35,7 @@ import numpy as np
 
 from expreg.data.demo import default_cache_dir
 from expreg.data.image_cache import fingerprint
+from expreg.data.paths import find_row, hash_index
 from expreg.formatting import fmt_bytes
 from expreg.inference import NUM_VIEWS, dihedral_view  # noqa: F401 - NUM_VIEWS: also this module's name
 from expreg.run_dir import process_alive
@@ -69,14 +70,10 @@ class EmbeddingStore:
 
     def _row(self, path: str) -> int:
         """The store's row of an absolute path; KeyError when it holds no such image."""
-        h = hash(path)
-        i = int(np.searchsorted(self._hashes, h))
-        while i < len(self._hashes) and self._hashes[i] == h:
-            row = int(self._order[i])
-            if self._paths[row].as_py() == path:
-                return row
-            i += 1
-        raise KeyError(path)
+        row = find_row((self._hashes, self._order), path, lambda r: self._paths[r].as_py())
+        if row is None:
+            raise KeyError(path)
+        return row
 
     @property
     def num_features(self) -> int:
@@ -100,10 +97,8 @@ def _path_index(paths_file: Path):
     import pyarrow as pa
 
     paths = json.loads(paths_file.read_text())
-    hashes = np.fromiter((hash(p) for p in paths), dtype=np.int64, count=len(paths))
-    paths = pa.array(paths, pa.string())
-    order = np.argsort(hashes, kind="stable")
-    return paths, hashes[order], order
+    hashes, order = hash_index(paths, len(paths))
+    return pa.array(paths, pa.string()), hashes, order
 
 
 def store_identity(model, files: list[str], view: int = 0, weights_sha256: str | None = None) -> dict:

@@ -15,9 +15,8 @@ import itertools
 import os
 from pathlib import Path
 
-CSV_BLOCK_BYTES = (
-    1 << 20
-)  # CSV text parsed at a time (8 MB blocks: 0.24 GB of read-ahead at 400,000 rows; 1 MB: 0.07 GB)
+# CSV text parsed at a time (8 MB blocks: 0.24 GB of read-ahead at 400,000 rows; 1 MB: 0.07 GB)
+CSV_BLOCK_BYTES = 1 << 20
 _ARROW_DIRS: dict[int, Path] = {}  # pid -> this process's folder (a forked child makes its own)
 _FILE_IDS = itertools.count()
 

@@ -361,7 +361,7 @@ def check_image_files(csv_path: Path, frame: pd.DataFrame, mode: str = "exists",
 
 def _check_column_images(csv_path: Path, frame: pd.DataFrame, column: str, mode: str, store) -> None:
     from expreg.data.patch_store import image_exists, store_beside
-    from expreg.data.paths import image_decode_error
+    from expreg.data.transforms import load_image
     from expreg.progress import progress_bar
 
     text = frame[column] if isinstance(frame[column].dtype, pd.StringDtype) else frame[column].astype(str)
@@ -387,10 +387,10 @@ def _check_column_images(csv_path: Path, frame: pd.DataFrame, column: str, mode:
             paths, enabled=len(frame) >= 200, desc=f"checking images ({column})", unit="img", total=len(frame)
         )
         for i, p in enumerate(bar):
-            reason = image_decode_error(p)
-            if reason:
+            image, reason = load_image(p)
+            if image is None:
                 bad.append(i)
-                reasons.append(reason)
+                reasons.append(f"{p}: {reason}")
         if bad:
             raise _fail(csv_path, column, np.asarray(bad) + 2, f"unreadable image ({reasons[0]})")
 

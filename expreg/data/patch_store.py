@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from expreg.data.paths import find_row, hash_index
+
 SHARD_BYTES = 256 * 2**20  # a shard is closed once its images pass this size
 ROW_GROUP_ROWS = 100  # rows per Parquet row group (as datasets' push_to_hub writes image data)
 SHARD_GLOB = "data-*.parquet"
@@ -145,11 +147,6 @@ def signature(files: list[Path]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-def _hash(path: str) -> int:
-    """The index's key of an absolute path (this process's string hash: each process builds its own index)."""
-    return hash(path)
-
-
 class PatchStore:
     """Random access to a store's images by absolute path (Arrow, memory-mapped; see the module docstring).
 
@@ -175,13 +172,8 @@ class PatchStore:
     def _hash_index(self) -> tuple[np.ndarray, np.ndarray]:
         """Each row's absolute path hashed, sorted, with the rows in that order: 16 bytes a row instead of a
         dict of path strings (~200 bytes a row, in every process that opens the store)."""
-        hashes = np.fromiter(
-            (_hash(os.path.normpath(os.path.join(self._root, p))) for p in self._paths.to_pylist()),
-            dtype=np.int64,
-            count=len(self._paths),
-        )
-        rows = np.argsort(hashes, kind="stable")
-        hashes = hashes[rows]
+        keys = (os.path.normpath(os.path.join(self._root, p)) for p in self._paths.to_pylist())
+        hashes, rows = hash_index(keys, len(self._paths))
         starts = np.flatnonzero(np.diff(hashes, prepend=hashes[:1] - 1, append=hashes[-1:] + 1) != 0)
         for start, end in zip(starts[:-1], starts[1:]):
             if end - start > 1:  # the same hash: the same path, or a rare collision
@@ -194,13 +186,7 @@ class PatchStore:
 
     def row(self, path: str) -> int | None:
         """The store's row holding the image at ``path`` (absolute, normalised), or None."""
-        h = _hash(path)
-        i = int(np.searchsorted(self._hashes, h))
-        while i < len(self._hashes) and self._hashes[i] == h:
-            if self._key(int(self._rows[i])) == path:
-                return int(self._rows[i])
-            i += 1
-        return None
+        return find_row((self._hashes, self._rows), path, self._key)
 
     def __len__(self) -> int:
         return len(self._paths)

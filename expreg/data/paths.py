@@ -33,12 +33,25 @@ def resolve_image_path(csv_path: str | os.PathLike, path: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(csv_path)), path))
 
 
-def image_decode_error(path: str) -> str | None:
-    """Return why ``path`` cannot be decoded as an image, or None when it decodes fully."""
-    from expreg.data.transforms import load_image
+def hash_index(keys, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted hashes, rows in that order)`` of ``count`` strings: a lookup index of 16 bytes a row instead of a
+    dict of the strings (this process's string hash: each process builds its own). Used by the patch store and
+    the embedding store (``find_row``)."""
+    hashes = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=count)
+    order = np.argsort(hashes, kind="stable")
+    return hashes[order], order
 
-    image, reason = load_image(path)
-    return None if image is not None else f"{path}: {reason}"
+
+def find_row(index: tuple[np.ndarray, np.ndarray], key: str, key_of_row) -> int | None:
+    """The row of ``key`` in a ``hash_index`` (``key_of_row(row)`` tells rows whose hashes meet apart), or None."""
+    hashes, order = index
+    h = hash(key)
+    i = int(np.searchsorted(hashes, h))
+    while i < len(hashes) and hashes[i] == h:
+        if key_of_row(int(order[i])) == key:
+            return int(order[i])
+        i += 1
+    return None
 
 
 def duplicate_paths(csv_path: Path, paths: pd.Series) -> tuple[np.ndarray, np.ndarray] | None:
@@ -53,7 +66,8 @@ def duplicate_paths(csv_path: Path, paths: pd.Series) -> tuple[np.ndarray, np.nd
             hash(p) for p in normalised_paths(csv_path, paths.iloc[rows.start : rows.stop])
         ]
     order = np.argsort(hashes, kind="stable")
-    met = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+    ordered = hashes[order]
+    met = np.flatnonzero(ordered[1:] == ordered[:-1])
     candidates = np.unique(np.concatenate([order[met], order[met + 1]]))
     if len(candidates) == 0:
         return None
