@@ -389,7 +389,7 @@ def test_the_patch_store_finds_each_path_and_refuses_a_path_twice(tmp_path, monk
     import expreg.data.patch_store as patch_store
 
     if collide:  # every path the same hash: lookups compare the paths themselves
-        monkeypatch.setattr(patch_store, "_hash", lambda path: 7)
+        monkeypatch.setattr("expreg.data.paths.key_hash", lambda path: 7)
     paths = [f"patches/s{i % 3}/p{i}.png" for i in range(20)]
     store = patch_store.PatchStore(_tiny_store(tmp_path / "ok", paths))
     root = tmp_path / "ok"

@@ -33,11 +33,16 @@ def resolve_image_path(csv_path: str | os.PathLike, path: str) -> str:
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(csv_path)), path))
 
 
+def key_hash(key: str) -> int:
+    """The index's hash of a key (this process's string hash: each process builds its own index)."""
+    return hash(key)
+
+
 def hash_index(keys, count: int) -> tuple[np.ndarray, np.ndarray]:
     """``(sorted hashes, rows in that order)`` of ``count`` strings: a lookup index of 16 bytes a row instead of a
     dict of the strings (this process's string hash: each process builds its own). Used by the patch store and
     the embedding store (``find_row``)."""
-    hashes = np.fromiter((hash(k) for k in keys), dtype=np.int64, count=count)
+    hashes = np.fromiter((key_hash(k) for k in keys), dtype=np.int64, count=count)
     order = np.argsort(hashes, kind="stable")
     return hashes[order], order
 
@@ -45,7 +50,7 @@ def hash_index(keys, count: int) -> tuple[np.ndarray, np.ndarray]:
 def find_row(index: tuple[np.ndarray, np.ndarray], key: str, key_of_row) -> int | None:
     """The row of ``key`` in a ``hash_index`` (``key_of_row(row)`` tells rows whose hashes meet apart), or None."""
     hashes, order = index
-    h = hash(key)
+    h = key_hash(key)
     i = int(np.searchsorted(hashes, h))
     while i < len(hashes) and hashes[i] == h:
         if key_of_row(int(order[i])) == key:
