@@ -357,6 +357,36 @@ def test_workers_start_from_a_fork_server_under_torch_distributed_with_the_same_
         assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
+FORK_SERVER_SCRIPT = """
+import os, signal, time
+from multiprocessing import forkserver
+from expreg.data.loaders import FORKSERVER_PRELOAD
+import multiprocessing
+import expreg.data.fork_server  # imported here, outside the server: the handler stays
+
+assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+context = multiprocessing.get_context("forkserver")
+context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+first = context.Process(target=time.sleep, args=(0,))
+first.start(); first.join()
+os.kill(forkserver._forkserver._forkserver_pid, signal.SIGTERM)  # as torchrun's os.killpg does, at once
+second = context.Process(target=time.sleep, args=(0,))
+second.start(); second.join()  # EOFError: unexpected EOF, when the server died
+print("exit codes", first.exitcode, second.exitcode)
+"""
+
+
+def test_the_fork_server_outlives_a_sigterm_to_its_process_group():
+    """torchrun stops a process by signalling its process group, the DataLoader fork server included; the
+    process saves a checkpoint first, which can need new workers: the server ignores SIGTERM (and only it)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", FORK_SERVER_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "exit codes 0 0" in result.stdout
+
+
 def test_a_worker_gets_the_patch_stores_registered_when_its_loader_was_built(monkeypatch):
     """A fork server's workers start with the server's environment, from before a store registered later:
     ``worker_init`` hands them the stores of the moment the DataLoader was built."""

@@ -249,6 +249,7 @@ FORKSERVER_PRELOAD = (
     "datasets",
     "expreg.data.loaders",
     "expreg.data.transforms",
+    "expreg.data.fork_server",  # the server ignores SIGTERM (torchrun signals the whole process group)
 )
 
 
