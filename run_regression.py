@@ -12,7 +12,8 @@ import argparse
 import sys
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help="recipe YAML (e.g. recipes/demo.yaml)")
     parser.add_argument("--config", dest="config", help="recipe YAML (alternative to the positional argument)")
@@ -31,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="with --resume: go on although the metadata CSV or split file changed since the run started (warned)",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     args.overrides += [u for u in unknown if "=" in u and not u.startswith("-")]
     bad = [u for u in unknown if u not in args.overrides]

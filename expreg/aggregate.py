@@ -13,10 +13,16 @@ from pathlib import Path
 from expreg.evaluation.aggregate import collect, render
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(prog="expreg-aggregate", description="One Markdown table of all runs.")
     parser.add_argument("--results_dir", default="results", help="folder holding run directories (default results)")
     parser.add_argument("--out_md", help="also write the table to this Markdown file")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     results_dir = Path(args.results_dir)
     try:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from expreg.key_suggestions import closest_keys
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 HEADS = ("linear", "mlp")
 POOLINGS = ("avg", "cls", "cls+mean")  # expreg.modeling.encoders
@@ -36,6 +38,8 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     metadata_csv: str = DEMO_DATA
+    # an expreg.prepare output folder: metadata_csv, expression_file (and patches, for --store shards) from it
+    prepared: str | None = None
     split_csv: str | None = None
     fold: int | None = None
     val_frac: float = 0.2
@@ -105,6 +109,8 @@ class DataConfig:
             )
         if not 0 <= self.min_gene_detection <= 1:
             raise ConfigError(f"data.min_gene_detection must be in [0, 1], got {self.min_gene_detection}")
+        if self.prepared is not None:
+            self._use_prepared_folder()
         if (self.expression_file is None) != (self.genes is None):
             raise ConfigError(
                 "data.expression_file and data.genes go together: the targets are computed from the raw counts of "
@@ -113,6 +119,39 @@ class DataConfig:
         if self.fold is not None and self.split_csv is None:
             raise ConfigError(
                 "data.fold needs data.split_csv: a fold file made with python -m expreg.splits --n_folds K"
+            )
+
+    def _use_prepared_folder(self) -> None:
+        """``data.prepared``: the keys an ``expreg.prepare`` folder implies, each refused when set otherwise.
+
+        Reads nothing but its ``prepare.json`` (for a shard store), when there: a missing folder is the data
+        layer's error (``expreg.data.prepared``), so a shipped recipe loads before its folder is made."""
+        import json
+
+        folder = Path(self.prepared)
+        try:
+            record = json.loads((folder / "prepare.json").read_text())
+            store = record.get("store", {}).get("kind", "files") if isinstance(record, dict) else "files"
+        except (OSError, ValueError):
+            store = "files"
+        implied = {
+            "metadata_csv": (str(folder / "metadata.csv"), DEMO_DATA),
+            "expression_file": (str(folder / "expression.h5ad"), None),
+        }
+        if store == "shards":
+            implied["patches"] = (str(folder / "patches"), None)
+        for key, (value, unset) in implied.items():
+            given = getattr(self, key)
+            if given != unset and Path(given).resolve() != Path(value).resolve():
+                raise ConfigError(
+                    f"data.prepared={self.prepared} sets data.{key}={value}, but data.{key}={given} was given: "
+                    "give one of them"
+                )
+            setattr(self, key, value if given == unset else given)  # a saved run's absolute paths stay
+        if self.genes is None:
+            raise ConfigError(
+                f"data.prepared={self.prepared} needs data.genes: the targets are computed from its raw counts for "
+                "the genes chosen on the training split (e.g. data.genes=hvg:50, or a file of gene names)"
             )
 
 
@@ -371,60 +410,6 @@ def parse_overrides(overrides: list[str]) -> dict[str, object]:
         key, value = item.split("=", 1)
         out[key.strip()] = value.strip()
     return out
-
-
-# Names other tools give our keys (transformers' TrainingArguments, Lightning, timm's train.py, plain habit)
-OTHER_TOOLS_NAMES = {
-    "learning_rate": "train.lr",
-    "num_epochs": "train.epochs",
-    "num_train_epochs": "train.epochs",
-    "max_epochs": "train.epochs",
-    "n_epochs": "train.epochs",
-    "per_device_train_batch_size": "data.batch_size",
-    "train_batch_size": "data.batch_size",
-    "per_device_eval_batch_size": "data.eval_batch_size",
-    "gradient_accumulation_steps": "train.grad_accum_steps",
-    "accumulate_grad_batches": "train.grad_accum_steps",
-    "fp16": "train.mixed_precision",
-    "bf16": "train.mixed_precision",
-    "precision": "train.mixed_precision",
-    "amp": "train.mixed_precision",
-    "max_grad_norm": "train.max_grad_norm",
-    "gradient_clip_val": "train.max_grad_norm",
-    "clip_grad": "train.max_grad_norm",
-    "warmup": "train.warmup_ratio",
-    "patience": "train.early_stopping_patience",
-    "model": "model.backbone",
-    "model_name": "model.backbone",
-    "model_name_or_path": "model.backbone",
-    "arch": "model.backbone",
-    "drop": "model.dropout",
-    "dataloader_num_workers": "data.num_workers",
-    "workers": "data.num_workers",
-    "img_size": "data.image_size",
-    "input_size": "data.image_size",
-    "csv": "data.metadata_csv",
-    "metadata": "data.metadata_csv",
-    "split": "data.split_csv",
-    "output_dir": "logging.output_dir",
-    "run_name": "logging.run_name",
-    "report_to": "logging.report_to",
-    "seed": "seed",
-}
-
-
-def closest_keys(key: str, known) -> list[str]:
-    """The known keys a mistyped or foreign ``key`` most likely means: another tool's name for it
-    (``OTHER_TOOLS_NAMES``), the same name in another section, or the nearest spellings."""
-    import difflib
-
-    leaf = key.split(".")[-1]
-    found = [OTHER_TOOLS_NAMES[leaf]] if leaf in OTHER_TOOLS_NAMES else []
-    found += [c for c in known if c.split(".")[-1] == leaf]
-    leaves = {c.split(".")[-1]: c for c in known}
-    found += [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=2, cutoff=0.75)]
-    found += difflib.get_close_matches(key, list(known), n=2, cutoff=0.75)
-    return list(dict.fromkeys(c for c in found if c != key))[:3]
 
 
 def build_config(values: dict[str, object], source: str = "recipe") -> RunConfig:

@@ -41,7 +41,8 @@ from expreg.modeling.encoders import ModelError
 from expreg.run_dir import RunDirError
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(prog="python -m expreg.cv", description="Patient-level cross-validation.")
     parser.add_argument("recipe", help="recipe YAML, e.g. recipes/her2st.yaml")
     parser.add_argument(
@@ -62,6 +63,11 @@ def main(argv=None) -> int:
         "most of a large cohort's CV time)",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, as for run_regression.py")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_intermixed_args(argv)  # options and overrides in any order
     try:
         cfg = load_recipe(args.recipe, args.overrides)

@@ -17,7 +17,8 @@ import argparse
 import sys
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(prog="python -m expreg.datasets", description="Public datasets by id.")
     sub = parser.add_subparsers(dest="dataset", required=True)
     hest = sub.add_parser("hest", help="HEST-1k samples by id or metadata, from the HuggingFace Hub")
@@ -36,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     hest.add_argument("--metadata", help="the metadata table's file name (default: the newest HEST_v*.csv)")
     hest.add_argument("--cache_dir", help="the HuggingFace cache (default: HF_HUB_CACHE / HF_HOME's)")
     hest.add_argument("--overwrite", action="store_true", help="replace samples.csv and the links in --out")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.ids and not args.where:
         parser.error("hest: give --ids or --where")

@@ -13,11 +13,17 @@ import sys
 from expreg.modeling.hub import HubError, push_best_model
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(prog="python -m expreg.hub", description="Push a run's best model to the Hub.")
     parser.add_argument("run_dir")
     parser.add_argument("--hub_model_id", required=True, help="repository id, e.g. my-org/expreg-her2st")
     parser.add_argument("--private", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         url = push_best_model(args.run_dir, args.hub_model_id, args.private)

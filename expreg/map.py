@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     p = argparse.ArgumentParser(prog="expreg-map", description="Predict a whole slide's spatial expression map.")
     p.add_argument("--model", required=True, help="checkpoints/best folder, run directory or hub model id")
     p.add_argument("--slide", required=True, help="the H&E image: JPEG, PNG, plain or tiled pyramidal TIFF (SVS)")
@@ -31,6 +32,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--genes", help="comma-separated genes to draw (default: all; the overview: top 12 by spatial variance)"
     )
+    _add_measured_arguments(p)
+    p.add_argument("--mask", help="tissue mask image of the slide (any size, same aspect; non-zero = tissue)")
+    p.add_argument("--min_tissue", type=float, default=0.5, help="least tissue fraction of a kept tile (default 0.5)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 dihedral views (8x slower)")
+    p.add_argument("--batch_size", type=int, default=64, help="tiles per forward pass (default 64)")
+    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading tiles (default 2)")
+    p.add_argument("--thumbnail_px", type=int, default=2048, help="longer side of the thumbnail (mask, pictures)")
+    p.add_argument("--overview_genes", type=int, default=12, help="genes in overview.png (default 12)")
+    p.add_argument(
+        "--alpha",
+        type=_opacity,
+        default=0.9,
+        help="opacity of the predicted tiles over the H&E in the pictures, 0-1 (default 0.9; 0.5 shows the tissue)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
+    return p
+
+
+def _add_measured_arguments(p: argparse.ArgumentParser) -> None:
+    """``--measured`` and how its spots are read (scale, Visium HD bins, targets)."""
     p.add_argument(
         "--measured", help="the section's expreg.prepare output folder, or its Space Ranger / HEST / .h5ad sample"
     )
@@ -64,20 +85,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["log1p_cpm", "log1p", "none"],
         help="with --measured, for a model that does not record it",
     )
-    p.add_argument("--mask", help="tissue mask image of the slide (any size, same aspect; non-zero = tissue)")
-    p.add_argument("--min_tissue", type=float, default=0.5, help="least tissue fraction of a kept tile (default 0.5)")
-    p.add_argument("--tta", action="store_true", help="average over the 8 dihedral views (8x slower)")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading tiles (default 2)")
-    p.add_argument("--thumbnail_px", type=int, default=2048, help="longer side of the thumbnail (mask, pictures)")
-    p.add_argument("--overview_genes", type=int, default=12, help="genes in overview.png (default 12)")
-    p.add_argument(
-        "--alpha",
-        type=_opacity,
-        default=0.9,
-        help="opacity of the predicted tiles over the H&E in the pictures, 0-1 (default 0.9; 0.5 shows the tissue)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     return p.parse_args(argv)
 
 

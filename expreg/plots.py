@@ -12,9 +12,15 @@ import sys
 from expreg.evaluation.plots import redraw_run_plots
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(prog="python -m expreg.plots", description="Draw a finished run's plots.")
     parser.add_argument("run_dir")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     for path in redraw_run_plots(args.run_dir):
         print(f"wrote {path}")

@@ -44,7 +44,8 @@ def list_images(image_dir: str | os.PathLike) -> list[str]:
     return [str(p) for p in files]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(
         prog="expreg-predict", description="Predict gene expression for images with a trained expreg model."
     )
@@ -60,6 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--overwrite", action="store_true", help="replace --out_csv if it exists")
     parser.add_argument("--tta", action="store_true", help="average over the 8 dihedral views (8x slower)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.patches and not args.metadata_csv:
         parser.error("--patches goes with --metadata_csv (the store's images are named by the CSV's paths)")

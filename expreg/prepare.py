@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(
         prog="expreg-prepare",
         description="Cut patches and collect raw counts from spatial-transcriptomics sections.",
@@ -64,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "for byte); a cohort on N cores: N",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out_dir if it exists")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     return parser.parse_args(argv)
 
 

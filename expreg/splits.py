@@ -18,7 +18,8 @@ from expreg.data import MetadataError, read_metadata
 from expreg.data.splits import make_fold_table, make_split_table, write_table
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(
         prog="expreg-splits",
         description="Make a group-aware (e.g. patient-level) split or group k-fold file from a metadata CSV.",
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--patches", help="a patch store (expreg.prepare --store shards) holding the images of --metadata_csv"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out_csv if it exists")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     return parser.parse_args(argv)
 
 

@@ -24,7 +24,15 @@ LAYERS = {
     "training": 7,
     "commands": 8,
 }
-BASE = {"expreg", "expreg.config", "expreg.run_dir", "expreg.seeding", "expreg.formatting", "expreg.progress"}
+BASE = {
+    "expreg",
+    "expreg.config",
+    "expreg.key_suggestions",
+    "expreg.run_dir",
+    "expreg.seeding",
+    "expreg.formatting",
+    "expreg.progress",
+}
 # documented commands and import paths that re-export what moved (``from expreg.model import ...``)
 COMMANDS = {
     "run_regression",

@@ -229,4 +229,38 @@ def test_a_prepared_folders_csv_without_targets_says_which_keys_to_set(dataset_c
         read_metadata(dataset_csv)
     folder = dataset_csv.parent.resolve()
     assert f"{folder / 'prepare.json'} says expreg.prepare wrote this folder" in str(err.value)
-    assert f"data.expression_file={folder / 'expression.h5ad'} and data.genes (e.g. hvg:50)" in str(err.value)
+    assert f"Set data.prepared={folder} and data.genes (e.g. hvg:50)" in str(err.value)
+    assert f"data.expression_file={folder / 'expression.h5ad'} beside data.metadata_csv" in str(err.value)
+
+
+def test_data_prepared_sets_the_folders_keys_and_names_a_missing_folder(tmp_path):
+    """``data.prepared=<out_dir>`` implies metadata_csv and expression_file (and patches for a shard store);
+    a key given otherwise is refused, the genes are required, and a folder not made yet says how to make it."""
+    from expreg.config import ConfigError, load_recipe
+    from expreg.data.metadata import read_recipe_metadata
+
+    folder = tmp_path / "visium"
+    cfg = load_recipe(None, [f"data.prepared={folder}", "data.genes=hvg:50"]).data
+    assert (cfg.metadata_csv, cfg.expression_file, cfg.patches) == (
+        str(folder / "metadata.csv"),
+        str(folder / "expression.h5ad"),
+        None,
+    )
+    with pytest.raises(
+        MetadataError, match=r"data.prepared=.*visium does not exist; make it with python -m expreg.prepare"
+    ):
+        read_recipe_metadata(cfg)
+    folder.mkdir()
+    with pytest.raises(MetadataError, match=r"has no prepare.json \(expreg.prepare writes it when it ends\)"):
+        read_recipe_metadata(cfg)
+    (folder / "prepare.json").write_text('{"store": {"kind": "shards"}}')
+    assert load_recipe(None, [f"data.prepared={folder}", "data.genes=hvg:50"]).data.patches == str(folder / "patches")
+    with pytest.raises(ConfigError, match=r"sets data.metadata_csv=.*, but data.metadata_csv=other.csv was given"):
+        load_recipe(None, [f"data.prepared={folder}", "data.genes=hvg:50", "data.metadata_csv=other.csv"])
+    with pytest.raises(ConfigError, match=r"needs data.genes: the targets are computed from its raw counts"):
+        load_recipe(None, [f"data.prepared={folder}"])
+    # a run's saved config (the implied keys written out beside data.prepared) loads again, for --resume
+    again = load_recipe(
+        None, [f"data.prepared={folder}", "data.genes=hvg:50", f"data.metadata_csv={folder}/metadata.csv"]
+    )
+    assert again.data.metadata_csv == str(folder / "metadata.csv")

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from expreg.data.paths import RowPaths, duplicate_paths, normalised_paths, resolve_image_path, row_chunks
+from expreg.data.prepared import prepared_folder_problem, prepared_hint
 
 REQUIRED_COLUMNS = ("path", "group_id")
 CONTEXT_COLUMN = "context_path"  # optional: each spot's context patch (expreg.prepare --context_um)
@@ -203,7 +204,7 @@ def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -
     indices = sorted(int(m.group(1)) for c in columns if (m := TARGET_PATTERN.match(c)))
     if not indices:
         raise MetadataError(
-            f"{csv_path}: no target columns: expected y0, y1, ..., y{{K-1}} in the header{_prepared_hint(csv_path)}"
+            f"{csv_path}: no target columns: expected y0, y1, ..., y{{K-1}} in the header{prepared_hint(csv_path)}"
         )
     expected = list(range(len(indices)))
     if indices != expected:
@@ -218,20 +219,6 @@ def _target_columns(csv_path: Path, columns: list[str], num_genes: int | None) -
             f"but {num_genes} were expected"
         )
     return [f"y{i}" for i in expected]
-
-
-def _prepared_hint(csv_path: Path) -> str:
-    """For a CSV written by ``expreg.prepare`` (targets come from its counts): the keys to set."""
-    folder = csv_path.parent
-    return (
-        (
-            f". {folder / 'prepare.json'} says expreg.prepare wrote this folder: its targets come from the raw counts, "
-            f"chosen on the training rows. Set data.expression_file={folder / 'expression.h5ad'} and data.genes "
-            "(e.g. hvg:50), as recipes/her2st_st.yaml does"
-        )
-        if (folder / "prepare.json").is_file()
-        else ""
-    )
 
 
 def _parse_numbers(column: pd.Series) -> np.ndarray | None:
@@ -490,6 +477,8 @@ def read_metadata(
 def read_recipe_metadata(data) -> Metadata:
     """``read_metadata`` as a recipe's ``data`` section (``expreg.config.DataConfig``) asks: its CSV, gene
     names, K, image check and patch store; target columns optional when the targets come from counts."""
+    if (problem := prepared_folder_problem(data.prepared)) is not None:
+        raise MetadataError(problem)
     return read_metadata(
         data.metadata_csv,
         data.gene_names_file,
