@@ -1,4 +1,4 @@
-.PHONY: quality style test test-fast
+.PHONY: quality style test test-fast docs
 
 quality:  ## lint and format check, as CI
 	ruff check . && ruff format --check .
@@ -11,3 +11,6 @@ test:  ## both test tiers, as CI
 
 test-fast:  ## the default tier only
 	HF_HUB_OFFLINE=1 pytest
+
+docs:  ## the docs site, warnings as errors, as CI (serve it with: mkdocs serve -f docs/mkdocs.yml)
+	mkdocs build --strict -f docs/mkdocs.yml

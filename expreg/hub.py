@@ -16,9 +16,9 @@ from expreg.modeling.hub import HubError, push_best_model
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(prog="python -m expreg.hub", description="Push a run's best model to the Hub.")
-    parser.add_argument("run_dir")
+    parser.add_argument("run_dir", help="a run directory (its checkpoints/best is pushed, with the model card)")
     parser.add_argument("--hub_model_id", required=True, help="repository id, e.g. my-org/expreg-her2st")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     return parser
 
 

@@ -15,7 +15,9 @@ from expreg.evaluation.plots import redraw_run_plots
 def build_parser() -> argparse.ArgumentParser:
     """The command's arguments (the docs' command reference is made from them: ``expreg.reference``)."""
     parser = argparse.ArgumentParser(prog="python -m expreg.plots", description="Draw a finished run's plots.")
-    parser.add_argument("run_dir")
+    parser.add_argument(
+        "run_dir", help="a finished run's directory (results/<run>); its plots are drawn again from its files"
+    )
     return parser
 
 

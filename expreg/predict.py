@@ -57,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--patches", help="a patch store (expreg.prepare --store shards) holding the images of --metadata_csv"
     )
     parser.add_argument("--out_csv", required=True, help="predictions to write: path, then one column per gene")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--num_workers", type=int, default=2, help="DataLoader workers reading images (default 2)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out_csv if it exists")
     parser.add_argument("--tta", action="store_true", help="average over the 8 dihedral views (8x slower)")
     return parser

@@ -67,6 +67,8 @@ def setup_data(cfg: RunConfig, accelerator) -> RunData:
     training rows only. Returns the run's ``RunData`` (its loaders are added by ``setup_loaders``).
     """
     d = cfg.data
+    if d.prepared is not None:  # the saved config then reloads from any working directory
+        d.prepared = str(Path(d.prepared).resolve())
     with accelerator.main_process_first():
         d.metadata_csv = resolve_metadata_csv(d.metadata_csv)
         metadata = read_recipe_metadata(d)
