@@ -1,4 +1,4 @@
-"""The table of README "Spatial context": single patch vs multiscale (fine-tuned) and the frozen linear probe
+"""The table of docs/pages/spatial-context.md: single patch vs multiscale (fine-tuned) and the frozen linear probe
 with and without neighbourhood features, leave-one-patient-out, the same folds, genes and seeds.
 
     python -m expreg.prepare --samples examples/her2st_st_samples.csv --out_dir data/her2st_st_context --context_um 336

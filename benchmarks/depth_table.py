@@ -1,4 +1,4 @@
-"""The gene-choice table of README "What the score means": raw and depth-adjusted held-out scores of
+"""The gene-choice table of docs/pages/evaluating.md ("What the score means"): raw and depth-adjusted held-out scores of
 hvg (detection >= 0.1), hvg (detection >= 0.5), svg and a literature panel, leave-one-patient-out on
 the six her2st_st sections, for finetune, the frozen linear probe and the two depth baselines.
 

@@ -1,6 +1,6 @@
 """The package's shape, checked from its source (no imports run): layers, import circles, sizes.
 
-Layers, bottom to top; a module imports only modules of its own layer or below (README, Layout):
+Layers, bottom to top; a module imports only modules of its own layer or below (docs/pages/development.md, "Layout and architecture"):
 base (config, run_dir, seeding, formatting, progress) < data/ < ingest/ < modeling/ < inference, embeddings <
 evaluation/ < maps/ < training/ < commands (run_regression.py, expreg/<command>.py and the documented re-export paths).
 """
