@@ -102,14 +102,19 @@ def recipe_keys() -> list[RecipeKey]:
     return sorted(keys, key=lambda k: order.get(k.key, len(order)))
 
 
-def command_parser(module: str) -> argparse.ArgumentParser:
-    """A command module's ``build_parser()``; ``run_regression`` is read from the repository's top level."""
+def command_module(module: str) -> types.ModuleType:
+    """A command's module; ``run_regression`` is read from the repository's top level."""
     if module == "run_regression":
         spec = importlib.util.spec_from_file_location(module, REPO / "run_regression.py")
         loaded = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(loaded)
-        return loaded.build_parser()
-    return importlib.import_module(module).build_parser()
+        return loaded
+    return importlib.import_module(module)
+
+
+def command_parser(module: str) -> argparse.ArgumentParser:
+    """A command module's ``build_parser()``."""
+    return command_module(module).build_parser()
 
 
 def _arguments(command: str, parser: argparse.ArgumentParser) -> list[Argument]:

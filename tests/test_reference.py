@@ -84,3 +84,61 @@ def test_the_docs_site_builds_with_warnings_as_errors(tmp_path):
 
 def test_the_readme_stays_short():
     assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) < 200
+
+
+def _documented_commands() -> list[tuple[str, str]]:
+    """Every command line of the README's and the docs pages' bash blocks: (page, line)."""
+    import re
+
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs" / "pages").rglob("*.md"))]:
+        for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
+            variables = {}  # NAME='words' set in the block, used as $NAME (split into words, as the shell does)
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                if assigned := re.match(r"^([A-Z_]+)='(.*)'$", line):
+                    variables[assigned[1]] = assigned[2]
+                for name, value in variables.items():
+                    line = line.replace(f"${name}", value)
+                if re.match(r"(python -m expreg\.|accelerate launch .*run_regression\.py|expreg-)", line):
+                    found.append((page.name, line))
+    return found
+
+
+def _parse_documented(line: str) -> None:
+    """Parse ``line`` with its command's own parser (placeholders such as ``<run>`` filled in)."""
+    import re
+    import shlex
+
+    from expreg.config import parse_overrides
+
+    words = shlex.split(re.sub(r"<[^>]+>", "x", line).replace("[", "").replace("]", ""))
+    if words[0] == "accelerate":
+        module, rest = (
+            "run_regression",
+            words[1 + next(i for i, w in enumerate(words) if w.endswith("run_regression.py")) :],
+        )
+    elif words[0].startswith("expreg-"):
+        module, rest = "expreg." + words[0][len("expreg-") :], words[1:]
+    else:
+        module, rest = words[2], words[3:]
+    command = reference.command_module(module)
+    if hasattr(command, "parse_args"):  # the command's own checks beside its parser's
+        args = command.parse_args(rest)
+    elif module == "expreg.cv":
+        args = command.build_parser().parse_intermixed_args(rest)
+    else:
+        args = command.build_parser().parse_args(rest)
+    for key in parse_overrides(getattr(args, "overrides", None) or []):
+        assert key in _known_keys(), f"{line}: unknown recipe key {key}"
+
+
+def test_every_documented_command_line_parses_with_its_commands_arguments():
+    """The docs cannot show a flag or a recipe key the code no longer has."""
+    lines = _documented_commands()
+    assert len(lines) > 40 and any("recipes/visium.yaml" in line for _, line in lines)
+    for page, line in lines:
+        try:
+            _parse_documented(line)
+        except SystemExit as err:
+            raise AssertionError(f"{page}: {line!r} does not parse") from err
