@@ -50,6 +50,7 @@ COMMANDS = {
             "model",
             "metrics",
             "datasets",
+            "reference",  # the docs' reference pages, made from every command's parser
         )
     ),
 }
