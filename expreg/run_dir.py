@@ -221,3 +221,16 @@ def remove_abandoned_tmp(out_dir: Path) -> None:
         pid = folder.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def package_versions(names) -> dict[str, str | None]:
+    """The installed version of each distribution in ``names`` (None where it is not installed), for a record."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found

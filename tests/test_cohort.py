@@ -58,6 +58,8 @@ def test_files_and_shards_with_one_or_two_workers_hold_the_same_patches_and_tabl
     counts = read_h5ad(reference / "expression.h5ad")
     for key, out in cohort.items():
         assert (out / "metadata.csv").read_bytes() == (reference / "metadata.csv").read_bytes(), key
+        pictures = sorted((out / "qc").iterdir())  # one per section, the same whoever cut it
+        assert [p.read_bytes() for p in pictures] == [p.read_bytes() for p in sorted((reference / "qc").iterdir())]
         other = read_h5ad(out / "expression.h5ad")
         assert (other.X != counts.X).nnz == 0 and other.obs.equals(counts.obs), key
     for workers in (1, 2):

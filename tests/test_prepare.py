@@ -116,6 +116,25 @@ def test_prepare_writes_patches_tables_and_a_record(tmp_path):
     assert record["versions"]["tifffile"] and not list(tmp_path.glob(".out.tmp-*"))
 
 
+def test_each_section_gets_a_picture_of_where_its_patches_were_cut(tmp_path):
+    """``qc/<sample>.png``: the section below a caption band, each kept patch's square outlined in green at
+    its place (scaled to the picture), tissue elsewhere untouched, and a scale bar."""
+    from expreg.ingest.patch_picture import PATCH_RGB
+
+    prepare(_two_samples(tmp_path), tmp_path / "out", Options(patch_um=16, patch_px=16))
+    assert sorted(p.name for p in (tmp_path / "out" / "qc").iterdir()) == ["S1.png", "S2.png"]
+    picture = np.asarray(Image.open(tmp_path / "out" / "qc" / "S1.png").convert("RGB"))
+    source = np.asarray(Image.open(tmp_path / "S1" / "S1_fullres.png"))
+    band = picture.shape[0] - source.shape[0]  # the section is drawn at its own size (smaller than 1600 px)
+    assert picture.shape[1] == source.shape[1] and band > 0
+    section = picture[band:]
+    # spot 3 at (160, 40), a 16-px patch: its square's left edge at x = 152, from y = 32 to 48
+    assert (section[32:49, 152] == PATCH_RGB).all() and (section[32:49, 168] == PATCH_RGB).all()
+    assert (section[40, 153:167] == source[40, 153:167]).all()  # the patch's inside is the image
+    assert (section[-40:, :60] == 0).all(axis=2).any()  # the scale bar (black) at the lower left
+    assert not (picture[:band] == PATCH_RGB).all(axis=2).any() and (picture[:band] < 128).any()  # the caption
+
+
 def test_genes_give_transformed_targets_and_a_gene_a_sample_did_not_measure_is_an_error(tmp_path):
     sheet = _two_samples(tmp_path)
     (tmp_path / "genes.txt").write_text("G1\nG2\n")
@@ -372,6 +391,7 @@ def test_hest_sample_with_patches_only(tmp_path):
     meta = pd.read_csv(tmp_path / "out" / "metadata.csv")
     patch = np.asarray(Image.open(tmp_path / "out" / meta["path"][3]))
     assert patch.shape == (32, 32, 3) and (patch == 30).all()
+    assert not (tmp_path / "out" / "qc").exists()  # HEST's own patches: no section image to draw on
 
 
 def test_an_unreadable_image_is_named_and_nothing_is_written(tmp_path, capsys):

@@ -31,14 +31,16 @@ from expreg.ingest.errors import IngestError
 from expreg.ingest.gene_join import GeneUnion, join_genes
 from expreg.ingest.geometry import check_image_size, resolve_scale
 from expreg.ingest.images import image_size, open_slide
+from expreg.ingest.patch_picture import save_section_picture
 from expreg.ingest.patches import PatchGeometry, cut_patch, inside, patch_box
 from expreg.ingest.processes import Processes, share
 from expreg.ingest.readers import read_section
 from expreg.ingest.samples import read_sample_sheet
 from expreg.ingest.visium_hd import DEFAULT_MIN_TISSUE, describe_grid, pseudo_spots
 from expreg.progress import progress_bar
-from expreg.run_dir import remove_abandoned_tmp
+from expreg.run_dir import package_versions, remove_abandoned_tmp
 
+VERSIONED = ("numpy", "scipy", "pandas", "anndata", "h5py", "tifffile", "imagecodecs", "zarr", "Pillow")
 logger = logging.getLogger("expreg")
 IMAGE_FORMATS = {"png": ".png", "jpeg": ".jpg"}
 JPEG_QUALITY = 95
@@ -302,6 +304,8 @@ def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress
             context.save(tmp / context_file(relative), **kwargs)
     if part is not None:
         part.close()
+    if result.section.image is not None:  # where the patches were cut (HEST's own patches come without it)
+        save_section_picture(tmp / "qc" / f"{spec.sample_id}.png", result, options)
     logger.info(
         f"{spec.sample_id}: {len(result.files)} patches ({result.scale.um_per_px:.4g} um/px, {result.scale.source})"
     )
@@ -463,7 +467,7 @@ def _summary(samples_csv, results, options: Options, seconds: float) -> dict:
         },
         "samples": [_sample_summary(r) for r in results],
         "seconds": round(seconds, 1),
-        "versions": _versions(expreg.__version__),
+        "versions": {"expreg": expreg.__version__, **package_versions(VERSIONED)},
     }
 
 
@@ -486,15 +490,3 @@ def _sample_summary(r: SampleResult) -> dict:
         "warnings": list(section.warnings),
         **({"pseudo_spots": section.pseudo_spot_grid} if section.pseudo_spot_grid else {}),
     }
-
-
-def _versions(expreg_version: str) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {"expreg": expreg_version}
-    for name in ("numpy", "scipy", "pandas", "anndata", "h5py", "tifffile", "imagecodecs", "zarr", "Pillow"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found

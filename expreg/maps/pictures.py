@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expreg.ingest.patch_picture import draw_scale_bar, scale_bar_um, scale_label
 from expreg.maps.grid import TileGrid
 from expreg.maps.tissue import outline
 
@@ -22,24 +23,13 @@ CMAP = "magma"
 CLIPPED = "1st-99th percentile"  # the colour range of every gene picture (_limits)
 
 
-def scale_bar_um(width_um: float) -> float:
-    """A round length (1, 2 or 5 x 10^k µm) of about a fifth of ``width_um``: the scale bar of a picture that wide."""
-    target = max(width_um, 1e-9) / 5
-    power = 10 ** np.floor(np.log10(target))
-    return float(max(m * power for m in (1, 2, 5) if m * power <= target))
-
-
-def _scale_label(length_um: float) -> str:
-    return f"{length_um / 1000:g} mm" if length_um >= 1000 else f"{length_um:g} µm"
-
-
 def add_scale_bar(ax, um_per_px: float, view) -> None:
     """A scale bar in µm at the lower left of an axis drawn in level-0 pixel coordinates (``view``: its box)."""
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
     length = scale_bar_um((view[1] - view[0]) * um_per_px)
     bar = AnchoredSizeBar(
-        ax.transData, length / um_per_px, _scale_label(length), "lower left", pad=0.4, frameon=True, size_vertical=0
+        ax.transData, length / um_per_px, scale_label(length), "lower left", pad=0.4, frameon=True, size_vertical=0
     )
     bar.patch.set_alpha(0.75)
     ax.add_artist(bar)
@@ -68,26 +58,8 @@ def save_thumbnail(path: Path, thumbnail: np.ndarray, mask: np.ndarray, um_per_t
     picture[edge] = OUTLINE_RGB
     image = Image.fromarray(picture)
     if um_per_thumbnail_px:
-        _draw_scale_bar(image, um_per_thumbnail_px)
+        draw_scale_bar(image, um_per_thumbnail_px)
     image.save(path)
-
-
-def _draw_scale_bar(image, um_per_px: float) -> None:
-    """A black scale bar with its length in µm, on a white box at the lower left of a PIL image."""
-    from PIL import ImageDraw, ImageFont
-
-    width, height = image.size
-    length = scale_bar_um(width * um_per_px)
-    bar_px, unit = max(1, round(length / um_per_px)), max(2, min(width, height) // 150)
-    font = ImageFont.load_default(size=max(10, 6 * unit))
-    draw = ImageDraw.Draw(image)
-    label = _scale_label(length)
-    text_w, text_h = (lambda b: (b[2] - b[0], b[3] - b[1]))(draw.textbbox((0, 0), label, font=font))
-    x0, y1 = 4 * unit, height - 4 * unit
-    box = (x0 - 2 * unit, y1 - text_h - 5 * unit, x0 + max(bar_px, text_w) + 2 * unit, y1 + 2 * unit)
-    draw.rectangle(box, fill=(255, 255, 255))
-    draw.rectangle((x0, y1 - unit, x0 + bar_px, y1), fill=(0, 0, 0))
-    draw.text((x0, y1 - text_h - 3 * unit), label, fill=(0, 0, 0), font=font, anchor="lt")
 
 
 def save_mask(path: Path, mask: np.ndarray) -> None:
