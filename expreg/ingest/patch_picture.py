@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from expreg.ingest.images import open_slide
 from expreg.ingest.patches import PatchGeometry, patch_box
 
 PICTURE_SIDE = 1600  # longer side of the section's picture, in pixels
@@ -78,17 +77,13 @@ def _with_caption(image, lines: list[str]):
     return canvas
 
 
-def save_patch_picture(
-    path: Path, sample_id: str, image: str, xy: np.ndarray, geom: PatchGeometry, source: str
-) -> None:
-    """The section's image with the square of every patch cut from it (level-0 centres ``xy``, shape (n, 2)),
-    a scale bar and a caption with the scale and where it came from, as PNG."""
+def save_patch_picture(path: Path, sample_id: str, slide, xy: np.ndarray, geom: PatchGeometry, source: str) -> None:
+    """The section's image (an open ``Slide``) with the square of every patch cut from it (level-0 centres
+    ``xy``, shape (n, 2)), a scale bar and a caption with the scale and where it came from, as PNG."""
     from PIL import Image, ImageDraw
 
-    with open_slide(image) as slide:
-        thumbnail = slide.thumbnail(PICTURE_SIDE)
-        width = slide.level_sizes[0][0]
-    factor = thumbnail.shape[1] / width
+    thumbnail = slide.thumbnail(PICTURE_SIDE)
+    factor = thumbnail.shape[1] / slide.level_sizes[0][0]
     picture = Image.fromarray(np.ascontiguousarray(thumbnail[..., :3]))
     draw = ImageDraw.Draw(picture)
     line = max(1, round(min(picture.size) / 600))
@@ -103,10 +98,11 @@ def save_patch_picture(
     _with_caption(picture, caption).save(path)
 
 
-def save_section_picture(path: Path, result, options) -> None:
-    """``save_patch_picture`` for one section of ``expreg.prepare`` (a ``SampleResult`` and its ``Options``)."""
+def save_section_picture(path: Path, result, options, slide) -> None:
+    """``save_patch_picture`` for one section of ``expreg.prepare`` (a ``SampleResult``, its ``Options`` and
+    its image, open: a plain JPEG is decoded once for its patches and its picture)."""
     section, keep = result.section, result.keep
     xy = np.column_stack([np.asarray(section.x_px)[keep], np.asarray(section.y_px)[keep]])
     geom = PatchGeometry(options.patch_um, options.patch_px, result.scale.um_per_px)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_patch_picture(path, result.spec.sample_id, section.image, xy, geom, result.scale.source)
+    save_patch_picture(path, result.spec.sample_id, slide, xy, geom, result.scale.source)

@@ -290,7 +290,8 @@ def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress
     part = shards.PartWriter(shards.part_path(tmp, index), ext, kwargs) if options.store == "shards" else None
     if part is None:
         (tmp / "patches" / spec.sample_id).mkdir(parents=True, exist_ok=True)
-    patches = zip(result.files, _patches(result, options), strict=True)
+    picture = tmp / "qc" / f"{spec.sample_id}.png"  # drawn by _patches once the last patch is cut
+    patches = zip(result.files, _patches(result, options, picture), strict=True)
     bar = progress_bar(
         patches, enabled=progress, total=len(result.files), desc=f"patches {spec.sample_id}", unit="patch"
     )
@@ -304,8 +305,6 @@ def _cut(result: SampleResult, options: Options, tmp: Path, index: int, progress
             context.save(tmp / context_file(relative), **kwargs)
     if part is not None:
         part.close()
-    if result.section.image is not None:  # where the patches were cut (HEST's own patches come without it)
-        save_section_picture(tmp / "qc" / f"{spec.sample_id}.png", result, options)
     logger.info(
         f"{spec.sample_id}: {len(result.files)} patches ({result.scale.um_per_px:.4g} um/px, {result.scale.source})"
     )
@@ -316,9 +315,10 @@ def context_file(patch_file: str) -> str:
     return "context/" + patch_file.split("/", 1)[1]
 
 
-def _patches(result: SampleResult, options: Options):
+def _patches(result: SampleResult, options: Options, picture: Path):
     """``(patch, context patch or None)`` of each kept spot, in order: cut from the image (opened once for
-    both; a context patch covers ``context_um``, resized to ``patch_px``), or HEST's own patches."""
+    both; a context patch covers ``context_um``, resized to ``patch_px``), or HEST's own patches. After the
+    last one, with the image still open, ``picture``: where the patches were cut (none for HEST's patches)."""
     section = result.section
     if section.image is None:
         for patch in hest_patches.read_patches(section.patches_h5, result.h5_rows, options.patch_px):
@@ -330,6 +330,7 @@ def _patches(result: SampleResult, options: Options):
         for row in result.keep:
             x, y = section.x_px[row], section.y_px[row]
             yield cut_patch(slide, x, y, geom), None if wide is None else cut_patch(slide, x, y, wide)
+        save_section_picture(picture, result, options, slide)  # runs when zip(strict=True) asks for one more
 
 
 def _read_gene_list(path) -> list[str]:
