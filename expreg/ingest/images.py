@@ -127,6 +127,11 @@ class Slide:
         size = (max(1, _round(w * factor)), max(1, _round(h * factor)))
         return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))
 
+    def preview(self, max_side: int) -> np.ndarray:
+        """The whole image with its longer side about ``max_side``, for pictures: ``thumbnail`` here; a plain
+        image is box-reduced by a whole factor straight from memory (not copied first), then resized."""
+        return self.thumbnail(max_side)
+
     def _reduced_level(self, level: int, block: int) -> np.ndarray:
         """``level`` block-averaged by ``block`` (edge blocks averaged over the pixels they have), band by band."""
         w, h = self.level_sizes[level]
@@ -174,6 +179,20 @@ class PlainSlide(Slide):
         if self._pixels is None:
             raise ValueError(f"{self.path}: the slide is closed")
         return np.array(self._pixels[y0:y1, x0:x1])
+
+    def preview(self, max_side: int) -> np.ndarray:
+        from PIL import Image
+
+        if self._pixels is None:
+            raise ValueError(f"{self.path}: the slide is closed")
+        image = Image.fromarray(self._pixels)
+        factor = max(image.size) // max_side
+        if factor > 1:
+            image = image.reduce(factor)
+        if max(image.size) > max_side:
+            size = [max(1, _round(side * max_side / max(image.size))) for side in image.size]
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(image)
 
     def close(self) -> None:
         self._pixels = None

@@ -82,7 +82,7 @@ def save_patch_picture(path: Path, sample_id: str, slide, xy: np.ndarray, geom: 
     ``xy``, shape (n, 2)), a scale bar and a caption with the scale and where it came from, as PNG."""
     from PIL import Image, ImageDraw
 
-    thumbnail = slide.thumbnail(PICTURE_SIDE)
+    thumbnail = slide.preview(PICTURE_SIDE)
     factor = thumbnail.shape[1] / slide.level_sizes[0][0]
     picture = Image.fromarray(np.ascontiguousarray(thumbnail[..., :3]))
     draw = ImageDraw.Draw(picture)
