@@ -168,7 +168,7 @@ def main(argv=None) -> int:
             f"MB); train with data.patches={Path(args.out_dir).resolve() / 'patches'}"
         )
     print(
-        f"wrote {summary['spots']} patches, metadata.csv, expression.h5ad ({summary['genes_measured']} genes) and prepare.json to {args.out_dir}"
+        f"wrote {summary['spots']} patches, metadata.csv, expression.h5ad ({summary['genes_measured']} genes) and prepare.json to {args.out_dir} (qc/<sample>.png: where each section's patches were cut)"
     )
     return 0
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from expreg.config import ConfigError
 from expreg.data.metadata import MetadataError, read_metadata
 from expreg.splits import main as splits_main
 
@@ -236,7 +237,7 @@ def test_a_prepared_folders_csv_without_targets_says_which_keys_to_set(dataset_c
 def test_data_prepared_sets_the_folders_keys_and_names_a_missing_folder(tmp_path):
     """``data.prepared=<out_dir>`` implies metadata_csv and expression_file (and patches for a shard store);
     a key given otherwise is refused, the genes are required, and a folder not made yet says how to make it."""
-    from expreg.config import ConfigError, load_recipe
+    from expreg.config import load_recipe
     from expreg.data.metadata import read_recipe_metadata
 
     folder = tmp_path / "visium"
@@ -259,8 +260,37 @@ def test_data_prepared_sets_the_folders_keys_and_names_a_missing_folder(tmp_path
         load_recipe(None, [f"data.prepared={folder}", "data.genes=hvg:50", "data.metadata_csv=other.csv"])
     with pytest.raises(ConfigError, match=r"needs data.genes: the targets are computed from its raw counts"):
         load_recipe(None, [f"data.prepared={folder}"])
-    # a run's saved config (the implied keys written out beside data.prepared) loads again, for --resume
+    # a run's saved config (the implied keys written out beside data.prepared) loads again
     again = load_recipe(
         None, [f"data.prepared={folder}", "data.genes=hvg:50", f"data.metadata_csv={folder}/metadata.csv"]
     )
     assert again.data.metadata_csv == str(folder / "metadata.csv")
+
+
+def test_a_run_on_a_prepared_folder_resumes_with_its_recipe_from_another_directory(tmp_path, monkeypatch):
+    """The run saves data.prepared and the keys it implies as absolute paths (a shard store's too); its recipe,
+    with the folder relative, is the same run for ``--resume``, from the working directory it was given in."""
+    import yaml
+
+    from expreg.config import load_recipe
+    from expreg.run_dir import CONFIG_FILE, TRAINER_STATE_FILE
+    from expreg.training.checkpoint import resume_config
+
+    folder = tmp_path / "data" / "visium"
+    folder.mkdir(parents=True)
+    (folder / "prepare.json").write_text('{"store": {"kind": "shards"}}')
+    monkeypatch.chdir(tmp_path)
+    recipe = ["data.prepared=data/visium", "data.genes=hvg:50"]
+    saved = load_recipe(None, recipe)
+    saved.data.prepared = str(folder)  # what setup_data writes: every path resolved
+    saved.data.metadata_csv, saved.data.patches = str(folder / "metadata.csv"), str(folder / "patches")
+    saved.data.expression_file = str(folder / "expression.h5ad")
+    last = tmp_path / "results" / "run" / "checkpoints" / "last"
+    last.mkdir(parents=True)
+    (last / TRAINER_STATE_FILE).write_text("{}")
+    (last.parent.parent / CONFIG_FILE).write_text(yaml.safe_dump(saved.to_dict()))
+    assert load_recipe(None, recipe).data.patches == "data/visium/patches"  # relative, as given
+    resumed = resume_config(last, load_recipe(None, recipe), [])
+    assert resumed.data.prepared == str(folder) and resumed.data.patches == str(folder / "patches")
+    with pytest.raises(ConfigError, match=r"the recipe differs from the run's config_resolved.yaml: data.image_size"):
+        resume_config(last, load_recipe(None, [*recipe, "data.image_size=64"]), [])

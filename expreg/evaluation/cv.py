@@ -133,7 +133,7 @@ def check_config(cfg, methods: list[str], hest_task: str | None = None, n_folds:
     if hest_task is not None and cfg.data.expression_file is not None:
         raise ConfigError(
             "--hest_task: the task gives the targets (log1p of its counts for its genes); "
-            "unset data.expression_file and data.genes"
+            "unset data.expression_file and data.genes (data.prepared=null for a recipe that names a prepared folder)"
         )
     if cfg.data.allow_unmeasured_genes and HEST_PROBE in methods:
         raise ConfigError(

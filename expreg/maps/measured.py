@@ -179,7 +179,9 @@ def _sample_genes(table, sample_id: str, folder: Path) -> tuple[set[str], list[s
     return set(table.var_names) - {str(g) for g in np.asarray(missing).ravel().tolist()}, []
 
 
-def _from_sample(path: Path, sample_id, spot_diameter_um, spot_pitch_um, patch_um=None, hd=(None, 0.5)) -> MeasuredSpots:
+def _from_sample(
+    path: Path, sample_id, spot_diameter_um, spot_pitch_um, patch_um=None, hd=(None, 0.5)
+) -> MeasuredSpots:
     from expreg.ingest.geometry import check_image_size, resolve_scale
     from expreg.ingest.images import SlideError, image_size
     from expreg.ingest.readers import read_section

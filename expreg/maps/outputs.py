@@ -121,7 +121,9 @@ def write_pictures(folder: Path, plan, expression: np.ndarray, progress: bool = 
         chosen = spatial_variance_order(expression, plan.genes)[: plan.options.overview_genes]
         why = f"the {len(chosen)} genes with the highest predicted spatial variance"
     matrix = expression[:, [column[g] for g in chosen]]
-    pictures.overview(folder / "overview.png", *args, matrix, chosen, unit(plan), f"{map_title(plan)}\n{why}", **drawing)
+    pictures.overview(
+        folder / "overview.png", *args, matrix, chosen, unit(plan), f"{map_title(plan)}\n{why}", **drawing
+    )
     return chosen
 
 

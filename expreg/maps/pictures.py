@@ -44,7 +44,9 @@ def _pyplot():
     return plt
 
 
-def save_thumbnail(path: Path, thumbnail: np.ndarray, mask: np.ndarray, um_per_thumbnail_px: float | None = None) -> None:
+def save_thumbnail(
+    path: Path, thumbnail: np.ndarray, mask: np.ndarray, um_per_thumbnail_px: float | None = None
+) -> None:
     """``thumbnail`` with the outline of ``mask`` (resized to it) drawn in green, and a scale bar when the scale
     is known, as PNG."""
     from PIL import Image
@@ -187,7 +189,18 @@ class GeneMaps:
         self.plt.close(self.fig)
 
 
-def overview(path: Path, thumbnail, slide_size, grid: TileGrid, matrix, genes: list[str], unit: str, title: str, um_per_px: float, alpha: float):
+def overview(
+    path: Path,
+    thumbnail,
+    slide_size,
+    grid: TileGrid,
+    matrix,
+    genes: list[str],
+    unit: str,
+    title: str,
+    um_per_px: float,
+    alpha: float,
+):
     """A grid of gene maps (up to 4 per row), each with its own colour bar and a scale bar."""
     plt = _pyplot()
     cols = min(4, len(genes))

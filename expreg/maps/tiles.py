@@ -96,7 +96,17 @@ class SlideTiles:
     """
 
     def __init__(
-        self, path, x0, y0, box_px: int, patch_px: int, level: int, transform, names: list[str], slide=None, context=None
+        self,
+        path,
+        x0,
+        y0,
+        box_px: int,
+        patch_px: int,
+        level: int,
+        transform,
+        names: list[str],
+        slide=None,
+        context=None,
     ):
         self.path = str(path)
         self.context = context  # a multiscale model's context boxes: (x0s, y0s, box_px, level), one per box

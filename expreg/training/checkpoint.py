@@ -245,6 +245,8 @@ def resume_config(checkpoint: str | os.PathLike, requested: RunConfig | None, ov
             "data.metadata_csv",
             "data.split_csv",
             "data.expression_file",
+            "data.prepared",  # made absolute by the run, like the paths it implies
+            "data.patches",
             "data.genes",
             "logging.run_name",
             "logging.output_dir",
