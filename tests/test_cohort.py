@@ -59,6 +59,7 @@ def test_files_and_shards_with_one_or_two_workers_hold_the_same_patches_and_tabl
     for key, out in cohort.items():
         assert (out / "metadata.csv").read_bytes() == (reference / "metadata.csv").read_bytes(), key
         pictures = sorted((out / "qc").iterdir())  # one per section, the same whoever cut it
+        assert [p.stem for p in pictures] == sorted(metadata["sample_id"].unique())
         assert [p.read_bytes() for p in pictures] == [p.read_bytes() for p in sorted((reference / "qc").iterdir())]
         other = read_h5ad(out / "expression.h5ad")
         assert (other.X != counts.X).nnz == 0 and other.obs.equals(counts.obs), key

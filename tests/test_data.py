@@ -378,7 +378,8 @@ print("exit codes", first.exitcode, second.exitcode)
 
 def test_the_fork_server_outlives_a_sigterm_to_its_process_group():
     """torchrun stops a process by signalling its process group, the DataLoader fork server included; the
-    process saves a checkpoint first, which can need new workers: the server ignores SIGTERM (and only it)."""
+    process saves a checkpoint first, which can need new workers: the server ignores SIGTERM. Importing the
+    module outside the server changes nothing (the script checks the handler)."""
     import subprocess
     import sys
 

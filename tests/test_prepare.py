@@ -135,6 +135,22 @@ def test_each_section_gets_a_picture_of_where_its_patches_were_cut(tmp_path):
     assert not (picture[:band] == PATCH_RGB).all(axis=2).any() and (picture[:band] < 128).any()  # the caption
 
 
+def test_a_section_larger_than_its_picture_is_drawn_to_scale(tmp_path, monkeypatch):
+    """A 240 x 200 px section drawn at 120 px: halved, and every square halved with it."""
+    from expreg.ingest import patch_picture
+
+    monkeypatch.setattr(patch_picture, "PICTURE_SIDE", 120)
+    prepare(_two_samples(tmp_path), tmp_path / "out", Options(patch_um=16, patch_px=16))
+    picture = np.asarray(Image.open(tmp_path / "out" / "qc" / "S1.png").convert("RGB"))
+    section = picture[picture.shape[0] - 100 :]
+    assert picture.shape[1] == 120
+    # spot 3 at (160, 40), its 16-px patch from x = 152 and y = 32: at half size from (76, 16) to (84, 24)
+    assert (section[16:25, 76] == patch_picture.PATCH_RGB).all() and (
+        section[16:25, 84] == patch_picture.PATCH_RGB
+    ).all()
+    assert not (section[16:25, 72] == patch_picture.PATCH_RGB).all()
+
+
 def test_genes_give_transformed_targets_and_a_gene_a_sample_did_not_measure_is_an_error(tmp_path):
     sheet = _two_samples(tmp_path)
     (tmp_path / "genes.txt").write_text("G1\nG2\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -31,21 +33,25 @@ def test_the_reference_pages_list_every_recipe_key_and_every_argument():
     assert "| `data.prepared` | str \\| null | null |" in page  # types of optional keys, pipes escaped
 
     commands = reference.commands_page()
+    cells = {name for row in re.findall(r"^\| (.+?) \|", commands, re.M) for name in re.findall(r"`([^`]+)`", row)}
+    listed = {option.strip() for cell in cells for option in cell.split(",")}
     for _, module in reference.COMMANDS:
         parser = reference.command_parser(module)
         for action in parser._actions:
             for option in action.option_strings:
-                assert option in commands or option in ("-h", "--help"), (module, option)
+                assert option in listed or option in ("-h", "--help"), (module, option)
     assert "| `hest` `--ids` |" in commands  # a subcommand's arguments (python -m expreg.datasets hest)
     assert "| `--overwrite` | off |" in commands and "| `--out_dir` | required |" in commands
 
 
-def test_every_installed_command_is_in_the_reference():
+def test_every_command_is_installed_as_expreg_command_and_in_the_reference():
     setup = configparser.ConfigParser()
     setup.read(REPO / "setup.cfg")
     scripts = setup["options.entry_points"]["console_scripts"].strip().splitlines()
-    modules = {line.split("=")[1].strip().split(":")[0] for line in scripts}
-    assert modules <= {module for _, module in reference.COMMANDS}
+    installed = {line.split("=")[0].strip(): line.split("=")[1].strip().split(":")[0] for line in scripts}
+    # the README: every python -m expreg.<command> is also expreg-<command>, and nothing else is installed
+    commands = {module for _, module in reference.COMMANDS if module != "run_regression"}
+    assert installed == {"expreg-" + module.split(".")[1]: module for module in commands}
 
 
 def test_a_key_or_argument_without_help_is_reported(tmp_path, monkeypatch):
@@ -86,38 +92,37 @@ def test_the_readme_stays_short():
     assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) < 200
 
 
-def _documented_commands() -> list[tuple[str, str]]:
-    """Every command line of the README's and the docs pages' bash blocks: (page, line)."""
-    import re
+COMMAND_LINE = re.compile(r"^(python -m expreg\.|expreg-|(accelerate launch|torchrun|python) .*run_regression\.py)")
 
+
+def _documented_commands() -> list[tuple[str, str, list[str]]]:
+    """Every command of the README's and the docs pages' bash blocks: (page, line, its words as the shell
+    splits them: placeholders such as ``<run>`` filled in, ``$NAME`` set in the block split unquoted)."""
     found = []
     for page in [REPO / "README.md", *sorted((REPO / "docs" / "pages").rglob("*.md"))]:
         for block in re.findall(r"```bash\n(.*?)```", page.read_text(encoding="utf-8"), re.S):
-            variables = {}  # NAME='words' set in the block, used as $NAME (split into words, as the shell does)
+            variables = {}  # NAME='words' set in the block
             for line in block.replace("\\\n", " ").splitlines():
                 line = line.split(" #")[0].strip()
                 if assigned := re.match(r"^([A-Z_]+)='(.*)'$", line):
-                    variables[assigned[1]] = assigned[2]
-                for name, value in variables.items():
-                    line = line.replace(f"${name}", value)
-                if re.match(r"(python -m expreg\.|accelerate launch .*run_regression\.py|expreg-)", line):
-                    found.append((page.name, line))
+                    variables[assigned[1]] = assigned[2].split()
+                    continue
+                line = re.sub(r"^([A-Z_]+=\S+ )+", "", line)  # environment variables before the command
+                if not COMMAND_LINE.match(line):
+                    continue
+                words = shlex.split(re.sub(r"<[^>]+>", "x", line).replace("[", "").replace("]", ""))
+                words = [
+                    part for word in words for part in (variables.get(word[1:], [word]) if word[:1] == "$" else [word])
+                ]
+                found.append((page.name, line, words))
     return found
 
 
-def _parse_documented(line: str) -> None:
-    """Parse ``line`` with its command's own parser (placeholders such as ``<run>`` filled in)."""
-    import re
-    import shlex
-
-    from expreg.config import parse_overrides
-
-    words = shlex.split(re.sub(r"<[^>]+>", "x", line).replace("[", "").replace("]", ""))
-    if words[0] == "accelerate":
-        module, rest = (
-            "run_regression",
-            words[1 + next(i for i, w in enumerate(words) if w.endswith("run_regression.py")) :],
-        )
+def _parse_documented(words: list[str]):
+    """Parse a documented command with its command's own parser; returns (args, recipe or None)."""
+    script = next((i for i, w in enumerate(words) if w.endswith("run_regression.py")), None)
+    if script is not None:
+        module, rest = "run_regression", words[script + 1 :]
     elif words[0].startswith("expreg-"):
         module, rest = "expreg." + words[0][len("expreg-") :], words[1:]
     else:
@@ -129,16 +134,22 @@ def _parse_documented(line: str) -> None:
         args = command.build_parser().parse_intermixed_args(rest)
     else:
         args = command.build_parser().parse_args(rest)
-    for key in parse_overrides(getattr(args, "overrides", None) or []):
-        assert key in _known_keys(), f"{line}: unknown recipe key {key}"
+    return args, getattr(args, "recipe", None)
 
 
-def test_every_documented_command_line_parses_with_its_commands_arguments():
-    """The docs cannot show a flag or a recipe key the code no longer has."""
-    lines = _documented_commands()
-    assert len(lines) > 40 and any("recipes/visium.yaml" in line for _, line in lines)
-    for page, line in lines:
+def test_every_documented_command_line_parses_and_its_recipe_and_overrides_load():
+    """The docs cannot show a flag, a recipe or a recipe key and value the code no longer has."""
+    from expreg.config import load_recipe
+
+    commands = _documented_commands()
+    assert len(commands) > 40 and any("recipes/visium.yaml" in line for _, line, _ in commands)
+    assert any(line.startswith("torchrun") for _, line, _ in commands)
+    for page, line, words in commands:
         try:
-            _parse_documented(line)
+            args, recipe = _parse_documented(words)
         except SystemExit as err:
             raise AssertionError(f"{page}: {line!r} does not parse") from err
+        if recipe and "my_recipe" not in recipe:  # a shipped recipe, with the line's overrides
+            load_recipe(REPO / recipe, getattr(args, "overrides", None) or [])
+        else:
+            load_recipe(None, getattr(args, "overrides", None) or [])

@@ -6,8 +6,9 @@ group. The training process handles SIGTERM (a checkpoint at the next optimizer 
 ``expreg.training.interrupts``), which can need new workers (the next epoch, the validation loader);
 a fork server killed by the same signal made that end in ``EOFError: unexpected EOF`` instead.
 Ignoring SIGTERM there is safe: the server exits when the last process using it does (its ``alive``
-pipe closes), and a SIGKILL still stops it. The server already ignores SIGINT; its workers ignore
-both (``expreg.seeding.seed_worker``).
+pipe closes), and a SIGKILL still stops it. The server already ignores SIGINT. The workers it starts
+inherit the ignored SIGTERM; training's workers ignore both signals anyway (``expreg.seeding.seed_worker``),
+and every worker ends with the process that started it.
 
 Importing this module anywhere else does nothing.
 """

@@ -28,6 +28,7 @@ PLAIN_MAX_PIXELS = 1_500_000_000  # a plain image is decoded whole: ~4.5 GB of R
 LEVEL_TOLERANCE = 0.01  # a level up to 1 % coarser than wanted still counts (odd sizes halve inexactly)
 THUMBNAIL_REDUCE = 4  # from this reduction on, a tiled level is block-averaged by half of it (then resized)
 THUMBNAIL_BAND_BYTES = 32 * 2**20  # uint8 RGB pixels read at once by that reduction
+PREVIEW_BAND_ROWS = 1024  # rows of a plain image reduced at once by Slide.preview (a band of 9,000-px rows: ~37 MB)
 ASPECT_TOLERANCE = 0.01  # relative, plus 2 px of rounding, for a page to count as a pyramid level
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -129,7 +130,7 @@ class Slide:
 
     def preview(self, max_side: int) -> np.ndarray:
         """The whole image with its longer side about ``max_side``, for pictures: ``thumbnail`` here; a plain
-        image is box-reduced by a whole factor straight from memory (not copied first), then resized."""
+        image is box-reduced by a whole factor band by band (never copied whole), then resized."""
         return self.thumbnail(max_side)
 
     def _reduced_level(self, level: int, block: int) -> np.ndarray:
@@ -185,10 +186,14 @@ class PlainSlide(Slide):
 
         if self._pixels is None:
             raise ValueError(f"{self.path}: the slide is closed")
-        image = Image.fromarray(self._pixels)
-        factor = max(image.size) // max_side
-        if factor > 1:
-            image = image.reduce(factor)
+        height, width = self._pixels.shape[:2]
+        factor = max(width, height) // max_side
+        if factor > 1:  # in bands of rows (a whole number of boxes each): one band copied at a time
+            band = factor * max(1, PREVIEW_BAND_ROWS // factor)
+            rows = (Image.fromarray(self._pixels[y : y + band]).reduce(factor) for y in range(0, height, band))
+            image = Image.fromarray(np.concatenate([np.asarray(part) for part in rows]))
+        else:
+            image = Image.fromarray(self._pixels)
         if max(image.size) > max_side:
             size = [max(1, _round(side * max_side / max(image.size))) for side in image.size]
             image = image.resize(size, Image.Resampling.BILINEAR)

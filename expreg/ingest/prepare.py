@@ -330,7 +330,10 @@ def _patches(result: SampleResult, options: Options, picture: Path):
         for row in result.keep:
             x, y = section.x_px[row], section.y_px[row]
             yield cut_patch(slide, x, y, geom), None if wide is None else cut_patch(slide, x, y, wide)
-        save_section_picture(picture, result, options, slide)  # runs when zip(strict=True) asks for one more
+        try:  # runs when zip(strict=True) asks for one more
+            save_section_picture(picture, result, options, slide)
+        except (OSError, ValueError) as err:  # the patches stand without their picture
+            logger.warning(f"sample {result.spec.sample_id}: no qc picture ({type(err).__name__}: {err})")
 
 
 def _read_gene_list(path) -> list[str]:
