@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import re
@@ -102,8 +103,9 @@ def recipe_keys() -> list[RecipeKey]:
     return sorted(keys, key=lambda k: order.get(k.key, len(order)))
 
 
+@functools.cache
 def command_module(module: str) -> types.ModuleType:
-    """A command's module; ``run_regression`` is read from the repository's top level."""
+    """A command's module; ``run_regression`` is read from the repository's top level (once)."""
     if module == "run_regression":
         spec = importlib.util.spec_from_file_location(module, REPO / "run_regression.py")
         loaded = importlib.util.module_from_spec(spec)
