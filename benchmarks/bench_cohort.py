@@ -9,10 +9,12 @@ spots, 18,000 genes, 1 µm/px tiled JPEG images, cached in ``--work_dir``):
 1. ``expreg.prepare``: 1 worker vs 2 workers (image files), 2 workers into Parquet shards; wall time,
    the peak RSS of the largest process of the command (a worker or the main one), disk size, files.
 2. Training throughput (images/s, one process, ``--backbone`` at ``--image_size`` px, batches of 32,
-   AdamW steps, DataLoader in the main process): expreg's loaders from the files, from the shards and
-   from the shards through the decoded-image cache (``data.image_cache=true``) vs a bare loop over the
-   same images decoded beforehand into one tensor; sides alternated; each side's first ``WARMUP``
-   batches untimed (an epoch is thousands of batches: its steady state is what it costs).
+   AdamW steps): expreg's loaders from the files and from the shards with the recipes' default
+   ``data.num_workers``, as a training epoch runs, and with the DataLoader in the main process (0
+   workers: nothing overlaps the step), the shards also through the decoded-image cache
+   (``data.image_cache=true``), vs a bare loop over the same images decoded beforehand into one
+   tensor; sides alternated; each side's first ``WARMUP`` batches untimed (an epoch is thousands of
+   batches: its steady state is what it costs).
 3. Gene choice (``hvg:50``) and the targets from an ``expression.h5ad`` of ``--gene_spots`` spots x
    18,000 genes (``bench_gene_choice.py``: peak RSS of the process, the counts streamed).
 4. Peak RSS of ``run_regression.py`` and ``expreg.cv`` at ``--rows`` (40,000 and 400,000) rows: a
@@ -123,6 +125,7 @@ def cohort(args, root: Path) -> Path:
 
 
 def prepare_runs(args, raw: Path, out: Path) -> dict:
+    _read_through(raw)  # every side starts with the sections in the page cache (the first would warm it for the rest)
     runs = {}
     for name, extra in (
         ("files, 1 worker", []),
@@ -147,6 +150,14 @@ def prepare_runs(args, raw: Path, out: Path) -> dict:
     print(f"  speed-up of 2 workers over 1: {one['seconds'] / two['seconds']:.2f}x (target >= 1.7)")
     runs["spots"] = spots
     return runs
+
+
+def _read_through(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
 
 
 def reuse_prepared(out: Path) -> dict:
@@ -180,27 +191,35 @@ def targets_csv(prepared: Path) -> Path:
 def training_rates(args, runs: dict, root: Path) -> dict:
     import torch
 
+    from expreg.config import DataConfig
     from expreg.data import build_dataloaders, load_expression_dataset
     from expreg.data.dataset import image_files
     from expreg.data.image_cache import ensure_image_cache
     from expreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
 
     files, shards = runs["files, 2 workers"]["out"], runs["shards, 2 workers"]["out"]
-    batch = 32
-    loaders = {}
-    for name, folder, patches in (("files", files, None), ("shards", shards, shards / "patches")):
-        ds = load_expression_dataset(targets_csv(folder), seed=0, patches=patches)
-        loaders[name] = build_dataloaders(ds, image_size=args.image_size, batch_size=batch, num_workers=0, seed=0)
-    paths = [p for part in ds.values() for p in image_files(part)]  # the shards' (data.image_cache=true)
+    batch, workers = 32, DataConfig().num_workers  # the recipes' default: what a training epoch runs with
+    datasets = {
+        "files": load_expression_dataset(targets_csv(files), seed=0),
+        "shards": load_expression_dataset(targets_csv(shards), seed=0, patches=shards / "patches"),
+    }
+    paths = [p for part in datasets["shards"].values() for p in image_files(part)]  # data.image_cache=true
     cache = ensure_image_cache(paths, args.image_size, cache_root=root / "image_cache", progress=False)
-    loaders["cache"] = build_dataloaders(
-        ds, image_size=args.image_size, batch_size=batch, num_workers=0, seed=0, image_cache=cache
-    )
+    loaders = {}
+    for name, store, num_workers, image_cache in (
+        (f"expreg, image files, {workers} workers", "files", workers, None),
+        (f"expreg, Parquet shards, {workers} workers", "shards", workers, None),
+        ("expreg, image files, 0 workers", "files", 0, None),
+        ("expreg, Parquet shards, 0 workers", "shards", 0, None),
+        ("expreg, shards + image cache, 0 workers", "shards", 0, cache),
+    ):
+        kwargs = dict(image_size=args.image_size, batch_size=batch, num_workers=num_workers, seed=0)
+        loaders[name] = build_dataloaders(datasets[store], image_cache=image_cache, **kwargs)["train"]
     model = _map_model(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     count = (WARMUP + args.batches) * batch
-    first = [b for _, b in zip(range(WARMUP + args.batches), loaders["files"]["train"])]
+    first = [b for _, b in zip(range(WARMUP + args.batches), loaders["expreg, image files, 0 workers"])]
     transform = ImageTransform(args.image_size, IMAGENET_MEAN, IMAGENET_STD, train=False)
     decoded = torch.stack([transform(load_image(str(p))[0], p) for b in first for p in _files(files, b["path"])])
     bare = [(decoded[i : i + batch], b["labels"]) for i, b in zip(range(0, count, batch), first)]
@@ -224,24 +243,16 @@ def training_rates(args, runs: dict, root: Path) -> dict:
 
         return rate
 
-    sides = {
-        "bare loop (decoded beforehand)": side(lambda: iter(bare)),
-        "expreg, image files": side(lambda: iter(loaders["files"]["train"])),
-        "expreg, Parquet shards": side(lambda: iter(loaders["shards"]["train"])),
-        "expreg, shards + image cache": side(lambda: iter(loaders["cache"]["train"])),
-    }
+    sides = {BARE: side(lambda: iter(bare))}
+    sides.update({name: side(lambda loader=loader: iter(loader)) for name, loader in loaders.items()})
     values = alternate(sides, args.repeats)
     rates = {name: median(v) for name, v in values.items()}
-    loading = {  # the loaders alone (no model): ms per batch, what each side adds to a step
-        name: median([1e3 * _loader_seconds(it, args.batches) / args.batches for _ in range(args.repeats)])
-        for name, it in (
-            ("expreg, image files", lambda: iter(loaders["files"]["train"])),
-            ("expreg, Parquet shards", lambda: iter(loaders["shards"]["train"])),
-            ("expreg, shards + image cache", lambda: iter(loaders["cache"]["train"])),
-        )
+    loading = {  # the main-process loaders alone (no model): ms per batch, what each adds to a step
+        name: median([1e3 * _loader_seconds(loader, args.batches) / args.batches for _ in range(args.repeats)])
+        for name, loader in loaders.items()
+        if name.endswith(", 0 workers")
     }
-    step_ms = 1e3 * batch / rates["bare loop (decoded beforehand)"]
-    bare_rate = rates["bare loop (decoded beforehand)"]
+    bare_rate = rates[BARE]
     print(
         f"\n2. training throughput: {args.backbone} at {args.image_size} px, batches of {batch}, {args.batches} "
         f"batches per side timed after {WARMUP} untimed ones (the loader's start), median of {args.repeats} (sides "
@@ -249,22 +260,25 @@ def training_rates(args, runs: dict, root: Path) -> dict:
     )
     for name, rate in rates.items():
         extra = f"   loader alone {loading[name]:5.0f} ms per batch" if name in loading else ""
-        print(f"  {name:34}{rate:8.1f} images/s   ratio to bare {rate / bare_rate:.3f}{extra}")
+        print(f"  {name:42}{rate:8.1f} images/s   ratio to bare {rate / bare_rate:.3f}{extra}")
     print(
-        f"  a bare step takes {step_ms:.0f} ms per batch: the loader's time over (step + loader) is what a side "
-        "can lose when loading does not overlap the step (DataLoader in the main process)"
+        f"  a bare step takes {1e3 * batch / bare_rate:.0f} ms per batch. With {workers} workers (data.num_workers' "
+        "default) loading overlaps the step; with 0, a side loses the loader's time over (step + loader)"
     )
-    print("  targets: shards >= 0.95 x bare, and >= files")
-    return {"rates": rates, "model": model}
+    print(f"  targets: shards >= 0.95 x bare, and >= files (a training epoch: {workers} workers)")
+    return {"rates": rates, "model": model, "shards": rates[f"expreg, Parquet shards, {workers} workers"]}
+
+
+BARE = "bare loop (decoded beforehand)"
 
 
 def _xy(batch):
     return (batch["pixel_values"], batch["labels"]) if isinstance(batch, dict) else batch
 
 
-def _loader_seconds(batches, count: int) -> float:
+def _loader_seconds(loader, count: int) -> float:
     start = time.perf_counter()
-    for _ in zip(range(count), batches()):
+    for _ in zip(range(count), loader):
         pass
     return time.perf_counter() - start
 
@@ -458,7 +472,7 @@ def main(argv=None) -> None:
     model = None
     if "train" in parts:
         trained = training_rates(args, runs, root)
-        record["train_images_per_s"] = trained["rates"]["expreg, Parquet shards"]
+        record["train_images_per_s"] = trained["shards"]
         model = trained["model"]
     if "genes" in parts:
         record["gene_s_per_spot"] = gene_choice(args) / args.gene_spots
