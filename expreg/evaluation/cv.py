@@ -432,9 +432,10 @@ def _fit_baseline(folds: _Folds, method: str, train, test, targets: np.ndarray, 
     if method == DEPTH_ORACLE:  # the input is each spot's measured library size, known once the fold's table is
         x = folds.library_size[:, None]
     y_train = np.asarray(targets[train], dtype=np.float64)
+    predictions, extra = fit(x[train], y_train, groups[train], x[test], seed=cfg.seed)
+    del y_train  # rows x genes float64: not held while the test rows are scored
     # float32 or float64 as the targets are: compute_metrics converts a block of genes at a time
     y_test = targets[test]
-    predictions, extra = fit(x[train], y_train, groups[train], x[test], seed=cfg.seed)
     depth = folds.library_size[test] if folds.library_size is not None else None
     metrics = compute_metrics(predictions, y_test, genes, cfg.data.allow_unmeasured_genes, depth)
     return metrics.summary, {r["gene"]: r["spearman"] for r in metrics.per_gene_rows()}, extra

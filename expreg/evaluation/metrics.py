@@ -47,10 +47,12 @@ def rank_columns(x: np.ndarray) -> np.ndarray:
     starts = np.empty((k, n), dtype=bool)  # True where a block of equal values begins
     starts[:, 0] = True
     np.not_equal(sorted_vals[:, 1:], sorted_vals[:, :-1], out=starts[:, 1:])
+    del sorted_vals, xt  # each a float64 copy of the block: freed before the ranks are made
     if starts.all():  # no ties anywhere (typical for predictions): ranks are 1..n in sorted order
         sorted_ranks = np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), (k, n))
     else:
         flat_starts = np.flatnonzero(starts)  # every row starts a block, so blocks never span rows
+        del starts
         block_len = np.diff(np.append(flat_starts, k * n))
         # a block at 0-based position s of its row with length L holds ranks s+1..s+L: average s + (L+1)/2
         block_rank = (flat_starts % n) + (block_len + 1) / 2.0
@@ -270,7 +272,7 @@ def compute_metrics(
     return replace(metrics, **dict(zip(("spearman_adjusted", "pearson_adjusted", "depth_oracle"), adjusted)))
 
 
-GENE_BLOCK = 8  # genes scored at a time: the ranks' temporaries are (rows, 8), not (rows, K)
+GENE_BLOCK = 4  # genes scored at a time: the ranks' temporaries are (rows, 4), not (rows, K)
 
 
 def _gene_starts(p: np.ndarray) -> range:
@@ -281,7 +283,7 @@ def _block_scores(p: np.ndarray, t: np.ndarray, depth: np.ndarray | None) -> dic
     """Spearman, Pearson and MSE of some genes' columns (and their depth-adjusted scores with ``depth``).
 
     Measured at 80,000 validation rows x 50 genes: ranking the whole matrix at once held ~0.3 GB of
-    temporaries (``benchmarks/bench_cohort.py --parts rss``); a block of genes holds a sixth of that."""
+    temporaries (``benchmarks/bench_cohort.py --parts rss``); a block of 4 genes holds a twelfth of that."""
     p, t = np.asarray(p, dtype=np.float64), np.asarray(t, dtype=np.float64)
     undefined = _constant_columns(p) | _constant_columns(t)
     scores = {
