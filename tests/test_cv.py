@@ -482,3 +482,43 @@ def test_frozen_heads_and_both_probes_share_one_embedding_store(make_dataset, tm
         assert fold["spearman_mean"] == run["test_spearman_mean"] and "tta_spearman_mean" not in fold
         resolved = (out / "runs" / f"frozen__fold{k}" / "config_resolved.yaml").read_text()
         assert "mode: frozen" in resolved and "hed_jitter: 0.0" in resolved  # jitter cannot apply to cached embeddings
+
+
+def _report(genes: list[str], in_every_fold: int | None = None) -> str:
+    from expreg.evaluation.cv_report import render_markdown, summarise
+
+    folds = [
+        {
+            "fold": k,
+            "test_groups": [f"P{k}"],
+            "num_samples": 10,
+            "spearman_mean": 0.1 * (k + 1),
+            "pearson_mean": 0.1,
+            "seconds": 1.0,
+            "per_gene_spearman": {g: 0.01 * i + 0.002 * k for i, g in enumerate(genes)},
+        }
+        for k in range(2)
+    ]
+    summary = summarise({"ridge": folds}, genes, "r.yaml", __file__, seed=0)
+    if in_every_fold is not None:
+        summary["gene_selection"] = {
+            "genes": "hvg:50",
+            "target_transform": "log1p",
+            "min_gene_detection": 0.1,
+            "per_fold": {"0": 50, "1": 50},
+            "in_every_fold": in_every_fold,
+        }
+    return render_markdown(summary)
+
+
+def test_the_cv_report_names_best_and_worst_genes_or_every_gene_when_few():
+    many = _report([f"G{i}" for i in range(12)])
+    assert "best G11 0.111, G10 0.101, G9 0.091, G8 0.081, G7 0.071; worst G4 0.041" in many
+    assert "all 12" not in many
+    few = _report(["A", "B", "C"], in_every_fold=3)
+    assert "**ridge**, per-gene Spearman averaged over folds, all 3: C 0.021, B 0.011, A 0.001." in few
+    assert "best" not in few.split("**ridge**, per-gene")[1]  # no "best C ...; worst C ..." of the same genes
+    assert "Only 3 of the genes were chosen in every fold" in few
+    assert "data.genes=recipes/genes/her2_breast_panel.txt" in few
+    assert Path(REPO / "recipes" / "genes" / "her2_breast_panel.txt").is_file()  # the advice names a real file
+    assert "Only" not in _report([f"G{i}" for i in range(12)], in_every_fold=12)

@@ -90,11 +90,18 @@ def render_markdown(summary: dict) -> str:
     lines += _method_notes(summary)
     for method, m in methods.items():
         ranked = sorted(((g, v) for g, v in m["per_gene_spearman_mean"].items() if v is not None), key=lambda x: -x[1])
-        if ranked:
-            best = ", ".join(f"{g} {v:.3f}" for g, v in ranked[:5])
-            worst = ", ".join(f"{g} {v:.3f}" for g, v in ranked[-5:])
+        if len(ranked) > 2 * PER_GENE_SHOWN:
+            best = ", ".join(f"{g} {v:.3f}" for g, v in ranked[:PER_GENE_SHOWN])
+            worst = ", ".join(f"{g} {v:.3f}" for g, v in ranked[-PER_GENE_SHOWN:])
             lines += ["", f"**{method}**, per-gene Spearman averaged over folds: best {best}; worst {worst}."]
+        elif ranked:  # too few for a best and a worst that differ: every gene, once
+            every = ", ".join(f"{g} {v:.3f}" for g, v in ranked)
+            lines += ["", f"**{method}**, per-gene Spearman averaged over folds, all {len(ranked)}: {every}."]
     return "\n".join(lines) + "\n"
+
+
+PER_GENE_SHOWN = 5  # best and worst genes named per method
+FEW_COMMON_GENES = 5  # fewer genes chosen in every fold than this: the summary says why that matters
 
 
 def _depth_note(methods: dict) -> list[str]:
@@ -159,6 +166,13 @@ def _method_notes(summary: dict) -> list[str]:
             f"detected in >= {g['min_gene_detection']:g} of the training spots; lists in genes_fold<k>.txt); "
             f"{g['in_every_fold']} genes were chosen in every fold: the per-gene means cover those.",
         ]
+        if g["in_every_fold"] < FEW_COMMON_GENES:
+            lines += [
+                "",
+                f"Only {g['in_every_fold']} of the genes were chosen in every fold (few training groups per fold choose "
+                "different genes), so the per-gene means say little. To compare genes across folds, give a fixed list "
+                "chosen without these data, e.g. a marker panel (`data.genes=recipes/genes/her2_breast_panel.txt`).",
+            ]
     if HEST_PROBE in methods:
         lines += ["", describe_hest_probe(methods)]
     return lines
