@@ -170,6 +170,7 @@ def score_best(t, max_batches: int | None) -> dict:
             model, data.loaders[split], accelerator, max_batches=max_batches, desc=f"score {split}"
         )
         expression = model.to_expression(normalised)
+        del normalised  # float32 rows x genes: not held beside its float64 expression while the split is scored
         truth = targets(data.datasets[split], len(expression), truncate=max_batches is not None)
         allow, depth = t.cfg.data.allow_unmeasured_genes, library_sizes(data.datasets[split], len(expression))
         scores[split] = (expression, compute_metrics(expression, truth, data.gene_names, allow, depth))
