@@ -9,8 +9,8 @@ spots, 18,000 genes, 1 µm/px tiled JPEG images, cached in ``--work_dir``):
 1. ``expreg.prepare``: 1 worker vs 2 workers (image files), 2 workers into Parquet shards; wall time,
    the peak RSS of the largest process of the command (a worker or the main one), disk size, files.
 2. Training throughput (images/s, one process, ``--backbone`` at ``--image_size`` px, batches of 32,
-   AdamW steps): expreg's loaders from the files and from the shards with the recipes' default
-   ``data.num_workers``, as a training epoch runs, and with the DataLoader in the main process (0
+   AdamW steps): expreg's loaders from the files and from the shards with ``data.num_workers``' default
+   (``recipes/base.yaml``: 2), and with the DataLoader in the main process (0
    workers: nothing overlaps the step), the shards also through the decoded-image cache
    (``data.image_cache=true``), vs a bare loop over the same images decoded beforehand into one
    tensor; sides alternated; each side's first ``WARMUP`` batches untimed (an epoch is thousands of
@@ -198,7 +198,7 @@ def training_rates(args, runs: dict, root: Path) -> dict:
     from expreg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageTransform, load_image
 
     files, shards = runs["files, 2 workers"]["out"], runs["shards, 2 workers"]["out"]
-    batch, workers = 32, DataConfig().num_workers  # the recipes' default: what a training epoch runs with
+    batch, workers = 32, DataConfig().num_workers  # data.num_workers' default (recipes/base.yaml)
     datasets = {
         "files": load_expression_dataset(targets_csv(files), seed=0),
         "shards": load_expression_dataset(targets_csv(shards), seed=0, patches=shards / "patches"),
@@ -430,7 +430,7 @@ def stage_times(record: dict, args) -> None:
             "train_images_per_s",  # training rows, then the validation rows at ~3x the training rate
             lambda v: (
                 f"{(fold_rows / v + FULL_SPOTS * 0.75 * 0.2 / (3 * v)) / 3600:6.1f} h  "
-                f"({args.backbone}, {args.image_size} px, this CPU)"
+                f"({args.backbone}, {args.image_size} px, this CPU, from shards with the default loader workers)"
             ),
         ),
         "one map (one section)": ("map_s", lambda v: f"{v / 60:6.1f} min  (x {FULL_SECTIONS} sections)"),

@@ -133,7 +133,8 @@ def test_cohort_benchmark_runs_end_to_end_in_quick_mode(tmp_path):
     out = result.stdout
     assert "speed-up of 2 workers over 1: " in out and "shards, 2 workers" in out
     rates = [float(line.split("ratio to bare")[1].split()[0]) for line in out.splitlines() if "ratio to bare" in line]
-    assert len(rates) == 4 and rates[0] == 1.0 and all(r > 0 for r in rates)  # quick-mode timings: noise, not targets
+    assert len(rates) == 6 and rates[0] == 1.0 and all(r > 0 for r in rates)  # quick-mode timings: noise, not targets
+    assert "expreg, Parquet shards, 2 workers" in out and "expreg, shards + image cache, 0 workers" in out
     assert "hvg:50 on 3,000 spots" in out and "anonymous" in out
     assert "map of a cohort section" in out and "not measured" not in out.split("Stage times")[1]
     assert "one whole-slide map of a cohort section" in out and "one CV fold, one epoch" in out

@@ -484,14 +484,14 @@ def test_frozen_heads_and_both_probes_share_one_embedding_store(make_dataset, tm
         assert "mode: frozen" in resolved and "hed_jitter: 0.0" in resolved  # jitter cannot apply to cached embeddings
 
 
-def _report(genes: list[str], in_every_fold: int | None = None) -> str:
+def _report(genes: list[str], in_every_fold: int | None = None, per_fold: int = 50) -> str:
     from expreg.evaluation.cv_report import render_markdown, summarise
 
     folds = [
         {
             "fold": k,
             "test_groups": [f"P{k}"],
-            "num_samples": 10,
+            "num_test_samples": 10,
             "spearman_mean": 0.1 * (k + 1),
             "pearson_mean": 0.1,
             "seconds": 1.0,
@@ -505,20 +505,26 @@ def _report(genes: list[str], in_every_fold: int | None = None) -> str:
             "genes": "hvg:50",
             "target_transform": "log1p",
             "min_gene_detection": 0.1,
-            "per_fold": {"0": 50, "1": 50},
+            "per_fold": {"0": per_fold, "1": per_fold},
             "in_every_fold": in_every_fold,
         }
     return render_markdown(summary)
 
 
 def test_the_cv_report_names_best_and_worst_genes_or_every_gene_when_few():
-    many = _report([f"G{i}" for i in range(12)])
-    assert "best G11 0.111, G10 0.101, G9 0.091, G8 0.081, G7 0.071; worst G4 0.041" in many
-    assert "all 12" not in many
+    many = _report([f"G{i}" for i in range(11)])
+    assert "best G10 0.101, G9 0.091, G8 0.081, G7 0.071, G6 0.061; worst G4 0.041, G3 0.031" in many
+    assert "all 11" not in many
+    ten = _report([f"G{i}" for i in range(10)])  # 5 best and 5 worst would be every gene: listed once instead
+    assert (
+        "averaged over folds, all 10: G9 0.091, G8 0.081" in ten and "best" not in ten.split("**ridge**, per-gene")[1]
+    )
     few = _report(["A", "B", "C"], in_every_fold=3)
     assert "**ridge**, per-gene Spearman averaged over folds, all 3: C 0.021, B 0.011, A 0.001." in few
-    assert "best" not in few.split("**ridge**, per-gene")[1]  # no "best C ...; worst C ..." of the same genes
-    assert "Only 3 of the genes were chosen in every fold" in few
+    assert "Only 3 genes were chosen in every fold" in few
     assert "data.genes=recipes/genes/her2_breast_panel.txt" in few
     assert Path(REPO / "recipes" / "genes" / "her2_breast_panel.txt").is_file()  # the advice names a real file
-    assert "Only" not in _report([f"G{i}" for i in range(12)], in_every_fold=12)
+    assert "Only 1 gene was chosen in every fold" in _report(["A"], in_every_fold=1)
+    assert "Only 4 genes" in _report(["A", "B", "C", "D"], in_every_fold=4)
+    assert "Only" not in _report([f"G{i}" for i in range(5)], in_every_fold=5)
+    assert "Only" not in _report(["A", "B", "C"], in_every_fold=3, per_fold=3)  # a list of 3 genes: every fold agrees

@@ -166,12 +166,14 @@ def _method_notes(summary: dict) -> list[str]:
             f"detected in >= {g['min_gene_detection']:g} of the training spots; lists in genes_fold<k>.txt); "
             f"{g['in_every_fold']} genes were chosen in every fold: the per-gene means cover those.",
         ]
-        if g["in_every_fold"] < FEW_COMMON_GENES:
+        common, largest = g["in_every_fold"], max(g["per_fold"].values(), default=0)
+        if common < min(FEW_COMMON_GENES, largest):  # the folds chose different genes, and few in common
+            genes = "1 gene was" if common == 1 else f"{common} genes were"
             lines += [
                 "",
-                f"Only {g['in_every_fold']} of the genes were chosen in every fold (few training groups per fold choose "
-                "different genes), so the per-gene means say little. To compare genes across folds, give a fixed list "
-                "chosen without these data, e.g. a marker panel (`data.genes=recipes/genes/her2_breast_panel.txt`).",
+                f"Only {genes} chosen in every fold (few training groups per fold choose different genes), so the "
+                "per-gene means say little. To compare genes across folds, give a fixed list chosen without these "
+                "data, e.g. a marker panel (`data.genes=recipes/genes/her2_breast_panel.txt`).",
             ]
     if HEST_PROBE in methods:
         lines += ["", describe_hest_probe(methods)]

@@ -47,7 +47,7 @@ def rank_columns(x: np.ndarray) -> np.ndarray:
     starts = np.empty((k, n), dtype=bool)  # True where a block of equal values begins
     starts[:, 0] = True
     np.not_equal(sorted_vals[:, 1:], sorted_vals[:, :-1], out=starts[:, 1:])
-    del sorted_vals, xt  # each a float64 copy of the block: freed before the ranks are made
+    del sorted_vals, xt  # copies of the block (xt can be a view): freed before the ranks are made
     if starts.all():  # no ties anywhere (typical for predictions): ranks are 1..n in sorted order
         sorted_ranks = np.broadcast_to(np.arange(1, n + 1, dtype=np.float64), (k, n))
     else:
