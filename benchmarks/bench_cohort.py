@@ -1,6 +1,6 @@
 """A cohort on one machine: what each stage costs, and whether it scales (issue 24's figures, one script).
 
-    python benchmarks/bench_cohort.py                      # about 25 min on 2 cores (the RESULTS.md run)
+    python benchmarks/bench_cohort.py                      # about 40 min on 2 cores (the RESULTS.md run)
     python benchmarks/bench_cohort.py --quick              # a minute: checks the script end to end
 
 On a synthetic Visium cohort (``benchmarks/make_cohort.py``: ``--sections`` sections of ``--spots``
